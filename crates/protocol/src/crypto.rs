@@ -1,0 +1,272 @@
+//! Weights encryption and commitments.
+//!
+//! The SDK encrypts weights with AES-256 in CTR mode, a 128-bit big-endian counter starting from
+//! an all-zero IV. A zero IV is safe only because every commit uses a fresh random key; callers
+//! must never encrypt two different files under one key.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use blake2::digest::consts::U32;
+use blake2::{Blake2b, Digest};
+use rand::TryRngCore;
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+type Blake2b256 = Blake2b<U32>;
+
+/// Size of the buffers used when streaming files through the cipher and the hash.
+const STREAM_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("key is not valid Base58")]
+    KeyNotBase58,
+    #[error("key must be 32 bytes, got {0}")]
+    KeyLength(usize),
+    #[error("commitment is not valid Base58 of 32 bytes")]
+    BadCommitment,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A 32-byte AES-256 key. `Debug` hides the bytes so that a key can never leak into a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKey([u8; 32]);
+
+impl EncryptionKey {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.try_fill_bytes(&mut key).expect("operating system RNG failed");
+        Self(key)
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Parses the SDK's Base58 form. The error never echoes the input.
+    pub fn from_base58(text: &str) -> Result<Self, CryptoError> {
+        let bytes = bs58::decode(text.trim()).into_vec().map_err(|_| CryptoError::KeyNotBase58)?;
+        let array: [u8; 32] =
+            bytes.as_slice().try_into().map_err(|_| CryptoError::KeyLength(bytes.len()))?;
+        Ok(Self(array))
+    }
+
+    pub fn to_base58(&self) -> String {
+        bs58::encode(self.0).into_string()
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The commitment the network stores for this key before it is revealed.
+    pub fn commitment(&self) -> Commitment {
+        Commitment::of_bytes(&self.0)
+    }
+
+    fn cipher(&self) -> Aes256Ctr {
+        Aes256Ctr::new(&self.0.into(), &[0u8; 16].into())
+    }
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EncryptionKey(<redacted>)")
+    }
+}
+
+/// Encrypts (or decrypts: CTR is symmetric) a buffer in place.
+pub fn apply_keystream(key: &EncryptionKey, data: &mut [u8]) {
+    key.cipher().apply_keystream(data);
+}
+
+/// What streaming a file through the cipher produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// Bytes read and written.
+    pub bytes: u64,
+    /// Commitment (Blake2b-256) of the bytes written: the encrypted file when encrypting.
+    pub output_commitment: Commitment,
+}
+
+/// Encrypts `input` into `output` chunk by chunk and hashes the ciphertext on the way, so memory
+/// stays flat whatever the size of the weights.
+pub fn encrypt_stream(
+    key: &EncryptionKey,
+    input: impl Read,
+    output: impl Write,
+) -> Result<StreamSummary, CryptoError> {
+    transform_stream(key, input, output)
+}
+
+/// Decrypts `input` into `output`; the summary's commitment is of the plaintext written.
+pub fn decrypt_stream(
+    key: &EncryptionKey,
+    input: impl Read,
+    output: impl Write,
+) -> Result<StreamSummary, CryptoError> {
+    transform_stream(key, input, output)
+}
+
+fn transform_stream(
+    key: &EncryptionKey,
+    mut input: impl Read,
+    mut output: impl Write,
+) -> Result<StreamSummary, CryptoError> {
+    let mut cipher = key.cipher();
+    let mut hasher = Blake2b256::new();
+    let mut buffer = vec![0u8; STREAM_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let filled = read_full(&mut input, &mut buffer)?;
+        if filled == 0 {
+            break;
+        }
+        let chunk = &mut buffer[..filled];
+        cipher.apply_keystream(chunk);
+        hasher.update(&*chunk);
+        output.write_all(chunk)?;
+        total += filled as u64;
+    }
+    output.flush()?;
+    Ok(StreamSummary { bytes: total, output_commitment: Commitment(hasher.finalize().into()) })
+}
+
+/// Fills `buffer` as far as the reader allows; CTR keeps its own position, so partial reads
+/// would be correct too, but whole chunks keep the hot loop simple.
+fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A Blake2b-256 digest, shown and exchanged in Base58 as the SDK does.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Commitment(pub [u8; 32]);
+
+impl Commitment {
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        Self(Blake2b256::digest(bytes).into())
+    }
+
+    /// Hashes everything a reader yields, in bounded memory.
+    pub fn of_reader(mut reader: impl Read) -> Result<(Self, u64), CryptoError> {
+        let mut hasher = Blake2b256::new();
+        let mut buffer = vec![0u8; STREAM_CHUNK];
+        let mut total = 0u64;
+        loop {
+            let filled = read_full(&mut reader, &mut buffer)?;
+            if filled == 0 {
+                break;
+            }
+            hasher.update(&buffer[..filled]);
+            total += filled as u64;
+        }
+        Ok((Self(hasher.finalize().into()), total))
+    }
+
+    pub fn to_base58(&self) -> String {
+        bs58::encode(self.0).into_string()
+    }
+
+    pub fn from_base58(text: &str) -> Result<Self, CryptoError> {
+        let bytes = bs58::decode(text.trim()).into_vec().map_err(|_| CryptoError::BadCommitment)?;
+        let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| CryptoError::BadCommitment)?;
+        Ok(Self(array))
+    }
+}
+
+impl fmt::Display for Commitment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base58())
+    }
+}
+
+impl fmt::Debug for Commitment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Commitment({})", self.to_base58())
+    }
+}
+
+/// The bytes the network hashes for an embedding: a tensor in the SDK's binary encoding.
+/// Layout: `0x00` (f32 tag), ULEB128 byte length `4n`, the values little-endian, ULEB128 rank
+/// (`1`), then `n` as a little-endian u64.
+pub fn embedding_bytes(embedding: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(embedding.len() * 4 + 24);
+    out.push(0x00);
+    write_uleb128(&mut out, (embedding.len() * 4) as u64);
+    for value in embedding {
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    write_uleb128(&mut out, 1);
+    out.extend_from_slice(&(embedding.len() as u64).to_le_bytes());
+    out
+}
+
+pub fn embedding_commitment(embedding: &[f32]) -> Commitment {
+    Commitment::of_bytes(&embedding_bytes(embedding))
+}
+
+fn write_uleb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let key = EncryptionKey::from_bytes([7u8; 32]);
+        let shown = format!("{key:?}");
+        assert!(!shown.contains(&key.to_base58()));
+        assert!(!shown.contains('7'));
+    }
+
+    #[test]
+    fn uleb128_multi_byte() {
+        let mut out = Vec::new();
+        write_uleb128(&mut out, 8192);
+        assert_eq!(out, vec![0x80, 0x40]);
+    }
+
+    #[test]
+    fn stream_roundtrip_across_chunk_boundary() {
+        let key = EncryptionKey::generate();
+        let plain: Vec<u8> = (0..(STREAM_CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        let mut cipher = Vec::new();
+        let enc = encrypt_stream(&key, plain.as_slice(), &mut cipher).unwrap();
+        let mut whole = plain.clone();
+        apply_keystream(&key, &mut whole);
+        assert_eq!(cipher, whole, "streamed encryption must equal one-shot encryption");
+        assert_eq!(enc.output_commitment, Commitment::of_bytes(&cipher));
+        let mut back = Vec::new();
+        decrypt_stream(&key, cipher.as_slice(), &mut back).unwrap();
+        assert_eq!(back, plain);
+    }
+
+    #[test]
+    fn bad_keys_are_refused_without_echo() {
+        let err = EncryptionKey::from_base58("0OIl").unwrap_err().to_string();
+        assert!(!err.contains("0OIl"));
+        assert!(matches!(EncryptionKey::from_base58("abc"), Err(CryptoError::KeyLength(_))));
+    }
+}
