@@ -47,7 +47,10 @@ mod tests {
     fn columns_have_unit_norm() {
         let a = unit_column_noise(3, 64, 8);
         for s in 0..8 {
-            let norm: f32 = (0..64).map(|d| a[d * 8 + s] * a[d * 8 + s]).sum::<f32>().sqrt();
+            let norm: f32 = (0..64)
+                .map(|d| a[d * 8 + s] * a[d * 8 + s])
+                .sum::<f32>()
+                .sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "column {s} norm {norm}");
         }
     }

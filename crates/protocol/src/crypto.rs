@@ -38,7 +38,9 @@ impl EncryptionKey {
     /// A fresh key from the operating system's CSPRNG.
     pub fn generate() -> Self {
         let mut key = [0u8; 32];
-        rand::rngs::OsRng.try_fill_bytes(&mut key).expect("operating system RNG failed");
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut key)
+            .expect("operating system RNG failed");
         Self(key)
     }
 
@@ -48,9 +50,13 @@ impl EncryptionKey {
 
     /// Parses the SDK's Base58 form. The error never echoes the input.
     pub fn from_base58(text: &str) -> Result<Self, CryptoError> {
-        let bytes = bs58::decode(text.trim()).into_vec().map_err(|_| CryptoError::KeyNotBase58)?;
-        let array: [u8; 32] =
-            bytes.as_slice().try_into().map_err(|_| CryptoError::KeyLength(bytes.len()))?;
+        let bytes = bs58::decode(text.trim())
+            .into_vec()
+            .map_err(|_| CryptoError::KeyNotBase58)?;
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::KeyLength(bytes.len()))?;
         Ok(Self(array))
     }
 
@@ -132,7 +138,10 @@ fn transform_stream(
         total += filled as u64;
     }
     output.flush()?;
-    Ok(StreamSummary { bytes: total, output_commitment: Commitment(hasher.finalize().into()) })
+    Ok(StreamSummary {
+        bytes: total,
+        output_commitment: Commitment(hasher.finalize().into()),
+    })
 }
 
 /// Fills `buffer` as far as the reader allows; CTR keeps its own position, so partial reads
@@ -180,8 +189,13 @@ impl Commitment {
     }
 
     pub fn from_base58(text: &str) -> Result<Self, CryptoError> {
-        let bytes = bs58::decode(text.trim()).into_vec().map_err(|_| CryptoError::BadCommitment)?;
-        let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| CryptoError::BadCommitment)?;
+        let bytes = bs58::decode(text.trim())
+            .into_vec()
+            .map_err(|_| CryptoError::BadCommitment)?;
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::BadCommitment)?;
         Ok(Self(array))
     }
 }
@@ -251,12 +265,17 @@ mod tests {
     #[test]
     fn stream_roundtrip_across_chunk_boundary() {
         let key = EncryptionKey::generate();
-        let plain: Vec<u8> = (0..(STREAM_CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        let plain: Vec<u8> = (0..(STREAM_CHUNK * 2 + 17))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let mut cipher = Vec::new();
         let enc = encrypt_stream(&key, plain.as_slice(), &mut cipher).unwrap();
         let mut whole = plain.clone();
         apply_keystream(&key, &mut whole);
-        assert_eq!(cipher, whole, "streamed encryption must equal one-shot encryption");
+        assert_eq!(
+            cipher, whole,
+            "streamed encryption must equal one-shot encryption"
+        );
         assert_eq!(enc.output_commitment, Commitment::of_bytes(&cipher));
         let mut back = Vec::new();
         decrypt_stream(&key, cipher.as_slice(), &mut back).unwrap();
@@ -267,6 +286,9 @@ mod tests {
     fn bad_keys_are_refused_without_echo() {
         let err = EncryptionKey::from_base58("0OIl").unwrap_err().to_string();
         assert!(!err.contains("0OIl"));
-        assert!(matches!(EncryptionKey::from_base58("abc"), Err(CryptoError::KeyLength(_))));
+        assert!(matches!(
+            EncryptionKey::from_base58("abc"),
+            Err(CryptoError::KeyLength(_))
+        ));
     }
 }

@@ -20,8 +20,10 @@ fn encryption_vectors() {
     let cases = v["encryption"].as_array().unwrap();
     assert!(!cases.is_empty());
     for case in cases {
-        let key_bytes: [u8; 32] =
-            hex::decode(case["key_hex"].as_str().unwrap()).unwrap().try_into().unwrap();
+        let key_bytes: [u8; 32] = hex::decode(case["key_hex"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
         let key = EncryptionKey::from_base58(case["key_base58"].as_str().unwrap()).unwrap();
         assert_eq!(key.as_bytes(), &key_bytes);
         assert_eq!(key.to_base58(), case["key_base58"].as_str().unwrap());
@@ -32,7 +34,10 @@ fn encryption_vectors() {
             Commitment::of_bytes(&data).to_base58(),
             case["ciphertext_commitment"].as_str().unwrap()
         );
-        assert_eq!(key.commitment().to_base58(), case["key_commitment"].as_str().unwrap());
+        assert_eq!(
+            key.commitment().to_base58(),
+            case["key_commitment"].as_str().unwrap()
+        );
     }
 }
 

@@ -1,0 +1,459 @@
+//! Fused CPU kernels for the V1 forward pass, over row-major `[rows, cols]` f32 buffers.
+//!
+//! Each kernel follows the canonical scorer's operation order (burn 0.19 on NdArray) where that
+//! order changes rounding noticeably: RoPE angles in f32, sin/cos/erf evaluated in f64 and
+//! rounded to f32, the causal mask as a replacement rather than an addition.
+//! Matrix products go through the `gemm` crate; everything else is parallel over rows.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::config::{LAYER_NORM_EPS, ROPE_MAX_WAVELENGTH};
+
+/// Rows per task for the row-parallel kernels: big enough to amortise scheduling.
+const ROWS_PER_TASK: usize = 16;
+/// Query rows per attention tile.
+const QUERY_BLOCK: usize = 64;
+
+/// A raw pointer that tasks writing disjoint regions may share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used by tasks that write provably disjoint index ranges.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method (not field access) so closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[n, o] = b[o] + x[n, :] . w[:, o]` with `w` stored `[in, out]`.
+pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize) {
+    let d_out = b.len();
+    let d_in = w.len() / d_out;
+    assert_eq!(x.len(), rows * d_in);
+    assert_eq!(out.len(), rows * d_out);
+    for row in out.chunks_exact_mut(d_out) {
+        row.copy_from_slice(b);
+    }
+    // SAFETY: the shapes were checked above; strides describe contiguous row-major buffers.
+    unsafe {
+        gemm::gemm(
+            rows,
+            d_out,
+            d_in,
+            out.as_mut_ptr(),
+            1,
+            d_out as isize,
+            true,
+            x.as_ptr(),
+            1,
+            d_in as isize,
+            w.as_ptr(),
+            1,
+            d_out as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `out = x @ m` without bias (`m` is `[in, out]`), written over `out`.
+pub fn matmul(x: &[f32], m: &[f32], out: &mut [f32], rows: usize, d_in: usize, d_out: usize) {
+    assert_eq!(x.len(), rows * d_in);
+    assert_eq!(m.len(), d_in * d_out);
+    assert_eq!(out.len(), rows * d_out);
+    // SAFETY: shapes checked above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            d_out,
+            d_in,
+            out.as_mut_ptr(),
+            1,
+            d_out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            d_in as isize,
+            m.as_ptr(),
+            1,
+            d_out as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// LayerNorm over the last axis: `((x - mean) / sqrt(var + eps)) * gamma + beta`, biased
+/// variance, two passes.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], out: &mut [f32]) {
+    let d = gamma.len();
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(out_rows, x_rows)| {
+            for (o, r) in out_rows.chunks_exact_mut(d).zip(x_rows.chunks_exact(d)) {
+                layer_norm_row(r, gamma, beta, o);
+            }
+        });
+}
+
+/// `x += delta`, then `out = LayerNorm(x)`: the residual add fused with the next norm.
+pub fn add_then_layer_norm(
+    x: &mut [f32],
+    delta: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    out: &mut [f32],
+) {
+    let d = gamma.len();
+    let chunk = d * ROWS_PER_TASK;
+    x.par_chunks_mut(chunk)
+        .zip(delta.par_chunks(chunk))
+        .zip(out.par_chunks_mut(chunk))
+        .for_each(|((x_rows, d_rows), out_rows)| {
+            for ((r, dr), o) in x_rows
+                .chunks_exact_mut(d)
+                .zip(d_rows.chunks_exact(d))
+                .zip(out_rows.chunks_exact_mut(d))
+            {
+                for (a, b) in r.iter_mut().zip(dr) {
+                    *a += b;
+                }
+                layer_norm_row(r, gamma, beta, o);
+            }
+        });
+}
+
+/// `x += delta` in parallel.
+pub fn add_in_place(x: &mut [f32], delta: &[f32]) {
+    x.par_chunks_mut(4096)
+        .zip(delta.par_chunks(4096))
+        .for_each(|(a, b)| {
+            for (p, q) in a.iter_mut().zip(b) {
+                *p += q;
+            }
+        });
+}
+
+#[inline]
+fn sum_f32(values: impl Iterator<Item = f32>) -> f32 {
+    // Eight running sums vectorise and keep rounding error near that of pairwise summation.
+    let mut lanes = [0f32; 8];
+    for (i, v) in values.enumerate() {
+        lanes[i & 7] += v;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+#[inline]
+fn layer_norm_row(x: &[f32], gamma: &[f32], beta: &[f32], out: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = sum_f32(x.iter().copied()) / n;
+    let var = sum_f32(x.iter().map(|v| (v - mean) * (v - mean))) / n;
+    let denom = (var + LAYER_NORM_EPS).sqrt();
+    for (((o, v), g), b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *o = ((v - mean) / denom) * g + b;
+    }
+}
+
+/// Exact (erf) GELU in place: `(x * (erf(x / sqrt 2) + 1)) / 2`, erf evaluated in f64.
+pub fn gelu_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(|chunk| {
+        for v in chunk {
+            *v = gelu(*v);
+        }
+    });
+}
+
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    let e = libm::erf((x / std::f32::consts::SQRT_2) as f64) as f32;
+    (x * (e + 1.0)) / 2.0
+}
+
+/// RoPE timescales `10000^(2i/h)` for `i < h/2`, each correctly rounded to f32 as the canonical
+/// scorer computes them.
+pub fn rope_timescales(head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let fraction = (i as f32 * 2.0) / head_dim as f32;
+            (ROPE_MAX_WAVELENGTH as f64).powf(fraction as f64) as f32
+        })
+        .collect()
+}
+
+/// cos and sin of every (token, frequency) angle, `[tokens, head_dim / 2]` each. The angle is
+/// `f32(position) / timescale` in f32; only then are sin and cos taken (in f64, rounded).
+pub fn rope_tables(positions: &[u32], timescales: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let half = timescales.len();
+    let mut cos = vec![0f32; positions.len() * half];
+    let mut sin = vec![0f32; positions.len() * half];
+    cos.par_chunks_mut(half)
+        .zip(sin.par_chunks_mut(half))
+        .zip(positions.par_iter())
+        .for_each(|((c, s), &pos)| {
+            for ((c, s), ts) in c.iter_mut().zip(s.iter_mut()).zip(timescales) {
+                let angle = (pos as f32 / ts) as f64;
+                let (sv, cv) = angle.sin_cos();
+                *c = cv as f32;
+                *s = sv as f32;
+            }
+        });
+    (cos, sin)
+}
+
+/// Half-split RoPE in place on `x [tokens, heads * head_dim]`:
+/// `a' = a cos - b sin`, `b' = b cos + a sin` for the two halves `a`, `b` of each head.
+pub fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize) {
+    let half = head_dim / 2;
+    let width = x.len() / (cos.len() / half);
+    x.par_chunks_mut(width)
+        .zip(cos.par_chunks(half))
+        .zip(sin.par_chunks(half))
+        .for_each(|((row, c), s)| {
+            for head in row.chunks_exact_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (ai, bi) = (a[i], b[i]);
+                    a[i] = ai * c[i] - bi * s[i];
+                    b[i] = bi * c[i] + ai * s[i];
+                }
+            }
+        });
+}
+
+/// Shape of a multi-head attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal softmax attention, `q`, `k`, `v`, `ctx` all `[batch * seq, heads * head_dim]` with head
+/// `h` in columns `h*head_dim..`. Query tiles only look at keys up to their last row, so the
+/// masked upper half is never computed (its softmax weights are exactly zero in the canonical
+/// computation too, since masked scores are replaced by -1e4).
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32], shape: AttentionShape) {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        head_dim,
+    } = shape;
+    let width = heads * head_dim;
+    assert_eq!(q.len(), batch * seq * width);
+    assert_eq!(ctx.len(), q.len());
+    let scale = (head_dim as f32).sqrt();
+    let blocks = seq.div_ceil(QUERY_BLOCK);
+    let out = SharedMut(ctx.as_mut_ptr());
+    (0..batch * heads * blocks)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |scores, task| {
+            // Later tiles are larger; visiting them first balances the two cores.
+            let block = blocks - 1 - task % blocks;
+            let head = (task / blocks) % heads;
+            let b = task / (blocks * heads);
+            let q0 = block * QUERY_BLOCK;
+            let rows = QUERY_BLOCK.min(seq - q0);
+            let keys = q0 + rows;
+            let base = b * seq * width + head * head_dim;
+            scores.clear();
+            scores.resize(rows * keys, 0.0);
+            // SAFETY: the reads stay within q/k/v (row < batch*seq, col < width) and the write goes
+            // to rows q0..q0+rows of sequence b, columns of `head`: a region no other task touches.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    keys,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    keys as isize,
+                    false,
+                    q.as_ptr().add(base + q0 * width),
+                    1,
+                    width as isize,
+                    k.as_ptr().add(base),
+                    width as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for r in 0..rows {
+                let valid = q0 + r + 1;
+                let row = &mut scores[r * keys..(r + 1) * keys];
+                softmax_prefix(row, valid, scale);
+            }
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    head_dim,
+                    keys,
+                    out.get().add(base + q0 * width),
+                    1,
+                    width as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    keys as isize,
+                    v.as_ptr().add(base),
+                    1,
+                    width as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+/// Scales the first `valid` scores by `1/scale` (as a division, like the scorer), softmaxes them
+/// and zeroes the rest of the row.
+#[inline]
+fn softmax_prefix(row: &mut [f32], valid: usize, scale: f32) {
+    let (live, masked) = row.split_at_mut(valid);
+    let mut max = f32::NEG_INFINITY;
+    for s in live.iter_mut() {
+        *s /= scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0f32;
+    for s in live.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in live.iter_mut() {
+        *s /= sum;
+    }
+    masked.fill(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scorer's f32 timescales for head dim 256, as IEEE-754 bits, from the reference
+    /// research notes (checked there against 50-digit arithmetic).
+    const CANONICAL_TIMESCALE_BITS_256: [u32; 128] = [
+        0x3f800000, 0x3f898cc0, 0x3f93cfe5, 0x3f9ed70c, 0x3faab0d5, 0x3fb76cf5, 0x3fc51c50,
+        0x3fd3d10c, 0x3fe39ea9, 0x3ff49a1b, 0x40036cf4, 0x400d3b22, 0x4017c496, 0x4023174b,
+        0x402f4244, 0x403c55a4, 0x404a62c2, 0x40597c3f, 0x4069b621, 0x407b25ed, 0x4086f161,
+        0x409102bc, 0x409bd461, 0x40a774aa, 0x40b3f300, 0x40c15ff6, 0x40cfcd58, 0x40df4e48,
+        0x40eff755, 0x4100ef4c, 0x410a8de6, 0x4114e43b, 0x41200000, 0x412beff0, 0x4138c3df,
+        0x41468cd0, 0x41555d0a, 0x41654832, 0x41766364, 0x418462a7, 0x418e432a, 0x4198e051,
+        0x41a44831, 0x41b089ea, 0x41bdb5bc, 0x41cbdd1e, 0x41db12d6, 0x41eb6b0d, 0x41fcfb72,
+        0x4207eda7, 0x421211d5, 0x421cf7b4, 0x4228adb9, 0x4235436b, 0x4242c979, 0x425151d4,
+        0x4260efc0, 0x4271b7f3, 0x4281e057, 0x428b90ed, 0x4295fa95, 0x42a12b1f, 0x42ad3160,
+        0x42ba1d4a, 0x42c80000, 0x42d6ebec, 0x42e6f4d6, 0x42f83003, 0x43055a26, 0x430f4d1f,
+        0x4319fe1e, 0x43257b51, 0x4331d3f4, 0x433f1865, 0x434d5a3e, 0x435cac64, 0x436d232b,
+        0x437ed466, 0x4388ebc5, 0x439322e8, 0x439e1d27, 0x43a9e911, 0x43b6964a, 0x43c435a1,
+        0x43d2d927, 0x43e29445, 0x43f37bd8, 0x4402d325, 0x440c95d8, 0x441712f8, 0x4422586d,
+        0x442e7528, 0x443b793b, 0x444975e6, 0x44587db7, 0x4468a49c, 0x447a0000, 0x44865373,
+        0x44905906, 0x449b1e02, 0x44a6b0b0, 0x44b32067, 0x44c07da6, 0x44ceda26, 0x44de48f1,
+        0x44eede7f, 0x45005867, 0x4509ebbf, 0x451435fb, 0x451f44bf, 0x452b26b7, 0x4537eba3,
+        0x4545a471, 0x45546355, 0x45643bdc, 0x45754309, 0x4583c7b8, 0x458d9cab, 0x45982d67,
+        0x45a387ee, 0x45afbb4e, 0x45bcd7b6, 0x45caee88, 0x45da1272, 0x45ea5789, 0x45fbd360,
+        0x46074e93, 0x461166e2,
+    ];
+
+    #[test]
+    fn timescales_match_the_scorer_bit_for_bit() {
+        let ours = rope_timescales(256);
+        for (i, (t, bits)) in ours.iter().zip(CANONICAL_TIMESCALE_BITS_256).enumerate() {
+            assert_eq!(t.to_bits(), bits, "timescale {i}");
+        }
+    }
+
+    /// The scorer's own unit vector: head dim 2, position 1, input ones.
+    #[test]
+    fn rope_of_ones_at_position_one() {
+        let ts = rope_timescales(2);
+        let (c, s) = rope_tables(&[1], &ts);
+        let mut x = vec![1.0f32, 1.0];
+        apply_rope(&mut x, &c, &s, 2);
+        assert!((x[0] - (-0.301_168_68)).abs() < 1e-6, "{x:?}");
+        assert!((x[1] - 1.381_773_2).abs() < 1e-6, "{x:?}");
+    }
+
+    /// Naive attention with the scorer's mask-fill, for comparison with the tiled kernel.
+    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
+        let w = s.heads * s.head_dim;
+        let mut out = vec![0f32; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.seq {
+                    let qi = &q[(b * s.seq + i) * w + h * s.head_dim..][..s.head_dim];
+                    let mut scores: Vec<f32> = (0..s.seq)
+                        .map(|j| {
+                            if j > i {
+                                -1.0e4
+                            } else {
+                                let kj = &k[(b * s.seq + j) * w + h * s.head_dim..][..s.head_dim];
+                                qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()
+                                    / (s.head_dim as f32).sqrt()
+                            }
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    scores.iter_mut().for_each(|x| *x = (*x - max).exp());
+                    let sum: f32 = scores.iter().sum();
+                    for d in 0..s.head_dim {
+                        out[(b * s.seq + i) * w + h * s.head_dim + d] = (0..s.seq)
+                            .map(|j| scores[j] / sum * v[(b * s.seq + j) * w + h * s.head_dim + d])
+                            .sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_attention_matches_naive() {
+        let shape = AttentionShape {
+            batch: 2,
+            seq: 150,
+            heads: 3,
+            head_dim: 8,
+        };
+        let n = shape.batch * shape.seq * shape.heads * shape.head_dim;
+        let normal = |seed: u64| somatrain_noise::normal_array(seed, n, 0.0, 1.0);
+        let (q, k, v) = (normal(1), normal(2), normal(3));
+        let mut ctx = vec![0f32; n];
+        causal_attention(&q, &k, &v, &mut ctx, shape);
+        let expected = naive_attention(&q, &k, &v, shape);
+        for (i, (a, b)) in ctx.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() < 1e-5, "element {i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gelu_reference_points() {
+        // GELU(1) = 0.5 (1 + erf(1/sqrt 2)) = 0.8413447460685429...
+        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-7);
+        assert_eq!(gelu(0.0), 0.0);
+        assert!((gelu(-3.0) - (-0.004_049_696_3)).abs() < 1e-8);
+    }
+}
