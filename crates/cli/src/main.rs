@@ -1,1 +1,58 @@
-fn main() {}
+//! `somatrain`: the one binary. Parses flags, sets up logging, picks the compute device and
+//! hands off to a command in [`commands`]. Libraries never print; this crate does.
+
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "somatrain", version, about = "Train, score and publish SOMA V1 model weights")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score weights on data exactly as the network does; lowest loss wins.
+    Score(commands::score::ScoreArgs),
+    /// Throughput benchmarks that print one JSON line at the end.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "somatrain=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        Command::Score(args) => {
+            let sub = matches.subcommand_matches("score").expect("score matched");
+            commands::score::run(args, sub)
+        }
+        Command::Bench(cmd) => commands::bench::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

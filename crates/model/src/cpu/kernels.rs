@@ -13,7 +13,7 @@ use crate::config::{LAYER_NORM_EPS, ROPE_MAX_WAVELENGTH};
 /// Rows per task for the row-parallel kernels: big enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 /// Query rows per attention tile.
-const QUERY_BLOCK: usize = 64;
+const QUERY_BLOCK: usize = 128;
 
 /// A raw pointer that tasks writing disjoint regions may share.
 #[derive(Clone, Copy)]

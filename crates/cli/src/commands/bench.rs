@@ -1,0 +1,167 @@
+//! `somatrain bench`: throughput of the hot paths, each run ending with one JSON line.
+//!
+//! Every bench also measures the f32 matrix-multiply peak of this machine with the same `gemm`
+//! library the model uses, so a result can be read as a fraction of what the hardware gives.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use somatrain_model::score::{ScoreOptions, score_data};
+use somatrain_model::{Preset, Weights};
+
+use super::{Device, scorer_for};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Scoring throughput (forward, cross-entropy, SIGReg) on random weights of a preset.
+    Score(ScoreBenchArgs),
+}
+
+#[derive(Args)]
+pub struct ScoreBenchArgs {
+    #[arg(long, default_value = "medium")]
+    preset: Preset,
+    /// Sequences of data scored per timed run.
+    #[arg(long, default_value_t = 2)]
+    sequences: usize,
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    bench: &'static str,
+    preset: String,
+    tokens: usize,
+    seconds_per_run: f64,
+    tokens_per_s: f64,
+    gflops_per_s: f64,
+    matmul_peak_gflops_per_s: f64,
+    fraction_of_peak: f64,
+    peak_rss_bytes: u64,
+    threads: usize,
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Score(args) => bench_score(args),
+    }
+}
+
+fn bench_score(args: ScoreBenchArgs) -> Result<()> {
+    if args.sequences == 0 || args.runs == 0 || args.batch_size == 0 || args.seq_len == 0 {
+        bail!("--sequences, --runs, --batch-size and --seq-len must be positive");
+    }
+    let config = args.preset.config();
+    eprintln!(
+        "bench score: preset {} ({} parameters), {} sequences of {} in batches of {}, {} threads",
+        args.preset,
+        config.parameter_count(),
+        args.sequences,
+        args.seq_len,
+        args.batch_size,
+        rayon::current_num_threads()
+    );
+    let peak = matmul_peak_gflops();
+    eprintln!("f32 matmul peak (gemm, 1536^3): {peak:.1} GFLOP/s");
+    let weights = Weights::init(config, 0);
+    let mut scorer = scorer_for(args.device, weights)?;
+    // Source-like bytes: the data's content does not change the work done.
+    let line = b"fn main() { let x = 42; }\n";
+    let data: Vec<u8> = (0..args.sequences * args.seq_len).map(|i| line[i % line.len()]).collect();
+    let options =
+        ScoreOptions { max_seq_len: args.seq_len, batch_size: args.batch_size, seed: 0 };
+    score_data(scorer.as_mut(), &data, options, &mut |_, _| {})?;
+    let mut times = Vec::new();
+    for run in 0..args.runs {
+        let start = Instant::now();
+        let score = score_data(scorer.as_mut(), &data, options, &mut |_, _| {})?;
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "run {run}: {secs:.3} s, {:.0} tokens/s (loss {:.4})",
+            score.tokens as f64 / secs,
+            score.loss
+        );
+        times.push(secs);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = args.sequences * args.seq_len;
+    let flops = config.forward_flops(tokens as u64, args.seq_len as u64);
+    let gflops = flops / median / 1e9;
+    let report = BenchReport {
+        bench: "score",
+        preset: args.preset.to_string(),
+        tokens,
+        seconds_per_run: median,
+        tokens_per_s: tokens as f64 / median,
+        gflops_per_s: gflops,
+        matmul_peak_gflops_per_s: peak,
+        fraction_of_peak: gflops / peak,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads: rayon::current_num_threads(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Best GFLOP/s of a square f32 product over a few repetitions, all threads.
+pub fn matmul_peak_gflops() -> f64 {
+    let n = 1536;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut c = vec![0f32; n * n];
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let start = Instant::now();
+        // SAFETY: all three buffers are n x n row-major.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        let secs = start.elapsed().as_secs_f64();
+        best = best.max(2.0 * (n as f64).powi(3) / secs / 1e9);
+    }
+    std::hint::black_box(&c);
+    best
+}
+
+/// High-water mark of resident memory, from the kernel.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,164 @@
+//! End-to-end: the real `somatrain` binary on the conformance cases.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use somatrain_protocol::EncryptionKey;
+use somatrain_protocol::crypto::apply_keystream;
+
+fn case_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/scoring").join(name)
+}
+
+fn expected(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(case_dir(name).join("expected.json"))
+        .expect("conformance cases are required");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn somatrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_somatrain")).args(args).output().unwrap()
+}
+
+fn path(p: &PathBuf) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+fn assert_loss(value: &serde_json::Value, expected: f64) {
+    let got = value.as_f64().unwrap();
+    assert!(((got - expected) / expected).abs() < 1e-5, "loss {got} vs {expected}");
+}
+
+#[test]
+fn scores_a_case_as_json() {
+    let dir = case_dir("tiny_3000b");
+    let e = expected("tiny_3000b");
+    let weights = dir.join("weights.safetensors");
+    let data = dir.join("data.bin");
+    let out = somatrain(&[
+        "score", "--weights", path(&weights), "--data", path(&data), "--num-heads", "4",
+        "--seed", "0", "--json",
+    ]);
+    let report = json_of(&out);
+    assert_eq!(report["winner"], 0);
+    assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
+    assert_eq!(report["models"][0]["embedding"].as_array().unwrap().len(), 16);
+    assert!(report.get("distance").is_none());
+}
+
+#[test]
+fn reads_data_from_stdin_and_uses_the_seed() {
+    let dir = case_dir("tiny_3000b_seed7");
+    let e = expected("tiny_3000b_seed7");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+        .args(["score", "--weights", path(&dir.join("weights.safetensors")), "--data", "-"])
+        .args(["--num-heads", "4", "--seed", "7", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(dir.join("data.bin")).unwrap();
+    child.stdin.take().unwrap().write_all(&bytes).unwrap();
+    let report = json_of(&child.wait_with_output().unwrap());
+    assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
+}
+
+#[test]
+fn encrypted_weights_tie_and_distance() {
+    let dir = case_dir("small_40kb");
+    let e = expected("small_40kb");
+    let tmp = tempfile::tempdir().unwrap();
+    let key = EncryptionKey::generate();
+    let mut bytes = std::fs::read(dir.join("weights.safetensors")).unwrap();
+    apply_keystream(&key, &mut bytes);
+    let encrypted = tmp.path().join("weights.enc");
+    std::fs::write(&encrypted, &bytes).unwrap();
+    let target = tmp.path().join("target.json");
+    std::fs::write(&target, serde_json::to_string(&e["embedding"]).unwrap()).unwrap();
+    let key_text = key.to_base58();
+    // The encrypted copy is listed first, so on the exact tie it must win.
+    let out = somatrain(&[
+        "score", "--encrypted-weights", path(&encrypted), "--key", &key_text,
+        "--weights", path(&dir.join("weights.safetensors")), "--data", path(&dir.join("data.bin")),
+        "--num-heads", "4", "--seed", "1", "--distance-to", path(&target), "--json",
+    ]);
+    let report = json_of(&out);
+    assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
+    assert_eq!(report["models"][0]["loss"], report["models"][1]["loss"]);
+    assert_eq!(report["winner"], 0);
+    assert!(report["models"][0]["weights"].as_str().unwrap().ends_with("weights.enc"));
+    let distance = report["distance"].as_f64().unwrap();
+    assert!(distance.abs() < 1e-5, "distance to its own embedding: {distance}");
+
+    let negated: Vec<f64> =
+        e["embedding"].as_array().unwrap().iter().map(|x| -x.as_f64().unwrap()).collect();
+    std::fs::write(&target, serde_json::to_string(&negated).unwrap()).unwrap();
+    let out = somatrain(&[
+        "score", "--weights", path(&dir.join("weights.safetensors")),
+        "--data", path(&dir.join("data.bin")), "--num-heads", "4", "--seed", "1",
+        "--distance-to", path(&target), "--json",
+    ]);
+    let distance = json_of(&out)["distance"].as_f64().unwrap();
+    assert!((distance - 2.0).abs() < 1e-5, "distance to the opposite embedding: {distance}");
+}
+
+#[test]
+fn wrong_key_is_refused_without_leaking_it() {
+    let dir = case_dir("tiny_1b");
+    let tmp = tempfile::tempdir().unwrap();
+    let right = EncryptionKey::generate();
+    let wrong = EncryptionKey::generate();
+    let mut bytes = std::fs::read(dir.join("weights.safetensors")).unwrap();
+    apply_keystream(&right, &mut bytes);
+    let encrypted = tmp.path().join("w.enc");
+    std::fs::write(&encrypted, &bytes).unwrap();
+    let wrong_text = wrong.to_base58();
+    let out = somatrain(&[
+        "score", "--encrypted-weights", path(&encrypted), "--key", &wrong_text,
+        "--data", path(&dir.join("data.bin")), "--num-heads", "4",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a valid safetensors"), "{stderr}");
+    assert!(!stderr.contains(&wrong_text), "the key leaked into the error: {stderr}");
+}
+
+#[test]
+fn missing_inputs_give_clear_errors() {
+    let out = somatrain(&["score", "--weights", "/nonexistent/w.safetensors", "--data", "/dev/null"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let dir = case_dir("tiny_1b");
+    let out = somatrain(&[
+        "score", "--weights", "/nonexistent/w.safetensors", "--data", path(&dir.join("data.bin")),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/w.safetensors"));
+    let out = somatrain(&[
+        "score", "--weights", path(&dir.join("weights.safetensors")),
+        "--data", path(&dir.join("data.bin")),
+    ]);
+    assert!(!out.status.success(), "no head count for a width-16 file without metadata");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--num-heads"));
+}
+
+#[test]
+fn cuda_without_support_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = case_dir("tiny_1b");
+    let out = somatrain(&[
+        "score", "--weights", path(&dir.join("weights.safetensors")),
+        "--data", path(&dir.join("data.bin")), "--num-heads", "4", "--device", "cuda",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+}
