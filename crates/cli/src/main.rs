@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "somatrain", version, about = "Train, score and publish SOMA V1 model weights")]
+#[command(
+    name = "somatrain",
+    version,
+    about = "Train, score and publish SOMA V1 model weights"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -24,7 +24,11 @@ impl Progress {
             bar.set_message(label.clone());
             bar
         });
-        Progress { bar, label, last_log: Instant::now() }
+        Progress {
+            bar,
+            label,
+            last_log: Instant::now(),
+        }
     }
 
     pub fn update(&mut self, done: usize, total: usize) {

@@ -8,7 +8,9 @@ use somatrain_protocol::EncryptionKey;
 use somatrain_protocol::crypto::apply_keystream;
 
 fn case_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/scoring").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/conformance/scoring")
+        .join(name)
 }
 
 fn expected(name: &str) -> serde_json::Value {
@@ -18,7 +20,10 @@ fn expected(name: &str) -> serde_json::Value {
 }
 
 fn somatrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_somatrain")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_somatrain"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn path(p: &PathBuf) -> &str {
@@ -26,13 +31,20 @@ fn path(p: &PathBuf) -> &str {
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
 }
 
 fn assert_loss(value: &serde_json::Value, expected: f64) {
     let got = value.as_f64().unwrap();
-    assert!(((got - expected) / expected).abs() < 1e-5, "loss {got} vs {expected}");
+    assert!(
+        ((got - expected) / expected).abs() < 1e-5,
+        "loss {got} vs {expected}"
+    );
 }
 
 #[test]
@@ -42,13 +54,24 @@ fn scores_a_case_as_json() {
     let weights = dir.join("weights.safetensors");
     let data = dir.join("data.bin");
     let out = somatrain(&[
-        "score", "--weights", path(&weights), "--data", path(&data), "--num-heads", "4",
-        "--seed", "0", "--json",
+        "score",
+        "--weights",
+        path(&weights),
+        "--data",
+        path(&data),
+        "--num-heads",
+        "4",
+        "--seed",
+        "0",
+        "--json",
     ]);
     let report = json_of(&out);
     assert_eq!(report["winner"], 0);
     assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
-    assert_eq!(report["models"][0]["embedding"].as_array().unwrap().len(), 16);
+    assert_eq!(
+        report["models"][0]["embedding"].as_array().unwrap().len(),
+        16
+    );
     assert!(report.get("distance").is_none());
 }
 
@@ -57,7 +80,13 @@ fn reads_data_from_stdin_and_uses_the_seed() {
     let dir = case_dir("tiny_3000b_seed7");
     let e = expected("tiny_3000b_seed7");
     let mut child = Command::new(env!("CARGO_BIN_EXE_somatrain"))
-        .args(["score", "--weights", path(&dir.join("weights.safetensors")), "--data", "-"])
+        .args([
+            "score",
+            "--weights",
+            path(&dir.join("weights.safetensors")),
+            "--data",
+            "-",
+        ])
         .args(["--num-heads", "4", "--seed", "7", "--json"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -85,28 +114,65 @@ fn encrypted_weights_tie_and_distance() {
     let key_text = key.to_base58();
     // The encrypted copy is listed first, so on the exact tie it must win.
     let out = somatrain(&[
-        "score", "--encrypted-weights", path(&encrypted), "--key", &key_text,
-        "--weights", path(&dir.join("weights.safetensors")), "--data", path(&dir.join("data.bin")),
-        "--num-heads", "4", "--seed", "1", "--distance-to", path(&target), "--json",
+        "score",
+        "--encrypted-weights",
+        path(&encrypted),
+        "--key",
+        &key_text,
+        "--weights",
+        path(&dir.join("weights.safetensors")),
+        "--data",
+        path(&dir.join("data.bin")),
+        "--num-heads",
+        "4",
+        "--seed",
+        "1",
+        "--distance-to",
+        path(&target),
+        "--json",
     ]);
     let report = json_of(&out);
     assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
     assert_eq!(report["models"][0]["loss"], report["models"][1]["loss"]);
     assert_eq!(report["winner"], 0);
-    assert!(report["models"][0]["weights"].as_str().unwrap().ends_with("weights.enc"));
+    assert!(
+        report["models"][0]["weights"]
+            .as_str()
+            .unwrap()
+            .ends_with("weights.enc")
+    );
     let distance = report["distance"].as_f64().unwrap();
-    assert!(distance.abs() < 1e-5, "distance to its own embedding: {distance}");
+    assert!(
+        distance.abs() < 1e-5,
+        "distance to its own embedding: {distance}"
+    );
 
-    let negated: Vec<f64> =
-        e["embedding"].as_array().unwrap().iter().map(|x| -x.as_f64().unwrap()).collect();
+    let negated: Vec<f64> = e["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| -x.as_f64().unwrap())
+        .collect();
     std::fs::write(&target, serde_json::to_string(&negated).unwrap()).unwrap();
     let out = somatrain(&[
-        "score", "--weights", path(&dir.join("weights.safetensors")),
-        "--data", path(&dir.join("data.bin")), "--num-heads", "4", "--seed", "1",
-        "--distance-to", path(&target), "--json",
+        "score",
+        "--weights",
+        path(&dir.join("weights.safetensors")),
+        "--data",
+        path(&dir.join("data.bin")),
+        "--num-heads",
+        "4",
+        "--seed",
+        "1",
+        "--distance-to",
+        path(&target),
+        "--json",
     ]);
     let distance = json_of(&out)["distance"].as_f64().unwrap();
-    assert!((distance - 2.0).abs() < 1e-5, "distance to the opposite embedding: {distance}");
+    assert!(
+        (distance - 2.0).abs() < 1e-5,
+        "distance to the opposite embedding: {distance}"
+    );
 }
 
 #[test]
@@ -121,31 +187,57 @@ fn wrong_key_is_refused_without_leaking_it() {
     std::fs::write(&encrypted, &bytes).unwrap();
     let wrong_text = wrong.to_base58();
     let out = somatrain(&[
-        "score", "--encrypted-weights", path(&encrypted), "--key", &wrong_text,
-        "--data", path(&dir.join("data.bin")), "--num-heads", "4",
+        "score",
+        "--encrypted-weights",
+        path(&encrypted),
+        "--key",
+        &wrong_text,
+        "--data",
+        path(&dir.join("data.bin")),
+        "--num-heads",
+        "4",
     ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a valid safetensors"), "{stderr}");
-    assert!(!stderr.contains(&wrong_text), "the key leaked into the error: {stderr}");
+    assert!(
+        !stderr.contains(&wrong_text),
+        "the key leaked into the error: {stderr}"
+    );
 }
 
 #[test]
 fn missing_inputs_give_clear_errors() {
-    let out = somatrain(&["score", "--weights", "/nonexistent/w.safetensors", "--data", "/dev/null"]);
+    let out = somatrain(&[
+        "score",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "--data",
+        "/dev/null",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
     let dir = case_dir("tiny_1b");
     let out = somatrain(&[
-        "score", "--weights", "/nonexistent/w.safetensors", "--data", path(&dir.join("data.bin")),
+        "score",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "--data",
+        path(&dir.join("data.bin")),
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/w.safetensors"));
     let out = somatrain(&[
-        "score", "--weights", path(&dir.join("weights.safetensors")),
-        "--data", path(&dir.join("data.bin")),
+        "score",
+        "--weights",
+        path(&dir.join("weights.safetensors")),
+        "--data",
+        path(&dir.join("data.bin")),
     ]);
-    assert!(!out.status.success(), "no head count for a width-16 file without metadata");
+    assert!(
+        !out.status.success(),
+        "no head count for a width-16 file without metadata"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--num-heads"));
 }
 
@@ -156,8 +248,15 @@ fn cuda_without_support_is_a_clear_error() {
     }
     let dir = case_dir("tiny_1b");
     let out = somatrain(&[
-        "score", "--weights", path(&dir.join("weights.safetensors")),
-        "--data", path(&dir.join("data.bin")), "--num-heads", "4", "--device", "cuda",
+        "score",
+        "--weights",
+        path(&dir.join("weights.safetensors")),
+        "--data",
+        path(&dir.join("data.bin")),
+        "--num-heads",
+        "4",
+        "--device",
+        "cuda",
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));

@@ -77,9 +77,14 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
     let mut scorer = scorer_for(args.device, weights)?;
     // Source-like bytes: the data's content does not change the work done.
     let line = b"fn main() { let x = 42; }\n";
-    let data: Vec<u8> = (0..args.sequences * args.seq_len).map(|i| line[i % line.len()]).collect();
-    let options =
-        ScoreOptions { max_seq_len: args.seq_len, batch_size: args.batch_size, seed: 0 };
+    let data: Vec<u8> = (0..args.sequences * args.seq_len)
+        .map(|i| line[i % line.len()])
+        .collect();
+    let options = ScoreOptions {
+        max_seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        seed: 0,
+    };
     score_data(scorer.as_mut(), &data, options, &mut |_, _| {})?;
     let mut times = Vec::new();
     for run in 0..args.runs {
@@ -117,8 +122,12 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
 /// Best GFLOP/s of a square f32 product over a few repetitions, all threads.
 pub fn matmul_peak_gflops() -> f64 {
     let n = 1536;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+        .collect();
     let mut c = vec![0f32; n * n];
     let mut best = 0f64;
     for _ in 0..6 {
@@ -160,7 +169,9 @@ pub fn peak_rss_bytes() -> u64 {
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
             })
         })
         .map_or(0, |kb| kb * 1024)

@@ -28,7 +28,9 @@ pub fn scorer_for(device: Device, weights: Weights) -> Result<Box<dyn BatchScore
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_scorer(_weights: Weights) -> Result<Box<dyn BatchScorer>> {
-    bail!("this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`")
+    bail!(
+        "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -40,7 +42,9 @@ fn cuda_scorer(_weights: Weights) -> Result<Box<dyn BatchScorer>> {
 pub fn read_input(path: &Path) -> Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut data = Vec::new();
-        std::io::stdin().read_to_end(&mut data).context("reading data from standard input")?;
+        std::io::stdin()
+            .read_to_end(&mut data)
+            .context("reading data from standard input")?;
         Ok(data)
     } else {
         std::fs::read(path).with_context(|| format!("reading {}", path.display()))

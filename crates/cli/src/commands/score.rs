@@ -92,7 +92,11 @@ fn sources(args: &ScoreArgs, matches: &ArgMatches) -> Result<Vec<Source>> {
     }
     let mut ordered: Vec<(usize, Source)> = Vec::new();
     if let Some(indices) = matches.indices_of("weights") {
-        ordered.extend(indices.zip(&args.weights).map(|(i, p)| (i, Source::Plain(p.clone()))));
+        ordered.extend(
+            indices
+                .zip(&args.weights)
+                .map(|(i, p)| (i, Source::Plain(p.clone()))),
+        );
     }
     if let Some(indices) = matches.indices_of("encrypted") {
         ordered.extend(
@@ -110,8 +114,9 @@ fn sources(args: &ScoreArgs, matches: &ArgMatches) -> Result<Vec<Source>> {
 
 fn parse_key(spec: &str) -> Result<EncryptionKey> {
     let text = match spec.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the key file {path}"))?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading the key file {path}"))?
+        }
         None => spec.to_string(),
     };
     // The error deliberately omits the key text.
@@ -129,7 +134,10 @@ fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weight
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             apply_keystream(&key, &mut bytes);
             load_bytes(&bytes, options).with_context(|| {
-                format!("loading {} (decrypted; a wrong key also shows as a bad header)", path.display())
+                format!(
+                    "loading {} (decrypted; a wrong key also shows as a bad header)",
+                    path.display()
+                )
             })
         }
     }
@@ -148,10 +156,20 @@ pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
     if data.is_empty() {
         bail!("the data is empty: nothing to score");
     }
-    let target = args.distance_to.as_deref().map(read_embedding).transpose()?;
-    let options =
-        ScoreOptions { max_seq_len: args.max_seq_len, batch_size: args.batch_size, seed: args.seed };
-    let load_options = LoadOptions { num_heads: args.num_heads, preset: args.preset };
+    let target = args
+        .distance_to
+        .as_deref()
+        .map(read_embedding)
+        .transpose()?;
+    let options = ScoreOptions {
+        max_seq_len: args.max_seq_len,
+        batch_size: args.batch_size,
+        seed: args.seed,
+    };
+    let load_options = LoadOptions {
+        num_heads: args.num_heads,
+        preset: args.preset,
+    };
 
     let mut reports = Vec::new();
     for source in &sources {
@@ -167,10 +185,16 @@ pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
         let mut scorer = scorer_for(args.device, weights)?;
         let total = batch_count(data.len(), options.max_seq_len, options.batch_size);
         let mut progress = Progress::new(label.clone(), total as u64);
-        let score = score_data(scorer.as_mut(), &data, options, &mut |d, t| progress.update(d, t))
-            .with_context(|| format!("scoring {label}"))?;
+        let score = score_data(scorer.as_mut(), &data, options, &mut |d, t| {
+            progress.update(d, t)
+        })
+        .with_context(|| format!("scoring {label}"))?;
         progress.finish();
-        reports.push(ModelReport { weights: label, loss: score.loss, embedding: score.embedding });
+        reports.push(ModelReport {
+            weights: label,
+            loss: score.loss,
+            embedding: score.embedding,
+        });
     }
     let losses: Vec<f32> = reports.iter().map(|r| r.loss).collect();
     let winner = select_best(&losses).expect("at least one model");
@@ -183,12 +207,20 @@ pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
         Some(t) => Some(cosine_distance(&reports[winner].embedding, t)),
         None => None,
     };
-    let report = Report { winner, models: reports, distance };
+    let report = Report {
+        winner,
+        models: reports,
+        distance,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         for (i, m) in report.models.iter().enumerate() {
-            let mark = if i == report.winner { "  <- winner" } else { "" };
+            let mark = if i == report.winner {
+                "  <- winner"
+            } else {
+                ""
+            };
             println!("{i}  loss {:.7}  {}{mark}", m.loss, m.weights);
         }
         if let Some(d) = report.distance {

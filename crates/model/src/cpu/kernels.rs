@@ -341,11 +341,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32], shape:
                     Parallelism::None,
                 );
             }
-            for r in 0..rows {
-                let valid = q0 + r + 1;
-                let row = &mut scores[r * keys..(r + 1) * keys];
-                softmax_prefix(row, valid, scale);
-            }
+            softmax_tile(scores, keys, q0, scale);
             unsafe {
                 gemm::gemm(
                     rows,
