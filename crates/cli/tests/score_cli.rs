@@ -26,7 +26,7 @@ fn somatrain(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn path(p: &PathBuf) -> &str {
+fn path(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
 
