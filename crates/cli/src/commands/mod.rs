@@ -6,7 +6,7 @@ pub mod score;
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use somatrain_model::Weights;
 use somatrain_model::cpu::CpuModel;
 use somatrain_model::score::BatchScorer;
@@ -28,14 +28,17 @@ pub fn scorer_for(device: Device, weights: Weights) -> Result<Box<dyn BatchScore
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_scorer(_weights: Weights) -> Result<Box<dyn BatchScorer>> {
-    bail!(
+    anyhow::bail!(
         "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
     )
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_scorer(_weights: Weights) -> Result<Box<dyn BatchScorer>> {
-    bail!("the CUDA scorer is not available in this build yet")
+fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
+    use somatrain_burn::{BurnDevice, BurnModel, open_device};
+    let device = open_device(BurnDevice::Cuda(0))?;
+    tracing::info!("running on CUDA device 0");
+    Ok(Box::new(BurnModel::new(&weights, device)))
 }
 
 /// Reads a whole input file, or standard input for `-`.

@@ -1,0 +1,256 @@
+//! The V1 model on burn 0.22's backends: the `flex` CPU backend always, CUDA behind the `cuda`
+//! feature. The device is chosen at run time.
+//!
+//! Owns only the translation of [`somatrain_model::Weights`] into device tensors and the forward
+//! pass written with burn's tensor ops; the scoring procedure, the loss terms and the RoPE tables
+//! come from `somatrain-model`, so every backend is checked against the same conformance cases.
+//! The hand-written CPU kernels in `somatrain-model` stay the fast CPU path; this crate is the
+//! GPU path and a second, independent implementation of the forward pass.
+
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::{embedding, layer_norm, linear};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use somatrain_data::Batch;
+use somatrain_model::config::{LAYER_NORM_EPS, MASK_FILL, SIGREG_COEFFICIENT, SIGREG_SLICES};
+use somatrain_model::cpu::kernels::{rope_tables, rope_timescales};
+use somatrain_model::loss::{cross_entropy_sum, sigreg_mean};
+use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
+use somatrain_model::{ModelConfig, Weights};
+
+/// Which burn device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BurnDevice {
+    /// burn's `flex` CPU backend.
+    Flex,
+    /// A CUDA GPU by index (needs the `cuda` feature and a driver).
+    Cuda(usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("this build has no CUDA support; rebuild with `cargo build --release --features cuda`")]
+    NoCudaFeature,
+    #[error("no usable CUDA device (is the NVIDIA driver installed?): {0}")]
+    NoCudaDriver(String),
+}
+
+/// Opens `device`, checking that it can run a tensor op; a missing CUDA driver is reported as
+/// an error rather than a panic deep inside the backend.
+pub fn open_device(device: BurnDevice) -> Result<Device, DeviceError> {
+    match device {
+        BurnDevice::Flex => Ok(Device::flex()),
+        BurnDevice::Cuda(index) => open_cuda(index),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_index: usize) -> Result<Device, DeviceError> {
+    Err(DeviceError::NoCudaFeature)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(index: usize) -> Result<Device, DeviceError> {
+    let probe = std::panic::catch_unwind(move || {
+        let device = Device::cuda(index);
+        let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &device);
+        let sum: Vec<f32> = t
+            .sum()
+            .into_data()
+            .try_to_vec()
+            .map_err(|e| format!("{e:?}"))?;
+        if sum != [3.0] {
+            return Err(format!("probe sum gave {sum:?}"));
+        }
+        Ok(device)
+    });
+    match probe {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(why)) => Err(DeviceError::NoCudaDriver(why)),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA backend panicked while starting".into());
+            Err(DeviceError::NoCudaDriver(why))
+        }
+    }
+}
+
+struct LayerTensors {
+    norm_1: (Tensor<1>, Tensor<1>),
+    query: (Tensor<2>, Tensor<1>),
+    key: (Tensor<2>, Tensor<1>),
+    value: (Tensor<2>, Tensor<1>),
+    output: (Tensor<2>, Tensor<1>),
+    norm_2: (Tensor<1>, Tensor<1>),
+    inner: (Tensor<2>, Tensor<1>),
+    outer: (Tensor<2>, Tensor<1>),
+}
+
+/// A model resident on a burn device.
+pub struct BurnModel {
+    config: ModelConfig,
+    device: Device,
+    timescales: Vec<f32>,
+    embedding: Tensor<2>,
+    layers: Vec<LayerTensors>,
+    final_norm: (Tensor<1>, Tensor<1>),
+    predictor: (Tensor<2>, Tensor<1>),
+}
+
+fn t1(data: &[f32], device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(data.to_vec(), [data.len()]), device)
+}
+
+fn t2(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
+}
+
+impl BurnModel {
+    pub fn new(weights: &Weights, device: Device) -> Self {
+        let c = weights.config;
+        let (d, f, v) = (c.embedding_dim, c.pwff_hidden_dim, c.vocab_size);
+        let layers = weights
+            .layers
+            .iter()
+            .map(|w| LayerTensors {
+                norm_1: (t1(&w.norm_1_gamma, &device), t1(&w.norm_1_beta, &device)),
+                query: (t2(&w.query_w, d, d, &device), t1(&w.query_b, &device)),
+                key: (t2(&w.key_w, d, d, &device), t1(&w.key_b, &device)),
+                value: (t2(&w.value_w, d, d, &device), t1(&w.value_b, &device)),
+                output: (t2(&w.output_w, d, d, &device), t1(&w.output_b, &device)),
+                norm_2: (t1(&w.norm_2_gamma, &device), t1(&w.norm_2_beta, &device)),
+                inner: (t2(&w.inner_w, d, f, &device), t1(&w.inner_b, &device)),
+                outer: (t2(&w.outer_w, f, d, &device), t1(&w.outer_b, &device)),
+            })
+            .collect();
+        BurnModel {
+            config: c,
+            timescales: rope_timescales(c.head_dim()),
+            embedding: t2(&weights.embedding, v, d, &device),
+            layers,
+            final_norm: (
+                t1(&weights.final_norm_gamma, &device),
+                t1(&weights.final_norm_beta, &device),
+            ),
+            predictor: (
+                t2(&weights.predictor_w, d, v, &device),
+                t1(&weights.predictor_b, &device),
+            ),
+            device,
+        }
+    }
+
+    /// Final-norm representations `[B, T, D]` and logits `[B, T, V]`.
+    ///
+    /// # Shapes
+    /// tokens and positions: `[B * T]` row-major.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let c = &self.config;
+        let (heads, hd) = (c.num_heads, c.head_dim());
+        let half = hd / 2;
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &self.device);
+        // RoPE tables come from the same exact routine as the CPU path: [B, 1, T, h/2].
+        let (cos, sin) = rope_tables(positions, &self.timescales);
+        let cos = Tensor::<4>::from_data(TensorData::new(cos, [batch, 1, seq, half]), &self.device);
+        let sin = Tensor::<4>::from_data(TensorData::new(sin, [batch, 1, seq, half]), &self.device);
+        // true above the diagonal: key j > query i is masked.
+        let mask = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &self.device)
+            .reshape([1, 1, seq, seq])
+            .expand([batch, heads, seq, seq]);
+        let scale = (hd as f32).sqrt();
+
+        let mut x = embedding(self.embedding.clone(), ids); // [B, T, D]
+        for l in &self.layers {
+            let h = layer_norm(
+                x.clone(),
+                l.norm_1.0.clone(),
+                Some(l.norm_1.1.clone()),
+                eps(),
+            );
+            let split = |t: Tensor<3>| t.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+            let q = rope(split(lin(h.clone(), &l.query)), &cos, &sin, half);
+            let k = rope(split(lin(h.clone(), &l.key)), &cos, &sin, half);
+            let v = split(lin(h, &l.value)); // [B, H, T, h]
+            let scores = q.matmul(k.swap_dims(2, 3)).div_scalar(scale);
+            let weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
+            let ctx = weights
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch, seq, heads * hd]);
+            x = x + lin(ctx, &l.output);
+            let h = layer_norm(
+                x.clone(),
+                l.norm_2.0.clone(),
+                Some(l.norm_2.1.clone()),
+                eps(),
+            );
+            x = x + lin(gelu(lin(h, &l.inner)), &l.outer);
+        }
+        let reps = layer_norm(
+            x,
+            self.final_norm.0.clone(),
+            Some(self.final_norm.1.clone()),
+            eps(),
+        );
+        let logits = lin(reps.clone(), &self.predictor);
+        (reps, logits)
+    }
+}
+
+fn eps() -> f64 {
+    LAYER_NORM_EPS as f64
+}
+
+fn lin<const D: usize>(x: Tensor<D>, (w, b): &(Tensor<2>, Tensor<1>)) -> Tensor<D> {
+    linear(x, w.clone(), Some(b.clone()))
+}
+
+/// Half-split RoPE on `[B, H, T, h]` with tables `[B, 1, T, h/2]`.
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, half: usize) -> Tensor<4> {
+    let [b, h, t, _] = x.dims();
+    let a = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
+    let bb = x.slice([0..b, 0..h, 0..t, half..2 * half]);
+    let first = a.clone() * cos.clone() - bb.clone() * sin.clone();
+    let second = bb * cos.clone() + a * sin.clone();
+    Tensor::cat(vec![first, second], 3)
+}
+
+fn to_vec(t: Tensor<3>) -> Result<Vec<f32>, ScoreError> {
+    t.into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| ScoreError::Backend(format!("{e:?}")))
+}
+
+impl BatchScorer for BurnModel {
+    fn score_batch(&mut self, batch: &Batch, noise_seed: u64) -> Result<BatchOutput, ScoreError> {
+        let (b, t) = (batch.batch, batch.seq_len);
+        let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
+        let (reps, logits) = self.forward(&batch.tokens, &batch.positions, b, t);
+        let noise = somatrain_noise::unit_column_noise(noise_seed, d, SIGREG_SLICES);
+        let noise = t2(&noise, d, SIGREG_SLICES, &self.device);
+        let proj = reps
+            .clone()
+            .reshape([b * t, d])
+            .matmul(noise)
+            .reshape([b, t, SIGREG_SLICES]);
+        let embedding = reps.mean_dim(1).mean_dim(0).reshape([1, 1, d]);
+        let logits = to_vec(logits)?;
+        let ce = (cross_entropy_sum(&logits, &batch.targets, v) / (b * t) as f64) as f32;
+        let sigreg = sigreg_mean(&to_vec(proj)?);
+        Ok(BatchOutput {
+            loss: ce + SIGREG_COEFFICIENT * sigreg,
+            cross_entropy: ce,
+            sigreg,
+            embedding: to_vec(embedding)?,
+        })
+    }
+}
