@@ -13,6 +13,9 @@
 //! println!("loss {}", s.loss);
 //! ```
 
+// Numeric kernels index several parallel arrays by the same counter; iterators obscure that.
+#![allow(clippy::needless_range_loop)]
+
 pub mod config;
 pub mod cpu;
 pub mod io;

@@ -277,6 +277,60 @@ pub fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize) {
         });
 }
 
+/// What a training forward pass keeps of attention: the softmax probabilities
+/// `[batch, heads, seq, seq]` (zero above the diagonal), and the dropout applied to them.
+pub struct AttentionRecord<'a> {
+    pub probs: &'a mut [f32],
+    pub dropout: Option<Dropout>,
+}
+
+/// Inverted dropout with a counter-based mask: element `i` is kept when a hash of `(key, i)`
+/// falls above `rate`, and scaled by `1 / (1 - rate)`. The mask is a pure function of the key,
+/// so the backward pass and a resumed run regenerate it exactly instead of storing it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub rate: f32,
+    pub key: u64,
+}
+
+impl Dropout {
+    /// 0 or `1 / (1 - rate)` for element `index`.
+    #[inline(always)]
+    pub fn scale_at(&self, index: u64) -> f32 {
+        let mut z = self.key ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+        if uniform < self.rate {
+            0.0
+        } else {
+            1.0 / (1.0 - self.rate)
+        }
+    }
+
+    /// A key for one dropout site, derived from a base key and site coordinates.
+    pub fn derive(base: u64, parts: &[u64]) -> u64 {
+        let mut key = base ^ 0x5851_f42d_4c95_7f2d;
+        for &p in parts {
+            key = (key ^ p)
+                .wrapping_mul(0x2545_f491_4f6c_dd1d)
+                .rotate_left(29);
+        }
+        key
+    }
+
+    /// `x *= mask` element-wise, element `i` of the slice being index `i`.
+    pub fn apply(&self, x: &mut [f32]) {
+        x.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+            let base = (c * 4096) as u64;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                *v *= self.scale_at(base + i as u64);
+            }
+        });
+    }
+}
+
 /// Shape of a multi-head attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -290,7 +344,14 @@ pub struct AttentionShape {
 /// `h` in columns `h*head_dim..`. Query tiles only look at keys up to their last row, so the
 /// masked upper half is never computed (its softmax weights are exactly zero in the canonical
 /// computation too, since masked scores are replaced by -1e4).
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32], shape: AttentionShape) {
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ctx: &mut [f32],
+    shape: AttentionShape,
+    record: Option<AttentionRecord<'_>>,
+) {
     let AttentionShape {
         batch,
         seq,
@@ -303,6 +364,13 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32], shape:
     let scale = (head_dim as f32).sqrt();
     let blocks = seq.div_ceil(QUERY_BLOCK);
     let out = SharedMut(ctx.as_mut_ptr());
+    let (probs_out, dropout) = match record {
+        Some(r) => {
+            assert_eq!(r.probs.len(), batch * heads * seq * seq);
+            (Some(SharedMut(r.probs.as_mut_ptr())), r.dropout)
+        }
+        None => (None, None),
+    };
     (0..batch * heads * blocks)
         .into_par_iter()
         .for_each_init(Vec::<f32>::new, |scores, task| {
@@ -342,6 +410,26 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32], shape:
                 );
             }
             softmax_tile(scores, keys, q0, scale);
+            if let Some(probs) = probs_out {
+                let plane = (b * heads + head) * seq * seq;
+                for r in 0..rows {
+                    // SAFETY: row q0 + r of plane (b, head) belongs to this task alone.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(probs.get().add(plane + (q0 + r) * seq), seq)
+                    };
+                    dst[..keys].copy_from_slice(&scores[r * keys..(r + 1) * keys]);
+                    dst[keys..].fill(0.0);
+                }
+            }
+            if let Some(drop) = dropout {
+                let plane = ((b * heads + head) * seq * seq) as u64;
+                for r in 0..rows {
+                    let row_base = plane + ((q0 + r) * seq) as u64;
+                    for (j, s) in scores[r * keys..(r + 1) * keys].iter_mut().enumerate() {
+                        *s *= drop.scale_at(row_base + j as u64);
+                    }
+                }
+            }
             unsafe {
                 gemm::gemm(
                     rows,
@@ -412,6 +500,350 @@ fn softmax_prefix(row: &mut [f32], valid: usize, scale: f32) {
         *s /= sum;
     }
     masked.fill(0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training kernels: forward variants that keep what the backward pass needs, and backward passes.
+// Reductions over rows use fixed chunks summed in order, so gradients are bit-reproducible
+// whatever the thread scheduling (a resumed run must match an uninterrupted one exactly).
+
+/// Rows per fixed reduction chunk.
+const REDUCE_ROWS: usize = 64;
+
+/// LayerNorm that also records each row's mean and `sqrt(var + eps)` for the backward pass.
+pub fn layer_norm_record(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    out: &mut [f32],
+    mean: &mut [f32],
+    denom: &mut [f32],
+) {
+    let d = gamma.len();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(mean.par_iter_mut().zip(denom.par_iter_mut()))
+        .for_each(|((o, r), (m, s))| {
+            let n = d as f32;
+            let mu = sum_f32(r.iter().copied()) / n;
+            let var = sum_f32(r.iter().map(|v| (v - mu) * (v - mu))) / n;
+            let den = (var + LAYER_NORM_EPS).sqrt();
+            for (((o, v), g), b) in o.iter_mut().zip(r).zip(gamma).zip(beta) {
+                *o = ((v - mu) / den) * g + b;
+            }
+            *m = mu;
+            *s = den;
+        });
+}
+
+/// Backward of LayerNorm: `dx += ...`, `dgamma += sum(dy * xhat)`, `dbeta += sum(dy)`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward(
+    x: &[f32],
+    mean: &[f32],
+    denom: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let d = gamma.len();
+    let rows = mean.len();
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    let mut partial = vec![0f32; chunks * 2 * d];
+    partial
+        .par_chunks_mut(2 * d)
+        .zip(dx.par_chunks_mut(REDUCE_ROWS * d))
+        .enumerate()
+        .for_each(|(c, (part, dx_rows))| {
+            let (pg, pb) = part.split_at_mut(d);
+            let mut xhat = vec![0f32; d];
+            let mut dxhat = vec![0f32; d];
+            for (i, dx_row) in dx_rows.chunks_exact_mut(d).enumerate() {
+                let row = c * REDUCE_ROWS + i;
+                let xr = &x[row * d..][..d];
+                let dyr = &dy[row * d..][..d];
+                let rstd = 1.0 / denom[row];
+                for j in 0..d {
+                    xhat[j] = (xr[j] - mean[row]) * rstd;
+                    dxhat[j] = dyr[j] * gamma[j];
+                    pg[j] += dyr[j] * xhat[j];
+                    pb[j] += dyr[j];
+                }
+                let m1 = sum_f32(dxhat.iter().copied()) / d as f32;
+                let m2 = sum_f32(dxhat.iter().zip(&xhat).map(|(a, b)| a * b)) / d as f32;
+                for j in 0..d {
+                    dx_row[j] += rstd * (dxhat[j] - m1 - xhat[j] * m2);
+                }
+            }
+        });
+    for part in partial.chunks_exact(2 * d) {
+        let (pg, pb) = part.split_at(d);
+        for j in 0..d {
+            dgamma[j] += pg[j];
+            dbeta[j] += pb[j];
+        }
+    }
+}
+
+/// Backward of `y = x W + b` for `rows` rows: `dw += x^T dy`, `db += colsum(dy)`, and
+/// `dx = dy W^T` (or `dx += dy W^T` when `accumulate_dx`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    rows: usize,
+    dx: Option<(&mut [f32], bool)>,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let d_out = db.len();
+    let d_in = w.len() / d_out;
+    assert_eq!(x.len(), rows * d_in);
+    assert_eq!(dy.len(), rows * d_out);
+    assert_eq!(dw.len(), w.len());
+    // SAFETY (both calls): shapes checked above; strides read x and w transposed in place.
+    unsafe {
+        gemm::gemm(
+            d_in,
+            d_out,
+            rows,
+            dw.as_mut_ptr(),
+            1,
+            d_out as isize,
+            true,
+            x.as_ptr(),
+            d_in as isize,
+            1,
+            dy.as_ptr(),
+            1,
+            d_out as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+    if let Some((dx, accumulate)) = dx {
+        assert_eq!(dx.len(), rows * d_in);
+        unsafe {
+            gemm::gemm(
+                rows,
+                d_in,
+                d_out,
+                dx.as_mut_ptr(),
+                1,
+                d_in as isize,
+                accumulate,
+                dy.as_ptr(),
+                1,
+                d_out as isize,
+                w.as_ptr(),
+                d_out as isize,
+                1,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+        }
+    }
+    column_sums_into(dy, rows, db);
+}
+
+/// `acc[j] += sum over rows of m[row, j]`, in a fixed order.
+pub fn column_sums_into(m: &[f32], rows: usize, acc: &mut [f32]) {
+    let d = acc.len();
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    let mut partial = vec![0f32; chunks * d];
+    partial
+        .par_chunks_mut(d)
+        .zip(m.par_chunks(REDUCE_ROWS * d))
+        .for_each(|(p, block)| {
+            for row in block.chunks_exact(d) {
+                for (a, v) in p.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+        });
+    for p in partial.chunks_exact(d) {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+}
+
+/// `dx *= GELU'(x)` where `GELU'(x) = Phi(x) + x phi(x)`.
+pub fn gelu_backward_in_place(x: &[f32], dx: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    dx.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(g, xs)| {
+            for (g, &v) in g.iter_mut().zip(xs) {
+                let cdf = 0.5 * (1.0 + erf(v / std::f32::consts::SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                *g *= cdf + v * pdf;
+            }
+        });
+}
+
+/// Backward of [`causal_attention`] given the recorded probabilities: writes `dq`, `dk`, `dv`
+/// (all `[batch * seq, heads * head_dim]`, q and k after RoPE).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    dropout: Option<Dropout>,
+    dctx: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    shape: AttentionShape,
+) {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        head_dim,
+    } = shape;
+    let width = heads * head_dim;
+    let scale = (head_dim as f32).sqrt();
+    let (dq_p, dk_p, dv_p) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (b, head) = (task / heads, task % heads);
+        let base = b * seq * width + head * head_dim;
+        let plane = &probs[task * seq * seq..][..seq * seq];
+        let mut pd = plane.to_vec();
+        if let Some(drop) = dropout {
+            let off = (task * seq * seq) as u64;
+            for (i, p) in pd.iter_mut().enumerate() {
+                *p *= drop.scale_at(off + i as u64);
+            }
+        }
+        let mut dp = vec![0f32; seq * seq];
+        // SAFETY: reads stay inside the [N, width] buffers; writes go to sequence b's rows in
+        // head `head`'s columns, which belong to this task alone.
+        unsafe {
+            // dPd = dctx_h V_h^T
+            gemm::gemm(
+                seq,
+                seq,
+                head_dim,
+                dp.as_mut_ptr(),
+                1,
+                seq as isize,
+                false,
+                dctx.as_ptr().add(base),
+                1,
+                width as isize,
+                v.as_ptr().add(base),
+                width as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+            // dV_h = Pd^T dctx_h
+            gemm::gemm(
+                seq,
+                head_dim,
+                seq,
+                dv_p.get().add(base),
+                1,
+                width as isize,
+                false,
+                pd.as_ptr(),
+                seq as isize,
+                1,
+                dctx.as_ptr().add(base),
+                1,
+                width as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        if let Some(drop) = dropout {
+            let off = (task * seq * seq) as u64;
+            for (i, g) in dp.iter_mut().enumerate() {
+                *g *= drop.scale_at(off + i as u64);
+            }
+        }
+        // dS = P (dP - rowsum(P dP)) / scale, zero above the diagonal.
+        for i in 0..seq {
+            let p_row = &plane[i * seq..][..=i];
+            let d_row = &mut dp[i * seq..][..seq];
+            let dot = sum_f32(p_row.iter().zip(d_row.iter()).map(|(a, b)| a * b));
+            for j in 0..=i {
+                d_row[j] = p_row[j] * (d_row[j] - dot) / scale;
+            }
+            d_row[i + 1..].fill(0.0);
+        }
+        unsafe {
+            // dQ_h = dS K_h
+            gemm::gemm(
+                seq,
+                head_dim,
+                seq,
+                dq_p.get().add(base),
+                1,
+                width as isize,
+                false,
+                dp.as_ptr(),
+                1,
+                seq as isize,
+                k.as_ptr().add(base),
+                1,
+                width as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+            // dK_h = dS^T Q_h
+            gemm::gemm(
+                seq,
+                head_dim,
+                seq,
+                dk_p.get().add(base),
+                1,
+                width as isize,
+                false,
+                dp.as_ptr(),
+                seq as isize,
+                1,
+                q.as_ptr().add(base),
+                1,
+                width as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
 }
 
 #[cfg(test)]
@@ -506,7 +938,7 @@ mod tests {
         let normal = |seed: u64| somatrain_noise::normal_array(seed, n, 0.0, 1.0);
         let (q, k, v) = (normal(1), normal(2), normal(3));
         let mut ctx = vec![0f32; n];
-        causal_attention(&q, &k, &v, &mut ctx, shape);
+        causal_attention(&q, &k, &v, &mut ctx, shape, None);
         let expected = naive_attention(&q, &k, &v, shape);
         for (i, (a, b)) in ctx.iter().zip(&expected).enumerate() {
             assert!((a - b).abs() < 1e-5, "element {i}: {a} vs {b}");

@@ -5,6 +5,7 @@
 //! kept in [`Activations`] so that scoring many batches allocates once.
 
 pub mod kernels;
+pub mod train;
 
 use somatrain_data::Batch;
 
@@ -103,7 +104,7 @@ impl CpuModel {
             kernels::linear(&a.h, &w.value_w, &w.value_b, &mut a.v, n);
             kernels::apply_rope(&mut a.q, &cos, &sin, shape.head_dim);
             kernels::apply_rope(&mut a.k, &cos, &sin, shape.head_dim);
-            kernels::causal_attention(&a.q, &a.k, &a.v, &mut a.ctx, shape);
+            kernels::causal_attention(&a.q, &a.k, &a.v, &mut a.ctx, shape, None);
             kernels::linear(&a.ctx, &w.output_w, &w.output_b, &mut a.delta, n);
             kernels::add_then_layer_norm(
                 &mut a.x,
