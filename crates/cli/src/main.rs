@@ -23,6 +23,12 @@ struct Cli {
 enum Command {
     /// Score weights on data exactly as the network does; lowest loss wins.
     Score(commands::score::ScoreArgs),
+    /// Train weights on a local corpus, resumably; leaves the round's artifacts in the run dir.
+    Train(Box<commands::train::TrainArgs>),
+    /// Held-out loss and bits per byte of weights on data.
+    Eval(commands::train::EvalArgs),
+    /// The embedding of weights over data (the network's definition), as JSON.
+    Embed(commands::train::EmbedArgs),
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -47,6 +53,9 @@ fn main() -> ExitCode {
             let sub = matches.subcommand_matches("score").expect("score matched");
             commands::score::run(args, sub)
         }
+        Command::Train(args) => commands::train::run_train(*args),
+        Command::Eval(args) => commands::train::run_eval(args),
+        Command::Embed(args) => commands::train::run_embed(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

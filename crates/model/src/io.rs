@@ -310,6 +310,63 @@ pub fn save_file(weights: &Weights, path: &Path) -> Result<(), WeightsError> {
     result
 }
 
+/// Writes named f32 tensors (for example optimizer moments) as safetensors, atomically.
+pub fn save_named(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, &[f32])>,
+    metadata: HashMap<String, String>,
+) -> Result<(), WeightsError> {
+    let io_err = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let views: Vec<(String, F32View<'_>)> = tensors
+        .into_iter()
+        .map(|(name, shape, data)| (name, F32View { shape, data }))
+        .collect();
+    let tmp = temp_path_for(path);
+    let result = safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(source) => io_err(source),
+            other => WeightsError::NotSafetensors(other.to_string()),
+        })
+        .and_then(|()| finish_atomic(&tmp, path).map_err(io_err));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Fills every tensor of `into` from `prefix + canonical name` in a safetensors buffer, which
+/// must hold each one as f32 with the canonical shape.
+pub fn load_named_into(bytes: &[u8], prefix: &str, into: &mut Weights) -> Result<(), WeightsError> {
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|e| WeightsError::NotSafetensors(e.to_string()))?;
+    let specs = Weights::specs(&into.config);
+    for (spec, (name, buffer)) in specs.iter().zip(into.tensors_mut()) {
+        let full = format!("{prefix}{name}");
+        let view = tensors.tensor(&full).map_err(|_| WeightsError::Missing {
+            name: full.clone(),
+            expected: spec.shape.clone(),
+        })?;
+        if view.shape() != spec.shape.as_slice() {
+            return Err(WeightsError::Shape {
+                name: full,
+                expected: spec.shape.clone(),
+                found: view.shape().to_vec(),
+            });
+        }
+        if view.dtype() != Dtype::F32 {
+            return Err(WeightsError::Dtype {
+                name: full,
+                found: format!("{:?}", view.dtype()),
+            });
+        }
+        convert_into(&full, Dtype::F32, view.data(), buffer)?;
+    }
+    Ok(())
+}
+
 /// `path` with a `.tmp-<pid>` suffix, in the same directory so the rename stays atomic.
 pub fn temp_path_for(path: &Path) -> PathBuf {
     let mut name = path

@@ -17,6 +17,24 @@ use super::{Device, scorer_for};
 pub enum BenchCommand {
     /// Scoring throughput (forward, cross-entropy, SIGReg) on random weights of a preset.
     Score(ScoreBenchArgs),
+    /// Training throughput: forward, backward and an AdamW update per micro-batch.
+    Train(TrainBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    #[arg(long, default_value = "medium")]
+    preset: Preset,
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Timed steps after one warm-up step.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Dropout rate, as in the reference trainer.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
 }
 
 #[derive(Args)]
@@ -54,6 +72,7 @@ struct BenchReport {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Score(args) => bench_score(args),
+        BenchCommand::Train(args) => bench_train(args),
     }
 }
 
@@ -105,6 +124,84 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
     let gflops = flops / median / 1e9;
     let report = BenchReport {
         bench: "score",
+        preset: args.preset.to_string(),
+        tokens,
+        seconds_per_run: median,
+        tokens_per_s: tokens as f64 / median,
+        gflops_per_s: gflops,
+        matmul_peak_gflops_per_s: peak,
+        fraction_of_peak: gflops / peak,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads: rayon::current_num_threads(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn bench_train(args: TrainBenchArgs) -> Result<()> {
+    use somatrain_model::config::SIGREG_SLICES;
+    use somatrain_model::cpu::train::{TrainOptions, TrainPass};
+    use somatrain_train::optim::{AdamState, OptimConfig};
+    if args.runs == 0 || args.micro_batch == 0 || args.seq_len == 0 {
+        bail!("--runs, --micro-batch and --seq-len must be positive");
+    }
+    let config = args.preset.config();
+    eprintln!(
+        "bench train: preset {} ({} parameters), micro-batch {} x {}, dropout {}, {} threads",
+        args.preset,
+        config.parameter_count(),
+        args.micro_batch,
+        args.seq_len,
+        args.dropout,
+        rayon::current_num_threads()
+    );
+    let peak = matmul_peak_gflops();
+    eprintln!("f32 matmul peak (gemm, 1536^3): {peak:.1} GFLOP/s");
+    let mut weights = Weights::init(config, 0);
+    let mut grads = Weights::zeros(config);
+    let mut adam = AdamState::new(&weights);
+    let optim = OptimConfig::default();
+    let line = b"fn main() { let x = 42; }\n";
+    let data: Vec<u8> = (0..args.micro_batch * args.seq_len)
+        .map(|i| line[i % line.len()])
+        .collect();
+    let batch = somatrain_data::batches(&data, args.seq_len, args.micro_batch)
+        .next()
+        .expect("one batch");
+    let noise = somatrain_noise::unit_column_noise(0, config.embedding_dim, SIGREG_SLICES);
+    let mut pass = TrainPass::new();
+    let mut step = |i: u64| {
+        for (_, g) in grads.tensors_mut() {
+            g.fill(0.0);
+        }
+        let options = TrainOptions {
+            dropout: args.dropout,
+            dropout_key: i,
+            ..TrainOptions::default()
+        };
+        let out = pass.loss_and_grad(&weights, &batch, &noise, options, &mut grads);
+        adam.update(&optim, &mut weights, &mut grads);
+        out.loss
+    };
+    step(0);
+    let mut times = Vec::new();
+    for run in 0..args.runs {
+        let start = Instant::now();
+        let loss = step(run as u64 + 1);
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "step {run}: {secs:.3} s, {:.0} tokens/s (loss {loss:.4})",
+            batch.token_count() as f64 / secs
+        );
+        times.push(secs);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = batch.token_count();
+    // Backward costs about twice the forward: 3x the forward FLOPs per step.
+    let gflops = 3.0 * config.forward_flops(tokens as u64, args.seq_len as u64) / median / 1e9;
+    let report = BenchReport {
+        bench: "train",
         preset: args.preset.to_string(),
         tokens,
         seconds_per_run: median,

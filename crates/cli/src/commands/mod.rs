@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod score;
+pub mod train;
 
 use std::io::Read;
 use std::path::Path;

@@ -1,0 +1,299 @@
+//! `somatrain train`, `eval` and `embed`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use somatrain_model::Preset;
+use somatrain_model::cpu::CpuModel;
+use somatrain_model::io::{LoadOptions, load_file};
+use somatrain_model::score::{ScoreOptions, score_data};
+use somatrain_train::corpus::{CorpusConfig, Source};
+use somatrain_train::optim::{OptimConfig, Schedule};
+use somatrain_train::trainer::evaluate;
+use somatrain_train::{TrainSettings, Until};
+
+use super::{Device, read_input};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Directory of the run: settings, checkpoints and the round's artifacts.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Model shape (v1, medium, small, tiny).
+    #[arg(long, default_value = "tiny")]
+    preset: Preset,
+    /// A directory tree of documents (repeatable).
+    #[arg(long = "corpus-dir")]
+    corpus_dirs: Vec<PathBuf>,
+    /// A JSON Lines file with one document per line (repeatable).
+    #[arg(long)]
+    jsonl: Vec<PathBuf>,
+    /// Field of each JSON line that holds the text.
+    #[arg(long, default_value = "content")]
+    text_field: String,
+    /// A file listing document paths, one per line (repeatable).
+    #[arg(long = "file-list")]
+    file_lists: Vec<PathBuf>,
+    /// Only files whose path under a --corpus-dir matches (repeatable glob).
+    #[arg(long)]
+    include: Vec<String>,
+    #[arg(long)]
+    exclude: Vec<String>,
+    #[arg(long, default_value_t = 1 << 20)]
+    max_document_bytes: u64,
+    /// Documents held out of training, per mille (by a hash of their path or line).
+    #[arg(long, default_value_t = 20)]
+    heldout_per_mille: u32,
+    #[arg(long, default_value_t = 512)]
+    shuffle_buffer: usize,
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Optimizer steps to train in this invocation.
+    #[arg(long, conflicts_with = "until_step")]
+    steps: Option<u64>,
+    /// Train until this many optimizer steps are done in total.
+    #[arg(long)]
+    until_step: Option<u64>,
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 64)]
+    accumulation: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    #[arg(long, default_value = "constant")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 10_000)]
+    decay_steps: u64,
+    /// Clip the global gradient norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
+    #[arg(long, default_value_t = 0.02)]
+    sigreg_coefficient: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    #[arg(long, default_value_t = 1)]
+    log_every: u64,
+    /// Start from these weights instead of a fresh initialisation.
+    #[arg(long)]
+    init_weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 1 << 20)]
+    heldout_bytes: usize,
+    /// Data for the registry embedding (default: the held-out split).
+    #[arg(long)]
+    embedding_data: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Print the run summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Cosine,
+}
+
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    if args.device == Device::Cuda {
+        bail!("training runs on the CPU in this version; --device cuda is available for scoring");
+    }
+    let mut sources: Vec<Source> = args
+        .corpus_dirs
+        .iter()
+        .map(|p| Source::Dir { path: p.clone() })
+        .collect();
+    sources.extend(args.jsonl.iter().map(|p| Source::Jsonl {
+        path: p.clone(),
+        field: args.text_field.clone(),
+    }));
+    sources.extend(
+        args.file_lists
+            .iter()
+            .map(|p| Source::List { path: p.clone() }),
+    );
+    if sources.is_empty() {
+        bail!("give a corpus: --corpus-dir DIR, --jsonl FILE or --file-list FILE");
+    }
+    let corpus = CorpusConfig {
+        sources,
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        max_document_bytes: args.max_document_bytes,
+        heldout_per_mille: args.heldout_per_mille,
+        shuffle_buffer: args.shuffle_buffer,
+        seed: args.seed,
+        max_seq_len: args.seq_len,
+    };
+    let settings = TrainSettings {
+        model: args.preset.config(),
+        corpus,
+        optim: OptimConfig {
+            lr: args.lr,
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+            warmup_steps: args.warmup_steps,
+            schedule: match args.schedule {
+                ScheduleArg::Constant => Schedule::Constant,
+                ScheduleArg::Cosine => Schedule::Cosine,
+            },
+            decay_steps: args.decay_steps,
+            min_lr_ratio: 0.1,
+            grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
+        },
+        micro_batch: args.micro_batch,
+        accumulation: args.accumulation,
+        dropout: args.dropout,
+        sigreg_coefficient: args.sigreg_coefficient,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        log_every: args.log_every,
+        init_weights: args.init_weights.clone(),
+        heldout_bytes: args.heldout_bytes,
+        embedding_data: args.embedding_data.clone(),
+    };
+    let until = match (args.steps, args.until_step) {
+        (_, Some(s)) => Until::Step(s),
+        (Some(n), None) => Until::MoreSteps(n),
+        (None, None) => bail!("say how long to train: --steps N or --until-step N"),
+    };
+    let summary = somatrain_train::run(&args.run_dir, &settings, until, &mut |_| {})
+        .with_context(|| format!("training in {}", args.run_dir.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "trained steps {} -> {} (last loss {:.4}); weights: {}",
+            summary.start_step,
+            summary.end_step,
+            summary.last_loss,
+            summary.round.weights.display()
+        );
+        if let Some(h) = &summary.round.heldout {
+            println!(
+                "held-out ({} bytes): network loss {:.4}, {:.3} bits/byte",
+                h.bytes, h.loss, h.bits_per_byte
+            );
+        }
+        println!(
+            "embedding ({}): {} values in round/round.json",
+            summary.round.embedding_source,
+            summary.round.embedding.len()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    weights: PathBuf,
+    /// Data files (concatenated); `-` reads standard input.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long)]
+    num_heads: Option<usize>,
+    #[arg(long)]
+    preset: Option<Preset>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_model(
+    weights: &PathBuf,
+    num_heads: Option<usize>,
+    preset: Option<Preset>,
+) -> Result<CpuModel> {
+    let w = load_file(weights, LoadOptions { num_heads, preset })
+        .with_context(|| format!("loading {}", weights.display()))?;
+    Ok(CpuModel::new(w))
+}
+
+fn read_all(paths: &[PathBuf]) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    for p in paths {
+        data.extend(read_input(p)?);
+    }
+    if data.is_empty() {
+        bail!("the data is empty");
+    }
+    Ok(data)
+}
+
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let mut model = load_model(&args.weights, args.num_heads, args.preset)?;
+    let data = read_all(&args.data)?;
+    let options = ScoreOptions {
+        seed: args.seed,
+        ..ScoreOptions::default()
+    };
+    let score = score_data(&mut model, &data, options, &mut |_, _| {})?;
+    let eval = evaluate(&mut model, &data)?;
+    if args.json {
+        let out = serde_json::json!({
+            "bytes": data.len(),
+            "network_loss": score.loss,
+            "cross_entropy": eval.cross_entropy,
+            "bits_per_byte": eval.bits_per_byte,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "{} bytes: network loss {:.5}, cross-entropy {:.5} nats/byte, {:.4} bits/byte",
+            data.len(),
+            score.loss,
+            eval.cross_entropy,
+            eval.bits_per_byte
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long)]
+    num_heads: Option<usize>,
+    #[arg(long)]
+    preset: Option<Preset>,
+    /// Write the embedding (a JSON array) here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run_embed(args: EmbedArgs) -> Result<()> {
+    let mut model = load_model(&args.weights, args.num_heads, args.preset)?;
+    let data = read_all(&args.data)?;
+    let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+    let text = serde_json::to_string(&score.embedding)?;
+    match args.out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Resumable training of V1-architecture weights on a local corpus.
+//!
+//! Owns the training loop and what it leaves behind: the corpus stream ([`corpus`]), AdamW and
+//! its schedule ([`optim`]), crash-safe checkpoints ([`checkpoint`]) and the round artifacts
+//! (publishable weights, held-out score, registry embedding) written by [`trainer`].
+//! The math of a step lives in `somatrain-model` (`cpu::train`); this crate never touches the
+//! network or the chain.
+
+pub mod checkpoint;
+pub mod corpus;
+pub mod optim;
+pub mod trainer;
+
+pub use trainer::{RunSummary, TrainSettings, Until, run};

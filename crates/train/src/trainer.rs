@@ -1,0 +1,424 @@
+//! The training loop: resume, step, log, checkpoint, and write the round's artifacts.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use somatrain_model::config::{SIGREG_COEFFICIENT, SIGREG_SLICES};
+use somatrain_model::cpu::CpuModel;
+use somatrain_model::cpu::kernels::Dropout;
+use somatrain_model::cpu::train::{TrainOptions, TrainPass};
+use somatrain_model::io::{LoadOptions, load_file, save_file};
+use somatrain_model::score::{ScoreOptions, score_data};
+use somatrain_model::{ModelConfig, Weights};
+
+use crate::checkpoint;
+use crate::corpus::{CorpusConfig, CorpusStats, Position, TrainStream, heldout_sample};
+use crate::optim::{AdamState, OptimConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Corpus(#[from] crate::corpus::CorpusError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Weights(#[from] somatrain_model::io::WeightsError),
+    #[error(transparent)]
+    Score(#[from] somatrain_model::score::ScoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// Everything that decides what a run computes. Saved as `settings.json` in the run directory
+/// on the first start; a resumed run must agree on all of it except the optimizer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    pub model: ModelConfig,
+    pub corpus: CorpusConfig,
+    pub optim: OptimConfig,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub accumulation: usize,
+    pub dropout: f32,
+    pub sigreg_coefficient: f32,
+    pub seed: u64,
+    /// Save a checkpoint every this many optimizer steps (and always at the end of a run).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub log_every: u64,
+    /// Start from these weights instead of a fresh initialisation.
+    pub init_weights: Option<PathBuf>,
+    /// Bytes of held-out data scored at the end of a run.
+    pub heldout_bytes: usize,
+    /// Data for the registry embedding; the held-out sample when empty.
+    pub embedding_data: Vec<PathBuf>,
+}
+
+impl TrainSettings {
+    /// The reference trainer's recipe for `model` on `corpus`.
+    pub fn reference(model: ModelConfig, corpus: CorpusConfig) -> Self {
+        TrainSettings {
+            model,
+            corpus,
+            optim: OptimConfig::default(),
+            micro_batch: 2,
+            accumulation: 64,
+            dropout: 0.1,
+            sigreg_coefficient: SIGREG_COEFFICIENT,
+            seed: 0,
+            checkpoint_every: 1,
+            keep_checkpoints: 3,
+            log_every: 1,
+            init_weights: None,
+            heldout_bytes: 1 << 20,
+            embedding_data: Vec::new(),
+        }
+    }
+
+    /// Whether a run with `self` can continue one started with `stored`.
+    fn compatible_with(&self, stored: &TrainSettings) -> Result<(), String> {
+        let mut a = self.clone();
+        let b = stored;
+        a.optim = b.optim;
+        a.checkpoint_every = b.checkpoint_every;
+        a.keep_checkpoints = b.keep_checkpoints;
+        a.log_every = b.log_every;
+        a.heldout_bytes = b.heldout_bytes;
+        a.embedding_data = b.embedding_data.clone();
+        a.init_weights = b.init_weights.clone();
+        if &a != b {
+            return Err(
+                "the run directory was started with different settings (model, corpus, batch, \
+                 accumulation, dropout, SIGReg or seed); use a new --run-dir"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One logged optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f32,
+    pub cross_entropy: f32,
+    pub bits_per_byte: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens_per_s: f64,
+    pub gflops_per_s: f64,
+}
+
+/// The held-out evaluation of a round's weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldoutScore {
+    pub bytes: usize,
+    pub loss: f32,
+    pub cross_entropy: f32,
+    pub bits_per_byte: f32,
+}
+
+/// What a round leaves for publishing: `round/weights.safetensors` and `round/round.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundArtifacts {
+    pub step: u64,
+    pub weights: PathBuf,
+    pub heldout: Option<HeldoutScore>,
+    pub embedding: Vec<f32>,
+    pub embedding_source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub start_step: u64,
+    pub end_step: u64,
+    pub resumed_from: Option<PathBuf>,
+    pub rejected_checkpoints: Vec<String>,
+    pub last_loss: f32,
+    pub corpus: CorpusStats,
+    pub round: RoundArtifacts,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
+    let tmp = somatrain_model::io::temp_path_for(path);
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    somatrain_model::io::finish_atomic(&tmp, path).map_err(io_err(path))
+}
+
+/// How long a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// This many more optimizer steps than the run directory holds.
+    MoreSteps(u64),
+    /// Until this many optimizer steps are done in total.
+    Step(u64),
+}
+
+/// Trains (resuming whatever the run directory holds) until `until`, then writes the round
+/// artifacts. `on_step` sees every logged step.
+pub fn run(
+    run_dir: &Path,
+    settings: &TrainSettings,
+    until: Until,
+    on_step: &mut dyn FnMut(&StepLog),
+) -> Result<RunSummary, TrainError> {
+    if settings.micro_batch == 0 || settings.accumulation == 0 {
+        return Err(TrainError::Settings(
+            "micro-batch and accumulation must be positive".into(),
+        ));
+    }
+    settings.model.validate().map_err(TrainError::Settings)?;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
+    let settings_path = run_dir.join("settings.json");
+    if settings_path.exists() {
+        let text = std::fs::read_to_string(&settings_path).map_err(io_err(&settings_path))?;
+        let stored: TrainSettings = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Settings(format!("{}: {e}", settings_path.display())))?;
+        settings
+            .compatible_with(&stored)
+            .map_err(TrainError::Settings)?;
+    } else {
+        write_json_atomic(&settings_path, settings)?;
+    }
+
+    let ckpt_root = run_dir.join("checkpoints");
+    let (loaded, rejected) = checkpoint::load_latest(&ckpt_root);
+    for r in &rejected {
+        tracing::warn!("skipping checkpoint: {r}");
+    }
+    let (mut weights, mut adam, position, resumed_from, mut last_loss) = match loaded {
+        Some(l) => {
+            tracing::info!("resuming from {} (step {})", l.path.display(), l.state.step);
+            (
+                l.weights,
+                l.adam,
+                l.state.corpus,
+                Some(l.path),
+                l.state.last_loss,
+            )
+        }
+        None => {
+            let weights = match &settings.init_weights {
+                Some(path) => {
+                    let options = LoadOptions {
+                        num_heads: Some(settings.model.num_heads),
+                        preset: None,
+                    };
+                    let w = load_file(path, options)?;
+                    if w.config != settings.model {
+                        return Err(TrainError::Settings(format!(
+                            "{} has shape {:?}, the run trains {:?}",
+                            path.display(),
+                            w.config,
+                            settings.model
+                        )));
+                    }
+                    w
+                }
+                None => Weights::init(settings.model, settings.seed),
+            };
+            let adam = AdamState::new(&weights);
+            (weights, adam, Position::default(), None, f32::NAN)
+        }
+    };
+    let start_step = adam.step;
+    let until_step = match until {
+        Until::MoreSteps(n) => start_step + n,
+        Until::Step(s) => s,
+    };
+    let mut stream = TrainStream::open(settings.corpus.clone(), position)?;
+    let mut grads = Weights::zeros(settings.model);
+    let mut pass = TrainPass::new();
+    let d = settings.model.embedding_dim;
+    let seq = settings.corpus.max_seq_len;
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0u64;
+
+    while adam.step < until_step {
+        let step = adam.step;
+        for (_, g) in grads.tensors_mut() {
+            g.fill(0.0);
+        }
+        let noise =
+            somatrain_noise::unit_column_noise(settings.seed.wrapping_add(step), d, SIGREG_SLICES);
+        let (mut loss_sum, mut ce_sum, mut nll_bits, mut targets) = (0f64, 0f64, 0f64, 0u64);
+        for micro in 0..settings.accumulation {
+            let batch = stream.next_batch(settings.micro_batch)?;
+            let options = TrainOptions {
+                dropout: settings.dropout,
+                dropout_key: Dropout::derive(settings.seed, &[step, micro as u64]),
+                sigreg_coefficient: settings.sigreg_coefficient,
+                grad_scale: 1.0 / settings.accumulation as f32,
+            };
+            let out = pass.loss_and_grad(&weights, &batch, &noise, options, &mut grads);
+            loss_sum += out.loss as f64;
+            ce_sum += out.cross_entropy as f64;
+            let non_pad = batch
+                .targets
+                .iter()
+                .filter(|&&t| t != somatrain_data::PAD)
+                .count() as u64;
+            nll_bits +=
+                out.cross_entropy as f64 * batch.token_count() as f64 / std::f64::consts::LN_2;
+            targets += non_pad;
+            window_tokens += batch.token_count() as u64;
+        }
+        let stats = adam.update(&settings.optim, &mut weights, &mut grads);
+        last_loss = (loss_sum / settings.accumulation as f64) as f32;
+        if adam.step % settings.log_every.max(1) == 0 || adam.step == until_step {
+            let secs = window_start.elapsed().as_secs_f64();
+            let flops = 3.0 * settings.model.forward_flops(window_tokens, seq as u64);
+            let log = StepLog {
+                step: adam.step,
+                loss: last_loss,
+                cross_entropy: (ce_sum / settings.accumulation as f64) as f32,
+                bits_per_byte: (nll_bits / targets.max(1) as f64) as f32,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s: window_tokens as f64 / secs,
+                gflops_per_s: flops / secs / 1e9,
+            };
+            tracing::info!(
+                "step {} loss {:.4} bpb {:.3} lr {:.2e} |g| {:.3} {:.0} tok/s {:.1} GFLOP/s",
+                log.step,
+                log.loss,
+                log.bits_per_byte,
+                log.lr,
+                log.grad_norm,
+                log.tokens_per_s,
+                log.gflops_per_s
+            );
+            on_step(&log);
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        if adam.step % settings.checkpoint_every.max(1) == 0 || adam.step == until_step {
+            let dir = checkpoint::save(&ckpt_root, &weights, &adam, stream.position(), last_loss)?;
+            checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
+        }
+    }
+    let round = write_round(run_dir, settings, &weights, adam.step)?;
+    Ok(RunSummary {
+        start_step,
+        end_step: adam.step,
+        resumed_from,
+        rejected_checkpoints: rejected.iter().map(|e| e.to_string()).collect(),
+        last_loss,
+        corpus: stream.stats.clone(),
+        round,
+    })
+}
+
+/// Writes `round/weights.safetensors`, scores the held-out sample with the network's procedure
+/// and computes the registry embedding, then `round/round.json`.
+fn write_round(
+    run_dir: &Path,
+    settings: &TrainSettings,
+    weights: &Weights,
+    step: u64,
+) -> Result<RoundArtifacts, TrainError> {
+    let round_dir = run_dir.join("round");
+    std::fs::create_dir_all(&round_dir).map_err(io_err(&round_dir))?;
+    let weights_path = round_dir.join("weights.safetensors");
+    save_file(weights, &weights_path)?;
+    let mut model = CpuModel::new(weights.clone());
+    let (sample, _) = heldout_sample(&settings.corpus, settings.heldout_bytes)?;
+    let heldout = if sample.is_empty() {
+        tracing::warn!("the corpus has no held-out documents: no held-out score this round");
+        None
+    } else {
+        let score = score_data(&mut model, &sample, ScoreOptions::default(), &mut |_, _| {})?;
+        let eval = evaluate(&mut model, &sample)?;
+        let heldout = HeldoutScore {
+            bytes: sample.len(),
+            loss: score.loss,
+            cross_entropy: eval.cross_entropy,
+            bits_per_byte: eval.bits_per_byte,
+        };
+        Some((heldout, score.embedding))
+    };
+    let (embedding, embedding_source) = match (&heldout, settings.embedding_data.is_empty()) {
+        (Some((_, embedding)), true) => (embedding.clone(), "heldout".to_string()),
+        (None, true) => {
+            return Err(TrainError::Settings(
+                "no held-out data to embed: pass --embedding-data or use a larger corpus".into(),
+            ));
+        }
+        (_, false) => {
+            let mut data = Vec::new();
+            for p in &settings.embedding_data {
+                data.extend(std::fs::read(p).map_err(io_err(p))?);
+            }
+            let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+            let names: Vec<String> = settings
+                .embedding_data
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            (score.embedding, names.join(","))
+        }
+    };
+    let round = RoundArtifacts {
+        step,
+        weights: weights_path,
+        heldout: heldout.map(|(h, _)| h),
+        embedding,
+        embedding_source,
+    };
+    write_json_atomic(&round_dir.join("round.json"), &round)?;
+    Ok(round)
+}
+
+/// Cross-entropy over real targets only, in bits per byte, with the network's data contract.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Evaluation {
+    pub cross_entropy: f32,
+    pub bits_per_byte: f32,
+    pub bytes: usize,
+}
+
+/// Mean next-byte cross-entropy of `model` on `data` over non-PAD targets (the per-byte loss a
+/// trainer watches; the network's score divides by PAD positions too).
+pub fn evaluate(model: &mut CpuModel, data: &[u8]) -> Result<Evaluation, TrainError> {
+    let mut nll = 0f64;
+    let mut count = 0u64;
+    let vocab = model.weights().config.vocab_size;
+    for batch in somatrain_data::batches(data, 1024, 16) {
+        let (_, logits) =
+            model.forward(&batch.tokens, &batch.positions, batch.batch, batch.seq_len);
+        nll += somatrain_model::loss::cross_entropy_sum(logits, &batch.targets, vocab);
+        count += batch
+            .targets
+            .iter()
+            .filter(|&&t| t != somatrain_data::PAD)
+            .count() as u64;
+    }
+    if count == 0 {
+        return Err(TrainError::Score(
+            somatrain_model::score::ScoreError::EmptyData,
+        ));
+    }
+    let ce = nll / count as f64;
+    Ok(Evaluation {
+        cross_entropy: ce as f32,
+        bits_per_byte: (ce / std::f64::consts::LN_2) as f32,
+        bytes: data.len(),
+    })
+}

@@ -1,0 +1,189 @@
+//! Every corpus format, the bad-record rules, the held-out split and exact resumption.
+
+use std::path::Path;
+
+use somatrain_train::corpus::{
+    CorpusConfig, Position, Source, Split, TrainStream, heldout_sample, split_of,
+};
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn config(sources: Vec<Source>) -> CorpusConfig {
+    CorpusConfig {
+        heldout_per_mille: 0,
+        shuffle_buffer: 4,
+        max_seq_len: 16,
+        max_document_bytes: 1000,
+        ..CorpusConfig::new(sources)
+    }
+}
+
+/// All bytes a stream yields in one epoch, sequences in emission order.
+fn one_epoch(c: CorpusConfig) -> (Vec<Vec<u32>>, somatrain_train::corpus::CorpusStats) {
+    let mut s = TrainStream::open(c, Position::default()).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let seq = s.next_sequence().unwrap();
+        if s.position().epoch != 0 {
+            break;
+        }
+        out.push(seq.tokens);
+    }
+    (out, s.last_epoch_stats.clone().expect("epoch 0 completed"))
+}
+
+#[test]
+fn directory_with_bad_files_skips_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("a.rs"), b"fn a() {}\n");
+    write(&dir.path().join("sub/b.rs"), b"fn b() { 1 + 2 }\n");
+    write(&dir.path().join("empty.rs"), b"");
+    write(&dir.path().join("binary.rs"), &[0xff, 0xfe, 0x00, 0x80]);
+    write(&dir.path().join("huge.rs"), &vec![b'x'; 5000]);
+    write(&dir.path().join("notes.txt"), b"not rust\n");
+    let mut c = config(vec![Source::Dir {
+        path: dir.path().to_path_buf(),
+    }]);
+    c.include = vec!["**/*.rs".into()];
+    c.exclude = vec!["**/skip*".into()];
+    let (seqs, stats) = one_epoch(c);
+    assert_eq!(stats.train_documents, 2);
+    assert_eq!(stats.skipped_empty, 1);
+    assert_eq!(stats.skipped_invalid_utf8, 1);
+    assert_eq!(stats.skipped_too_large, 1);
+    // 10 bytes -> 1 sequence; 17 bytes -> 2 sequences of 16.
+    assert_eq!(seqs.len(), 3);
+    let all: Vec<u32> = seqs.concat();
+    assert!(all.contains(&(b'a' as u32)) && all.contains(&(b'b' as u32)));
+    assert!(!all.contains(&(b'n' as u32 + 1000)));
+}
+
+#[test]
+fn jsonl_records_and_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.jsonl");
+    let mut text = Vec::new();
+    text.extend_from_slice(b"{\"content\": \"hello world\"}\n");
+    text.extend_from_slice(b"not json at all\n");
+    text.extend_from_slice(b"{\"other\": \"missing field\"}\n");
+    text.extend_from_slice(b"{\"content\": \"\"}\n");
+    text.extend_from_slice(&[b'{', 0xff, b'}', b'\n']);
+    text.extend_from_slice(b"{\"content\": \"second doc\"}");
+    write(&path, &text);
+    let (seqs, stats) = one_epoch(config(vec![Source::Jsonl {
+        path,
+        field: "content".into(),
+    }]));
+    assert_eq!(stats.train_documents, 2);
+    assert_eq!(stats.skipped_bad_record, 2);
+    assert_eq!(stats.skipped_empty, 1);
+    assert_eq!(stats.skipped_invalid_utf8, 1);
+    assert_eq!(seqs.len(), 2);
+    let first: Vec<u32> = b"hello world".iter().map(|&b| b as u32).collect();
+    assert!(seqs.iter().any(|s| s.starts_with(&first)));
+}
+
+#[test]
+fn file_list_reads_listed_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("docs/one.txt"), b"first document");
+    write(&dir.path().join("docs/two.txt"), b"second");
+    write(
+        &dir.path().join("list.txt"),
+        b"# comment\ndocs/one.txt\n\ndocs/two.txt\ndocs/missing.txt\n",
+    );
+    let (seqs, stats) = one_epoch(config(vec![Source::List {
+        path: dir.path().join("list.txt"),
+    }]));
+    assert_eq!(stats.train_documents, 2);
+    assert_eq!(stats.skipped_unreadable, 1);
+    assert_eq!(seqs.len(), 2);
+}
+
+#[test]
+fn heldout_split_is_disjoint_and_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..200 {
+        write(
+            &dir.path().join(format!("f{i:03}.txt")),
+            format!("document number {i}\n").as_bytes(),
+        );
+    }
+    let mut c = config(vec![Source::Dir {
+        path: dir.path().to_path_buf(),
+    }]);
+    c.heldout_per_mille = 100;
+    let held: Vec<String> = (0..200)
+        .map(|i| {
+            dir.path()
+                .join(format!("f{i:03}.txt"))
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|p| split_of(p, 100) == Split::Heldout)
+        .collect();
+    assert!(
+        held.len() > 5 && held.len() < 50,
+        "{} held out of 200",
+        held.len()
+    );
+    let (sample, stats) = heldout_sample(&c, 1 << 20).unwrap();
+    assert_eq!(stats.heldout_documents as usize, held.len());
+    let (_, train_stats) = one_epoch(c);
+    assert_eq!(train_stats.train_documents as usize + held.len(), 200);
+    // No held-out document's text reaches training.
+    let text = String::from_utf8(sample).unwrap();
+    assert_eq!(text.matches("document number").count(), held.len());
+}
+
+#[test]
+fn reopening_at_a_position_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..30 {
+        write(
+            &dir.path().join(format!("f{i:02}.txt")),
+            format!("file {i} {}\n", "abc".repeat(i)).as_bytes(),
+        );
+    }
+    let c = config(vec![Source::Dir {
+        path: dir.path().to_path_buf(),
+    }]);
+    let mut a = TrainStream::open(c.clone(), Position::default()).unwrap();
+    let mut reference = Vec::new();
+    for _ in 0..200 {
+        reference.push(a.next_sequence().unwrap());
+    }
+    for cut in [0usize, 1, 17, 60, 150] {
+        let mut s = TrainStream::open(c.clone(), Position::default()).unwrap();
+        for _ in 0..cut {
+            s.next_sequence().unwrap();
+        }
+        let mut resumed = TrainStream::open(c.clone(), s.position()).unwrap();
+        for (i, expected) in reference.iter().enumerate().skip(cut) {
+            assert_eq!(
+                &resumed.next_sequence().unwrap(),
+                expected,
+                "cut {cut}, sequence {i}"
+            );
+        }
+    }
+    // Several epochs went by, each in a different order.
+    assert!(a.position().epoch >= 1);
+}
+
+#[test]
+fn empty_corpus_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("empty.txt"), b"");
+    let mut s = TrainStream::open(
+        config(vec![Source::Dir {
+            path: dir.path().to_path_buf(),
+        }]),
+        Position::default(),
+    )
+    .unwrap();
+    assert!(s.next_sequence().is_err());
+}

@@ -1,0 +1,141 @@
+//! The training loop: loss goes down, accumulation equals a big batch, checkpoints survive
+//! corruption.
+
+use std::path::{Path, PathBuf};
+
+use somatrain_data::batches;
+use somatrain_model::config::SIGREG_SLICES;
+use somatrain_model::cpu::train::{TrainOptions, TrainPass};
+use somatrain_model::{Preset, Weights};
+use somatrain_train::checkpoint;
+use somatrain_train::corpus::{CorpusConfig, Source};
+use somatrain_train::{TrainSettings, Until, run};
+
+fn repo_sources() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+fn settings() -> TrainSettings {
+    let mut corpus = CorpusConfig::new(vec![Source::Dir {
+        path: repo_sources(),
+    }]);
+    corpus.max_seq_len = 128;
+    corpus.heldout_per_mille = 200;
+    let mut s = TrainSettings::reference(Preset::Tiny.config(), corpus);
+    s.micro_batch = 4;
+    s.accumulation = 2;
+    s.optim.lr = 3e-3;
+    s.dropout = 0.0;
+    s.heldout_bytes = 4096;
+    s
+}
+
+#[test]
+fn loss_goes_down_on_real_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    let summary = run(dir.path(), &settings(), Until::Step(40), &mut |log| {
+        losses.push(log.loss)
+    })
+    .unwrap();
+    assert_eq!(summary.end_step, 40);
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let last: f32 = losses[35..].iter().sum::<f32>() / 5.0;
+    assert!(last < first - 0.5, "loss {first} -> {last}");
+    let heldout = summary.round.heldout.expect("held-out score");
+    assert!(
+        heldout.loss.is_finite() && heldout.bits_per_byte < 8.0,
+        "{heldout:?}"
+    );
+    assert_eq!(summary.round.embedding.len(), 16);
+    assert!(summary.round.weights.exists());
+}
+
+#[test]
+fn accumulating_micro_batches_equals_one_big_batch() {
+    let config = Preset::Tiny.config();
+    let weights = Weights::init(config, 8);
+    let data: Vec<u8> = (0..4 * 64u32).map(|i| (i * 13 % 251) as u8).collect();
+    let noise = somatrain_noise::unit_column_noise(4, 16, SIGREG_SLICES);
+    let big = batches(&data, 64, 4).next().unwrap();
+    let mut whole = Weights::zeros(config);
+    TrainPass::new().loss_and_grad(&weights, &big, &noise, TrainOptions::default(), &mut whole);
+    let mut accumulated = Weights::zeros(config);
+    let mut pass = TrainPass::new();
+    for micro in batches(&data, 64, 1) {
+        let options = TrainOptions {
+            grad_scale: 0.25,
+            ..TrainOptions::default()
+        };
+        pass.loss_and_grad(&weights, &micro, &noise, options, &mut accumulated);
+    }
+    for ((name, a), (_, b)) in whole.tensors().iter().zip(accumulated.tensors()) {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * scale, "{name}: {x} vs {y}");
+        }
+    }
+}
+
+fn corrupt_file(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_and_truncated_checkpoints_fall_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings();
+    run(dir.path(), &s, Until::Step(3), &mut |_| {}).unwrap();
+    let root = dir.path().join("checkpoints");
+    let listed: Vec<u64> = checkpoint::list(&root).iter().map(|(s, _)| *s).collect();
+    assert_eq!(listed, vec![3, 2, 1]);
+
+    corrupt_file(&root.join("step-0000000003/weights.safetensors"));
+    let (loaded, rejected) = checkpoint::load_latest(&root);
+    assert_eq!(loaded.unwrap().state.step, 2);
+    assert!(
+        rejected[0].to_string().contains("checksum mismatch"),
+        "{}",
+        rejected[0]
+    );
+
+    let opt = root.join("step-0000000002/optimizer.safetensors");
+    let len = std::fs::metadata(&opt).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&opt)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let state = root.join("step-0000000001/state.json");
+    let text = std::fs::read_to_string(&state)
+        .unwrap()
+        .replace("\"step\": 1", "\"step\": 7");
+    std::fs::write(&state, text).unwrap();
+    let (loaded, rejected) = checkpoint::load_latest(&root);
+    assert!(loaded.is_none());
+    assert_eq!(rejected.len(), 3);
+    assert!(
+        rejected[2].to_string().contains("state.json checksum"),
+        "{}",
+        rejected[2]
+    );
+
+    // A run on a directory whose checkpoints are all bad starts over and says why.
+    let summary = run(dir.path(), &s, Until::Step(1), &mut |_| {}).unwrap();
+    assert_eq!(summary.start_step, 0);
+    assert_eq!(summary.rejected_checkpoints.len(), 3);
+}
+
+#[test]
+fn changed_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &settings(), Until::Step(1), &mut |_| {}).unwrap();
+    let mut other = settings();
+    other.seed = 9;
+    let err = run(dir.path(), &other, Until::Step(2), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("different settings"), "{err}");
+}
