@@ -220,7 +220,7 @@ pub struct EvalArgs {
 }
 
 fn load_model(
-    weights: &PathBuf,
+    weights: &std::path::Path,
     num_heads: Option<usize>,
     preset: Option<Preset>,
 ) -> Result<CpuModel> {
