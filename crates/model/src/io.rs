@@ -18,7 +18,6 @@ use crate::weights::Weights;
 /// Metadata key under which our trainer records the model shape (the head count cannot be
 /// inferred from tensor shapes).
 pub const META_CONFIG: &str = "somatrain.config";
-pub const META_PRESET: &str = "somatrain.preset";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -288,15 +287,13 @@ pub fn save_file(weights: &Weights, path: &Path) -> Result<(), WeightsError> {
             )
         })
         .collect();
+    // One key only: safetensors writes metadata in hash-map order, and a single entry keeps the
+    // file's bytes (and so its commitment) reproducible.
     let mut metadata = HashMap::new();
-    metadata.insert("producer".to_string(), "somatrain".to_string());
     metadata.insert(
         META_CONFIG.to_string(),
         serde_json::to_string(&weights.config).expect("config serialises"),
     );
-    if let Some(preset) = Preset::matching(&weights.config) {
-        metadata.insert(META_PRESET.to_string(), preset.name().to_string());
-    }
     let tmp = temp_path_for(path);
     let result = safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| match e {

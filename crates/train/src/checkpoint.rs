@@ -8,7 +8,7 @@
 //! two tensor files and of itself, so a corrupted or truncated checkpoint is detected on load and
 //! the previous one is used instead.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ pub struct CheckpointState {
     /// Loss of the last step, for the logs.
     pub last_loss: f32,
     /// Blake2b-256 (Base58) of each tensor file.
-    pub files: HashMap<String, String>,
+    pub files: BTreeMap<String, String>,
 }
 
 /// A checkpoint read back and verified.
@@ -136,7 +136,7 @@ pub fn save(
     save_named(&optimizer_path, moments, HashMap::new()).map_err(|e| corrupt(e.to_string()))?;
     fault_injection_pause();
 
-    let mut files = HashMap::new();
+    let mut files = BTreeMap::new();
     for name in [WEIGHTS_FILE, OPTIMIZER_FILE] {
         let path = tmp.join(name);
         let bytes = fs::read(&path).map_err(io_err(&path))?;

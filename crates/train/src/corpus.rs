@@ -111,7 +111,9 @@ pub struct Position {
 /// One readable unit: a file holding one document, or a JSONL file holding many.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Unit {
-    Document(PathBuf),
+    /// A file and its identity: its path relative to its source, so that the held-out split
+    /// does not depend on where the corpus sits on disk.
+    Document(PathBuf, String),
     Jsonl(PathBuf, String),
 }
 
@@ -168,7 +170,8 @@ fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
                     {
                         continue;
                     }
-                    units.push(Unit::Document(entry.path().to_path_buf()));
+                    let identity = rel.to_string_lossy().into_owned();
+                    units.push(Unit::Document(entry.path().to_path_buf(), identity));
                 }
             }
             Source::Jsonl { path, field } => units.push(Unit::Jsonl(path.clone(), field.clone())),
@@ -180,7 +183,7 @@ fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
                     .map(str::trim)
                     .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 {
-                    units.push(Unit::Document(base.join(line)));
+                    units.push(Unit::Document(base.join(line), line.to_string()));
                 }
             }
         }
@@ -212,9 +215,8 @@ fn read_unit(
         Split::Heldout => stats.heldout_documents += 1,
     };
     match unit {
-        Unit::Document(path) => {
-            let identity = path.to_string_lossy().into_owned();
-            let doc_split = split_of(&identity, config.heldout_per_mille);
+        Unit::Document(path, identity) => {
+            let doc_split = split_of(identity, config.heldout_per_mille);
             if doc_split != split {
                 return true;
             }
@@ -267,7 +269,11 @@ fn read_unit(
                     let _ = reader.skip_until(b'\n');
                     continue;
                 }
-                let identity = format!("{}:{number}", path.to_string_lossy());
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                let identity = format!("{name}:{number}");
                 if split_of(&identity, config.heldout_per_mille) != split {
                     continue;
                 }
@@ -433,11 +439,20 @@ pub fn heldout_sample(
     config: &CorpusConfig,
     max_bytes: usize,
 ) -> Result<(Vec<u8>, CorpusStats), CorpusError> {
+    sample(config, Split::Heldout, max_bytes)
+}
+
+/// The documents of `split` in stable (unshuffled) order, concatenated up to `max_bytes`.
+pub fn sample(
+    config: &CorpusConfig,
+    split: Split,
+    max_bytes: usize,
+) -> Result<(Vec<u8>, CorpusStats), CorpusError> {
     let units = list_units(config)?;
     let mut stats = CorpusStats::default();
     let mut out = Vec::new();
     for unit in &units {
-        let keep_going = read_unit(unit, config, Split::Heldout, &mut stats, &mut |doc| {
+        let keep_going = read_unit(unit, config, split, &mut stats, &mut |doc| {
             let room = max_bytes - out.len();
             out.extend_from_slice(&doc[..doc.len().min(room)]);
             out.len() < max_bytes

@@ -13,7 +13,9 @@ use somatrain_model::score::{ScoreOptions, score_data};
 use somatrain_model::{ModelConfig, Weights};
 
 use crate::checkpoint;
-use crate::corpus::{CorpusConfig, CorpusStats, Position, TrainStream, heldout_sample};
+use crate::corpus::{
+    CorpusConfig, CorpusStats, Position, Split, TrainStream, heldout_sample, sample,
+};
 use crate::optim::{AdamState, OptimConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -339,15 +341,20 @@ fn write_round(
     let weights_path = round_dir.join("weights.safetensors");
     save_file(weights, &weights_path)?;
     let mut model = CpuModel::new(weights.clone());
-    let (sample, _) = heldout_sample(&settings.corpus, settings.heldout_bytes)?;
-    let heldout = if sample.is_empty() {
+    let (heldout_data, _) = heldout_sample(&settings.corpus, settings.heldout_bytes)?;
+    let heldout = if heldout_data.is_empty() {
         tracing::warn!("the corpus has no held-out documents: no held-out score this round");
         None
     } else {
-        let score = score_data(&mut model, &sample, ScoreOptions::default(), &mut |_, _| {})?;
-        let eval = evaluate(&mut model, &sample)?;
+        let score = score_data(
+            &mut model,
+            &heldout_data,
+            ScoreOptions::default(),
+            &mut |_, _| {},
+        )?;
+        let eval = evaluate(&mut model, &heldout_data)?;
         let heldout = HeldoutScore {
-            bytes: sample.len(),
+            bytes: heldout_data.len(),
             loss: score.loss,
             cross_entropy: eval.cross_entropy,
             bits_per_byte: eval.bits_per_byte,
@@ -357,9 +364,10 @@ fn write_round(
     let (embedding, embedding_source) = match (&heldout, settings.embedding_data.is_empty()) {
         (Some((_, embedding)), true) => (embedding.clone(), "heldout".to_string()),
         (None, true) => {
-            return Err(TrainError::Settings(
-                "no held-out data to embed: pass --embedding-data or use a larger corpus".into(),
-            ));
+            tracing::warn!("embedding the start of the training split instead of held-out data");
+            let (data, _) = sample(&settings.corpus, Split::Train, settings.heldout_bytes)?;
+            let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+            (score.embedding, "train-sample".to_string())
         }
         (_, false) => {
             let mut data = Vec::new();

@@ -11,8 +11,9 @@ use somatrain_train::checkpoint;
 use somatrain_train::corpus::{CorpusConfig, Source};
 use somatrain_train::{TrainSettings, Until, run};
 
+/// The workspace's own Rust sources.
 fn repo_sources() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn settings() -> TrainSettings {

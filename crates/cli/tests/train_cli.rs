@@ -1,0 +1,135 @@
+//! End-to-end training through the real binary: a run killed with SIGKILL at arbitrary moments
+//! (many of them inside a checkpoint write) and restarted ends bit-identical to a run that was
+//! never interrupted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
+}
+
+fn train(run_dir: &Path, pause_ms: u64) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_somatrain"));
+    cmd.args([
+        "train",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--preset",
+        "tiny",
+    ])
+    .args([
+        "--corpus-dir",
+        corpus().to_str().unwrap(),
+        "--seq-len",
+        "128",
+    ])
+    .args([
+        "--micro-batch",
+        "2",
+        "--accumulation",
+        "2",
+        "--until-step",
+        "12",
+    ])
+    .args([
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--dropout",
+        "0.1",
+    ])
+    .args([
+        "--lr",
+        "3e-3",
+        "--heldout-per-mille",
+        "200",
+        "--heldout-bytes",
+        "4096",
+        "--seed",
+        "5",
+    ])
+    .env("SOMATRAIN_CHECKPOINT_PAUSE_MS", pause_ms.to_string())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cmd
+}
+
+fn final_files(run_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let ckpt = run_dir.join("checkpoints/step-0000000012");
+    ["weights.safetensors", "optimizer.safetensors", "state.json"]
+        .iter()
+        .map(|f| {
+            (
+                format!("checkpoint {f}"),
+                std::fs::read(ckpt.join(f)).unwrap(),
+            )
+        })
+        .chain(std::iter::once((
+            "round weights".to_string(),
+            std::fs::read(run_dir.join("round/weights.safetensors")).unwrap(),
+        )))
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_run_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let start = Instant::now();
+    assert!(train(&clean, 25).status().unwrap().success());
+    let clean_ms = start.elapsed().as_millis() as u64;
+
+    let killed = tmp.path().join("killed");
+    let mut kills = 0;
+    let mut kills_mid_checkpoint = 0;
+    // Kill points spread over a whole run (start-up, steps, checkpoint writes), scaled to how
+    // long a run takes on this machine; each restart resumes and gets further.
+    let delays: Vec<u64> = [5u64, 13, 21, 8, 17, 30, 11, 25, 15, 35]
+        .iter()
+        .map(|p| clean_ms * p / 100)
+        .collect();
+    for delay in delays {
+        let mut child = train(&killed, 25).spawn().unwrap();
+        let start = Instant::now();
+        let mut exited = None;
+        while start.elapsed() < Duration::from_millis(delay) {
+            if let Some(status) = child.try_wait().unwrap() {
+                exited = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(status) = exited {
+            assert!(status.success(), "a run exited with {status}");
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        let root = killed.join("checkpoints");
+        if std::fs::read_dir(&root).is_ok_and(|mut d| {
+            d.any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+            })
+        }) {
+            kills_mid_checkpoint += 1;
+        }
+    }
+    eprintln!("{kills} kills, {kills_mid_checkpoint} inside a checkpoint write");
+    // Finish whatever is left.
+    assert!(train(&killed, 0).status().unwrap().success());
+    assert!(kills >= 3, "only {kills} kills landed");
+    assert!(
+        kills_mid_checkpoint >= 1,
+        "no kill landed inside a checkpoint write ({kills} kills)"
+    );
+    for ((name, a), (_, b)) in final_files(&clean).iter().zip(final_files(&killed)) {
+        assert!(a == &b, "{name} differs after {kills} kills");
+    }
+}
