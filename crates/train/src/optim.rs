@@ -116,14 +116,17 @@ impl AdamState {
         let tensors = weights.tensors_mut().into_iter();
         let moments = self.m.tensors_mut().into_iter().zip(self.v.tensors_mut());
         for (((_, w), (_, g)), ((_, m), (_, v))) in tensors.zip(grads.tensors()).zip(moments) {
-            w.par_iter_mut()
-                .zip(g.par_iter())
-                .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+            const CHUNK: usize = 1 << 14;
+            w.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
                 .for_each(|((w, g), (m, v))| {
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    let update = (*m / bias1) / ((*v / bias2).sqrt() + eps);
-                    *w -= lr * (update + wd * *w);
+                    for i in 0..w.len() {
+                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                        let update = (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
+                        w[i] -= lr * (update + wd * w[i]);
+                    }
                 });
         }
         StepStats { lr, grad_norm }
