@@ -118,6 +118,22 @@ pub struct StepLog {
     pub grad_norm: f32,
     pub tokens_per_s: f64,
     pub gflops_per_s: f64,
+    /// High-water mark of resident memory so far.
+    pub peak_rss_bytes: u64,
+}
+
+/// High-water mark of this process's resident memory, from the kernel (0 where unavailable).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// The held-out evaluation of a round's weights.
@@ -296,16 +312,18 @@ pub fn run(
                 grad_norm: stats.grad_norm,
                 tokens_per_s: window_tokens as f64 / secs,
                 gflops_per_s: flops / secs / 1e9,
+                peak_rss_bytes: peak_rss_bytes(),
             };
             tracing::info!(
-                "step {} loss {:.4} bpb {:.3} lr {:.2e} |g| {:.3} {:.0} tok/s {:.1} GFLOP/s",
+                "step {} loss {:.4} bpb {:.3} lr {:.2e} |g| {:.3} {:.0} tok/s {:.1} GFLOP/s peak rss {:.0} MB",
                 log.step,
                 log.loss,
                 log.bits_per_byte,
                 log.lr,
                 log.grad_norm,
                 log.tokens_per_s,
-                log.gflops_per_s
+                log.gflops_per_s,
+                log.peak_rss_bytes as f64 / 1e6
             );
             on_step(&log);
             window_start = Instant::now();

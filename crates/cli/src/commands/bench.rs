@@ -11,6 +11,8 @@ use serde::Serialize;
 use somatrain_model::score::{ScoreOptions, score_data};
 use somatrain_model::{Preset, Weights};
 
+use somatrain_train::trainer::peak_rss_bytes;
+
 use super::{Device, scorer_for};
 
 #[derive(Subcommand)]
@@ -258,18 +260,4 @@ pub fn matmul_peak_gflops() -> f64 {
     }
     std::hint::black_box(&c);
     best
-}
-
-/// High-water mark of resident memory, from the kernel.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
 }
