@@ -29,6 +29,12 @@ enum Command {
     Eval(commands::train::EvalArgs),
     /// The embedding of weights over data (the network's definition), as JSON.
     Embed(commands::train::EmbedArgs),
+    /// Encrypt a file as the network publishes weights (AES-256-CTR, zero IV).
+    Encrypt(commands::crypto::EncryptArgs),
+    /// Decrypt a file encrypted with `encrypt` (or by the official SDK).
+    Decrypt(commands::crypto::DecryptArgs),
+    /// Blake2b-256 commitment (Base58) of a file, or of an embedding.
+    Commitment(commands::crypto::CommitmentArgs),
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -56,6 +62,9 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run_train(*args),
         Command::Eval(args) => commands::train::run_eval(args),
         Command::Embed(args) => commands::train::run_embed(args),
+        Command::Encrypt(args) => commands::crypto::run_encrypt(args),
+        Command::Decrypt(args) => commands::crypto::run_decrypt(args),
+        Command::Commitment(args) => commands::crypto::run_commitment(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

@@ -103,7 +103,7 @@ pub struct StreamSummary {
 pub fn encrypt_stream(
     key: &EncryptionKey,
     input: impl Read,
-    output: impl Write,
+    output: impl Write + Send,
 ) -> Result<StreamSummary, CryptoError> {
     transform_stream(key, input, output)
 }
@@ -112,35 +112,65 @@ pub fn encrypt_stream(
 pub fn decrypt_stream(
     key: &EncryptionKey,
     input: impl Read,
-    output: impl Write,
+    output: impl Write + Send,
 ) -> Result<StreamSummary, CryptoError> {
     transform_stream(key, input, output)
 }
 
+/// Reads and ciphers on the calling thread while a second thread hashes and writes, so the
+/// two costs overlap; a few recycled buffers keep memory flat.
 fn transform_stream(
     key: &EncryptionKey,
     mut input: impl Read,
-    mut output: impl Write,
+    mut output: impl Write + Send,
 ) -> Result<StreamSummary, CryptoError> {
+    const BUFFERS: usize = 4;
     let mut cipher = key.cipher();
-    let mut hasher = Blake2b256::new();
-    let mut buffer = vec![0u8; STREAM_CHUNK];
-    let mut total = 0u64;
-    loop {
-        let filled = read_full(&mut input, &mut buffer)?;
-        if filled == 0 {
-            break;
-        }
-        let chunk = &mut buffer[..filled];
-        cipher.apply_keystream(chunk);
-        hasher.update(&*chunk);
-        output.write_all(chunk)?;
-        total += filled as u64;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        free_tx
+            .send(vec![0u8; STREAM_CHUNK])
+            .expect("channel has room");
     }
-    output.flush()?;
-    Ok(StreamSummary {
-        bytes: total,
-        output_commitment: Commitment(hasher.finalize().into()),
+    std::thread::scope(|scope| {
+        let sink = scope.spawn(move || -> io::Result<(Commitment, u64)> {
+            let mut hasher = Blake2b256::new();
+            let mut total = 0u64;
+            for (buffer, filled) in full_rx {
+                hasher.update(&buffer[..filled]);
+                output.write_all(&buffer[..filled])?;
+                total += filled as u64;
+                // The reader may have stopped early on an error; then nobody takes buffers back.
+                let _ = free_tx.send(buffer);
+            }
+            output.flush()?;
+            Ok((Commitment(hasher.finalize().into()), total))
+        });
+        let read_result = (|| -> Result<(), CryptoError> {
+            loop {
+                let Ok(mut buffer) = free_rx.recv() else {
+                    // The writer stopped (a write failed): its error is reported below.
+                    return Ok(());
+                };
+                let filled = read_full(&mut input, &mut buffer)?;
+                if filled == 0 {
+                    return Ok(());
+                }
+                cipher.apply_keystream(&mut buffer[..filled]);
+                if full_tx.send((buffer, filled)).is_err() {
+                    return Ok(());
+                }
+            }
+        })();
+        drop(full_tx);
+        let written = sink.join().expect("hashing thread does not panic");
+        read_result?;
+        let (output_commitment, bytes) = written?;
+        Ok(StreamSummary {
+            bytes,
+            output_commitment,
+        })
     })
 }
 
@@ -280,6 +310,51 @@ mod tests {
         let mut back = Vec::new();
         decrypt_stream(&key, cipher.as_slice(), &mut back).unwrap();
         assert_eq!(back, plain);
+    }
+
+    struct FailingWriter {
+        accepted: usize,
+    }
+
+    impl Write for FailingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.accepted > STREAM_CHUNK {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+            }
+            self.accepted += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct FailingReader {
+        served: usize,
+    }
+
+    impl Read for FailingReader {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.served > 3 * STREAM_CHUNK {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "source vanished",
+                ));
+            }
+            let n = buf.len().min(4096);
+            self.served += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn write_and_read_failures_surface_as_errors() {
+        let key = EncryptionKey::generate();
+        let big = vec![1u8; STREAM_CHUNK * 8];
+        let err = encrypt_stream(&key, big.as_slice(), FailingWriter { accepted: 0 }).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        let err = encrypt_stream(&key, FailingReader { served: 0 }, io::sink()).unwrap_err();
+        assert!(err.to_string().contains("source vanished"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus what they share: reading inputs and choosing a device.
 
 pub mod bench;
+pub mod crypto;
 pub mod score;
 pub mod train;
 

@@ -9,7 +9,6 @@ use somatrain_data::batch_count;
 use somatrain_model::Preset;
 use somatrain_model::io::{LoadOptions, load_bytes, load_file};
 use somatrain_model::score::{ScoreOptions, cosine_distance, score_data, select_best};
-use somatrain_protocol::EncryptionKey;
 use somatrain_protocol::crypto::apply_keystream;
 
 use super::{Device, read_input, scorer_for};
@@ -112,24 +111,13 @@ fn sources(args: &ScoreArgs, matches: &ArgMatches) -> Result<Vec<Source>> {
     Ok(ordered.into_iter().map(|(_, s)| s).collect())
 }
 
-fn parse_key(spec: &str) -> Result<EncryptionKey> {
-    let text = match spec.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading the key file {path}"))?
-        }
-        None => spec.to_string(),
-    };
-    // The error deliberately omits the key text.
-    EncryptionKey::from_base58(&text).context("invalid decryption key")
-}
-
 fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weights> {
     match source {
         Source::Plain(path) => {
             load_file(path, options).with_context(|| format!("loading {}", path.display()))
         }
         Source::Encrypted(path, key) => {
-            let key = parse_key(key)?;
+            let key = super::crypto::parse_key(key)?;
             let mut bytes =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             apply_keystream(&key, &mut bytes);

@@ -1,0 +1,124 @@
+//! `somatrain encrypt`, `decrypt` and `commitment`: the SDK's weights crypto on files, streamed.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use somatrain_protocol::EncryptionKey;
+use somatrain_protocol::crypto::{
+    Commitment, decrypt_stream, embedding_commitment, encrypt_stream,
+};
+
+#[derive(Args)]
+pub struct EncryptArgs {
+    /// Base58 key, or @FILE to read it from a file; a fresh random key when omitted (printed
+    /// to standard output so it can be saved).
+    #[arg(long)]
+    key: Option<String>,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DecryptArgs {
+    /// Base58 key, or @FILE.
+    #[arg(long)]
+    key: String,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CommitmentArgs {
+    /// A file to hash (Blake2b-256, Base58).
+    #[arg(required_unless_present = "embedding", conflicts_with = "embedding")]
+    file: Option<PathBuf>,
+    /// A JSON array of floats: the commitment of the embedding as the network encodes it.
+    #[arg(long)]
+    embedding: Option<PathBuf>,
+}
+
+pub fn parse_key(spec: &str) -> Result<EncryptionKey> {
+    let text = match spec.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading the key file {path}"))?
+        }
+        None => spec.to_string(),
+    };
+    // The error deliberately omits the key text.
+    EncryptionKey::from_base58(&text).context("invalid key")
+}
+
+/// Streams `input` through the cipher into `output` via a temporary file and a rename, so a
+/// failure never leaves a half-written output under the final name.
+fn transform(
+    input: &Path,
+    output: &Path,
+    run: impl FnOnce(BufReader<File>, &mut BufWriter<File>) -> Result<Commitment>,
+) -> Result<(Commitment, u64)> {
+    let reader = BufReader::with_capacity(
+        1 << 20,
+        File::open(input).with_context(|| format!("opening {}", input.display()))?,
+    );
+    let tmp = somatrain_model::io::temp_path_for(output);
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut writer = BufWriter::with_capacity(1 << 20, file);
+    let result = run(reader, &mut writer).and_then(|c| {
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let len = file.metadata()?.len();
+        somatrain_model::io::finish_atomic(&tmp, output)?;
+        Ok((c, len))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn run_encrypt(args: EncryptArgs) -> Result<()> {
+    let (key, generated) = match &args.key {
+        Some(spec) => (parse_key(spec)?, false),
+        None => (EncryptionKey::generate(), true),
+    };
+    let (commitment, len) = transform(&args.input, &args.output, |r, w| {
+        Ok(encrypt_stream(&key, r, w)?.output_commitment)
+    })?;
+    eprintln!("encrypted {len} bytes; checksum (Blake2b-256 of the encrypted file): {commitment}");
+    eprintln!("key commitment: {}", key.commitment());
+    if generated {
+        // Asked for: the only way to learn a generated key. Standard output, never a log.
+        println!("{}", key.to_base58());
+    }
+    Ok(())
+}
+
+pub fn run_decrypt(args: DecryptArgs) -> Result<()> {
+    let key = parse_key(&args.key)?;
+    let (commitment, len) = transform(&args.input, &args.output, |r, w| {
+        Ok(decrypt_stream(&key, r, w)?.output_commitment)
+    })?;
+    eprintln!("decrypted {len} bytes; Blake2b-256 of the plaintext: {commitment}");
+    Ok(())
+}
+
+pub fn run_commitment(args: CommitmentArgs) -> Result<()> {
+    match (&args.file, &args.embedding) {
+        (Some(path), None) => {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let (c, _) = Commitment::of_reader(BufReader::with_capacity(1 << 20, file))?;
+            println!("{c}");
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let values: Vec<f32> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON array of numbers", path.display()))?;
+            println!("{}", embedding_commitment(&values));
+        }
+        _ => bail!("give a FILE or --embedding FILE.json"),
+    }
+    Ok(())
+}
