@@ -35,6 +35,10 @@ enum Command {
     Decrypt(commands::crypto::DecryptArgs),
     /// Blake2b-256 commitment (Base58) of a file, or of an embedding.
     Commitment(commands::crypto::CommitmentArgs),
+    /// Run a local SOMA-rules network (the localnet node) until interrupted.
+    Localnet(commands::net::LocalnetArgs),
+    /// Show a node's epoch, supply and models.
+    Status(commands::net::StatusArgs),
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -65,6 +69,8 @@ fn main() -> ExitCode {
         Command::Encrypt(args) => commands::crypto::run_encrypt(args),
         Command::Decrypt(args) => commands::crypto::run_decrypt(args),
         Command::Commitment(args) => commands::crypto::run_commitment(args),
+        Command::Localnet(args) => commands::net::run_localnet(args),
+        Command::Status(args) => commands::net::run_status(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

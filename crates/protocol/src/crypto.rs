@@ -242,6 +242,20 @@ impl fmt::Debug for Commitment {
     }
 }
 
+/// Blake2b-256 over data that arrives in pieces.
+#[derive(Default, Clone)]
+pub struct CommitmentHasher(Blake2b256);
+
+impl CommitmentHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> Commitment {
+        Commitment(self.0.finalize().into())
+    }
+}
+
 /// The bytes the network hashes for an embedding: a tensor in the SDK's binary encoding.
 /// Layout: `0x00` (f32 tag), ULEB128 byte length `4n`, the values little-endian, ULEB128 rank
 /// (`1`), then `n` as a little-endian u64.

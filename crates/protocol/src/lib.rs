@@ -12,6 +12,8 @@
 //! - [`keys`]: Ed25519 key pairs and SOMA addresses.
 //! - [`tx`]: signed transactions, digests and object ids of the localnet.
 
+pub mod api;
+pub mod chain;
 pub mod crypto;
 pub mod keys;
 pub mod tx;

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod crypto;
+pub mod net;
 pub mod score;
 pub mod train;
 

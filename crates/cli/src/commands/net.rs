@@ -1,0 +1,164 @@
+//! `somatrain localnet` (run the node) and `somatrain status` (read it).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use somatrain_client::Client;
+use somatrain_node::{Node, NodeConfig};
+use somatrain_protocol::chain::Params;
+
+#[derive(Args)]
+pub struct LocalnetArgs {
+    /// Where the chain's database and hosted blobs live.
+    #[arg(long, default_value = ".somatrain/localnet")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: String,
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+    /// Epoch length for a new chain (default 24 h; use the admin endpoint to advance at once).
+    #[arg(long, default_value_t = 86_400_000)]
+    epoch_duration_ms: u64,
+    /// Embedding length models must reveal (2048 for V1; smaller for small-model localnets).
+    #[arg(long, default_value_t = 2048)]
+    embedding_dim: usize,
+    /// Shannons per faucet request.
+    #[arg(long, default_value_t = 2_000_000_000)]
+    faucet_amount: u64,
+    /// Admin token; by default one is generated and written to DATA_DIR/admin-token (mode 0600).
+    #[arg(long, env = "SOMATRAIN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let token_path = args.data_dir.join("admin-token");
+    let token = match args.admin_token {
+        Some(t) => t,
+        None => match std::fs::read_to_string(&token_path) {
+            Ok(t) => t.trim().to_string(),
+            Err(_) => {
+                let t = somatrain_protocol::EncryptionKey::generate().to_base58();
+                write_secret(&token_path, &t)?;
+                t
+            }
+        },
+    };
+    let config = NodeConfig {
+        data_dir: args.data_dir.clone(),
+        genesis: Params {
+            epoch_duration_ms: args.epoch_duration_ms,
+            embedding_dim: args.embedding_dim,
+            faucet_amount: args.faucet_amount,
+            ..Params::default()
+        },
+        admin_token: Some(token),
+    };
+    let node = Node::open(&config).context("opening the localnet")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.bind.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.bind, args.port))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            "localnet listening on http://{addr} (data in {}, admin token in {})",
+            args.data_dir.display(),
+            token_path.display()
+        );
+        // A line scripts can wait for.
+        println!("listening on http://{addr}");
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        somatrain_node::serve(node, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The node's URL.
+    #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
+    node: String,
+    #[arg(long)]
+    json: bool,
+}
+
+fn soma(shannons: u64) -> String {
+    format!(
+        "{}.{:09}",
+        shannons / 1_000_000_000,
+        shannons % 1_000_000_000
+    )
+}
+
+pub fn run_status(args: StatusArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let client = Client::new(&args.node);
+        let status = client.status().await?;
+        let models = client.models().await?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "status": status, "models": models })
+            );
+            return Ok(());
+        }
+        let left_s = status.next_epoch_ms.saturating_sub(status.now_ms) / 1000;
+        println!(
+            "epoch {}  (next in {}h{:02}m{:02}s)",
+            status.epoch,
+            left_s / 3600,
+            left_s / 60 % 60,
+            left_s % 60
+        );
+        println!(
+            "supply {} SOMA: faucet {}, fees {}, burned {}",
+            soma(status.total_supply),
+            soma(status.faucet_reserve),
+            soma(status.fees_collected),
+            soma(status.burned)
+        );
+        println!(
+            "\n{:<68} {:<9} {:>16} {:>6}  owner",
+            "model", "status", "stake (SOMA)", "comm"
+        );
+        for m in &models {
+            println!(
+                "{:<68} {:<9} {:>16} {:>6}  {}",
+                m.id.to_string(),
+                format!("{:?}", m.status).to_lowercase(),
+                soma(m.stake),
+                m.commission_bps,
+                m.owner
+            );
+        }
+        if models.is_empty() {
+            println!("(no models)");
+        }
+        Ok(())
+    })
+}

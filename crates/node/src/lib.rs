@@ -1,0 +1,283 @@
+//! The localnet: a single-node network that follows SOMA's model rules, served over HTTP+JSON.
+//!
+//! Owns the chain state machine ([`execute`]), its persistence (through `somatrain-store`: every
+//! transaction and epoch change is one durable batch, written before the response), the epoch
+//! clock, and the HTTP API ([`api`], versioned under `/v1`). It never trains or scores models.
+//!
+//! - [`Node`]: the state behind a lock, the store, the clock.
+//! - [`api::router`]: the axum `Router`, so tests can drive it with or without a socket.
+
+pub mod api;
+pub mod execute;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use somatrain_protocol::Address;
+use somatrain_protocol::chain::{Account, Model, Params, SystemState, TxRecord};
+use somatrain_protocol::tx::{SHANNONS_PER_SOMA, SignedTx, TxDigest};
+use somatrain_store::{Batch, Store, StoreError, Table};
+
+use execute::{ChainState, Changes, TxError};
+
+/// Total supply of the network: 10 million SOMA. On a localnet it all starts in the faucet.
+pub const TOTAL_SUPPLY: u64 = 10_000_000 * SHANNONS_PER_SOMA;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Parameters for a new chain; an existing data directory keeps its own.
+    pub genesis: Params,
+    /// Token for the admin endpoints; `None` disables them.
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("transaction rejected: {0}")]
+    Envelope(#[from] somatrain_protocol::tx::EnvelopeError),
+    #[error("transaction failed: {0}")]
+    Tx(#[from] TxError),
+    #[error("faucet reserve is empty")]
+    FaucetEmpty,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Inner {
+    state: ChainState,
+    store: Store,
+}
+
+/// A running chain.
+pub struct Node {
+    inner: Mutex<Inner>,
+    pub admin_token: Option<String>,
+    pub blob_dir: PathBuf,
+}
+
+impl Node {
+    /// Opens the data directory, creating genesis on first use.
+    pub fn open(config: &NodeConfig) -> Result<Arc<Node>, NodeError> {
+        let store = Store::open(&config.data_dir)?;
+        let system = match store.get::<SystemState>(Table::System, "system")? {
+            Some(system) => system,
+            None => {
+                let system = SystemState {
+                    epoch: 0,
+                    epoch_start_ms: now_ms(),
+                    params: config.genesis.clone(),
+                    total_supply: TOTAL_SUPPLY,
+                    faucet_reserve: TOTAL_SUPPLY,
+                    fees_collected: 0,
+                    burned: 0,
+                };
+                let mut batch = Batch::default();
+                batch.put(Table::System, "system", &system);
+                store.commit(batch)?;
+                tracing::info!("created a new localnet in {}", config.data_dir.display());
+                system
+            }
+        };
+        let accounts: BTreeMap<Address, Account> = store
+            .load_all::<Account>(Table::Accounts)?
+            .into_iter()
+            .filter_map(|(k, v)| k.parse().ok().map(|a| (a, v)))
+            .collect();
+        let models: BTreeMap<_, Model> = store
+            .load_all::<Model>(Table::Models)?
+            .into_iter()
+            .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
+            .collect();
+        let state = ChainState {
+            system,
+            accounts,
+            models,
+        };
+        assert_eq!(
+            state.accounted_supply(),
+            state.system.total_supply,
+            "stored state does not conserve supply"
+        );
+        let blob_dir = config.data_dir.join("blobs");
+        std::fs::create_dir_all(&blob_dir).map_err(|e| StoreError::Open {
+            path: blob_dir.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Arc::new(Node {
+            inner: Mutex::new(Inner { state, store }),
+            admin_token: config.admin_token.clone(),
+            blob_dir,
+        }))
+    }
+
+    fn commit(inner: &mut Inner, changes: Changes, extra: Batch) -> Result<(), NodeError> {
+        let mut batch = changes.to_batch();
+        batch.extend(extra);
+        inner.store.commit(batch)?;
+        inner.state.apply(changes);
+        debug_assert_eq!(
+            inner.state.accounted_supply(),
+            inner.state.system.total_supply
+        );
+        Ok(())
+    }
+
+    /// Verifies, executes and durably commits a transaction. Sending the same signed
+    /// transaction again returns its record instead of failing, so a client that lost the
+    /// response can simply retry.
+    pub fn submit(&self, tx: &SignedTx) -> Result<TxRecord, NodeError> {
+        let body = tx.verify()?;
+        let digest = tx.digest();
+        let mut inner = self.inner.lock().expect("node lock");
+        if let Some(record) = inner
+            .store
+            .get::<TxRecord>(Table::Transactions, &digest.to_string())?
+        {
+            return Ok(record);
+        }
+        let (changes, record) = execute::execute(&inner.state, &body, digest)?;
+        let mut extra = Batch::default();
+        extra.put(Table::Transactions, digest.to_string(), &record);
+        Self::commit(&mut inner, changes, extra)?;
+        Ok(record)
+    }
+
+    pub fn transaction(&self, digest: &TxDigest) -> Result<Option<TxRecord>, NodeError> {
+        let inner = self.inner.lock().expect("node lock");
+        Ok(inner.store.get(Table::Transactions, &digest.to_string())?)
+    }
+
+    /// Pays the faucet amount to `address` from the faucet reserve.
+    pub fn faucet(&self, address: Address) -> Result<Account, NodeError> {
+        let mut inner = self.inner.lock().expect("node lock");
+        let amount = inner.state.system.params.faucet_amount;
+        if inner.state.system.faucet_reserve < amount {
+            return Err(NodeError::FaucetEmpty);
+        }
+        let mut changes = Changes::default();
+        let mut system = inner.state.system.clone();
+        system.faucet_reserve -= amount;
+        let mut account = inner
+            .state
+            .accounts
+            .get(&address)
+            .copied()
+            .unwrap_or_default();
+        account.balance += amount;
+        changes.system = Some(system);
+        changes.accounts.insert(address, account);
+        Self::commit(&mut inner, changes, Batch::default())?;
+        Ok(account)
+    }
+
+    /// Closes the current epoch now.
+    pub fn advance_epoch(&self) -> Result<u64, NodeError> {
+        let mut inner = self.inner.lock().expect("node lock");
+        let changes = execute::advance_epoch(&inner.state, now_ms());
+        Self::commit(&mut inner, changes, Batch::default())?;
+        tracing::info!("epoch {} started", inner.state.system.epoch);
+        Ok(inner.state.system.epoch)
+    }
+
+    /// Closes the epoch if its duration has run out; called by the clock task.
+    pub fn tick(&self, now: u64) -> Result<bool, NodeError> {
+        let due = {
+            let inner = self.inner.lock().expect("node lock");
+            let s = &inner.state.system;
+            now >= s.epoch_start_ms + s.params.epoch_duration_ms
+        };
+        if due {
+            self.advance_epoch()?;
+        }
+        Ok(due)
+    }
+
+    pub fn system(&self) -> SystemState {
+        self.inner.lock().expect("node lock").state.system.clone()
+    }
+
+    pub fn account(&self, address: &Address) -> Account {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .accounts
+            .get(address)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn models(&self) -> Vec<Model> {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .models
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn model(&self, id: &somatrain_protocol::ObjectId) -> Option<Model> {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .models
+            .get(id)
+            .cloned()
+    }
+
+    /// Supply held anywhere, for invariant checks.
+    pub fn accounted_supply(&self) -> u64 {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .accounted_supply()
+    }
+
+    pub fn data_dir_blob(&self, name: &str) -> PathBuf {
+        self.blob_dir.join(name)
+    }
+}
+
+/// Runs the epoch clock until the process ends.
+pub async fn run_clock(node: Arc<Node>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        interval.tick().await;
+        let node = node.clone();
+        let result = tokio::task::spawn_blocking(move || node.tick(now_ms())).await;
+        if let Ok(Err(e)) = result {
+            tracing::error!("epoch change failed: {e}");
+        }
+    }
+}
+
+/// Serves the API on `listener` and runs the clock, until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let clock = tokio::spawn(run_clock(node.clone()));
+    let result = axum::serve(listener, api::router(node))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    clock.abort();
+    result
+}
+
+pub fn default_data_dir() -> PathBuf {
+    Path::new(".somatrain").join("localnet")
+}

@@ -1,0 +1,127 @@
+//! The localnet's state objects, as stored by the node and returned by its API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Commitment;
+use crate::keys::Address;
+use crate::tx::{Manifest, ObjectId, TxDigest};
+
+/// Chain parameters; the defaults are the public network's (protocol version 5) except where a
+/// localnet needs a different value, which is said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub epoch_duration_ms: u64,
+    pub model_min_stake: u64,
+    pub model_architecture_version: u64,
+    pub model_reveal_slash_rate_bps: u64,
+    /// Length of revealed embeddings (2048 on the network; smaller for small-model localnets).
+    pub embedding_dim: usize,
+    pub base_fee: u64,
+    /// Shannons handed out per faucet request (2 SOMA: enough for the minimum stake plus fees).
+    pub faucet_amount: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            epoch_duration_ms: 24 * 60 * 60 * 1000,
+            model_min_stake: 1_000_000_000,
+            model_architecture_version: 1,
+            model_reveal_slash_rate_bps: 5000,
+            embedding_dim: 2048,
+            base_fee: 1000,
+            faucet_amount: 2_000_000_000,
+        }
+    }
+}
+
+/// Chain-wide state. Every shannon of the fixed supply is in exactly one place: an account, a
+/// model's stake, the faucet reserve, collected fees or the burned (slashed) total.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemState {
+    pub epoch: u64,
+    pub epoch_start_ms: u64,
+    pub params: Params,
+    pub total_supply: u64,
+    pub faucet_reserve: u64,
+    pub fees_collected: u64,
+    pub burned: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub balance: u64,
+    /// Transactions this account has sent (the next body must carry this sequence number).
+    pub sequence: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    Created,
+    Pending,
+    Active,
+    Inactive,
+}
+
+/// The three commitments of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Commitments {
+    pub weights: Commitment,
+    pub embedding: Commitment,
+    pub decryption_key: Commitment,
+}
+
+/// A commit waiting for its reveal (the first one, or an update of an active model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingCommit {
+    pub manifest: Manifest,
+    pub commitments: Commitments,
+    pub commit_epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub id: ObjectId,
+    pub owner: Address,
+    pub architecture_version: u64,
+    pub status: ModelStatus,
+    pub create_epoch: u64,
+    /// The commit awaiting reveal: the first commit while Pending, an update while Active.
+    pub pending: Option<PendingCommit>,
+    /// The revealed weights: manifest, commitments, key (Base58) and embedding.
+    pub manifest: Option<Manifest>,
+    pub commitments: Option<Commitments>,
+    pub decryption_key: Option<String>,
+    pub embedding: Option<Vec<f32>>,
+    pub commission_bps: u64,
+    pub next_commission_bps: u64,
+    /// Total stake in the model's pool.
+    pub stake: u64,
+    /// Stake by staker (the owner's initial stake included).
+    pub stakes: BTreeMap<Address, u64>,
+    pub activation_epoch: Option<u64>,
+    pub deactivation_epoch: Option<u64>,
+    /// Shannons slashed from this model so far.
+    pub slashed: u64,
+}
+
+/// The outcome of an executed transaction, kept by digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxRecord {
+    pub digest: TxDigest,
+    pub sender: Address,
+    pub sequence: u64,
+    pub epoch: u64,
+    /// Ids of objects the transaction created (a new model's id first).
+    pub created: Vec<ObjectId>,
+}

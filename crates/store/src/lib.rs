@@ -1,0 +1,222 @@
+//! The localnet's durable state: named tables of JSON values in an embedded redb database.
+//!
+//! Owns the database file, its schema version and atomic batches: a [`Batch`] of puts and
+//! deletes across tables commits in one durable write transaction, so after a crash (even
+//! `kill -9`) the node finds either all of a transaction's effects or none. It knows nothing of
+//! what the values mean; the node decides that.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Bumped whenever the stored layout changes; a mismatch is refused on open.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The tables of the localnet, all keyed by text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    System,
+    Accounts,
+    Models,
+    Transactions,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [
+        Table::System,
+        Table::Accounts,
+        Table::Models,
+        Table::Transactions,
+    ];
+
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::System => TableDefinition::new("system"),
+            Table::Accounts => TableDefinition::new("accounts"),
+            Table::Models => TableDefinition::new("models"),
+            Table::Transactions => TableDefinition::new("transactions"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "database {path} has schema version {found}; this build reads version {SCHEMA_VERSION}: start with a new --data-dir"
+    )]
+    Schema { path: PathBuf, found: u64 },
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("stored value in {table:?}/{key} does not decode: {reason}")]
+    Decode {
+        table: Table,
+        key: String,
+        reason: String,
+    },
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// Puts and deletes that commit together.
+#[derive(Debug, Default)]
+pub struct Batch {
+    puts: Vec<(Table, String, Vec<u8>)>,
+    deletes: Vec<(Table, String)>,
+}
+
+impl Batch {
+    pub fn put(&mut self, table: Table, key: impl Into<String>, value: &impl Serialize) {
+        let bytes = serde_json::to_vec(value).expect("stored values serialise");
+        self.puts.push((table, key.into(), bytes));
+    }
+
+    pub fn delete(&mut self, table: Table, key: impl Into<String>) {
+        self.deletes.push((table, key.into()));
+    }
+
+    /// Appends another batch's writes (they commit together).
+    pub fn extend(&mut self, other: Batch) {
+        self.puts.extend(other.puts);
+        self.deletes.extend(other.deletes);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) `dir/state.redb` and checks its schema version.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("state.redb");
+        let open_err = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        let store = Store { db };
+        let txn = store.db.begin_write().map_err(db_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let found = meta
+                .get("schema_version")
+                .map_err(db_err)?
+                .map(|v| u64::from_le_bytes(v.value().try_into().unwrap_or([0; 8])));
+            match found {
+                Some(v) if v != SCHEMA_VERSION => {
+                    return Err(StoreError::Schema { path, found: v });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                        .map_err(db_err)?;
+                }
+            }
+            for table in Table::ALL {
+                txn.open_table(table.definition()).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(store)
+    }
+
+    /// Commits a batch durably (fsynced before this returns).
+    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        for table in Table::ALL {
+            let mut t = txn.open_table(table.definition()).map_err(db_err)?;
+            for (_, key, value) in batch.puts.iter().filter(|(tb, ..)| *tb == table) {
+                t.insert(key.as_str(), value.as_slice()).map_err(db_err)?;
+            }
+            for (_, key) in batch.deletes.iter().filter(|(tb, _)| *tb == table) {
+                t.remove(key.as_str()).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table.definition()).map_err(db_err)?;
+        let Some(v) = t.get(key).map_err(db_err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Decode {
+                table,
+                key: key.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every entry of a table, in key order.
+    pub fn load_all<T: DeserializeOwned>(
+        &self,
+        table: Table,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table.definition()).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value().to_string();
+            let value = serde_json::from_slice(v.value()).map_err(|e| StoreError::Decode {
+                table,
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_commit_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut b = Batch::default();
+            b.put(Table::Accounts, "a", &5u64);
+            b.put(Table::Accounts, "b", &7u64);
+            b.put(Table::System, "system", &"state");
+            store.commit(b).unwrap();
+            let mut b = Batch::default();
+            b.delete(Table::Accounts, "a");
+            store.commit(b).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all: Vec<(String, u64)> = store.load_all(Table::Accounts).unwrap();
+        assert_eq!(all, vec![("b".to_string(), 7)]);
+        assert_eq!(
+            store
+                .get::<String>(Table::System, "system")
+                .unwrap()
+                .as_deref(),
+            Some("state")
+        );
+        assert_eq!(store.get::<u64>(Table::Models, "x").unwrap(), None);
+    }
+}
