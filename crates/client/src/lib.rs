@@ -6,7 +6,7 @@
 
 use serde::de::DeserializeOwned;
 use somatrain_protocol::api::{BlobInfo, EpochResponse, ErrorBody, FaucetRequest, Status};
-use somatrain_protocol::chain::{Account, Model, TxRecord};
+use somatrain_protocol::chain::{Account, Model, Target, TxRecord};
 use somatrain_protocol::tx::{SignedTx, TxBody, TxDigest, TxKind};
 use somatrain_protocol::{Address, Keypair, ObjectId};
 
@@ -115,6 +115,15 @@ impl Client {
 
     pub async fn model(&self, id: &ObjectId) -> Result<Model, ClientError> {
         self.get(&format!("/v1/models/{id}")).await
+    }
+
+    /// Targets by status: `open`, `filled`, `expired`, `claimable` or `all`.
+    pub async fn targets(&self, status: &str) -> Result<Vec<Target>, ClientError> {
+        self.get(&format!("/v1/targets?status={status}")).await
+    }
+
+    pub async fn target(&self, id: &ObjectId) -> Result<Target, ClientError> {
+        self.get(&format!("/v1/targets/{id}")).await
     }
 
     /// The record of a transaction, or `None` if the node never executed it.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use somatrain_protocol::api::{BlobInfo, EpochResponse, FaucetRequest, Status};
-use somatrain_protocol::chain::{Account, Model, TxRecord};
+use somatrain_protocol::chain::{Account, Model, Target, TargetStatus, TxRecord};
 use somatrain_protocol::tx::{SignedTx, TxDigest};
 use somatrain_protocol::{Address, ObjectId};
 
@@ -127,6 +127,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/transactions/{digest}", get(transaction))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/v1/targets", get(targets))
+        .route("/v1/targets/{id}", get(target))
         .route("/v1/admin/advance-epoch", post(advance_epoch))
         .route(
             "/v1/blobs/{name}",
@@ -148,6 +150,8 @@ async fn status(State(node): State<Arc<Node>>) -> Json<Status> {
         total_supply: s.total_supply,
         accounted_supply: node.accounted_supply(),
         faucet_reserve: s.faucet_reserve,
+        emission_pool: s.emission_pool,
+        target_state: s.target_state.clone(),
         fees_collected: s.fees_collected,
         burned: s.burned,
     })
@@ -215,6 +219,56 @@ async fn model(
     node.model(&id)
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such model"))
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct TargetQuery {
+    /// `open` (the default: open and not expired), `filled`, `expired`, `claimable` or `all`.
+    status: Option<String>,
+}
+
+async fn targets(
+    State(node): State<Arc<Node>>,
+    axum::extract::Query(query): axum::extract::Query<TargetQuery>,
+) -> Result<Json<Vec<Target>>, ApiError> {
+    let epoch = node.system().epoch;
+    let filter = query.status.as_deref().unwrap_or("open");
+    let keep = |t: &Target| -> Result<bool, ApiError> {
+        let expired = t.status == TargetStatus::Open && t.generation_epoch < epoch;
+        Ok(match filter {
+            "open" => t.status == TargetStatus::Open && !expired,
+            "filled" => matches!(t.status, TargetStatus::Filled { .. }),
+            "expired" => expired,
+            "claimable" => {
+                expired
+                    || matches!(t.status, TargetStatus::Filled { fill_epoch } if epoch > fill_epoch + 1)
+            }
+            "all" => true,
+            _ => {
+                return Err(bad_request(
+                    "bad_status",
+                    "status is one of open, filled, expired, claimable, all",
+                ));
+            }
+        })
+    };
+    let mut out = Vec::new();
+    for t in node.targets() {
+        if keep(&t)? {
+            out.push(t);
+        }
+    }
+    Ok(Json(out))
+}
+
+async fn target(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<Target>, ApiError> {
+    let id: ObjectId = id.parse().map_err(|e: String| bad_request("bad_id", e))?;
+    node.target(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such target"))
 }
 
 fn check_admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use somatrain_protocol::chain::{
-    Account, Commitments, Model, ModelStatus, PendingCommit, SystemState, TxRecord,
+    Account, Commitments, Model, ModelStatus, PendingCommit, SystemState, Target, TargetStatus,
+    TxRecord,
 };
 use somatrain_protocol::crypto::embedding_commitment;
 use somatrain_protocol::tx::{ObjectId, TxBody, TxDigest, TxKind};
@@ -23,6 +24,7 @@ pub struct ChainState {
     pub system: SystemState,
     pub accounts: BTreeMap<Address, Account>,
     pub models: BTreeMap<ObjectId, Model>,
+    pub targets: BTreeMap<ObjectId, Target>,
 }
 
 impl ChainState {
@@ -30,11 +32,19 @@ impl ChainState {
     pub fn accounted_supply(&self) -> u64 {
         let accounts: u64 = self.accounts.values().map(|a| a.balance).sum();
         let stakes: u64 = self.models.values().map(|m| m.stake).sum();
+        let targets: u64 = self
+            .targets
+            .values()
+            .map(|t| t.reward_pool + t.bond_amount)
+            .sum();
+        let s = &self.system;
         accounts
             + stakes
-            + self.system.faucet_reserve
-            + self.system.fees_collected
-            + self.system.burned
+            + targets
+            + s.faucet_reserve
+            + s.emission_pool
+            + s.fees_collected
+            + s.burned
     }
 
     pub fn apply(&mut self, changes: Changes) {
@@ -43,6 +53,10 @@ impl ChainState {
         }
         self.accounts.extend(changes.accounts);
         self.models.extend(changes.models);
+        self.targets.extend(changes.targets);
+        for id in changes.deleted_targets {
+            self.targets.remove(&id);
+        }
     }
 }
 
@@ -52,6 +66,8 @@ pub struct Changes {
     pub system: Option<SystemState>,
     pub accounts: BTreeMap<Address, Account>,
     pub models: BTreeMap<ObjectId, Model>,
+    pub targets: BTreeMap<ObjectId, Target>,
+    pub deleted_targets: Vec<ObjectId>,
 }
 
 impl Changes {
@@ -65,6 +81,12 @@ impl Changes {
         }
         for (id, model) in &self.models {
             batch.put(Table::Models, id.to_string(), model);
+        }
+        for (id, target) in &self.targets {
+            batch.put(Table::Targets, id.to_string(), target);
+        }
+        for id in &self.deleted_targets {
+            batch.delete(Table::Targets, id.to_string());
         }
         batch
     }
@@ -117,6 +139,58 @@ impl<'a> Overlay<'a> {
 
     pub fn put_model(&mut self, model: Model) {
         self.changes.models.insert(model.id, model);
+    }
+
+    pub fn target(&self, id: &ObjectId) -> Option<Target> {
+        if self.changes.deleted_targets.contains(id) {
+            return None;
+        }
+        self.changes
+            .targets
+            .get(id)
+            .or_else(|| self.base.targets.get(id))
+            .cloned()
+    }
+
+    pub fn put_target(&mut self, target: Target) {
+        self.changes.targets.insert(target.id, target);
+    }
+
+    pub fn delete_target(&mut self, id: ObjectId) {
+        self.changes.targets.remove(&id);
+        self.changes.deleted_targets.push(id);
+    }
+
+    /// All models with pending writes applied, in id order.
+    pub fn models(&self) -> Vec<Model> {
+        self.model_ids()
+            .iter()
+            .filter_map(|id| self.model(id))
+            .collect()
+    }
+
+    /// Creates one target seeded from `(digest, n)` if a model is active and the emission pool
+    /// and this epoch's budget allow; returns its id.
+    pub fn spawn_target(&mut self, digest: &TxDigest, n: u64) -> Option<ObjectId> {
+        let params = self.system().params.clone();
+        if !crate::targets::can_fund(
+            &params,
+            &self.system().target_state,
+            self.system().emission_pool,
+        ) {
+            return None;
+        }
+        let models = self.models();
+        let id = ObjectId::derive(digest, n);
+        let seed = crate::targets::target_seed(digest, n);
+        let state = self.system().target_state.clone();
+        let epoch = self.system().epoch;
+        let target = crate::targets::generate(id, seed, models.iter(), &params, &state, epoch)?;
+        let system = self.system_mut();
+        system.emission_pool -= target.reward_pool;
+        system.target_state.targets_generated_this_epoch += 1;
+        self.put_target(target);
+        Some(id)
     }
 
     pub fn model_ids(&self) -> Vec<ObjectId> {
@@ -172,6 +246,26 @@ pub enum TxError {
     EmbeddingCommitmentMismatch,
     #[error("stake of {staked} is less than the {requested} requested")]
     InsufficientStake { staked: u64, requested: u64 },
+    #[error("no target {0}")]
+    TargetNotFound(String),
+    #[error("target is already filled")]
+    TargetNotOpen,
+    #[error("target of epoch {generation_epoch} expired (now epoch {epoch})")]
+    TargetExpired { generation_epoch: u64, epoch: u64 },
+    #[error("model is not assigned to this target")]
+    ModelNotInTarget,
+    #[error("distance {distance} exceeds the target's threshold {threshold}")]
+    DistanceExceedsThreshold { distance: String, threshold: String },
+    #[error("data of {size} bytes exceeds the {max}-byte limit")]
+    DataTooLarge { size: u64, max: u64 },
+    #[error("balance {balance} cannot cover the bond of {bond}")]
+    InsufficientBond { balance: u64, bond: u64 },
+    #[error("the model is not active")]
+    ModelNotActive,
+    #[error("filled in epoch {fill_epoch}: claimable from epoch {}", fill_epoch + 2)]
+    AuditWindowOpen { fill_epoch: u64, epoch: u64 },
+    #[error("target is open until the end of epoch {0}")]
+    TargetNotExpired(u64),
 }
 
 fn bps(amount: u64, rate_bps: u64) -> u64 {
@@ -409,6 +503,120 @@ pub fn execute(
             o.put_model(model);
             o.set_account(sender, account);
         }
+        TxKind::SubmitData {
+            target_id,
+            manifest,
+            model_id,
+            embedding,
+            distance,
+            loss,
+        } => {
+            let mut target = o
+                .target(target_id)
+                .ok_or_else(|| TxError::TargetNotFound(target_id.to_string()))?;
+            if target.status != TargetStatus::Open {
+                return Err(TxError::TargetNotOpen);
+            }
+            if epoch > target.generation_epoch {
+                return Err(TxError::TargetExpired {
+                    generation_epoch: target.generation_epoch,
+                    epoch,
+                });
+            }
+            if !target.model_ids.contains(model_id) {
+                return Err(TxError::ModelNotInTarget);
+            }
+            if embedding.len() != target.embedding.len() {
+                return Err(TxError::EmbeddingDimensionMismatch {
+                    expected: target.embedding.len(),
+                    got: embedding.len(),
+                });
+            }
+            if embedding.iter().any(|x| !x.is_finite()) {
+                return Err(TxError::NonFiniteEmbedding);
+            }
+            let within = distance.is_finite() && *distance <= target.distance_threshold;
+            if !within {
+                return Err(TxError::DistanceExceedsThreshold {
+                    distance: distance.to_string(),
+                    threshold: target.distance_threshold.to_string(),
+                });
+            }
+            let params = o.system().params.clone();
+            if manifest.size > params.max_submission_bytes {
+                return Err(TxError::DataTooLarge {
+                    size: manifest.size,
+                    max: params.max_submission_bytes,
+                });
+            }
+            let model = o
+                .model(model_id)
+                .ok_or_else(|| TxError::ModelNotFound(model_id.to_string()))?;
+            if model.status != ModelStatus::Active {
+                return Err(TxError::ModelNotActive);
+            }
+            let bond = manifest.size * params.submission_bond_per_byte;
+            if account.balance < bond {
+                return Err(TxError::InsufficientBond {
+                    balance: account.balance,
+                    bond,
+                });
+            }
+            account.balance -= bond;
+            target.status = TargetStatus::Filled { fill_epoch: epoch };
+            target.submitter = Some(sender);
+            target.winning_model_id = Some(*model_id);
+            target.winning_model_owner = Some(model.owner);
+            target.bond_amount = bond;
+            target.winning_manifest = Some(manifest.clone());
+            target.winning_embedding = Some(embedding.clone());
+            target.winning_distance = Some(*distance);
+            target.winning_loss = Some(*loss);
+            o.put_target(target);
+            o.set_account(sender, account);
+            o.system_mut().target_state.hits_this_epoch += 1;
+            if let Some(id) = o.spawn_target(&digest, 0) {
+                created.push(id);
+            }
+        }
+        TxKind::ClaimRewards { target_id } => {
+            let target = o
+                .target(target_id)
+                .ok_or_else(|| TxError::TargetNotFound(target_id.to_string()))?;
+            let params = o.system().params.clone();
+            let reward = target.reward_pool;
+            let claimer_share = bps(reward, params.claimer_share_bps);
+            match target.status {
+                TargetStatus::Filled { fill_epoch } => {
+                    if epoch <= fill_epoch + 1 {
+                        return Err(TxError::AuditWindowOpen { fill_epoch, epoch });
+                    }
+                    let model_share = bps(reward, params.model_share_bps);
+                    let submitter_share = reward - model_share - claimer_share;
+                    account.balance += claimer_share;
+                    o.set_account(sender, account);
+                    let submitter = target.submitter.expect("filled targets have a submitter");
+                    let mut s = o.account(&submitter);
+                    s.balance += submitter_share + target.bond_amount;
+                    o.set_account(submitter, s);
+                    let owner = target
+                        .winning_model_owner
+                        .expect("filled targets have a model owner");
+                    let mut m = o.account(&owner);
+                    m.balance += model_share;
+                    o.set_account(owner, m);
+                }
+                TargetStatus::Open => {
+                    if epoch <= target.generation_epoch {
+                        return Err(TxError::TargetNotExpired(target.generation_epoch));
+                    }
+                    account.balance += claimer_share;
+                    o.set_account(sender, account);
+                    o.system_mut().emission_pool += reward - claimer_share;
+                }
+            }
+            o.delete_target(*target_id);
+        }
     }
     // Accounts whose transaction only paid the fee (all arms set it; this keeps the invariant
     // obvious: the sender's new sequence and fee are always written).
@@ -498,5 +706,13 @@ pub fn advance_epoch(base: &ChainState, now_ms: u64) -> Changes {
     let system = o.system_mut();
     system.epoch = new_epoch;
     system.epoch_start_ms = now_ms;
+    let params = system.params.clone();
+    crate::targets::advance_epoch(&params, &mut system.target_state);
+    let digest = crate::targets::epoch_digest(new_epoch);
+    for n in 0..params.initial_targets_per_epoch {
+        if o.spawn_target(&digest, n).is_none() {
+            break;
+        }
+    }
     o.changes
 }

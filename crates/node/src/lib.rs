@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod execute;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use somatrain_protocol::Address;
-use somatrain_protocol::chain::{Account, Model, Params, SystemState, TxRecord};
+use somatrain_protocol::chain::{
+    Account, Model, Params, SystemState, Target, TargetState, TxRecord,
+};
 use somatrain_protocol::tx::{SHANNONS_PER_SOMA, SignedTx, TxDigest};
 use somatrain_store::{Batch, Store, StoreError, Table};
 
@@ -76,9 +79,18 @@ impl Node {
                     epoch_start_ms: now_ms(),
                     params: config.genesis.clone(),
                     total_supply: TOTAL_SUPPLY,
-                    faucet_reserve: TOTAL_SUPPLY,
+                    // Half the supply funds the faucet, half the emissions that fund targets.
+                    faucet_reserve: TOTAL_SUPPLY / 2,
+                    emission_pool: TOTAL_SUPPLY - TOTAL_SUPPLY / 2,
                     fees_collected: 0,
                     burned: 0,
+                    target_state: TargetState {
+                        distance_threshold: config.genesis.initial_distance_threshold,
+                        targets_generated_this_epoch: 0,
+                        hits_this_epoch: 0,
+                        hits_ema: 0,
+                        reward_per_target: targets::reward_per_target(&config.genesis),
+                    },
                 };
                 let mut batch = Batch::default();
                 batch.put(Table::System, "system", &system);
@@ -97,10 +109,16 @@ impl Node {
             .into_iter()
             .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
             .collect();
+        let targets: BTreeMap<_, Target> = store
+            .load_all::<Target>(Table::Targets)?
+            .into_iter()
+            .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
+            .collect();
         let state = ChainState {
             system,
             accounts,
             models,
+            targets,
         };
         assert_eq!(
             state.accounted_supply(),
@@ -225,6 +243,27 @@ impl Node {
             .values()
             .cloned()
             .collect()
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .targets
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn target(&self, id: &somatrain_protocol::ObjectId) -> Option<Target> {
+        self.inner
+            .lock()
+            .expect("node lock")
+            .state
+            .targets
+            .get(id)
+            .cloned()
     }
 
     pub fn model(&self, id: &somatrain_protocol::ObjectId) -> Option<Model> {

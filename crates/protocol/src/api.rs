@@ -16,6 +16,8 @@ pub struct Status {
     pub total_supply: u64,
     pub accounted_supply: u64,
     pub faucet_reserve: u64,
+    pub emission_pool: u64,
+    pub target_state: crate::chain::TargetState,
     pub fees_collected: u64,
     pub burned: u64,
 }

@@ -22,6 +22,21 @@ pub struct Params {
     pub base_fee: u64,
     /// Shannons handed out per faucet request (2 SOMA: enough for the minimum stake plus fees).
     pub faucet_amount: u64,
+    pub models_per_target: usize,
+    pub initial_targets_per_epoch: u64,
+    pub emission_per_epoch: u64,
+    pub target_reward_allocation_bps: u64,
+    pub target_hits_per_epoch: u64,
+    pub hits_ema_decay_bps: u64,
+    pub difficulty_adjustment_rate_bps: u64,
+    pub initial_distance_threshold: f32,
+    pub min_distance_threshold: f32,
+    pub max_distance_threshold: f32,
+    pub submission_bond_per_byte: u64,
+    pub max_submission_bytes: u64,
+    pub submitter_share_bps: u64,
+    pub model_share_bps: u64,
+    pub claimer_share_bps: u64,
 }
 
 impl Default for Params {
@@ -34,12 +49,39 @@ impl Default for Params {
             embedding_dim: 2048,
             base_fee: 1000,
             faucet_amount: 2_000_000_000,
+            models_per_target: 3,
+            initial_targets_per_epoch: 100,
+            emission_per_epoch: 1_370_000_000_000,
+            target_reward_allocation_bps: 8000,
+            target_hits_per_epoch: 86_400,
+            hits_ema_decay_bps: 9000,
+            difficulty_adjustment_rate_bps: 10_000,
+            initial_distance_threshold: 1.05,
+            min_distance_threshold: 0.95,
+            max_distance_threshold: 2.0,
+            submission_bond_per_byte: 65,
+            max_submission_bytes: 1 << 20,
+            submitter_share_bps: 4975,
+            model_share_bps: 4975,
+            claimer_share_bps: 50,
         }
     }
 }
 
+/// Difficulty and funding of targets (the network's `TargetState`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetState {
+    pub distance_threshold: f32,
+    pub targets_generated_this_epoch: u64,
+    pub hits_this_epoch: u64,
+    pub hits_ema: u64,
+    pub reward_per_target: u64,
+}
+
 /// Chain-wide state. Every shannon of the fixed supply is in exactly one place: an account, a
-/// model's stake, the faucet reserve, collected fees or the burned (slashed) total.
+/// model's stake, the faucet reserve, the emission pool, a target's reward pool or bond,
+/// collected fees or the burned (slashed) total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SystemState {
@@ -48,8 +90,10 @@ pub struct SystemState {
     pub params: Params,
     pub total_supply: u64,
     pub faucet_reserve: u64,
+    pub emission_pool: u64,
     pub fees_collected: u64,
     pub burned: u64,
+    pub target_state: TargetState,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,4 +168,33 @@ pub struct TxRecord {
     pub epoch: u64,
     /// Ids of objects the transaction created (a new model's id first).
     pub created: Vec<ObjectId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TargetStatus {
+    Open,
+    Filled { fill_epoch: u64 },
+}
+
+/// A point in embedding space that data submitters try to hit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub id: ObjectId,
+    pub embedding: Vec<f32>,
+    /// The assigned models, best (lowest stake-weighted distance) first.
+    pub model_ids: Vec<ObjectId>,
+    pub distance_threshold: f32,
+    pub reward_pool: u64,
+    pub generation_epoch: u64,
+    pub status: TargetStatus,
+    pub submitter: Option<Address>,
+    pub winning_model_id: Option<ObjectId>,
+    pub winning_model_owner: Option<Address>,
+    pub bond_amount: u64,
+    pub winning_manifest: Option<Manifest>,
+    pub winning_embedding: Option<Vec<f32>>,
+    pub winning_distance: Option<f32>,
+    pub winning_loss: Option<f32>,
 }

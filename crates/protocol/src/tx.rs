@@ -178,6 +178,20 @@ pub enum TxKind {
         model_id: ObjectId,
         amount: u64,
     },
+    /// Claims a target: data (by manifest) that the chosen model embeds within the threshold.
+    /// The bond (size x bond per byte) is held until the claim.
+    SubmitData {
+        target_id: ObjectId,
+        manifest: Manifest,
+        model_id: ObjectId,
+        embedding: Vec<f32>,
+        distance: f32,
+        loss: f32,
+    },
+    /// Settles a filled target after its audit window, or an expired open one.
+    ClaimRewards {
+        target_id: ObjectId,
+    },
 }
 
 /// The signed part of a transaction.

@@ -22,14 +22,16 @@ pub enum Table {
     System,
     Accounts,
     Models,
+    Targets,
     Transactions,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::System,
         Table::Accounts,
         Table::Models,
+        Table::Targets,
         Table::Transactions,
     ];
 
@@ -38,6 +40,7 @@ impl Table {
             Table::System => TableDefinition::new("system"),
             Table::Accounts => TableDefinition::new("accounts"),
             Table::Models => TableDefinition::new("models"),
+            Table::Targets => TableDefinition::new("targets"),
             Table::Transactions => TableDefinition::new("transactions"),
         }
     }

@@ -1,0 +1,283 @@
+//! Targets: generation, stake-weighted KNN model assignment, and the difficulty adjustment
+//! (`shared/reference/protocol-targets.md`, sections 1 and 2).
+
+use blake2::digest::consts::U32;
+use blake2::{Blake2b, Digest};
+use somatrain_protocol::chain::{Model, ModelStatus, Params, Target, TargetState, TargetStatus};
+use somatrain_protocol::tx::{ObjectId, TxDigest};
+
+/// Spread of cosine distances between random data and a random target, as the network uses it.
+const EMBEDDING_DISTANCE_STD: f32 = 0.022;
+/// Protocol version 5's floor on one difficulty step, in units of that spread.
+const MIN_Z_STEP: f32 = 2.0;
+
+/// `make_target_seed`: the first 8 bytes (LE) of Blake2b-256(digest || n as u64 LE).
+pub fn target_seed(digest: &TxDigest, n: u64) -> u64 {
+    let mut h = Blake2b::<U32>::new();
+    h.update(digest.0);
+    h.update(n.to_le_bytes());
+    let out: [u8; 32] = h.finalize().into();
+    u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+}
+
+/// The digest standing in for an epoch change's system transaction.
+pub fn epoch_digest(new_epoch: u64) -> TxDigest {
+    let mut body = b"ChangeEpoch".to_vec();
+    body.extend_from_slice(&new_epoch.to_le_bytes());
+    TxDigest::of_body(&body)
+}
+
+fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na = a
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-8);
+    let nb = b
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-8);
+    1.0 - dot / (na * nb)
+}
+
+/// The `k` active models with the lowest `cosine distance / sqrt-stake share`, best first.
+/// Equal scores keep ascending model-id order (a stable sort over the registry's order).
+pub fn select_models<'a>(
+    target: &[f32],
+    models: impl Iterator<Item = &'a Model>,
+    k: usize,
+) -> Vec<ObjectId> {
+    rank_models(target, models)
+        .into_iter()
+        .take(k)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Every eligible model with its score, best first.
+pub fn rank_models<'a>(
+    target: &[f32],
+    models: impl Iterator<Item = &'a Model>,
+) -> Vec<(ObjectId, f64)> {
+    let candidates: Vec<(&Model, &Vec<f32>)> = models
+        .filter(|m| m.status == ModelStatus::Active)
+        .filter_map(|m| {
+            m.embedding
+                .as_ref()
+                .filter(|e| e.len() == target.len())
+                .map(|e| (m, e))
+        })
+        .collect();
+    let total_sqrt: f64 = candidates
+        .iter()
+        .map(|(m, _)| (m.stake as f64).sqrt())
+        .sum();
+    let n = candidates.len() as f64;
+    let mut scored: Vec<(ObjectId, f64)> = candidates
+        .iter()
+        .map(|(m, e)| {
+            let share = if total_sqrt > 0.0 {
+                (m.stake as f64).sqrt() / total_sqrt
+            } else {
+                1.0 / n
+            };
+            (m.id, cosine_distance(target, e) / (share + 1e-10))
+        })
+        .collect();
+    scored.sort_by(|a, b| a.1.total_cmp(&b.1));
+    scored
+}
+
+/// A new open target seeded `seed`, or `None` when no model is active.
+pub fn generate<'a>(
+    id: ObjectId,
+    seed: u64,
+    models: impl Iterator<Item = &'a Model>,
+    params: &Params,
+    state: &TargetState,
+    epoch: u64,
+) -> Option<Target> {
+    let embedding = somatrain_noise::normal_array(seed, params.embedding_dim, 0.0, 1.0);
+    let model_ids = select_models(&embedding, models, params.models_per_target);
+    if model_ids.is_empty() {
+        return None;
+    }
+    Some(Target {
+        id,
+        embedding,
+        model_ids,
+        distance_threshold: state.distance_threshold,
+        reward_pool: state.reward_per_target,
+        generation_epoch: epoch,
+        status: TargetStatus::Open,
+        submitter: None,
+        winning_model_id: None,
+        winning_model_owner: None,
+        bond_amount: 0,
+        winning_manifest: None,
+        winning_embedding: None,
+        winning_distance: None,
+        winning_loss: None,
+    })
+}
+
+/// Shannons the chain may spend on targets in one epoch.
+pub fn epoch_budget(params: &Params) -> u64 {
+    ((params.emission_per_epoch as u128 * params.target_reward_allocation_bps as u128) / 10_000)
+        as u64
+}
+
+pub fn reward_per_target(params: &Params) -> u64 {
+    epoch_budget(params) / params.target_hits_per_epoch.max(1)
+}
+
+/// Whether one more target fits the emission pool and this epoch's budget.
+pub fn can_fund(params: &Params, state: &TargetState, emission_pool: u64) -> bool {
+    let reward = state.reward_per_target;
+    reward > 0
+        && emission_pool >= reward
+        && (state.targets_generated_this_epoch + 1) as u128 * reward as u128
+            <= epoch_budget(params) as u128
+}
+
+/// The epoch-boundary update: hits EMA, the z-based threshold step, counter reset, funding.
+pub fn advance_epoch(params: &Params, state: &mut TargetState) {
+    let decay = params.hits_ema_decay_bps;
+    state.hits_ema = if state.hits_ema == 0 {
+        state.hits_this_epoch
+    } else {
+        (decay * state.hits_ema + (10_000 - decay) * state.hits_this_epoch) / 10_000
+    };
+    if state.hits_ema > 0 && state.hits_ema != params.target_hits_per_epoch {
+        let mut z = (1.0 - state.distance_threshold) / EMBEDDING_DISTANCE_STD;
+        let rate = params.difficulty_adjustment_rate_bps as f32 / 10_000.0;
+        let step = (z.abs() * rate).max(MIN_Z_STEP);
+        if state.hits_ema > params.target_hits_per_epoch {
+            z += step;
+        } else {
+            z -= step;
+        }
+        let z_min = (1.0 - params.max_distance_threshold) / EMBEDDING_DISTANCE_STD;
+        let z_max = (1.0 - params.min_distance_threshold) / EMBEDDING_DISTANCE_STD;
+        state.distance_threshold = 1.0 - EMBEDDING_DISTANCE_STD * z.clamp(z_min, z_max);
+    }
+    state.targets_generated_this_epoch = 0;
+    state.hits_this_epoch = 0;
+    state.reward_per_target = reward_per_target(params);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use somatrain_protocol::Address;
+    use std::collections::BTreeMap;
+
+    fn model(id: u8, embedding: Vec<f32>, stake: u64) -> Model {
+        Model {
+            id: ObjectId([id; 32]),
+            owner: Address([id; 32]),
+            architecture_version: 1,
+            status: ModelStatus::Active,
+            create_epoch: 0,
+            pending: None,
+            manifest: None,
+            commitments: None,
+            decryption_key: None,
+            embedding: Some(embedding),
+            commission_bps: 0,
+            next_commission_bps: 0,
+            stake,
+            stakes: BTreeMap::new(),
+            activation_epoch: Some(0),
+            deactivation_epoch: None,
+            slashed: 0,
+        }
+    }
+
+    /// The network's `test_stake_weighting`: two orthogonal models with stakes 100 and 1000, both
+    /// at cosine distance 1 from the target: shares 0.240/0.760, scores 4.16/1.32, the
+    /// high-stake model first.
+    #[test]
+    fn stake_weighting_matches_the_worked_example() {
+        let low = model(1, vec![1.0, 0.0, 0.0], 100);
+        let high = model(2, vec![0.0, 1.0, 0.0], 1000);
+        let target = [0.0f32, 0.0, 1.0];
+        let ranked = rank_models(&target, [&low, &high].into_iter());
+        assert_eq!(ranked[0].0, high.id);
+        assert!((ranked[0].1 - 1.32).abs() < 0.005, "{ranked:?}");
+        assert!((ranked[1].1 - 4.16).abs() < 0.005, "{ranked:?}");
+        assert_eq!(
+            select_models(&target, [&low, &high].into_iter(), 1),
+            vec![high.id]
+        );
+    }
+
+    /// With equal stakes the nearest direction wins; inactive models are never picked.
+    #[test]
+    fn nearest_models_first_and_only_active_ones() {
+        let a = model(1, vec![1.0, 0.0, 0.0], 1000);
+        let b = model(2, vec![0.9, 0.1, 0.0], 1000);
+        let mut c = model(3, vec![1.0, 0.0, 0.0], 1000);
+        c.status = ModelStatus::Inactive;
+        let far = model(4, vec![-1.0, 0.0, 0.0], 1000);
+        let picked = select_models(&[1.0, 0.0, 0.0], [&a, &b, &c, &far].into_iter(), 2);
+        assert_eq!(picked, vec![a.id, b.id]);
+    }
+
+    /// V5 steps from the reference: 1.05 moves to about 1.10 after an epoch with too few hits,
+    /// and to 1.0 after one with too many.
+    #[test]
+    fn difficulty_steps_follow_the_z_rule() {
+        let params = Params::default();
+        let mut few = TargetState {
+            distance_threshold: 1.05,
+            targets_generated_this_epoch: 9,
+            hits_this_epoch: 5,
+            hits_ema: 0,
+            reward_per_target: 0,
+        };
+        advance_epoch(&params, &mut few);
+        assert!(
+            (few.distance_threshold - 1.10).abs() < 1e-3,
+            "{}",
+            few.distance_threshold
+        );
+        assert_eq!(
+            (
+                few.hits_ema,
+                few.hits_this_epoch,
+                few.targets_generated_this_epoch
+            ),
+            (5, 0, 0)
+        );
+        assert_eq!(few.reward_per_target, 1_370_000_000_000 * 8 / 10 / 86_400);
+        let mut many = TargetState {
+            distance_threshold: 1.05,
+            targets_generated_this_epoch: 0,
+            hits_this_epoch: 100_000,
+            hits_ema: 0,
+            reward_per_target: 0,
+        };
+        advance_epoch(&params, &mut many);
+        assert!(
+            many.distance_threshold.abs() - 1.0 < 1e-4
+                && (many.distance_threshold - 1.0).abs() < 1e-4,
+            "{}",
+            many.distance_threshold
+        );
+        // No hits at all (EMA 0): bootstrap, no adjustment.
+        let mut none = TargetState {
+            distance_threshold: 1.05,
+            targets_generated_this_epoch: 0,
+            hits_this_epoch: 0,
+            hits_ema: 0,
+            reward_per_target: 0,
+        };
+        advance_epoch(&params, &mut none);
+        assert_eq!(none.distance_threshold, 1.05);
+    }
+}
