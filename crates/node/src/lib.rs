@@ -61,8 +61,18 @@ struct Inner {
 }
 
 /// A running chain.
+type Slot = Arc<Mutex<Option<Result<TxRecord, NodeError>>>>;
+
+/// A verified transaction waiting for the next group commit.
+struct Queued {
+    body: somatrain_protocol::TxBody,
+    digest: TxDigest,
+    slot: Slot,
+}
+
 pub struct Node {
     inner: Mutex<Inner>,
+    queue: Mutex<Vec<Queued>>,
     pub admin_token: Option<String>,
     pub blob_dir: PathBuf,
 }
@@ -71,9 +81,8 @@ impl Node {
     /// Opens the data directory, creating genesis on first use.
     pub fn open(config: &NodeConfig) -> Result<Arc<Node>, NodeError> {
         let store = Store::open(&config.data_dir)?;
-        let system = match store.get::<SystemState>(Table::System, "system")? {
-            Some(system) => system,
-            None => {
+        if store.get::<SystemState>(Table::System, "system")?.is_none() {
+            {
                 let system = SystemState {
                     epoch: 0,
                     epoch_start_ms: now_ms(),
@@ -96,30 +105,9 @@ impl Node {
                 batch.put(Table::System, "system", &system);
                 store.commit(batch)?;
                 tracing::info!("created a new localnet in {}", config.data_dir.display());
-                system
             }
-        };
-        let accounts: BTreeMap<Address, Account> = store
-            .load_all::<Account>(Table::Accounts)?
-            .into_iter()
-            .filter_map(|(k, v)| k.parse().ok().map(|a| (a, v)))
-            .collect();
-        let models: BTreeMap<_, Model> = store
-            .load_all::<Model>(Table::Models)?
-            .into_iter()
-            .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
-            .collect();
-        let targets: BTreeMap<_, Target> = store
-            .load_all::<Target>(Table::Targets)?
-            .into_iter()
-            .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
-            .collect();
-        let state = ChainState {
-            system,
-            accounts,
-            models,
-            targets,
-        };
+        }
+        let state = load_state(&store)?;
         assert_eq!(
             state.accounted_supply(),
             state.system.total_supply,
@@ -132,6 +120,7 @@ impl Node {
         })?;
         Ok(Arc::new(Node {
             inner: Mutex::new(Inner { state, store }),
+            queue: Mutex::new(Vec::new()),
             admin_token: config.admin_token.clone(),
             blob_dir,
         }))
@@ -152,21 +141,80 @@ impl Node {
     /// Verifies, executes and durably commits a transaction. Sending the same signed
     /// transaction again returns its record instead of failing, so a client that lost the
     /// response can simply retry.
+    ///
+    /// Group commit: a submitter queues its transaction, then takes the state lock; whoever holds
+    /// the lock executes everything queued so far in order and commits it in one durable batch
+    /// (one fsync for many transactions). A submitter whose transaction a previous holder already
+    /// committed just reads its result.
     pub fn submit(&self, tx: &SignedTx) -> Result<TxRecord, NodeError> {
         let body = tx.verify()?;
-        let digest = tx.digest();
+        let slot: Slot = Arc::new(Mutex::new(None));
+        self.queue.lock().expect("queue lock").push(Queued {
+            body,
+            digest: tx.digest(),
+            slot: slot.clone(),
+        });
         let mut inner = self.inner.lock().expect("node lock");
-        if let Some(record) = inner
-            .store
-            .get::<TxRecord>(Table::Transactions, &digest.to_string())?
-        {
-            return Ok(record);
+        if let Some(result) = slot.lock().expect("slot lock").take() {
+            return result;
         }
-        let (changes, record) = execute::execute(&inner.state, &body, digest)?;
-        let mut extra = Batch::default();
-        extra.put(Table::Transactions, digest.to_string(), &record);
-        Self::commit(&mut inner, changes, extra)?;
-        Ok(record)
+        let queued = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+        Self::execute_batch(&mut inner, queued);
+        drop(inner);
+        slot.lock()
+            .expect("slot lock")
+            .take()
+            .expect("the batch that held our transaction answered it")
+    }
+
+    fn execute_batch(inner: &mut Inner, queued: Vec<Queued>) {
+        let mut batch = Batch::default();
+        let mut results: Vec<Result<TxRecord, NodeError>> = Vec::with_capacity(queued.len());
+        let mut seen: std::collections::HashMap<TxDigest, TxRecord> = Default::default();
+        for q in &queued {
+            let key = q.digest.to_string();
+            let previous = match seen.get(&q.digest) {
+                Some(r) => Ok(Some(r.clone())),
+                None => inner.store.get::<TxRecord>(Table::Transactions, &key),
+            };
+            let result = match previous {
+                Ok(Some(record)) => Ok(record),
+                Err(e) => Err(NodeError::Store(e)),
+                Ok(None) => match execute::execute(&inner.state, &q.body, q.digest) {
+                    Ok((changes, record)) => {
+                        batch.extend(changes.to_batch());
+                        batch.put(Table::Transactions, key, &record);
+                        inner.state.apply(changes);
+                        seen.insert(q.digest, record.clone());
+                        Ok(record)
+                    }
+                    Err(e) => Err(NodeError::Tx(e)),
+                },
+            };
+            results.push(result);
+        }
+        if !batch.is_empty()
+            && let Err(e) = inner.store.commit(batch)
+        {
+            // Memory ran ahead of the disk: reload what is durable and fail the whole batch.
+            tracing::error!("commit failed, reloading state: {e}");
+            match load_state(&inner.store) {
+                Ok(state) => inner.state = state,
+                Err(reload) => panic!("state cannot be reloaded after a failed commit: {reload}"),
+            }
+            let message = e.to_string();
+            results = queued
+                .iter()
+                .map(|_| Err(NodeError::Store(StoreError::Db(message.clone()))))
+                .collect();
+        }
+        debug_assert_eq!(
+            inner.state.accounted_supply(),
+            inner.state.system.total_supply
+        );
+        for (q, result) in queued.into_iter().zip(results) {
+            *q.slot.lock().expect("slot lock") = Some(result);
+        }
     }
 
     pub fn transaction(&self, digest: &TxDigest) -> Result<Option<TxRecord>, NodeError> {
@@ -288,6 +336,35 @@ impl Node {
     pub fn data_dir_blob(&self, name: &str) -> PathBuf {
         self.blob_dir.join(name)
     }
+}
+
+/// Reads the whole chain state from the store.
+fn load_state(store: &Store) -> Result<ChainState, StoreError> {
+    let system: SystemState = store
+        .get(Table::System, "system")?
+        .ok_or_else(|| StoreError::Db("the system state is missing".into()))?;
+    let accounts: BTreeMap<Address, Account> = store
+        .load_all::<Account>(Table::Accounts)?
+        .into_iter()
+        .filter_map(|(k, v)| k.parse().ok().map(|a| (a, v)))
+        .collect();
+    let models: BTreeMap<_, Model> = store
+        .load_all::<Model>(Table::Models)?
+        .into_iter()
+        .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
+        .collect();
+    let targets: BTreeMap<_, Target> = store
+        .load_all::<Target>(Table::Targets)?
+        .into_iter()
+        .filter_map(|(k, v)| k.parse().ok().map(|id| (id, v)))
+        .collect();
+    let state = ChainState {
+        system,
+        accounts,
+        models,
+        targets,
+    };
+    Ok(state)
 }
 
 /// Runs the epoch clock until the process ends.

@@ -23,6 +23,17 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Weights encryption + commitment throughput (AES-256-CTR and Blake2b-256, streamed).
     Crypto(CryptoBenchArgs),
+    /// Localnet load: many accounts sending signed transfers concurrently over HTTP.
+    Localnet(LocalnetBenchArgs),
+}
+
+#[derive(Args)]
+pub struct LocalnetBenchArgs {
+    #[arg(long, default_value_t = 1000)]
+    accounts: usize,
+    /// Transfers each account sends, one after another.
+    #[arg(long, default_value_t = 5)]
+    transactions_per_account: u64,
 }
 
 #[derive(Args)]
@@ -109,6 +120,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Score(args) => bench_score(args),
         BenchCommand::Train(args) => bench_train(args),
         BenchCommand::Crypto(args) => bench_crypto(args),
+        BenchCommand::Localnet(args) => bench_localnet(args),
     }
 }
 
@@ -296,6 +308,104 @@ fn bench_crypto(args: CryptoBenchArgs) -> Result<()> {
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");
+    Ok(())
+}
+
+fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
+    use somatrain_client::Client;
+    use somatrain_node::{Node, NodeConfig};
+    use somatrain_protocol::Keypair;
+    use somatrain_protocol::chain::Params;
+    use somatrain_protocol::tx::{SignedTx, TxBody, TxKind};
+    if args.accounts == 0 || args.transactions_per_account == 0 {
+        bail!("--accounts and --transactions-per-account must be positive");
+    }
+    let dir = tempfile::tempdir()?;
+    let config = NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        genesis: Params::default(),
+        admin_token: None,
+    };
+    let node = Node::open(&config)?;
+    let keys: Vec<Keypair> = (0..args.accounts).map(|_| Keypair::generate()).collect();
+    for k in &keys {
+        node.faucet(k.address())?;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (latencies, acknowledged, secs) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(somatrain_node::serve(
+            node.clone(),
+            listener,
+            std::future::pending(),
+        ));
+        let sink = Keypair::generate().address();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for k in keys {
+            let client = Client::new(&url);
+            let n = args.transactions_per_account;
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for sequence in 0..n {
+                    let body = TxBody {
+                        sender: k.address(),
+                        sequence,
+                        kind: TxKind::Transfer {
+                            to: sink,
+                            amount: 1,
+                        },
+                    };
+                    let tx = SignedTx::sign(&k, &body);
+                    let t0 = Instant::now();
+                    let result = client.submit(&tx).await;
+                    out.push((t0.elapsed().as_secs_f64(), result.is_ok(), tx.digest()));
+                }
+                out
+            }));
+        }
+        let mut latencies = Vec::new();
+        let mut acknowledged = Vec::new();
+        for t in tasks {
+            for (latency, ok, digest) in t.await? {
+                latencies.push(latency);
+                if ok {
+                    acknowledged.push(digest);
+                }
+            }
+        }
+        anyhow::Ok((latencies, acknowledged, start.elapsed().as_secs_f64()))
+    })?;
+    let total = latencies.len();
+    let lost = acknowledged
+        .iter()
+        .filter(|d| node.transaction(d).ok().flatten().is_none())
+        .count();
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] * 1e3;
+    let conserved = node.accounted_supply() == node.system().total_supply;
+    let out = serde_json::json!({
+        "bench": "localnet",
+        "accounts": args.accounts,
+        "transactions": total,
+        "acknowledged": acknowledged.len(),
+        "lost": lost,
+        "supply_conserved": conserved,
+        "seconds": secs,
+        "tx_per_s": acknowledged.len() as f64 / secs,
+        "p50_ms": p(0.5),
+        "p99_ms": p(0.99),
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    if lost > 0 || !conserved || acknowledged.len() != total {
+        bail!(
+            "{lost} acknowledged transactions lost, {} refused, supply conserved: {conserved}",
+            total - acknowledged.len()
+        );
+    }
     Ok(())
 }
 
