@@ -39,6 +39,9 @@ enum Command {
     Localnet(commands::net::LocalnetArgs),
     /// Show a node's epoch, supply and models.
     Status(commands::net::StatusArgs),
+    /// The account key: new, import, show.
+    #[command(subcommand)]
+    Wallet(commands::wallet::WalletCommand),
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Commitment(args) => commands::crypto::run_commitment(args),
         Command::Localnet(args) => commands::net::run_localnet(args),
         Command::Status(args) => commands::net::run_status(args),
+        Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod net;
 pub mod score;
 pub mod train;
+pub mod wallet;
 
 use std::io::Read;
 use std::path::Path;

@@ -1,0 +1,85 @@
+//! `somatrain wallet`: keystores are private, secrets never printed, SOMA_SECRET_KEY wins.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+fn somatrain() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_somatrain"));
+    c.env_remove("SOMA_SECRET_KEY");
+    c
+}
+
+#[test]
+fn new_import_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = dir.path().join("ks.json");
+    let ks_s = ks.to_str().unwrap();
+    let out = somatrain()
+        .args(["wallet", "new", "--keystore", ks_s])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let address = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(address.len(), 64);
+    assert_eq!(
+        std::fs::metadata(&ks).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let secret = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&ks).unwrap())
+        .unwrap()["secret_hex"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = somatrain()
+        .args(["wallet", "show", "--keystore", ks_s])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), address);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&secret));
+    // No silent overwrite.
+    let out = somatrain()
+        .args(["wallet", "new", "--keystore", ks_s])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // Import the SDK's test seed from standard input: its address is known.
+    let imported = dir.path().join("imported.json");
+    let mut child = somatrain()
+        .args(["wallet", "import", "--keystore", imported.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seed: String = (0..32u8).map(|b| format!("{b:02x}")).collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(seed.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "160179a1565ea7cff27ead23f54cc7f50893bf58155cd7285156e57afa31c3ac"
+    );
+    // SOMA_SECRET_KEY takes precedence over the keystore; a bad one is refused without echo.
+    let out = somatrain()
+        .args(["wallet", "show", "--keystore", ks_s])
+        .env("SOMA_SECRET_KEY", &seed)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "160179a1565ea7cff27ead23f54cc7f50893bf58155cd7285156e57afa31c3ac"
+    );
+    let out = somatrain()
+        .args(["wallet", "show"])
+        .env("SOMA_SECRET_KEY", "zz-not-a-key")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("zz-not-a-key"));
+}
