@@ -172,7 +172,7 @@ fn layer_norm_row(x: &[f32], gamma: &[f32], beta: &[f32], out: &mut [f32]) {
 pub fn gelu_in_place(x: &mut [f32]) {
     x.par_chunks_mut(4096).for_each(|chunk| {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports FMA, checked just above.
             unsafe { gelu_chunk_fma(chunk) };
             return;
@@ -182,7 +182,7 @@ pub fn gelu_in_place(x: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[target_feature(enable = "avx2,fma")]
 fn gelu_chunk_fma(chunk: &mut [f32]) {
     gelu_chunk(chunk);
 }
@@ -204,26 +204,52 @@ pub fn gelu(x: f32) -> f32 {
 /// the scorer itself evaluates erf in f64 and rounds, so both agree to about one ulp.
 #[inline(always)]
 pub fn erf(a: f32) -> f32 {
+    // Both branches are evaluated and one is selected, so that loops over erf vectorise.
     let t = a.abs();
     let s = a * a;
-    if t > 0.927_734_4 {
-        let mut r = (-1.728_534_7e-5f32).mul_add(t, 3.831_971_3e-4);
-        let u = (-3.883_964_4e-3f32).mul_add(t, 2.425_462_2e-2);
-        r = r.mul_add(s, u);
-        r = r.mul_add(t, -1.067_778_8e-1);
-        r = r.mul_add(t, -6.348_467e-1);
-        r = r.mul_add(t, -1.287_175_1e-1);
-        r = r.mul_add(t, -t);
-        (1.0 - r.exp()).copysign(a)
-    } else {
-        let mut r = -5.967_617e-4f32;
-        r = r.mul_add(s, 4.991_194_2e-3);
-        r = r.mul_add(s, -2.676_813_5e-2);
-        r = r.mul_add(s, 1.128_199_3e-1);
-        r = r.mul_add(s, -3.761_253_4e-1);
-        r = r.mul_add(s, 1.283_791_7e-1);
-        r.mul_add(a, a)
-    }
+    let mut r = (-1.728_534_7e-5f32).mul_add(t, 3.831_971_3e-4);
+    let u = (-3.883_964_4e-3f32).mul_add(t, 2.425_462_2e-2);
+    r = r.mul_add(s, u);
+    r = r.mul_add(t, -1.067_778_8e-1);
+    r = r.mul_add(t, -6.348_467e-1);
+    r = r.mul_add(t, -1.287_175_1e-1);
+    r = r.mul_add(t, -t);
+    // r <= 0 wherever this branch is selected (|a| > 0.9277).
+    let large = (1.0 - exp_nonpositive(r.min(0.0))).copysign(a);
+    let mut q = -5.967_617e-4f32;
+    q = q.mul_add(s, 4.991_194_2e-3);
+    q = q.mul_add(s, -2.676_813_5e-2);
+    q = q.mul_add(s, 1.128_199_3e-1);
+    q = q.mul_add(s, -3.761_253_4e-1);
+    q = q.mul_add(s, 1.283_791_7e-1);
+    let small = q.mul_add(a, a);
+    if t > 0.927_734_4 { large } else { small }
+}
+
+/// e^x for x <= 0: Cody-Waite reduction to |r| <= ln2/2 and a degree-7 Taylor polynomial
+/// (truncation error below 0.1 ulp), scaled by 2^k through the exponent bits. Branch-free, so
+/// loops over it vectorise (libm's `expf` is a call per element). Inputs at or below -87.33 give
+/// 0 (subnormal results are flushed); positive inputs are out of contract.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // 0x3f317200: few mantissa bits, so k * LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
+    const FLOOR: f32 = -87.336_55;
+    let clamped = x.max(FLOOR);
+    let k = (clamped * LOG2E + ROUNDER) - ROUNDER;
+    let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, clamped));
+    let mut p = 1.0f32 / 5040.0;
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x <= FLOOR { 0.0 } else { p * scale }
 }
 
 /// RoPE timescales `10000^(2i/h)` for `i < h/2`, each correctly rounded to f32 as the canonical
@@ -460,7 +486,7 @@ pub fn causal_attention(
 /// sees keys `0..=q0 + r`, the rest is zeroed.
 fn softmax_tile(scores: &mut [f32], keys: usize, q0: usize, scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("fma") {
+    if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports FMA, checked just above.
         unsafe { softmax_tile_fma(scores, keys, q0, scale) };
         return;
@@ -469,7 +495,7 @@ fn softmax_tile(scores: &mut [f32], keys: usize, q0: usize, scale: f32) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[target_feature(enable = "avx2,fma")]
 fn softmax_tile_fma(scores: &mut [f32], keys: usize, q0: usize, scale: f32) {
     softmax_tile_generic(scores, keys, q0, scale);
 }
@@ -491,11 +517,11 @@ fn softmax_prefix(row: &mut [f32], valid: usize, scale: f32) {
         *s /= scale;
         max = max.max(*s);
     }
-    let mut sum = 0f32;
+    // Separate loops (exp, then an 8-lane sum) so that the exp loop vectorises.
     for s in live.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+        *s = exp_nonpositive(*s - max);
     }
+    let sum = sum_f32(live.iter().copied());
     for s in live.iter_mut() {
         *s /= sum;
     }
@@ -685,7 +711,7 @@ pub fn gelu_backward_in_place(x: &[f32], dx: &mut [f32]) {
         .zip(x.par_chunks(4096))
         .for_each(|(g, xs)| {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports FMA, checked just above.
                 unsafe { gelu_backward_chunk_fma(xs, g) };
                 return;
@@ -695,7 +721,7 @@ pub fn gelu_backward_in_place(x: &[f32], dx: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[target_feature(enable = "avx2,fma")]
 fn gelu_backward_chunk_fma(x: &[f32], g: &mut [f32]) {
     gelu_backward_chunk(x, g);
 }
@@ -705,7 +731,7 @@ fn gelu_backward_chunk(x: &[f32], g: &mut [f32]) {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     for (g, &v) in g.iter_mut().zip(x) {
         let cdf = 0.5 * (1.0 + erf(v / std::f32::consts::SQRT_2));
-        let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+        let pdf = INV_SQRT_2PI * exp_nonpositive(-0.5 * v * v);
         *g *= cdf + v * pdf;
     }
 }
@@ -1127,6 +1153,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn exp_is_within_one_ulp_of_f64_exp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let exact = (x as f64).exp();
+            let e32 = exact as f32;
+            let ulp = (f32::from_bits(e32.to_bits() + 1) - e32) as f64;
+            worst = worst.max((exp_nonpositive(x) as f64 - exact).abs() / ulp);
+            x += 3.0e-4;
+        }
+        eprintln!("exp: worst error {worst:.3} ulp");
+        assert!(worst <= 1.0, "worst error {worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1000.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
