@@ -102,6 +102,9 @@ pub struct StatusArgs {
     /// The node's URL.
     #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
     node: String,
+    /// Show this account's balance (default: the wallet's address, if a key is configured).
+    #[arg(long)]
+    address: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -120,11 +123,18 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         let client = Client::new(&args.node);
         let status = client.status().await?;
         let models = client.models().await?;
+        let targets = client.targets("open").await?;
+        let address = match &args.address {
+            Some(a) => Some(a.parse::<somatrain_protocol::Address>().map_err(|e| anyhow::anyhow!("--address: {e}"))?),
+            None => super::wallet::load_keypair(None).ok().map(|k| k.address()),
+        };
+        let account = match address {
+            Some(a) => Some((a, client.account(&a).await?)),
+            None => None,
+        };
         if args.json {
-            println!(
-                "{}",
-                serde_json::json!({ "status": status, "models": models })
-            );
+            let account = account.map(|(a, acc)| serde_json::json!({"address": a, "balance": acc.balance, "sequence": acc.sequence}));
+            println!("{}", serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets }));
             return Ok(());
         }
         let left_s = status.next_epoch_ms.saturating_sub(status.now_ms) / 1000;
@@ -158,6 +168,19 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         }
         if models.is_empty() {
             println!("(no models)");
+        }
+        println!(
+            "\n{} open targets (threshold {:.4}, reward {} SOMA each)",
+            targets.len(),
+            status.target_state.distance_threshold,
+            soma(status.target_state.reward_per_target)
+        );
+        for t in targets.iter().take(10) {
+            let models: Vec<String> = t.model_ids.iter().map(|m| m.to_string()[..10].to_string()).collect();
+            println!("  {}  models {}", t.id, models.join(","));
+        }
+        if let Some((a, acc)) = account {
+            println!("\naccount {a}: {} SOMA (next sequence {})", soma(acc.balance), acc.sequence);
         }
         Ok(())
     })
