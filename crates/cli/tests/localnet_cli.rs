@@ -106,15 +106,32 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
     assert_eq!(status.accounted_supply, status.total_supply);
     // `somatrain status` reads the same node.
     let out = Command::new(env!("CARGO_BIN_EXE_somatrain"))
-        .args(["status", "--node", &url, "--json", "--address", &sink.to_string()])
+        .args([
+            "status",
+            "--node",
+            &url,
+            "--json",
+            "--address",
+            &sink.to_string(),
+        ])
         .env_remove("SOMA_SECRET_KEY")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["account"]["balance"].as_u64().unwrap(), received);
-    assert_eq!(shown["status"]["total_supply"].as_u64().unwrap(), status.total_supply);
-    let text = Command::new(env!("CARGO_BIN_EXE_somatrain")).args(["status", "--node", &url]).output().unwrap();
+    assert_eq!(
+        shown["status"]["total_supply"].as_u64().unwrap(),
+        status.total_supply
+    );
+    let text = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+        .args(["status", "--node", &url])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("open targets"));
     node.kill().unwrap();
     node.wait().unwrap();

@@ -269,42 +269,19 @@ impl View for F32View<'_> {
 /// the metadata. The write is atomic: a temporary file is written and synced, then renamed over
 /// `path`, so a crash leaves either the old file or the new one.
 pub fn save_file(weights: &Weights, path: &Path) -> Result<(), WeightsError> {
-    let io_err = |source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let specs = Weights::specs(&weights.config);
-    let views: Vec<(String, F32View<'_>)> = specs
+    let tensors = specs
         .into_iter()
         .zip(weights.tensors())
-        .map(|(spec, (name, data))| {
-            (
-                name,
-                F32View {
-                    shape: spec.shape,
-                    data,
-                },
-            )
-        })
+        .map(|(spec, (name, data))| (name, spec.shape, data))
         .collect();
     // One key only: safetensors writes metadata in hash-map order, and a single entry keeps the
     // file's bytes (and so its commitment) reproducible.
-    let mut metadata = HashMap::new();
-    metadata.insert(
+    let metadata = HashMap::from([(
         META_CONFIG.to_string(),
         serde_json::to_string(&weights.config).expect("config serialises"),
-    );
-    let tmp = temp_path_for(path);
-    let result = safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(source) => io_err(source),
-            other => WeightsError::NotSafetensors(other.to_string()),
-        })
-        .and_then(|()| finish_atomic(&tmp, path).map_err(io_err));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    )]);
+    save_named(path, tensors, metadata)
 }
 
 /// Writes named f32 tensors (for example optimizer moments) as safetensors, atomically.

@@ -165,14 +165,26 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
         );
         times.push(secs);
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
     let tokens = args.sequences * args.seq_len;
     let flops = config.forward_flops(tokens as u64, args.seq_len as u64);
-    let gflops = flops / median / 1e9;
+    print_report("score", args.preset, tokens, flops, &mut times, peak)
+}
+
+/// Prints the final JSON line of a model bench from the runs' durations (median taken).
+fn print_report(
+    bench: &'static str,
+    preset: Preset,
+    tokens: usize,
+    flops_per_run: f64,
+    times: &mut [f64],
+    peak: f64,
+) -> Result<()> {
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let gflops = flops_per_run / median / 1e9;
     let report = BenchReport {
-        bench: "score",
-        preset: args.preset.to_string(),
+        bench,
+        preset: preset.to_string(),
         tokens,
         seconds_per_run: median,
         tokens_per_s: tokens as f64 / median,
@@ -243,25 +255,10 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         );
         times.push(secs);
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
     let tokens = batch.token_count();
     // Backward costs about twice the forward: 3x the forward FLOPs per step.
-    let gflops = 3.0 * config.forward_flops(tokens as u64, args.seq_len as u64) / median / 1e9;
-    let report = BenchReport {
-        bench: "train",
-        preset: args.preset.to_string(),
-        tokens,
-        seconds_per_run: median,
-        tokens_per_s: tokens as f64 / median,
-        gflops_per_s: gflops,
-        matmul_peak_gflops_per_s: peak,
-        fraction_of_peak: gflops / peak,
-        peak_rss_bytes: peak_rss_bytes(),
-        threads: rayon::current_num_threads(),
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    let flops = 3.0 * config.forward_flops(tokens as u64, args.seq_len as u64);
+    print_report("train", args.preset, tokens, flops, &mut times, peak)
 }
 
 fn bench_crypto(args: CryptoBenchArgs) -> Result<()> {

@@ -45,6 +45,29 @@ fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
     Ok(Box::new(BurnModel::new(&weights, device)))
 }
 
+/// Writes a secret (a key, a token) atomically into a file only its owner can read: created with
+/// mode 0600 under a temporary name, synced, then renamed over `path`.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = somatrain_model::io::temp_path_for(path);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    somatrain_model::io::finish_atomic(&tmp, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// Reads a whole input file, or standard input for `-`.
 pub fn read_input(path: &Path) -> Result<Vec<u8>> {
     if path == Path::new("-") {

@@ -1,6 +1,6 @@
 //! `somatrain localnet` (run the node) and `somatrain status` (read it).
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -32,22 +32,6 @@ pub struct LocalnetArgs {
     admin_token: Option<String>,
 }
 
-fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -58,7 +42,7 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
             Ok(t) => t.trim().to_string(),
             Err(_) => {
                 let t = somatrain_protocol::EncryptionKey::generate().to_base58();
-                write_secret(&token_path, &t)?;
+                super::write_private_file(&token_path, t.as_bytes())?;
                 t
             }
         },

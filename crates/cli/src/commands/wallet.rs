@@ -1,7 +1,7 @@
 //! `somatrain wallet new|import|show`: the account key, kept in a keystore file (mode 0600) or
 //! taken from `SOMA_SECRET_KEY`. The secret is never printed, logged or put in an error.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -48,31 +48,17 @@ fn keystore_path(args: &KeystoreArgs) -> PathBuf {
 }
 
 fn write_keystore(path: &Path, kp: &Keypair, force: bool) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     if path.exists() && !force {
         bail!(
             "{} already holds a key; pass --force to replace it",
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     let body = serde_json::to_string_pretty(&KeystoreFile {
         address: kp.address().to_string(),
         secret_hex: kp.secret_hex(),
     })?;
-    let tmp = somatrain_model::io::temp_path_for(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(body.as_bytes())?;
-    file.sync_all()?;
-    somatrain_model::io::finish_atomic(&tmp, path)?;
-    Ok(())
+    super::write_private_file(path, body.as_bytes())
 }
 
 /// The signing key: `SOMA_SECRET_KEY` if set, else the keystore.
