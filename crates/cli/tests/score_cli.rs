@@ -261,3 +261,48 @@ fn cuda_without_support_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
 }
+
+#[test]
+fn eval_and_embed_agree_with_the_scorer() {
+    let dir = case_dir("small_40kb");
+    let e = expected("small_40kb");
+    let weights = dir.join("weights.safetensors");
+    let data = dir.join("data.bin");
+    let out = somatrain(&[
+        "eval",
+        "--weights",
+        path(&weights),
+        "--data",
+        path(&data),
+        "--num-heads",
+        "4",
+        "--seed",
+        "1",
+        "--json",
+    ]);
+    let report = json_of(&out);
+    assert_loss(&report["network_loss"], e["loss"].as_f64().unwrap());
+    let bpb = report["bits_per_byte"].as_f64().unwrap();
+    let ce = report["cross_entropy"].as_f64().unwrap();
+    assert!((bpb - ce / std::f64::consts::LN_2).abs() < 1e-4, "{report}");
+    assert_eq!(report["bytes"].as_u64().unwrap(), 40_000);
+
+    let out = somatrain(&[
+        "embed",
+        "--weights",
+        path(&weights),
+        "--data",
+        path(&data),
+        "--num-heads",
+        "4",
+    ]);
+    let embedding = json_of(&out);
+    let expected_embedding = e["embedding"].as_array().unwrap();
+    assert_eq!(
+        embedding.as_array().unwrap().len(),
+        expected_embedding.len()
+    );
+    for (a, b) in embedding.as_array().unwrap().iter().zip(expected_embedding) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
+    }
+}

@@ -1,4 +1,4 @@
-//! HTTP+JSON API, versioned under `/v1` (documented in `docs/openapi.yaml`).
+//! HTTP+JSON API, versioned under `/v1` (documented in `docs/openapi.json`).
 //!
 //! Errors are `{"error": code, "message": text}` with a 4xx status for bad requests and a bare
 //! 500 for internal failures (logged here, never detailed to the client).
