@@ -202,8 +202,9 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Weights and data, shared by `eval` and `embed`.
 #[derive(Args)]
-pub struct EvalArgs {
+pub struct ModelOnData {
     #[arg(long)]
     weights: PathBuf,
     /// Data files (concatenated); `-` reads standard input.
@@ -213,6 +214,19 @@ pub struct EvalArgs {
     num_heads: Option<usize>,
     #[arg(long)]
     preset: Option<Preset>,
+}
+
+impl ModelOnData {
+    fn load(&self) -> Result<(CpuModel, Vec<u8>)> {
+        let model = load_model(&self.weights, self.num_heads, self.preset)?;
+        Ok((model, read_all(&self.data)?))
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    input: ModelOnData,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
@@ -241,8 +255,7 @@ fn read_all(paths: &[PathBuf]) -> Result<Vec<u8>> {
 }
 
 pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let mut model = load_model(&args.weights, args.num_heads, args.preset)?;
-    let data = read_all(&args.data)?;
+    let (mut model, data) = args.input.load()?;
     let options = ScoreOptions {
         seed: args.seed,
         ..ScoreOptions::default()
@@ -271,22 +284,15 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    #[arg(long)]
-    weights: PathBuf,
-    #[arg(long, required = true)]
-    data: Vec<PathBuf>,
-    #[arg(long)]
-    num_heads: Option<usize>,
-    #[arg(long)]
-    preset: Option<Preset>,
+    #[command(flatten)]
+    input: ModelOnData,
     /// Write the embedding (a JSON array) here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
 pub fn run_embed(args: EmbedArgs) -> Result<()> {
-    let mut model = load_model(&args.weights, args.num_heads, args.preset)?;
-    let data = read_all(&args.data)?;
+    let (mut model, data) = args.input.load()?;
     let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
     let text = serde_json::to_string(&score.embedding)?;
     match args.out {
