@@ -35,6 +35,25 @@ impl ClientError {
     }
 }
 
+/// Installs the TLS crypto provider (ring) once per process. Every HTTP client in the project
+/// is built after this call, so `https://` nodes and buckets work without a C crypto library.
+pub fn init_tls() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error only means another provider was installed first, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An HTTP client with the project's TLS set-up and a connect timeout.
+pub fn http_client() -> reqwest::Client {
+    init_tls();
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("the HTTP client's configuration is static")
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
@@ -47,7 +66,7 @@ impl Client {
     pub fn new(base_url: &str) -> Self {
         Client {
             base: base_url.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: http_client(),
             admin_token: None,
         }
     }
