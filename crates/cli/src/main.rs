@@ -39,6 +39,14 @@ enum Command {
     Localnet(commands::net::LocalnetArgs),
     /// Show a node's epoch, supply and models.
     Status(commands::net::StatusArgs),
+    /// Publish a round: create the model if needed, encrypt and upload the weights, commit.
+    Commit(commands::publish::CommitArgs),
+    /// Reveal the committed round (key and embedding) in the epoch after its commit.
+    Reveal(commands::publish::RevealArgs),
+    /// The unattended loop: train a round, commit, reveal at the epoch change, repeat.
+    Run(Box<commands::publish::RunArgs>),
+    /// Start an embedded localnet, fund a wallet, train, commit, advance, reveal: all in one.
+    LocalnetCycle(commands::publish::CycleArgs),
     /// The account key: new, import, show.
     #[command(subcommand)]
     Wallet(commands::wallet::WalletCommand),
@@ -74,6 +82,10 @@ fn main() -> ExitCode {
         Command::Commitment(args) => commands::crypto::run_commitment(args),
         Command::Localnet(args) => commands::net::run_localnet(args),
         Command::Status(args) => commands::net::run_status(args),
+        Command::Commit(args) => commands::publish::run_commit(args),
+        Command::Reveal(args) => commands::publish::run_reveal(args),
+        Command::Run(args) => commands::publish::run_loop(*args),
+        Command::LocalnetCycle(args) => commands::publish::run_cycle(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

@@ -18,6 +18,9 @@ use somatrain_protocol::crypto::{Commitment, CommitmentHasher};
 use somatrain_protocol::tx::Manifest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 /// Parts of a multipart upload (S3 needs at least 5 MiB for every part but the last).
 const PART_BYTES: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 4;

@@ -4,82 +4,17 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use somatrain_node::{Node, NodeConfig};
 use somatrain_protocol::chain::Params;
+use somatrain_storage::testing::MotoServer;
 use somatrain_storage::{
     Backend, RetryPolicy, S3Config, Storage, StorageError, download_verified, verify_url,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Moto {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `moto_server` (PyPI `moto[server]`) on a free loopback port and creates `bucket`.
-async fn moto(bucket: &str) -> Moto {
-    let port = free_port();
-    let child = Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 with moto[server] must be installed (pip install 'moto[server]'); .ci/run installs it");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let moto = Moto { child, addr };
-    let http = somatrain_client::http_client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match http.put(format!("http://{addr}/{bucket}")).send().await {
-            Ok(r) if r.status().is_success() => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("moto did not start: {other:?}"),
-        }
-    }
-    // Public read, as a bucket that publishes weights is set up.
-    let policy = format!(
-        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":"*","Action":"s3:GetObject","Resource":"arn:aws:s3:::{bucket}/*"}}]}}"#
-    );
-    let answer = http
-        .put(format!("http://{addr}/{bucket}?policy"))
-        .body(policy)
-        .send()
-        .await
-        .unwrap();
-    assert!(answer.status().is_success(), "bucket policy: {answer:?}");
-    moto
-}
-
-fn s3(endpoint: String, bucket: &str) -> Backend {
-    Backend::S3(S3Config {
-        bucket: bucket.into(),
-        access_key_id: "test-key".into(),
-        secret_access_key: "test-secret".into(),
-        endpoint: Some(endpoint),
-        public_url: None,
-        region: "us-east-1".into(),
-    })
-}
 
 fn pseudo_random_file(dir: &Path, name: &str, len: usize) -> std::path::PathBuf {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -139,11 +74,11 @@ async fn faulty_proxy(upstream: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_multipart_upload_round_trips_and_is_verified() {
-    let moto = moto("weights").await;
+    let moto = MotoServer::start("weights").await;
     let dir = tempfile::tempdir().unwrap();
     // 20 MiB: three parts of 8 MiB.
     let file = pseudo_random_file(dir.path(), "w.enc", 20 << 20);
-    let storage = Storage::open(&s3(format!("http://{}", moto.addr), "weights")).unwrap();
+    let storage = Storage::open(&moto.backend_at(moto.endpoint())).unwrap();
     let manifest = storage.upload_file("round-1.enc", &file).await.unwrap();
     assert_eq!(
         manifest.url,
@@ -162,7 +97,7 @@ async fn s3_multipart_upload_round_trips_and_is_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_upload_survives_server_errors_and_dropped_connections() {
-    let moto = moto("flaky").await;
+    let moto = MotoServer::start("flaky").await;
     let faults = Arc::new(Faults {
         refuse: 2,
         drop: 2,
@@ -171,7 +106,7 @@ async fn s3_upload_survives_server_errors_and_dropped_connections() {
     let proxy = faulty_proxy(moto.addr, faults.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let file = pseudo_random_file(dir.path(), "w.enc", 9 << 20);
-    let storage = Storage::open(&s3(format!("http://{proxy}"), "flaky"))
+    let storage = Storage::open(&moto.backend_at(format!("http://{proxy}")))
         .unwrap()
         .with_retry(RetryPolicy {
             attempts: 4,
@@ -192,7 +127,7 @@ async fn s3_upload_survives_server_errors_and_dropped_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_gives_up_with_a_clear_error_when_the_server_never_answers() {
-    let moto = moto("down").await;
+    let moto = MotoServer::start("down").await;
     let faults = Arc::new(Faults {
         refuse: 1000,
         ..Faults::default()
@@ -200,7 +135,7 @@ async fn upload_gives_up_with_a_clear_error_when_the_server_never_answers() {
     let proxy = faulty_proxy(moto.addr, faults).await;
     let dir = tempfile::tempdir().unwrap();
     let file = pseudo_random_file(dir.path(), "w.enc", 1000);
-    let storage = Storage::open(&s3(format!("http://{proxy}"), "down"))
+    let storage = Storage::open(&moto.backend_at(format!("http://{proxy}")))
         .unwrap()
         .with_retry(RetryPolicy {
             attempts: 2,
@@ -217,10 +152,10 @@ async fn upload_gives_up_with_a_clear_error_when_the_server_never_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_that_later_serves_other_bytes_is_detected() {
-    let moto = moto("changing").await;
+    let moto = MotoServer::start("changing").await;
     let dir = tempfile::tempdir().unwrap();
     let file = pseudo_random_file(dir.path(), "w.enc", 4096);
-    let storage = Storage::open(&s3(format!("http://{}", moto.addr), "changing")).unwrap();
+    let storage = Storage::open(&moto.backend_at(moto.endpoint())).unwrap();
     let manifest = storage.upload_file("w.enc", &file).await.unwrap();
     verify_url(storage.http(), &manifest).await.unwrap();
     storage.overwrite("w.enc", vec![7u8; 4096]).await.unwrap();

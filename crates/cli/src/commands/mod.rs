@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod crypto;
 pub mod net;
+pub mod publish;
 pub mod score;
 pub mod train;
 pub mod wallet;
@@ -45,27 +46,10 @@ fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
     Ok(Box::new(BurnModel::new(&weights, device)))
 }
 
-/// Writes a secret (a key, a token) atomically into a file only its owner can read: created with
-/// mode 0600 under a temporary name, synced, then renamed over `path`.
+/// Writes a secret (a key, a token) atomically into a file only its owner can read (0600).
 pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = somatrain_model::io::temp_path_for(path);
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    somatrain_model::io::finish_atomic(&tmp, path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    somatrain_daemon::write_private_file(path, contents)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads a whole input file, or standard input for `-`.

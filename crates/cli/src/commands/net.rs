@@ -93,7 +93,7 @@ pub struct StatusArgs {
     json: bool,
 }
 
-fn soma(shannons: u64) -> String {
+pub fn soma(shannons: u64) -> String {
     format!(
         "{}.{:09}",
         shannons / 1_000_000_000,

@@ -20,6 +20,24 @@ pub struct TrainArgs {
     /// Directory of the run: settings, checkpoints and the round's artifacts.
     #[arg(long)]
     run_dir: PathBuf,
+    #[command(flatten)]
+    training: TrainingOptions,
+    /// Optimizer steps to train in this invocation.
+    #[arg(long, conflicts_with = "until_step")]
+    steps: Option<u64>,
+    /// Train until this many optimizer steps are done in total.
+    #[arg(long)]
+    until_step: Option<u64>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Print the run summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The model, corpus and optimizer of a training run (shared by `train` and `run`).
+#[derive(Args, Clone)]
+pub struct TrainingOptions {
     /// Model shape (v1, medium, small, tiny).
     #[arg(long, default_value = "tiny")]
     preset: Preset,
@@ -48,13 +66,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 512)]
     shuffle_buffer: usize,
     #[arg(long, default_value_t = 1024)]
-    seq_len: usize,
-    /// Optimizer steps to train in this invocation.
-    #[arg(long, conflicts_with = "until_step")]
-    steps: Option<u64>,
-    /// Train until this many optimizer steps are done in total.
-    #[arg(long)]
-    until_step: Option<u64>,
+    pub seq_len: usize,
     #[arg(long, default_value_t = 2)]
     micro_batch: usize,
     #[arg(long, default_value_t = 64)]
@@ -96,11 +108,6 @@ pub struct TrainArgs {
     /// Data for the registry embedding (default: the held-out split).
     #[arg(long)]
     embedding_data: Vec<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
-    /// Print the run summary as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -109,67 +116,86 @@ enum ScheduleArg {
     Cosine,
 }
 
+impl TrainingOptions {
+    /// Options from command-line flags, with every other option at its default.
+    pub fn from_flags(flags: &[String]) -> Result<Self> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            options: TrainingOptions,
+        }
+        let argv = std::iter::once("somatrain".to_string()).chain(flags.iter().cloned());
+        Ok(<Flags as clap::Parser>::try_parse_from(argv)?.options)
+    }
+
+    pub fn settings(&self) -> Result<TrainSettings> {
+        let args = self;
+        let mut sources: Vec<Source> = args
+            .corpus_dirs
+            .iter()
+            .map(|p| Source::Dir { path: p.clone() })
+            .collect();
+        sources.extend(args.jsonl.iter().map(|p| Source::Jsonl {
+            path: p.clone(),
+            field: args.text_field.clone(),
+        }));
+        sources.extend(
+            args.file_lists
+                .iter()
+                .map(|p| Source::List { path: p.clone() }),
+        );
+        if sources.is_empty() {
+            bail!("give a corpus: --corpus-dir DIR, --jsonl FILE or --file-list FILE");
+        }
+        let corpus = CorpusConfig {
+            sources,
+            include: args.include.clone(),
+            exclude: args.exclude.clone(),
+            max_document_bytes: args.max_document_bytes,
+            heldout_per_mille: args.heldout_per_mille,
+            shuffle_buffer: args.shuffle_buffer,
+            seed: args.seed,
+            max_seq_len: args.seq_len,
+        };
+        let settings = TrainSettings {
+            model: args.preset.config(),
+            corpus,
+            optim: OptimConfig {
+                lr: args.lr,
+                beta1: args.beta1,
+                beta2: args.beta2,
+                eps: 1e-8,
+                weight_decay: args.weight_decay,
+                warmup_steps: args.warmup_steps,
+                schedule: match args.schedule {
+                    ScheduleArg::Constant => Schedule::Constant,
+                    ScheduleArg::Cosine => Schedule::Cosine,
+                },
+                decay_steps: args.decay_steps,
+                min_lr_ratio: 0.1,
+                grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
+            },
+            micro_batch: args.micro_batch,
+            accumulation: args.accumulation,
+            dropout: args.dropout,
+            sigreg_coefficient: args.sigreg_coefficient,
+            seed: args.seed,
+            checkpoint_every: args.checkpoint_every,
+            keep_checkpoints: args.keep_checkpoints,
+            log_every: args.log_every,
+            init_weights: args.init_weights.clone(),
+            heldout_bytes: args.heldout_bytes,
+            embedding_data: args.embedding_data.clone(),
+        };
+        Ok(settings)
+    }
+}
+
 pub fn run_train(args: TrainArgs) -> Result<()> {
     if args.device == Device::Cuda {
         bail!("training runs on the CPU in this version; --device cuda is available for scoring");
     }
-    let mut sources: Vec<Source> = args
-        .corpus_dirs
-        .iter()
-        .map(|p| Source::Dir { path: p.clone() })
-        .collect();
-    sources.extend(args.jsonl.iter().map(|p| Source::Jsonl {
-        path: p.clone(),
-        field: args.text_field.clone(),
-    }));
-    sources.extend(
-        args.file_lists
-            .iter()
-            .map(|p| Source::List { path: p.clone() }),
-    );
-    if sources.is_empty() {
-        bail!("give a corpus: --corpus-dir DIR, --jsonl FILE or --file-list FILE");
-    }
-    let corpus = CorpusConfig {
-        sources,
-        include: args.include.clone(),
-        exclude: args.exclude.clone(),
-        max_document_bytes: args.max_document_bytes,
-        heldout_per_mille: args.heldout_per_mille,
-        shuffle_buffer: args.shuffle_buffer,
-        seed: args.seed,
-        max_seq_len: args.seq_len,
-    };
-    let settings = TrainSettings {
-        model: args.preset.config(),
-        corpus,
-        optim: OptimConfig {
-            lr: args.lr,
-            beta1: args.beta1,
-            beta2: args.beta2,
-            eps: 1e-8,
-            weight_decay: args.weight_decay,
-            warmup_steps: args.warmup_steps,
-            schedule: match args.schedule {
-                ScheduleArg::Constant => Schedule::Constant,
-                ScheduleArg::Cosine => Schedule::Cosine,
-            },
-            decay_steps: args.decay_steps,
-            min_lr_ratio: 0.1,
-            grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
-        },
-        micro_batch: args.micro_batch,
-        accumulation: args.accumulation,
-        dropout: args.dropout,
-        sigreg_coefficient: args.sigreg_coefficient,
-        seed: args.seed,
-        checkpoint_every: args.checkpoint_every,
-        keep_checkpoints: args.keep_checkpoints,
-        log_every: args.log_every,
-        init_weights: args.init_weights.clone(),
-        heldout_bytes: args.heldout_bytes,
-        embedding_data: args.embedding_data.clone(),
-    };
+    let settings = args.training.settings()?;
     let until = match (args.steps, args.until_step) {
         (_, Some(s)) => Until::Step(s),
         (Some(n), None) => Until::MoreSteps(n),

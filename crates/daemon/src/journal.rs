@@ -1,0 +1,190 @@
+//! The loop's memory: what it has created, committed and must still reveal. It is written
+//! atomically (temporary file, fsync, rename, fsync of the directory) with mode 0600 *before*
+//! every network action, so a process killed at any instant restarts knowing exactly which
+//! transaction may have gone out.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use somatrain_protocol::ObjectId;
+use somatrain_protocol::chain::Commitments;
+use somatrain_protocol::tx::{Manifest, SignedTx};
+use somatrain_train::trainer::HeldoutScore;
+
+use crate::DaemonError;
+
+const VERSION: u32 = 1;
+
+/// What the loop is doing now (shown by `somatrain status` and on `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Starting,
+    CreatingModel,
+    Training,
+    Uploading,
+    Committing,
+    AwaitingReveal,
+    Revealing,
+    Stopped,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Starting,
+        Phase::CreatingModel,
+        Phase::Training,
+        Phase::Uploading,
+        Phase::Committing,
+        Phase::AwaitingReveal,
+        Phase::Revealing,
+        Phase::Stopped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::CreatingModel => "creating_model",
+            Phase::Training => "training",
+            Phase::Uploading => "uploading",
+            Phase::Committing => "committing",
+            Phase::AwaitingReveal => "awaiting_reveal",
+            Phase::Revealing => "revealing",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// Why a transaction was sent; decides what its outcome changes in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    CreateModel,
+    Commit,
+    Reveal,
+}
+
+/// A signed transaction that may or may not have reached the network. It is kept byte for
+/// byte so a retry sends the very same transaction (the node answers a repeat with the first
+/// outcome) instead of a second one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub purpose: Purpose,
+    pub tx: SignedTx,
+}
+
+/// A round's weights, encrypted and uploaded, from before its commit until its reveal.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRound {
+    pub round: u64,
+    pub step: u64,
+    /// The encrypted file, kept to re-upload if the bucket stops serving it.
+    pub encrypted: PathBuf,
+    pub object_name: String,
+    pub manifest: Manifest,
+    pub commitments: Commitments,
+    /// The AES key (Base58): secret until the reveal.
+    pub decryption_key: String,
+    pub embedding: Vec<f32>,
+    pub heldout: Option<HeldoutScore>,
+    /// The epoch the commit landed in; None until it has.
+    pub commit_epoch: Option<u64>,
+}
+
+impl std::fmt::Debug for PendingRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRound")
+            .field("round", &self.round)
+            .field("step", &self.step)
+            .field("manifest", &self.manifest)
+            .field("commit_epoch", &self.commit_epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A round whose reveal landed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevealedRound {
+    pub round: u64,
+    pub step: u64,
+    pub commit_epoch: u64,
+    pub reveal_epoch: u64,
+    pub url: String,
+    pub heldout: Option<HeldoutScore>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Journal {
+    pub version: u32,
+    pub model_id: Option<ObjectId>,
+    pub phase: Phase,
+    /// Rounds revealed so far.
+    pub rounds_revealed: u64,
+    pub inflight: Option<Inflight>,
+    pub pending: Option<PendingRound>,
+    pub last_revealed: Option<RevealedRound>,
+    /// When the pending reveal must have landed (end of the commit epoch + 1), ms since epoch.
+    pub reveal_deadline_ms: Option<u64>,
+    /// Commits whose reveal window closed before the reveal landed (slashed or dropped).
+    pub missed_reveals: u64,
+}
+
+impl Journal {
+    pub fn path_in(run_dir: &Path) -> PathBuf {
+        run_dir.join("journal.json")
+    }
+
+    /// The journal of a run directory; a fresh one if none was written yet.
+    pub fn load(path: &Path) -> Result<Self, DaemonError> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| {
+                    DaemonError::Journal(format!("{} is not a valid journal: {e}", path.display()))
+                })?;
+                if journal.version != VERSION {
+                    return Err(DaemonError::Journal(format!(
+                        "{} has version {}, this somatrain reads version {VERSION}",
+                        path.display(),
+                        journal.version
+                    )));
+                }
+                Ok(journal)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Journal {
+                version: VERSION,
+                ..Journal::default()
+            }),
+            Err(e) => Err(DaemonError::Journal(format!(
+                "reading {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), DaemonError> {
+        let bytes = serde_json::to_vec_pretty(self).expect("the journal serialises");
+        write_private_file(path, &bytes)
+            .map_err(|e| DaemonError::Journal(format!("writing {}: {e}", path.display())))
+    }
+}
+
+/// Writes a file only its owner can read, atomically: created with mode 0600 under a temporary
+/// name, synced, renamed over `path`, and the directory synced.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = somatrain_model::io::temp_path_for(path);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    drop(file);
+    somatrain_model::io::finish_atomic(&tmp, path)
+}

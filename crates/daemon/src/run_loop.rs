@@ -1,0 +1,251 @@
+//! `somatrain run`: train a round, commit it, wait for the epoch change, reveal at once, repeat.
+//!
+//! The next round trains in a background thread while the loop waits for the reveal window, but
+//! a new commit is only prepared once the pending reveal has landed. The window is watched
+//! against the node's own clock (`next_epoch_ms`), with short polls around the boundary, so the
+//! reveal goes out as soon as the epoch changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use somatrain_train::trainer::RunSummary;
+use somatrain_train::{TrainError, TrainSettings, Until};
+use tokio::task::JoinHandle;
+
+use crate::DaemonError;
+use crate::journal::Phase;
+use crate::metrics::Metrics;
+use crate::publisher::{Publisher, RevealWindow, pause_point};
+
+/// How the epoch moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochAdvance {
+    /// Wait for the network's clock.
+    Wait,
+    /// Ask the node's admin endpoint (a localnet whose token we hold), as soon as a commit is in.
+    Admin,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub run_dir: PathBuf,
+    pub train: TrainSettings,
+    pub steps_per_round: u64,
+    /// Stop after this many rounds are revealed (None: run until stopped).
+    pub rounds: Option<u64>,
+    pub stake: u64,
+    pub commission_bps: u64,
+    pub architecture_version: u64,
+    pub advance: EpochAdvance,
+    /// Longest sleep between looks at the node.
+    pub poll: Duration,
+    /// Warn when the reveal has not landed this long before its deadline.
+    pub warn_before: Duration,
+}
+
+type Training = JoinHandle<Result<RunSummary, TrainError>>;
+
+fn start_training(config: &LoopConfig, round: u64, metrics: Arc<Metrics>) -> Training {
+    let (run_dir, settings) = (config.run_dir.clone(), config.train.clone());
+    let until = Until::Step(round * config.steps_per_round);
+    tracing::info!(
+        "training round {round} (until step {})",
+        round * config.steps_per_round
+    );
+    tokio::task::spawn_blocking(move || {
+        somatrain_train::run(&run_dir, &settings, until, &mut |log| {
+            metrics.observe_step(log.step, log.loss, log.tokens_per_s);
+        })
+    })
+}
+
+async fn finish_training(handle: Training) -> Result<RunSummary, DaemonError> {
+    handle
+        .await
+        .map_err(|e| DaemonError::Io(format!("the training thread failed: {e}")))?
+        .map_err(DaemonError::Train)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the loop until `config.rounds` rounds are revealed (or forever).
+pub async fn run(
+    publisher: &mut Publisher,
+    config: &LoopConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), DaemonError> {
+    publisher.resolve_inflight().await?;
+    publisher
+        .ensure_model(
+            config.stake,
+            config.commission_bps,
+            config.architecture_version,
+        )
+        .await?;
+    metrics.observe_journal(&publisher.journal);
+    let mut training: Option<Training> = None;
+    let result = drive(publisher, config, &metrics, &mut training).await;
+    if let Some(handle) = training {
+        // Let a round in progress reach its checkpoint rather than tearing it mid-write.
+        let _ = handle.await;
+    }
+    metrics.observe_journal(&publisher.journal);
+    result
+}
+
+async fn drive(
+    publisher: &mut Publisher,
+    config: &LoopConfig,
+    metrics: &Arc<Metrics>,
+    training: &mut Option<Training>,
+) -> Result<(), DaemonError> {
+    let wanted = |round: u64| config.rounds.is_none_or(|n| round <= n);
+    loop {
+        metrics.observe_journal(&publisher.journal);
+        if let Ok(account) = publisher
+            .client
+            .account(&publisher.keypair().address())
+            .await
+        {
+            metrics.observe_balance(account.balance);
+        }
+        if let Some(pending) = publisher.journal.pending.clone() {
+            if pending.commit_epoch.is_none() {
+                publisher.commit_pending().await?;
+                metrics.count_commit();
+                continue;
+            }
+            let next = pending.round + 1;
+            if training.is_none() && wanted(next) {
+                *training = Some(start_training(config, next, metrics.clone()));
+            }
+            match wait_for_window(publisher, config).await? {
+                RevealWindow::Open { .. } => {
+                    reveal_before_deadline(publisher, config).await?;
+                    metrics.count_reveal();
+                }
+                RevealWindow::Missed => publisher.abandon_pending()?,
+                RevealWindow::NotYet { .. } => {
+                    unreachable!("wait_for_window returns once the window is open or gone")
+                }
+            }
+            continue;
+        }
+        let round = publisher.journal.rounds_revealed + 1;
+        if !wanted(round) {
+            publisher.set_phase(Phase::Stopped)?;
+            tracing::info!(
+                "{} rounds revealed; stopping",
+                publisher.journal.rounds_revealed
+            );
+            return Ok(());
+        }
+        publisher.set_phase(Phase::Training)?;
+        let handle = match training.take() {
+            Some(handle) => handle,
+            None => start_training(config, round, metrics.clone()),
+        };
+        let summary = finish_training(handle).await?;
+        pause_point("trained");
+        if let Some(h) = &summary.round.heldout {
+            tracing::info!(
+                "round {round}: step {}, held-out loss {:.4} ({:.3} bits/byte)",
+                summary.end_step,
+                h.loss,
+                h.bits_per_byte
+            );
+        }
+        publisher
+            .prepare(
+                round,
+                summary.end_step,
+                &summary.round.weights,
+                summary.round.embedding.clone(),
+                summary.round.heldout.clone(),
+            )
+            .await?;
+    }
+}
+
+/// Waits until the pending round's reveal window opens (or is found closed).
+async fn wait_for_window(
+    publisher: &mut Publisher,
+    config: &LoopConfig,
+) -> Result<RevealWindow, DaemonError> {
+    publisher.set_phase(Phase::AwaitingReveal)?;
+    let mut advanced = false;
+    loop {
+        let window = match publisher.reveal_window().await {
+            Ok(w) => w,
+            Err(DaemonError::Client(e)) => {
+                tracing::warn!("cannot read the epoch from the node: {e}");
+                warn_if_late(publisher, config);
+                tokio::time::sleep(config.poll).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match window {
+            RevealWindow::NotYet { opens_ms } => match config.advance {
+                EpochAdvance::Admin if !advanced => {
+                    let epoch = publisher.client.advance_epoch().await?;
+                    tracing::info!("advanced the localnet to epoch {epoch}");
+                    advanced = true;
+                }
+                _ => {
+                    // Sleep to just past the boundary, but never longer than one poll.
+                    let until_open = Duration::from_millis(opens_ms.saturating_sub(now_ms()) + 25);
+                    tokio::time::sleep(until_open.min(config.poll)).await;
+                }
+            },
+            other => return Ok(other),
+        }
+    }
+}
+
+fn warn_if_late(publisher: &Publisher, config: &LoopConfig) {
+    if let Some(deadline) = publisher.journal.reveal_deadline_ms {
+        let left = deadline.saturating_sub(now_ms());
+        if left <= config.warn_before.as_millis() as u64 {
+            tracing::warn!(
+                "the reveal of round {} has not landed and its window closes in {:.1} s",
+                publisher.journal.pending.as_ref().map_or(0, |p| p.round),
+                left as f64 / 1000.0
+            );
+        }
+    }
+}
+
+/// Reveals, retrying failures (the node unreachable, the bucket not serving) until the deadline.
+async fn reveal_before_deadline(
+    publisher: &mut Publisher,
+    config: &LoopConfig,
+) -> Result<(), DaemonError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match publisher.reveal_pending().await {
+            Ok(_) => return Ok(()),
+            Err(e @ (DaemonError::Client(_) | DaemonError::Storage(_))) => {
+                let deadline = publisher.journal.reveal_deadline_ms.unwrap_or(0);
+                if now_ms() >= deadline {
+                    publisher.abandon_pending()?;
+                    return Err(e);
+                }
+                tracing::warn!("reveal failed, retrying: {e}");
+                warn_if_late(publisher, config);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.poll.max(Duration::from_secs(1)));
+                if let Err(e) = publisher.resolve_inflight().await {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
