@@ -594,16 +594,19 @@ pub fn execute(
                     let model_share = bps(reward, params.model_share_bps);
                     let submitter_share = reward - model_share - claimer_share;
                     account.balance += claimer_share;
+                    account.rewards += claimer_share;
                     o.set_account(sender, account);
                     let submitter = target.submitter.expect("filled targets have a submitter");
                     let mut s = o.account(&submitter);
                     s.balance += submitter_share + target.bond_amount;
+                    s.rewards += submitter_share;
                     o.set_account(submitter, s);
                     let owner = target
                         .winning_model_owner
                         .expect("filled targets have a model owner");
                     let mut m = o.account(&owner);
                     m.balance += model_share;
+                    m.rewards += model_share;
                     o.set_account(owner, m);
                 }
                 TargetStatus::Open => {
@@ -611,6 +614,7 @@ pub fn execute(
                         return Err(TxError::TargetNotExpired(target.generation_epoch));
                     }
                     account.balance += claimer_share;
+                    account.rewards += claimer_share;
                     o.set_account(sender, account);
                     o.system_mut().emission_pool += reward - claimer_share;
                 }

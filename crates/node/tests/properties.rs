@@ -86,6 +86,7 @@ fn random_sequences_keep_every_invariant() {
                 Account {
                     balance: 20 * SOMA,
                     sequence: 0,
+                    rewards: 0,
                 },
             );
             state.system.faucet_reserve -= 20 * SOMA;

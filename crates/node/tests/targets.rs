@@ -337,6 +337,19 @@ async fn targets_submissions_and_claims() {
         c.target(&target.id).await.is_err(),
         "a claimed target is deleted"
     );
+    // Each share is counted as the receiver's rewards (bonds and fees are not rewards).
+    assert_eq!(
+        c.account(&submitter.address()).await.unwrap().rewards,
+        submitter_share
+    );
+    assert_eq!(
+        c.account(&owner.address()).await.unwrap().rewards,
+        model_share
+    );
+    assert_eq!(
+        c.account(&claimer.address()).await.unwrap().rewards,
+        claimer_share
+    );
 
     // An expired open target: the claimer's 0.5%, the rest back to the emission pool.
     let pool = c.status().await.unwrap().emission_pool;

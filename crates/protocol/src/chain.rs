@@ -102,6 +102,9 @@ pub struct Account {
     pub balance: u64,
     /// Transactions this account has sent (the next body must carry this sequence number).
     pub sequence: u64,
+    /// Shannons received as rewards: submitter, model-owner and claimer shares of targets.
+    #[serde(default)]
+    pub rewards: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

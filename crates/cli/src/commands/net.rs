@@ -89,6 +89,9 @@ pub struct StatusArgs {
     /// Show this account's balance (default: the wallet's address, if a key is configured).
     #[arg(long)]
     address: Option<String>,
+    /// Also show the loop of this run directory (`somatrain run`): phase, deadline, scores.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -116,9 +119,14 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             Some(a) => Some((a, client.account(&a).await?)),
             None => None,
         };
+        let journal = match &args.run_dir {
+            Some(dir) => Some(somatrain_daemon::Journal::load(&somatrain_daemon::Journal::path_in(dir))?),
+            None => None,
+        };
         if args.json {
-            let account = account.map(|(a, acc)| serde_json::json!({"address": a, "balance": acc.balance, "sequence": acc.sequence}));
-            println!("{}", serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets }));
+            let account = account.map(|(a, acc)| serde_json::json!({"address": a, "balance": acc.balance, "sequence": acc.sequence, "rewards": acc.rewards}));
+            let run = journal.as_ref().map(loop_json);
+            println!("{}", serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets, "run": run }));
             return Ok(());
         }
         let left_s = status.next_epoch_ms.saturating_sub(status.now_ms) / 1000;
@@ -164,8 +172,74 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             println!("  {}  models {}", t.id, models.join(","));
         }
         if let Some((a, acc)) = account {
-            println!("\naccount {a}: {} SOMA (next sequence {})", soma(acc.balance), acc.sequence);
+            println!(
+                "\naccount {a}: {} SOMA, earned {} SOMA in rewards (next sequence {})",
+                soma(acc.balance),
+                soma(acc.rewards),
+                acc.sequence
+            );
+        }
+        if let Some(j) = &journal {
+            print_loop(j, status.now_ms);
         }
         Ok(())
     })
+}
+
+/// The loop's state without its secrets (the pending key is never shown).
+fn loop_json(j: &somatrain_daemon::Journal) -> serde_json::Value {
+    serde_json::json!({
+        "phase": j.phase,
+        "model_id": j.model_id,
+        "rounds_revealed": j.rounds_revealed,
+        "missed_reveals": j.missed_reveals,
+        "pending_round": j.pending.as_ref().map(|p| serde_json::json!({
+            "round": p.round, "step": p.step, "commit_epoch": p.commit_epoch, "url": p.manifest.url,
+        })),
+        "reveal_deadline_ms": j.reveal_deadline_ms,
+        "last_revealed": j.last_revealed,
+    })
+}
+
+fn print_loop(j: &somatrain_daemon::Journal, now_ms: u64) {
+    println!("\nloop: {}", j.phase.name());
+    if let Some(id) = j.model_id {
+        println!("  model {id}");
+    }
+    println!(
+        "  rounds revealed {}, missed reveals {}",
+        j.rounds_revealed, j.missed_reveals
+    );
+    if let Some(p) = &j.pending {
+        match p.commit_epoch {
+            Some(e) => println!(
+                "  round {} committed in epoch {e}, reveal due in epoch {}",
+                p.round,
+                e + 1
+            ),
+            None => println!("  round {} uploaded, not yet committed", p.round),
+        }
+    }
+    if let Some(deadline) = j.reveal_deadline_ms {
+        let left = deadline.saturating_sub(now_ms) / 1000;
+        println!(
+            "  next deadline: reveal within {}h{:02}m{:02}s",
+            left / 3600,
+            left / 60 % 60,
+            left % 60
+        );
+    }
+    if let Some(r) = &j.last_revealed {
+        print!(
+            "  last round {} (step {}) revealed in epoch {}",
+            r.round, r.step, r.reveal_epoch
+        );
+        match &r.heldout {
+            Some(h) => println!(
+                ": held-out loss {:.4}, {:.3} bits/byte",
+                h.loss, h.bits_per_byte
+            ),
+            None => println!(),
+        }
+    }
 }

@@ -1,0 +1,518 @@
+//! The publishing loop through the real binary against a real localnet process with short
+//! epochs: several rounds through an S3 bucket (moto on 127.0.0.1), `kill -9` of the daemon at
+//! every phase boundary, a bucket that stops serving the committed bytes, and the one-command
+//! localnet cycle.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use somatrain_client::Client;
+use somatrain_protocol::chain::ModelStatus;
+use somatrain_protocol::{EncryptionKey, Keypair, ObjectId};
+
+const TOKEN: &str = "publish-test-token";
+
+struct Localnet {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Localnet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_somatrain"))
+}
+
+fn localnet(dir: &Path, epoch_ms: u64) -> Localnet {
+    let mut child = bin()
+        .args([
+            "localnet",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            "0",
+        ])
+        .args([
+            "--embedding-dim",
+            "16",
+            "--epoch-duration-ms",
+            &epoch_ms.to_string(),
+        ])
+        .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("the node prints its address")
+        .to_string();
+    Localnet {
+        child,
+        url,
+        dir: dir.to_path_buf(),
+    }
+}
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
+}
+
+/// `somatrain run` for the tiny preset with short rounds.
+fn daemon(run_dir: &Path, node: &str, secret: &str, rounds: u64) -> Command {
+    let mut cmd = bin();
+    cmd.args([
+        "run",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--node",
+        node,
+    ])
+    .args([
+        "--preset",
+        "tiny",
+        "--corpus-dir",
+        corpus().to_str().unwrap(),
+    ])
+    .args([
+        "--seq-len",
+        "64",
+        "--micro-batch",
+        "2",
+        "--accumulation",
+        "1",
+        "--lr",
+        "3e-3",
+    ])
+    .args([
+        "--heldout-per-mille",
+        "200",
+        "--heldout-bytes",
+        "2048",
+        "--seed",
+        "3",
+    ])
+    .args(["--steps-per-round", "2", "--rounds", &rounds.to_string()])
+    .args(["--faucet", "--poll-ms", "100"])
+    .env("SOMA_SECRET_KEY", secret)
+    .env_remove("S3_BUCKET")
+    .stdout(Stdio::null());
+    cmd
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn journal(run_dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(run_dir.join("journal.json")).unwrap()).unwrap()
+}
+
+fn model_id(run_dir: &Path) -> ObjectId {
+    journal(run_dir)["model_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The end state of a healthy loop after `rounds` rounds: one create, one commit and one reveal
+/// per round (the account's sequence counts every transaction it ever sent), nothing slashed.
+async fn assert_clean_end(client: &Client, run_dir: &Path, kp: &Keypair, rounds: u64) {
+    let j = journal(run_dir);
+    assert_eq!(j["rounds_revealed"], rounds, "journal: {j}");
+    assert_eq!(j["missed_reveals"], 0, "journal: {j}");
+    assert!(
+        j["pending"].is_null() && j["inflight"].is_null(),
+        "journal: {j}"
+    );
+    let model = client.model(&model_id(run_dir)).await.unwrap();
+    assert_eq!(model.status, ModelStatus::Active);
+    assert_eq!(model.slashed, 0);
+    assert!(model.pending.is_none());
+    let account = client.account(&kp.address()).await.unwrap();
+    // Faucet requests are not transactions of the account.
+    assert_eq!(
+        account.sequence,
+        1 + 2 * rounds,
+        "exactly one commit and one reveal per round"
+    );
+    let status = client.status().await.unwrap();
+    assert_eq!(status.accounted_supply, status.total_supply);
+}
+
+/// The published weights are what was trained: download, decrypt with the revealed key, load.
+async fn assert_revealed_weights_load(client: &Client, id: &ObjectId) {
+    let model = client.model(id).await.unwrap();
+    let manifest = model.manifest.expect("revealed");
+    let mut bytes = client.download(&manifest.url).await.unwrap();
+    assert_eq!(bytes.len() as u64, manifest.size);
+    assert_eq!(
+        somatrain_protocol::Commitment::of_bytes(&bytes),
+        manifest.checksum
+    );
+    let key = EncryptionKey::from_base58(model.decryption_key.as_deref().unwrap()).unwrap();
+    somatrain_protocol::crypto::apply_keystream(&key, &mut bytes);
+    let weights = somatrain_model::io::load_bytes(&bytes, Default::default())
+        .expect("the revealed weights load");
+    assert_eq!(weights.config.embedding_dim, 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
+    let moto = somatrain_storage::testing::MotoServer::start("weights").await;
+    let dir = tempfile::tempdir().unwrap();
+    let net = localnet(&dir.path().join("node"), 2500);
+    let kp = Keypair::generate();
+    let run_dir = dir.path().join("run");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = daemon(&run_dir, &net.url, &kp.secret_hex(), 3);
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
+    cmd.envs(moto.env()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    // The metrics endpoint answers while the loop runs.
+    let http = somatrain_client::http_client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await
+        {
+            break r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "no /metrics");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        metrics.contains("# TYPE somatrain_phase gauge"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("somatrain_rounds_revealed "), "{metrics}");
+    let status = wait_for(&mut child, Duration::from_secs(150));
+    let logs = logs.join().unwrap();
+    assert!(status.success(), "daemon failed:\n{logs}");
+    assert!(
+        !logs.contains(&kp.secret_hex()) && !logs.contains("test-secret"),
+        "a secret reached the logs"
+    );
+    let client = Client::new(&net.url);
+    assert_clean_end(&client, &run_dir, &kp, 3).await;
+    let model = client.model(&model_id(&run_dir)).await.unwrap();
+    assert!(
+        model
+            .manifest
+            .as_ref()
+            .unwrap()
+            .url
+            .starts_with(&moto.endpoint()),
+        "weights in the bucket"
+    );
+    assert_revealed_weights_load(&client, &model.id).await;
+    // Three reveals, each in the epoch after its commit: at least three epoch changes.
+    let j = journal(&run_dir);
+    let last = &j["last_revealed"];
+    assert_eq!(
+        last["reveal_epoch"].as_u64().unwrap(),
+        last["commit_epoch"].as_u64().unwrap() + 1
+    );
+    assert!(client.status().await.unwrap().epoch >= 3);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(run_dir.join("journal.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the journal holds keys before reveal");
+    }
+}
+
+/// Every point where the daemon hands something to the network or the disk.
+const BOUNDARIES: [&str; 8] = [
+    "create-journaled",
+    "create-sent",
+    "trained",
+    "uploaded",
+    "commit-journaled",
+    "commit-sent",
+    "reveal-journaled",
+    "reveal-sent",
+];
+
+/// Starts the daemon paused at `boundary`, kills it there with SIGKILL, restarts it, and
+/// checks the end state: no double commit, no missed reveal.
+async fn crash_at(net_url: String, root: PathBuf, boundary: &'static str) {
+    let kp = Keypair::generate();
+    let run_dir = root.join(boundary);
+    let mut first = daemon(&run_dir, &net_url, &kp.secret_hex(), 2)
+        .env("SOMATRAIN_PAUSE_AT", boundary)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut seen = String::new();
+    loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("{boundary}: the daemon ended before pausing:\n{seen}");
+        }
+        seen.push_str(&line);
+        if line.contains(&format!("PAUSED AT {boundary}")) {
+            break;
+        }
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = daemon(&run_dir, &net_url, &kp.secret_hex(), 2)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = String::new();
+    let mut err = second.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        err.read_to_string(&mut logs).unwrap();
+        logs
+    });
+    let status = wait_for(&mut second, Duration::from_secs(150));
+    let logs = reader.join().unwrap();
+    assert!(
+        status.success(),
+        "{boundary}: the restarted daemon failed:\n{logs}"
+    );
+    assert_clean_end(&Client::new(&net_url), &run_dir, &kp, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_at_every_phase_boundary_neither_double_commits_nor_misses_a_reveal() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = localnet(&dir.path().join("node"), 3000);
+    let mut tasks = Vec::new();
+    for boundary in BOUNDARIES {
+        tasks.push(tokio::spawn(crash_at(
+            net.url.clone(),
+            dir.path().to_path_buf(),
+            boundary,
+        )));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+async fn advance(client: &Client) -> u64 {
+    client
+        .clone()
+        .with_admin_token(TOKEN)
+        .advance_epoch()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // A day-long epoch: only the admin call moves it.
+    let net = localnet(&dir.path().join("node"), 86_400_000);
+    let client = Client::new(&net.url);
+    let kp = Keypair::generate();
+    for _ in 0..2 {
+        client.faucet(&kp.address()).await.unwrap();
+    }
+    let run_dir = dir.path().join("run");
+    let train = bin()
+        .args([
+            "train",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--preset",
+            "tiny",
+        ])
+        .args([
+            "--corpus-dir",
+            corpus().to_str().unwrap(),
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+        ])
+        .args([
+            "--accumulation",
+            "1",
+            "--steps",
+            "2",
+            "--heldout-bytes",
+            "2048",
+            "--heldout-per-mille",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let publish = |verb: &str, extra: &[&str]| {
+        bin()
+            .args([
+                verb,
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+                "--node",
+                &net.url,
+            ])
+            .args(extra)
+            .env("SOMA_SECRET_KEY", kp.secret_hex())
+            .env_remove("S3_BUCKET")
+            .output()
+            .unwrap()
+    };
+    let early = publish("reveal", &[]);
+    assert!(String::from_utf8_lossy(&early.stdout).contains("nothing committed"));
+    let commit = publish("commit", &[]);
+    assert!(
+        commit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&commit.stderr)
+    );
+    let out = String::from_utf8_lossy(&commit.stdout).to_string();
+    assert!(out.contains("committed in epoch 0"), "{out}");
+    // A second commit before the reveal is refused, and so is a reveal in the commit epoch.
+    let again = publish("commit", &[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not revealed yet"));
+    let too_soon = publish("reveal", &[]);
+    assert!(!too_soon.status.success());
+    assert!(String::from_utf8_lossy(&too_soon.stderr).contains("opens with the next epoch"));
+    // Status shows the loop's state, never the key that is still secret.
+    let key = journal(&run_dir)["pending"]["decryption_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = bin()
+        .args([
+            "status",
+            "--node",
+            &net.url,
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ])
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(shown.contains("loop: awaiting_reveal"), "{shown}");
+    assert!(
+        shown.contains("round 1 committed in epoch 0, reveal due in epoch 1"),
+        "{shown}"
+    );
+    assert!(shown.contains("next deadline: reveal within"), "{shown}");
+    assert!(!shown.contains(&key), "the pending key was shown");
+    // The host loses the weights (or serves other bytes): the reveal uploads them again first.
+    let blobs = net.dir.join("blobs");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let original = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, b"something else").unwrap();
+    assert_eq!(advance(&client).await, 1);
+    let reveal = publish("reveal", &[]);
+    assert!(
+        reveal.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reveal.stderr)
+    );
+    assert!(String::from_utf8_lossy(&reveal.stderr).contains("uploading the committed file again"));
+    assert_eq!(std::fs::read(&blob).unwrap(), original);
+    let id = model_id(&run_dir);
+    assert_eq!(client.model(&id).await.unwrap().status, ModelStatus::Active);
+    assert_revealed_weights_load(&client, &id).await;
+}
+
+#[test]
+fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let cycle = |rounds: &str| {
+        bin()
+            .args([
+                "localnet-cycle",
+                "--dir",
+                dir.path().to_str().unwrap(),
+                "--preset",
+                "tiny",
+            ])
+            .args([
+                "--corpus-dir",
+                corpus().to_str().unwrap(),
+                "--seq-len",
+                "64",
+            ])
+            .args(["--steps-per-round", "2", "--rounds", rounds])
+            .output()
+            .unwrap()
+    };
+    let first = cycle("1");
+    let stdout = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(
+        first.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("model active"), "{stdout}");
+    assert!(stdout.contains("rounds revealed: 1"), "{stdout}");
+    let second = cycle("1");
+    let stdout = String::from_utf8_lossy(&second.stdout).to_string();
+    assert!(
+        second.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(stdout.contains("rounds revealed: 2"), "{stdout}");
+    assert!(
+        stdout.contains("last round 2: step 4"),
+        "the second round trained further: {stdout}"
+    );
+}
