@@ -30,7 +30,7 @@ async fn every_documented_operation_is_served_as_documented() {
         listener,
         std::future::pending(),
     ));
-    let http = reqwest::Client::new();
+    let http = somatrain_client::http_client();
     let spec = spec();
     let address = "ab".repeat(32);
     let mut checked = 0;
