@@ -47,6 +47,12 @@ enum Command {
     Run(Box<commands::publish::RunArgs>),
     /// Start an embedded localnet, fund a wallet, train, commit, advance, reveal: all in one.
     LocalnetCycle(commands::publish::CycleArgs),
+    /// List targets with their assigned models, threshold and reward.
+    Targets(commands::submit::TargetsArgs),
+    /// Score data against a target's models and submit it if it lands within the threshold.
+    Submit(Box<commands::submit::SubmitArgs>),
+    /// Claim every claimable reward of the wallet.
+    Claim(commands::submit::ClaimArgs),
     /// The account key: new, import, show.
     #[command(subcommand)]
     Wallet(commands::wallet::WalletCommand),
@@ -86,6 +92,9 @@ fn main() -> ExitCode {
         Command::Reveal(args) => commands::publish::run_reveal(args),
         Command::Run(args) => commands::publish::run_loop(*args),
         Command::LocalnetCycle(args) => commands::publish::run_cycle(args),
+        Command::Targets(args) => commands::submit::run_targets(args),
+        Command::Submit(args) => commands::submit::run_submit(*args),
+        Command::Claim(args) => commands::submit::run_claim(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod net;
 pub mod publish;
 pub mod score;
+pub mod submit;
 pub mod train;
 pub mod wallet;
 

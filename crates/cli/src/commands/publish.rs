@@ -50,7 +50,7 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
-    fn backend(&self) -> Result<Backend> {
+    pub fn backend(&self) -> Result<Backend> {
         let s3 = S3Config::from_env()?;
         Ok(match (self.storage, s3) {
             (StorageKind::Auto | StorageKind::S3, Some(s3)) => Backend::S3(s3),
@@ -124,7 +124,7 @@ pub struct CommitArgs {
     model: ModelOptions,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 

@@ -1,0 +1,481 @@
+//! The data submitter end to end on a real localnet process: a model is trained, committed and
+//! revealed through the binary; targets appear; submissions hit, miss and are refused for each
+//! rule; `--auto` scans a corpus; a corrupted weights download is caught by its checksum; claims
+//! fail before the audit window ends and pay the exact shares after it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use somatrain_client::Client;
+use somatrain_protocol::chain::{Target, TargetStatus};
+use somatrain_protocol::tx::TxKind;
+use somatrain_protocol::{Keypair, ObjectId};
+
+const TOKEN: &str = "submit-test-token";
+
+struct Localnet {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Localnet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_somatrain"))
+}
+
+fn localnet(dir: &Path) -> Localnet {
+    let mut child = bin()
+        .args([
+            "localnet",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            "0",
+        ])
+        .args(["--embedding-dim", "16"])
+        .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    Localnet { child, url }
+}
+
+fn sources() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn failed(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a failure:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    1.0 - dot / (norm(a) * norm(b))
+}
+
+struct World {
+    net: Localnet,
+    client: Client,
+    dir: tempfile::TempDir,
+    owner: Keypair,
+    weights: PathBuf,
+}
+
+impl World {
+    fn submit(&self, kp: &Keypair, cache: &str, args: &[&str]) -> Output {
+        bin()
+            .args([
+                "submit",
+                "--node",
+                &self.net.url,
+                "--cache-dir",
+                self.dir.path().join(cache).to_str().unwrap(),
+            ])
+            .args(args)
+            .env("SOMA_SECRET_KEY", kp.secret_hex())
+            .env_remove("S3_BUCKET")
+            .output()
+            .unwrap()
+    }
+
+    fn claim(&self, kp: &Keypair, args: &[&str]) -> String {
+        ok(bin()
+            .args(["claim", "--node", &self.net.url])
+            .args(args)
+            .env("SOMA_SECRET_KEY", kp.secret_hex())
+            .output()
+            .unwrap())
+    }
+
+    async fn advance(&self) -> u64 {
+        self.client
+            .clone()
+            .with_admin_token(TOKEN)
+            .advance_epoch()
+            .await
+            .unwrap()
+    }
+}
+
+/// A model trained, committed and revealed through the binary, then an epoch change that
+/// generates targets for it.
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let net = localnet(&dir.path().join("node"));
+    let client = Client::new(&net.url);
+    let owner = Keypair::generate();
+    client.faucet(&owner.address()).await.unwrap();
+    let run = dir.path().join("run");
+    ok(bin()
+        .args([
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--preset",
+            "tiny",
+        ])
+        .args([
+            "--corpus-dir",
+            sources().to_str().unwrap(),
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+        ])
+        .args([
+            "--accumulation",
+            "1",
+            "--steps",
+            "3",
+            "--lr",
+            "3e-3",
+            "--heldout-bytes",
+            "2048",
+        ])
+        .output()
+        .unwrap());
+    let (url, secret) = (net.url.clone(), owner.secret_hex());
+    let publish = |verb: &str| {
+        ok(bin()
+            .args([verb, "--run-dir", run.to_str().unwrap(), "--node", &url])
+            .env("SOMA_SECRET_KEY", &secret)
+            .env_remove("S3_BUCKET")
+            .output()
+            .unwrap())
+    };
+    publish("commit");
+    let w = World {
+        client: client.clone(),
+        weights: run.join("round/weights.safetensors"),
+        net,
+        dir,
+        owner,
+    };
+    assert_eq!(w.advance().await, 1);
+    publish("reveal");
+    assert_eq!(w.advance().await, 2, "targets are generated at this change");
+    w
+}
+
+fn embedding_of(weights: &Path, data: &Path) -> Vec<f32> {
+    let out = ok(bin()
+        .args([
+            "embed",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitters_hit_miss_are_refused_and_claim() {
+    let w = world().await;
+    let targets_out = ok(bin()
+        .args(["targets", "--node", &w.net.url, "--json"])
+        .output()
+        .unwrap());
+    let targets: Vec<Target> = serde_json::from_str(&targets_out).unwrap();
+    assert!(
+        targets.len() > 10,
+        "targets were generated: {}",
+        targets.len()
+    );
+    let table = ok(bin()
+        .args(["targets", "--node", &w.net.url])
+        .output()
+        .unwrap());
+    assert!(
+        table.contains(&format!("{} open targets", targets.len())),
+        "{table}"
+    );
+
+    // Where this data lands, computed independently of `submit`: the embedding from `embed`
+    // and the distance to each target by hand.
+    let data = sources().join("optim.rs");
+    let embedding = embedding_of(&w.weights, &data);
+    let mut by_distance: Vec<(f64, &Target)> = targets
+        .iter()
+        .map(|t| (cosine_distance(&embedding, &t.embedding), t))
+        .collect();
+    by_distance.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let hits: Vec<&(f64, &Target)> = by_distance
+        .iter()
+        .filter(|(d, t)| *d <= t.distance_threshold as f64 - 1e-4)
+        .collect();
+    let miss = by_distance
+        .iter()
+        .rev()
+        .find(|(d, t)| *d > t.distance_threshold as f64 + 1e-4)
+        .expect("a target out of reach");
+    assert!(
+        hits.len() >= 3,
+        "need three reachable targets, got {}",
+        hits.len()
+    );
+
+    let submitter = Keypair::generate();
+    w.client.faucet(&submitter.address()).await.unwrap();
+    let data_arg = data.to_str().unwrap();
+
+    // A miss: reported with its distance, nothing submitted, nothing paid.
+    let before = w.client.account(&submitter.address()).await.unwrap();
+    let report = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &miss.1.id.to_string(),
+            "--data",
+            data_arg,
+            "--json",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["hit"], false);
+    assert!(report["submitted"].is_null());
+    assert!(
+        (report["distance"].as_f64().unwrap() - miss.0).abs() < 1e-4,
+        "{report}"
+    );
+    assert_eq!(
+        w.client.account(&submitter.address()).await.unwrap(),
+        before
+    );
+
+    // A hit: uploaded, submitted, bonded; the chain records what we computed.
+    let (hit_distance, hit) = (hits[0].0, hits[0].1);
+    let report = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &hit.id.to_string(),
+            "--data",
+            data_arg,
+            "--json",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["hit"], true, "{report}");
+    assert!(report["submitted"].is_string());
+    let filled = w.client.target(&hit.id).await.unwrap();
+    assert_eq!(filled.status, TargetStatus::Filled { fill_epoch: 2 });
+    assert_eq!(filled.submitter, Some(submitter.address()));
+    assert!((filled.winning_distance.unwrap() as f64 - hit_distance).abs() < 1e-4);
+    let size = std::fs::metadata(&data).unwrap().len();
+    assert_eq!(filled.winning_manifest.as_ref().unwrap().size, size);
+    assert_eq!(filled.bond_amount, size * 65);
+    let served = w
+        .client
+        .download(&filled.winning_manifest.as_ref().unwrap().url)
+        .await
+        .unwrap();
+    assert_eq!(
+        served,
+        std::fs::read(&data).unwrap(),
+        "the data was uploaded as is"
+    );
+    let score = ok(bin()
+        .args([
+            "score",
+            "--weights",
+            w.weights.to_str().unwrap(),
+            "--data",
+            data_arg,
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let score: serde_json::Value = serde_json::from_str(score.trim()).unwrap();
+    let scored = score["models"][0]["loss"].as_f64().unwrap();
+    assert!((scored - filled.winning_loss.unwrap() as f64).abs() < 1e-6);
+
+    // Refusals, one per rule.
+    let err = failed(w.submit(
+        &submitter,
+        "cache",
+        &["--target", &hit.id.to_string(), "--data", data_arg],
+    ));
+    assert!(err.contains("is not open (filled in epoch 2)"), "{err}");
+    let wrong_model = ObjectId([7; 32]).to_string();
+    let err = failed(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &hits[1].1.id.to_string(),
+            "--data",
+            data_arg,
+            "--model",
+            &wrong_model,
+        ],
+    ));
+    assert!(err.contains("model_not_in_target"), "{err}");
+    let big = w.dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'x'; (1 << 20) + 1]).unwrap();
+    let err = failed(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &hits[1].1.id.to_string(),
+            "--data",
+            big.to_str().unwrap(),
+        ],
+    ));
+    assert!(err.contains("submissions hold at most 1048576"), "{err}");
+    // A wallet that can pay the fee but not the bond: refused by the chain.
+    let poor = Keypair::generate();
+    w.client
+        .send(
+            &submitter,
+            TxKind::Transfer {
+                to: poor.address(),
+                amount: 5_000,
+            },
+        )
+        .await
+        .unwrap();
+    let err = failed(w.submit(
+        &poor,
+        "cache",
+        &["--target", &hits[1].1.id.to_string(), "--data", data_arg],
+    ));
+    assert!(err.contains("insufficient_bond"), "{err}");
+    assert_eq!(
+        w.client.target(&hits[1].1.id).await.unwrap().status,
+        TargetStatus::Open
+    );
+
+    // --auto over a corpus: at most two submissions, each to a different open target.
+    let auto = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--auto",
+            "--corpus",
+            sources().to_str().unwrap(),
+            "--chunk-bytes",
+            "4096",
+            "--max-chunks",
+            "6",
+            "--max-submissions",
+            "2",
+            "--json",
+        ],
+    ));
+    let auto: serde_json::Value = serde_json::from_str(auto.trim()).unwrap();
+    let submitted = auto["submitted"].as_array().unwrap();
+    assert_eq!(submitted.len(), 2, "{auto}");
+    for s in submitted {
+        let t = w
+            .client
+            .target(&s["target_id"].as_str().unwrap().parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(t.submitter, Some(submitter.address()));
+    }
+
+    // The weights host corrupts the file: a fresh cache refuses it by checksum; the verified
+    // cache still serves.
+    let still_open = w.client.targets("open").await.unwrap()[0].id.to_string();
+    let model = w.client.model(&hit.model_ids[0]).await.unwrap();
+    let blob_name = model
+        .manifest
+        .as_ref()
+        .unwrap()
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let blob = w.dir.path().join("node/blobs").join(blob_name);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let err = failed(w.submit(
+        &submitter,
+        "fresh-cache",
+        &["--target", &still_open, "--data", data_arg, "--dry-run"],
+    ));
+    assert!(err.contains("does not serve the expected bytes"), "{err}");
+    ok(w.submit(
+        &submitter,
+        "cache",
+        &["--target", &still_open, "--data", data_arg, "--dry-run"],
+    ));
+
+    // Claims: not before the audit window closes (epoch fill + 2), then the exact shares.
+    let out = w.claim(&submitter, &[]);
+    assert!(
+        out.contains("0 claimed") && out.contains("claimable from epoch 4"),
+        "{out}"
+    );
+    assert_eq!(w.advance().await, 3);
+    assert!(w.claim(&submitter, &[]).contains("0 claimed"));
+    assert_eq!(w.advance().await, 4);
+    let owner_before = w.client.account(&w.owner.address()).await.unwrap();
+    let out = w.claim(&submitter, &[]);
+    assert!(out.contains("3 claimed"), "{out}");
+    let reward = filled.reward_pool;
+    let model_share = reward * 4975 / 10_000;
+    let submitter_rewards = w
+        .client
+        .account(&submitter.address())
+        .await
+        .unwrap()
+        .rewards;
+    // Three targets (same reward each): submitter and claimer shares of each go to the submitter.
+    assert_eq!(submitter_rewards, 3 * (reward - model_share));
+    let owner_after = w.client.account(&w.owner.address()).await.unwrap();
+    assert_eq!(owner_after.rewards - owner_before.rewards, 3 * model_share);
+    assert_eq!(owner_after.balance - owner_before.balance, 3 * model_share);
+    // Expired targets of epoch 2 are settled by anyone with --expired.
+    let sweeper = Keypair::generate();
+    w.client.faucet(&sweeper.address()).await.unwrap();
+    let out = w.claim(&sweeper, &["--expired"]);
+    assert!(out.contains("expired)"), "{out}");
+    assert!(
+        w.client.account(&sweeper.address()).await.unwrap().rewards > 0,
+        "{out}"
+    );
+    let status = w.client.status().await.unwrap();
+    assert_eq!(status.accounted_supply, status.total_supply);
+}

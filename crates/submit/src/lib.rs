@@ -1,0 +1,540 @@
+//! The data submitter's side of the network: find which of a target's models explains some data
+//! best, check that model's embedding of the data lands within the target's threshold, upload
+//! the data and submit it with its bond; later, claim the rewards.
+//!
+//! Owns the weights cache (encrypted downloads kept by checksum, verified on every use, models
+//! kept in memory across targets) and the choice of hits. It uses the model crate's scorer, the
+//! storage crate's uploads and the client's transactions; it never touches the chain directly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use somatrain_client::{Client, ClientError};
+use somatrain_model::cpu::CpuModel;
+use somatrain_model::score::{Score, ScoreOptions, cosine_distance, score_data};
+use somatrain_protocol::chain::{Model, ModelStatus, Target, TargetStatus, TxRecord};
+use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
+use somatrain_protocol::tx::TxKind;
+use somatrain_protocol::{Keypair, ObjectId};
+use somatrain_storage::{Storage, StorageError, download_verified};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("model {0} has no revealed weights (status {1:?})")]
+    NotRevealed(ObjectId, ModelStatus),
+    #[error("weights of model {model}: {reason}")]
+    Weights { model: ObjectId, reason: String },
+    #[error("scoring: {0}")]
+    Score(String),
+    #[error("target {0} is not open ({1})")]
+    TargetNotOpen(ObjectId, String),
+    #[error("the data is {size} bytes; submissions hold at most {max}")]
+    TooLarge { size: u64, max: u64 },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Revealed models, downloaded once (the encrypted file is cached on disk under its checksum and
+/// re-verified on every load) and kept in memory across targets.
+pub struct ModelCache {
+    dir: PathBuf,
+    http: reqwest::Client,
+    loaded: HashMap<ObjectId, (Commitment, CpuModel)>,
+}
+
+impl ModelCache {
+    pub fn new(dir: &Path) -> Self {
+        ModelCache {
+            dir: dir.to_path_buf(),
+            http: somatrain_client::http_client(),
+            loaded: HashMap::new(),
+        }
+    }
+
+    /// The scorer of a revealed model (its current weights).
+    pub async fn model(&mut self, model: &Model) -> Result<&mut CpuModel, SubmitError> {
+        let (Some(manifest), Some(key)) = (&model.manifest, &model.decryption_key) else {
+            return Err(SubmitError::NotRevealed(model.id, model.status));
+        };
+        let fresh = self
+            .loaded
+            .get(&model.id)
+            .is_some_and(|(checksum, _)| *checksum == manifest.checksum);
+        if !fresh {
+            let encrypted = self
+                .dir
+                .join(format!("{}.safetensors.enc", manifest.checksum));
+            let cached_ok = match std::fs::File::open(&encrypted) {
+                Ok(file) => Commitment::of_reader(std::io::BufReader::new(file))
+                    .is_ok_and(|(c, size)| c == manifest.checksum && size == manifest.size),
+                Err(_) => false,
+            };
+            if !cached_ok {
+                tracing::info!(
+                    "downloading the weights of model {} ({} bytes)",
+                    model.id,
+                    manifest.size
+                );
+                download_verified(&self.http, manifest, &encrypted).await?;
+            }
+            let key = EncryptionKey::from_base58(key).map_err(|e| SubmitError::Weights {
+                model: model.id,
+                reason: format!("the revealed key is invalid: {e}"),
+            })?;
+            let (id, enc) = (model.id, encrypted.clone());
+            let loaded = tokio::task::spawn_blocking(move || decrypt_and_load(id, &key, &enc))
+                .await
+                .map_err(|e| SubmitError::Io(e.to_string()))??;
+            self.loaded.insert(model.id, (manifest.checksum, loaded));
+        }
+        Ok(&mut self.loaded.get_mut(&model.id).expect("just loaded").1)
+    }
+}
+
+fn decrypt_and_load(
+    model: ObjectId,
+    key: &EncryptionKey,
+    encrypted: &Path,
+) -> Result<CpuModel, SubmitError> {
+    let fail = |reason: String| SubmitError::Weights { model, reason };
+    let plain = encrypted.with_extension(format!("plain-{}", std::process::id()));
+    let result = (|| {
+        let input = std::fs::File::open(encrypted).map_err(|e| fail(e.to_string()))?;
+        let output = std::fs::File::create(&plain).map_err(|e| fail(e.to_string()))?;
+        decrypt_stream(
+            key,
+            std::io::BufReader::new(input),
+            std::io::BufWriter::new(output),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let weights = somatrain_model::io::load_file(&plain, Default::default())
+            .map_err(|e| fail(format!("the decrypted weights do not load: {e}")))?;
+        Ok(CpuModel::new(weights))
+    })();
+    let _ = std::fs::remove_file(&plain);
+    result
+}
+
+/// One model's score of the data: the network's loss and embedding.
+pub fn score(model: &mut CpuModel, data: &[u8]) -> Result<Score, SubmitError> {
+    score_data(model, data, ScoreOptions::default(), &mut |_, _| {})
+        .map_err(|e| SubmitError::Score(e.to_string()))
+}
+
+/// The outcome of some data against one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub target_id: ObjectId,
+    /// The assigned model with the lowest loss: the one the data is submitted with.
+    pub model_id: ObjectId,
+    pub loss: f32,
+    pub embedding: Vec<f32>,
+    pub distance: f32,
+    pub threshold: f32,
+    pub hit: bool,
+    /// Loss of every assigned model that was scored.
+    pub losses: Vec<(ObjectId, f32)>,
+}
+
+/// Picks the lowest-loss model among the target's and measures its embedding's distance.
+/// `scores` holds each model's score of the same data.
+pub fn evaluate(target: &Target, scores: &HashMap<ObjectId, Score>) -> Option<Evaluation> {
+    let losses: Vec<(ObjectId, f32)> = target
+        .model_ids
+        .iter()
+        .filter_map(|id| scores.get(id).map(|s| (*id, s.loss)))
+        .collect();
+    // Ties go to the earlier (better-assigned) model, as the order of model_ids says.
+    let (model_id, loss) =
+        losses
+            .iter()
+            .copied()
+            .fold(None::<(ObjectId, f32)>, |best, (id, loss)| match best {
+                Some((_, l)) if l <= loss => best,
+                _ => Some((id, loss)),
+            })?;
+    let embedding = scores[&model_id].embedding.clone();
+    let distance = cosine_distance(&embedding, &target.embedding);
+    Some(Evaluation {
+        target_id: target.id,
+        model_id,
+        loss,
+        hit: distance.is_finite() && distance <= target.distance_threshold,
+        distance,
+        threshold: target.distance_threshold,
+        embedding,
+        losses,
+    })
+}
+
+/// Scores `data` with every revealed model among `model_ids` (one pass per model).
+pub async fn score_with_models(
+    client: &Client,
+    cache: &mut ModelCache,
+    model_ids: &[ObjectId],
+    data: &[u8],
+) -> Result<HashMap<ObjectId, Score>, SubmitError> {
+    let mut scores = HashMap::new();
+    for id in model_ids {
+        if scores.contains_key(id) {
+            continue;
+        }
+        let model = client.model(id).await?;
+        if model.status != ModelStatus::Active {
+            tracing::warn!("model {id} is {:?}; skipped", model.status);
+            continue;
+        }
+        let scorer = cache.model(&model).await?;
+        let started = std::time::Instant::now();
+        let score = score(scorer, data)?;
+        tracing::info!(
+            "model {id}: loss {:.4} on {} bytes ({:.0} tokens/s)",
+            score.loss,
+            data.len(),
+            score.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        );
+        scores.insert(*id, score);
+    }
+    Ok(scores)
+}
+
+/// Refuses what the chain would refuse before anything is uploaded.
+pub fn precheck(target: &Target, epoch: u64, size: u64, max_bytes: u64) -> Result<(), SubmitError> {
+    match target.status {
+        TargetStatus::Filled { fill_epoch } => {
+            return Err(SubmitError::TargetNotOpen(
+                target.id,
+                format!("filled in epoch {fill_epoch}"),
+            ));
+        }
+        TargetStatus::Open if target.generation_epoch < epoch => {
+            return Err(SubmitError::TargetNotOpen(
+                target.id,
+                format!("expired with epoch {}", target.generation_epoch),
+            ));
+        }
+        TargetStatus::Open => {}
+    }
+    if size > max_bytes {
+        return Err(SubmitError::TooLarge {
+            size,
+            max: max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Uploads the data (checked by reading it back) and submits it with the evaluation's model,
+/// embedding, distance and loss. The bond (size x bond per byte) is taken by the chain.
+pub async fn submit_hit(
+    client: &Client,
+    keypair: &Keypair,
+    storage: &Storage,
+    evaluation: &Evaluation,
+    data: &[u8],
+) -> Result<TxRecord, SubmitError> {
+    let checksum = Commitment::of_bytes(data);
+    let name = format!("data-{}.bin", &checksum.to_base58()[..16]);
+    let manifest = storage.upload_bytes(&name, data).await?;
+    let record = client
+        .send(
+            keypair,
+            TxKind::SubmitData {
+                target_id: evaluation.target_id,
+                manifest,
+                model_id: evaluation.model_id,
+                embedding: evaluation.embedding.clone(),
+                distance: evaluation.distance,
+                loss: evaluation.loss,
+            },
+        )
+        .await?;
+    Ok(record)
+}
+
+/// What `claim` settled (or failed to).
+#[derive(Debug)]
+pub struct ClaimOutcome {
+    pub target_id: ObjectId,
+    pub reward_pool: u64,
+    pub expired: bool,
+    pub result: Result<TxRecord, ClientError>,
+}
+
+/// Claims every claimable target in which the wallet is submitter or model owner, and (with
+/// `expired`) every expired open target, for the claimer's share.
+pub async fn claim_all(
+    client: &Client,
+    keypair: &Keypair,
+    expired: bool,
+) -> Result<Vec<ClaimOutcome>, SubmitError> {
+    let me = keypair.address();
+    let mut outcomes = Vec::new();
+    for target in client.targets("claimable").await? {
+        let is_expired = target.status == TargetStatus::Open;
+        let mine = target.submitter == Some(me) || target.winning_model_owner == Some(me);
+        if !(mine || (expired && is_expired)) {
+            continue;
+        }
+        let result = client
+            .send(
+                keypair,
+                TxKind::ClaimRewards {
+                    target_id: target.id,
+                },
+            )
+            .await;
+        outcomes.push(ClaimOutcome {
+            target_id: target.id,
+            reward_pool: target.reward_pool,
+            expired: is_expired,
+            result,
+        });
+    }
+    Ok(outcomes)
+}
+
+/// Targets filled by `me` that are not claimable yet, with the first epoch they will be.
+pub async fn pending_claims(
+    client: &Client,
+    keypair: &Keypair,
+) -> Result<Vec<(ObjectId, u64)>, SubmitError> {
+    let me = keypair.address();
+    Ok(client
+        .targets("filled")
+        .await?
+        .into_iter()
+        .filter(|t| t.submitter == Some(me) || t.winning_model_owner == Some(me))
+        .filter_map(|t| match t.status {
+            TargetStatus::Filled { fill_epoch } => Some((t.id, fill_epoch + 2)),
+            TargetStatus::Open => None,
+        })
+        .collect())
+}
+
+/// A piece of a corpus file, at most the chain's submission size.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub source: PathBuf,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Splits every regular file under `dir` (sorted, so runs are repeatable) into chunks of at most
+/// `chunk_bytes`, stopping after `max_chunks`. Empty and unreadable files are skipped.
+pub fn corpus_chunks(
+    dir: &Path,
+    chunk_bytes: usize,
+    max_chunks: usize,
+) -> Result<Vec<Chunk>, SubmitError> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&d).map_err(|e| SubmitError::Io(format!("{}: {e}", d.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    files.sort();
+    let mut chunks = Vec::new();
+    for path in files {
+        let Ok(bytes) = std::fs::read(&path) else {
+            tracing::warn!("{} cannot be read; skipped", path.display());
+            continue;
+        };
+        for (i, piece) in bytes.chunks(chunk_bytes.max(1)).enumerate() {
+            if chunks.len() == max_chunks {
+                return Ok(chunks);
+            }
+            chunks.push(Chunk {
+                source: path.clone(),
+                offset: (i * chunk_bytes) as u64,
+                data: piece.to_vec(),
+            });
+        }
+    }
+    Ok(chunks)
+}
+
+/// A chosen submission of `--auto`.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub chunk: usize,
+    pub evaluation: Evaluation,
+}
+
+/// Chooses hits: the closest first, each target and each chunk at most once, within
+/// `max_submissions` and a total bond of `max_bond` shannons.
+pub fn choose_hits(
+    mut candidates: Vec<Hit>,
+    sizes: &[u64],
+    bond_per_byte: u64,
+    max_submissions: usize,
+    max_bond: u64,
+) -> Vec<Hit> {
+    candidates.sort_by(|a, b| a.evaluation.distance.total_cmp(&b.evaluation.distance));
+    let mut used_targets = std::collections::HashSet::new();
+    let mut used_chunks = std::collections::HashSet::new();
+    let mut bond = 0u64;
+    let mut chosen = Vec::new();
+    for hit in candidates {
+        if chosen.len() == max_submissions {
+            break;
+        }
+        let cost = sizes[hit.chunk] * bond_per_byte;
+        if used_targets.contains(&hit.evaluation.target_id)
+            || used_chunks.contains(&hit.chunk)
+            || bond + cost > max_bond
+        {
+            continue;
+        }
+        used_targets.insert(hit.evaluation.target_id);
+        used_chunks.insert(hit.chunk);
+        bond += cost;
+        chosen.push(hit);
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(id: u8, embedding: Vec<f32>, models: &[u8], threshold: f32) -> Target {
+        Target {
+            id: ObjectId([id; 32]),
+            embedding,
+            model_ids: models.iter().map(|m| ObjectId([*m; 32])).collect(),
+            distance_threshold: threshold,
+            reward_pool: 0,
+            generation_epoch: 0,
+            status: TargetStatus::Open,
+            submitter: None,
+            winning_model_id: None,
+            winning_model_owner: None,
+            bond_amount: 0,
+            winning_manifest: None,
+            winning_embedding: None,
+            winning_distance: None,
+            winning_loss: None,
+        }
+    }
+
+    fn scored(loss: f32, embedding: Vec<f32>) -> Score {
+        Score {
+            loss,
+            embedding,
+            batches: 1,
+            tokens: 1,
+        }
+    }
+
+    #[test]
+    fn the_lowest_loss_model_decides_the_distance() {
+        let mut scores = HashMap::new();
+        scores.insert(ObjectId([1; 32]), scored(2.0, vec![1.0, 0.0]));
+        scores.insert(ObjectId([2; 32]), scored(1.5, vec![0.0, 1.0]));
+        scores.insert(ObjectId([9; 32]), scored(0.1, vec![1.0, 0.0])); // not assigned
+        // Model 2 wins (1.5 < 2.0); its embedding is orthogonal to the target: distance 1.
+        let t = target(7, vec![1.0, 0.0], &[1, 2], 0.5);
+        let e = evaluate(&t, &scores).unwrap();
+        assert_eq!(e.model_id, ObjectId([2; 32]));
+        assert_eq!(e.loss, 1.5);
+        assert!((e.distance - 1.0).abs() < 1e-6);
+        assert!(!e.hit);
+        // Against a target along (0, 1), the same data is a hit at distance 0.
+        let t = target(8, vec![0.0, 3.0], &[1, 2], 0.5);
+        let e = evaluate(&t, &scores).unwrap();
+        assert!(e.distance.abs() < 1e-6 && e.hit);
+        // No assigned model scored: nothing to evaluate.
+        assert!(evaluate(&target(9, vec![1.0, 0.0], &[5], 1.0), &scores).is_none());
+    }
+
+    #[test]
+    fn equal_losses_go_to_the_better_assigned_model() {
+        let mut scores = HashMap::new();
+        scores.insert(ObjectId([1; 32]), scored(1.0, vec![1.0, 0.0]));
+        scores.insert(ObjectId([2; 32]), scored(1.0, vec![0.0, 1.0]));
+        let e = evaluate(&target(7, vec![1.0, 0.0], &[2, 1], 0.5), &scores).unwrap();
+        assert_eq!(e.model_id, ObjectId([2; 32]));
+    }
+
+    fn hit(chunk: usize, target: u8, distance: f32) -> Hit {
+        Hit {
+            chunk,
+            evaluation: Evaluation {
+                target_id: ObjectId([target; 32]),
+                model_id: ObjectId([1; 32]),
+                loss: 1.0,
+                embedding: vec![],
+                distance,
+                threshold: 1.0,
+                hit: true,
+                losses: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn hits_are_chosen_closest_first_once_per_target_and_chunk_within_budget() {
+        let candidates = vec![
+            hit(0, 1, 0.9),
+            hit(1, 1, 0.5),
+            hit(1, 2, 0.6),
+            hit(2, 2, 0.7),
+            hit(3, 3, 0.8),
+        ];
+        let sizes = [10, 10, 10, 1000];
+        // Budget of 100 shannons at 1 per byte: chunk 3 (1000 bytes) does not fit.
+        let chosen = choose_hits(candidates, &sizes, 1, 10, 100);
+        let picked: Vec<(usize, u8)> = chosen
+            .iter()
+            .map(|h| (h.chunk, h.evaluation.target_id.0[0]))
+            .collect();
+        // (1, t1) at 0.5; (1, t2) skipped (chunk 1 used); (2, t2) at 0.7; (0, t1) skipped (t1 used).
+        assert_eq!(picked, vec![(1, 1), (2, 2)]);
+        let chosen = choose_hits(vec![hit(0, 1, 0.1), hit(1, 2, 0.2)], &[1, 1], 1, 1, 100);
+        assert_eq!(chosen.len(), 1, "at most max_submissions");
+    }
+
+    #[test]
+    fn a_corpus_is_cut_into_bounded_chunks_in_a_stable_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("b.txt"), vec![b'b'; 25]).unwrap();
+        std::fs::write(dir.path().join("sub/a.txt"), vec![b'a'; 5]).unwrap();
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        let chunks = corpus_chunks(dir.path(), 10, 100).unwrap();
+        let shape: Vec<(String, u64, usize)> = chunks
+            .iter()
+            .map(|c| {
+                (
+                    c.source.file_name().unwrap().to_string_lossy().into(),
+                    c.offset,
+                    c.data.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("b.txt".into(), 0, 10),
+                ("b.txt".into(), 10, 10),
+                ("b.txt".into(), 20, 5),
+                ("a.txt".into(), 0, 5)
+            ]
+        );
+        assert_eq!(corpus_chunks(dir.path(), 10, 2).unwrap().len(), 2);
+    }
+}
