@@ -30,7 +30,7 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_somatrain"))
 }
 
-fn localnet(dir: &Path) -> Localnet {
+fn localnet(dir: &Path, verify: bool) -> Localnet {
     let mut child = bin()
         .args([
             "localnet",
@@ -40,6 +40,7 @@ fn localnet(dir: &Path) -> Localnet {
             "0",
         ])
         .args(["--embedding-dim", "16"])
+        .args(verify.then_some("--verify-submissions"))
         .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -132,9 +133,9 @@ impl World {
 
 /// A model trained, committed and revealed through the binary, then an epoch change that
 /// generates targets for it.
-async fn world() -> World {
+async fn world(verify: bool) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let net = localnet(&dir.path().join("node"));
+    let net = localnet(&dir.path().join("node"), verify);
     let client = Client::new(&net.url);
     let owner = Keypair::generate();
     client.faucet(&owner.address()).await.unwrap();
@@ -206,7 +207,7 @@ fn embedding_of(weights: &Path, data: &Path) -> Vec<f32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitters_hit_miss_are_refused_and_claim() {
-    let w = world().await;
+    let w = world(false).await;
     let targets_out = ok(bin()
         .args(["targets", "--node", &w.net.url, "--json"])
         .output()
@@ -478,4 +479,83 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     );
     let status = w.client.status().await.unwrap();
     assert_eq!(status.accounted_supply, status.total_supply);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
+    let w = world(true).await;
+    let targets = w.client.targets("open").await.unwrap();
+    let data = sources().join("checkpoint.rs");
+    let bytes = std::fs::read(&data).unwrap();
+    let embedding = embedding_of(&w.weights, &data);
+    let reachable: Vec<(f64, &Target)> = targets
+        .iter()
+        .map(|t| (cosine_distance(&embedding, &t.embedding), t))
+        .filter(|(d, t)| *d <= t.distance_threshold as f64 - 1e-4)
+        .collect();
+    assert!(reachable.len() >= 2);
+    let score = ok(bin()
+        .args([
+            "score",
+            "--weights",
+            w.weights.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let loss = serde_json::from_str::<serde_json::Value>(score.trim()).unwrap()["models"][0]["loss"]
+        .as_f64()
+        .unwrap() as f32;
+    let submitter = Keypair::generate();
+    w.client.faucet(&submitter.address()).await.unwrap();
+    let (url, info) = w.client.put_blob("claim.bin", bytes.clone()).await.unwrap();
+    let manifest = somatrain_protocol::tx::Manifest {
+        url,
+        checksum: info.checksum,
+        size: info.size,
+    };
+    let claim =
+        |target: &Target, distance: f64, loss: f32, embedding: Vec<f32>| TxKind::SubmitData {
+            target_id: target.id,
+            manifest: manifest.clone(),
+            model_id: target.model_ids[0],
+            embedding,
+            distance: distance as f32,
+            loss,
+        };
+    let (d, t) = reachable[0];
+    // An inflated loss, and an embedding that is not the model's: both refused.
+    let err = w
+        .client
+        .send(&submitter, claim(t, d, loss * 1.1, embedding.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("verification_failed"), "{err}");
+    let mut other = embedding.clone();
+    other.reverse();
+    let err = w
+        .client
+        .send(&submitter, claim(t, d, loss, other))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("verification_failed"), "{err}");
+    // The true values (from `score` and `embed`) are accepted, and so is `submit` itself.
+    w.client
+        .send(&submitter, claim(t, d, loss, embedding.clone()))
+        .await
+        .unwrap();
+    let report = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &reachable[1].1.id.to_string(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(report.contains("\"submitted\":\""), "{report}");
 }

@@ -187,6 +187,13 @@ async fn submit(
             format!("not a signed transaction: {e}"),
         )
     })?;
+    if let Some(verifier) = node.verifier()
+        && let Ok(body) = tx.verify()
+    {
+        verifier.check(&node, &body).await.map_err(|m| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "verification_failed", m)
+        })?;
+    }
     Ok(Json(blocking(&node, move |n| n.submit(&tx)).await?))
 }
 

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod execute;
 pub mod targets;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,7 @@ pub struct Node {
     queue: Mutex<Vec<Queued>>,
     pub admin_token: Option<String>,
     pub blob_dir: PathBuf,
+    verifier: std::sync::OnceLock<verify::Verifier>,
 }
 
 impl Node {
@@ -123,6 +125,7 @@ impl Node {
             queue: Mutex::new(Vec::new()),
             admin_token: config.admin_token.clone(),
             blob_dir,
+            verifier: std::sync::OnceLock::new(),
         }))
     }
 
@@ -331,6 +334,15 @@ impl Node {
             .expect("node lock")
             .state
             .accounted_supply()
+    }
+
+    /// Turns on re-scoring of data submissions (see [`verify`]); `work_dir` caches weights.
+    pub fn enable_verification(&self, work_dir: &std::path::Path) {
+        let _ = self.verifier.set(verify::Verifier::new(work_dir));
+    }
+
+    pub fn verifier(&self) -> Option<&verify::Verifier> {
+        self.verifier.get()
     }
 
     pub fn data_dir_blob(&self, name: &str) -> PathBuf {

@@ -27,6 +27,10 @@ pub struct LocalnetArgs {
     /// Shannons per faucet request.
     #[arg(long, default_value_t = 2_000_000_000)]
     faucet_amount: u64,
+    /// Re-score every data submission (download data and weights, score with this project's
+    /// scorer) and refuse those whose model, loss, embedding or distance do not match.
+    #[arg(long)]
+    verify_submissions: bool,
     /// Admin token; by default one is generated and written to DATA_DIR/admin-token (mode 0600).
     #[arg(long, env = "SOMATRAIN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -58,6 +62,10 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
         admin_token: Some(token),
     };
     let node = Node::open(&config).context("opening the localnet")?;
+    if args.verify_submissions {
+        node.enable_verification(&args.data_dir.join("verify"));
+        tracing::info!("data submissions are re-scored before they execute");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.bind.as_str(), args.port))
