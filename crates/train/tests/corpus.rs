@@ -182,3 +182,112 @@ fn empty_corpus_is_an_error_not_a_hang() {
     .unwrap();
     assert!(s.next_sequence().is_err());
 }
+
+/// A Parquet file with an optional `content` column (as The Stack v2 dumps have), snappy-compressed,
+/// written with the parquet crate's own writer; `None` is a null.
+fn write_parquet(path: &Path, rows: &[Option<&[u8]>], row_group_size: usize) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = std::sync::Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message schema { OPTIONAL BYTE_ARRAY content (UTF8); REQUIRED INT64 size; }",
+        )
+        .unwrap(),
+    );
+    let props = std::sync::Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut writer =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for group in rows.chunks(row_group_size) {
+        let mut rg = writer.next_row_group().unwrap();
+        let values: Vec<ByteArray> = group
+            .iter()
+            .flatten()
+            .map(|b| ByteArray::from(b.to_vec()))
+            .collect();
+        let defs: Vec<i16> = group.iter().map(|r| i16::from(r.is_some())).collect();
+        let sizes: Vec<i64> = group
+            .iter()
+            .map(|r| r.map_or(0, |b| b.len() as i64))
+            .collect();
+        let mut column = rg.next_column().unwrap().unwrap();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&values, Some(&defs), None)
+            .unwrap();
+        column.close().unwrap();
+        let mut column = rg.next_column().unwrap().unwrap();
+        column
+            .typed::<parquet::data_type::Int64Type>()
+            .write_batch(&sizes, None, None)
+            .unwrap();
+        column.close().unwrap();
+        rg.close().unwrap();
+    }
+    writer.close().unwrap();
+}
+
+#[test]
+fn parquet_content_column_and_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.parquet");
+    let huge = vec![b'x'; 5000];
+    let rows: Vec<Option<&[u8]>> = vec![
+        Some(b"fn main() {}\n"),
+        None,
+        Some(b""),
+        Some(&[0xff, 0xfe, 0x41]),
+        Some(&huge),
+        Some(b"def second(): pass\n"),
+        Some(b"third document"),
+    ];
+    // Two row groups, so reading continues across groups.
+    write_parquet(&path, &rows, 4);
+    write(
+        &dir.path().join("garbage.parquet"),
+        b"PAR1 this is not parquet",
+    );
+    let (seqs, stats) = one_epoch(config(vec![
+        Source::Parquet {
+            path: path.clone(),
+            column: "content".into(),
+        },
+        Source::Parquet {
+            path: dir.path().join("garbage.parquet"),
+            column: "content".into(),
+        },
+        Source::Parquet {
+            path,
+            column: "no_such_column".into(),
+        },
+    ]));
+    assert_eq!(stats.train_documents, 3);
+    assert_eq!(stats.skipped_empty, 1);
+    assert_eq!(stats.skipped_invalid_utf8, 1);
+    assert_eq!(stats.skipped_too_large, 1);
+    // The null row and the file without the column.
+    assert_eq!(stats.skipped_bad_record, 2);
+    assert_eq!(stats.skipped_unreadable, 1);
+    // 13 and 14 bytes fit one sequence of 16; 19 bytes take two.
+    assert_eq!(seqs.len(), 4);
+    let texts: Vec<String> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .filter(|&&t| t < 256)
+                .map(|&t| t as u8 as char)
+                .collect()
+        })
+        .collect();
+    for expected in ["fn main() {}", "def second(): pa", "third document"] {
+        assert!(
+            texts.iter().any(|t| t.starts_with(expected)),
+            "{expected} missing from {texts:?}"
+        );
+    }
+}

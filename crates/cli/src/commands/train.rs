@@ -50,6 +50,12 @@ pub struct TrainingOptions {
     /// Field of each JSON line that holds the text.
     #[arg(long, default_value = "content")]
     text_field: String,
+    /// A Parquet file with one document per row (repeatable), e.g. The Stack v2 dumps.
+    #[arg(long)]
+    parquet: Vec<PathBuf>,
+    /// Column of each Parquet row that holds the text.
+    #[arg(long, default_value = "content")]
+    parquet_column: String,
     /// A file listing document paths, one per line (repeatable).
     #[arg(long = "file-list")]
     file_lists: Vec<PathBuf>,
@@ -144,8 +150,14 @@ impl TrainingOptions {
                 .iter()
                 .map(|p| Source::List { path: p.clone() }),
         );
+        sources.extend(args.parquet.iter().map(|p| Source::Parquet {
+            path: p.clone(),
+            column: args.parquet_column.clone(),
+        }));
         if sources.is_empty() {
-            bail!("give a corpus: --corpus-dir DIR, --jsonl FILE or --file-list FILE");
+            bail!(
+                "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE or --file-list FILE"
+            );
         }
         let corpus = CorpusConfig {
             sources,
