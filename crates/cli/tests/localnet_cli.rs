@@ -1,45 +1,20 @@
 //! The localnet as a real process: `kill -9` while transactions are in flight loses none that
 //! the node acknowledged, and supply is conserved after the restart.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use somatrain_client::Client;
 use somatrain_protocol::Keypair;
 use somatrain_protocol::tx::{SignedTx, TxBody, TxKind};
 
-fn start(dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_somatrain"))
-        .args([
-            "localnet",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            "0",
-            "--embedding-dim",
-            "4",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("the node prints its address")
-        .to_string();
-    (child, url)
-}
+mod common;
+use common::Localnet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_loses_no_acknowledged_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut node, url) = start(dir.path());
+    let mut node = Localnet::start(dir.path(), &["--embedding-dim", "4"]);
+    let url = node.url.clone();
     let client = Client::new(&url);
     let senders: Vec<Keypair> = (0..4).map(|_| Keypair::generate()).collect();
     for kp in &senders {
@@ -72,8 +47,7 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         }));
     }
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    node.kill().unwrap(); // SIGKILL
-    node.wait().unwrap();
+    node.kill(); // SIGKILL
     let mut acknowledged = Vec::new();
     for t in tasks {
         acknowledged.extend(t.await.unwrap());
@@ -88,7 +62,8 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         acknowledged.len()
     );
 
-    let (mut node, url) = start(dir.path());
+    let mut node = Localnet::start(dir.path(), &["--embedding-dim", "4"]);
+    let url = node.url.clone();
     let client = Client::new(&url);
     for digest in &acknowledged {
         assert!(
@@ -133,6 +108,5 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("open targets"));
-    node.kill().unwrap();
-    node.wait().unwrap();
+    node.kill();
 }

@@ -12,59 +12,19 @@ use somatrain_client::Client;
 use somatrain_protocol::chain::ModelStatus;
 use somatrain_protocol::{EncryptionKey, Keypair, ObjectId};
 
-const TOKEN: &str = "publish-test-token";
-
-struct Localnet {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
-
-impl Drop for Localnet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_somatrain"))
-}
+mod common;
+use common::{Localnet, TOKEN, bin};
 
 fn localnet(dir: &Path, epoch_ms: u64) -> Localnet {
-    let mut child = bin()
-        .args([
-            "localnet",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            "0",
-        ])
-        .args([
+    Localnet::start(
+        dir,
+        &[
             "--embedding-dim",
             "16",
             "--epoch-duration-ms",
             &epoch_ms.to_string(),
-        ])
-        .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("the node prints its address")
-        .to_string();
-    Localnet {
-        child,
-        url,
-        dir: dir.to_path_buf(),
-    }
+        ],
+    )
 }
 
 fn corpus() -> PathBuf {

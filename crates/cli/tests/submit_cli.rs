@@ -3,59 +3,23 @@
 //! rule; `--auto` scans a corpus; a corrupted weights download is caught by its checksum; claims
 //! fail before the audit window ends and pay the exact shares after it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 
 use somatrain_client::Client;
 use somatrain_protocol::chain::{Target, TargetStatus};
 use somatrain_protocol::tx::TxKind;
 use somatrain_protocol::{Keypair, ObjectId};
 
-const TOKEN: &str = "submit-test-token";
-
-struct Localnet {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Localnet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_somatrain"))
-}
+mod common;
+use common::{Localnet, TOKEN, bin};
 
 fn localnet(dir: &Path, verify: bool) -> Localnet {
-    let mut child = bin()
-        .args([
-            "localnet",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            "0",
-        ])
-        .args(["--embedding-dim", "16"])
-        .args(verify.then_some("--verify-submissions"))
-        .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    Localnet { child, url }
+    let mut flags = vec!["--embedding-dim", "16"];
+    if verify {
+        flags.push("--verify-submissions");
+    }
+    Localnet::start(dir, &flags)
 }
 
 fn sources() -> PathBuf {

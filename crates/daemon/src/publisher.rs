@@ -284,13 +284,12 @@ impl Publisher {
         );
         let manifest = self.storage.upload_file(&object_name, &encrypted).await?;
         if manifest.checksum != summary.output_commitment || manifest.size != summary.bytes {
-            return Err(DaemonError::Storage(StorageError::Mismatch {
-                url: manifest.url,
-                expected: summary.output_commitment,
-                expected_size: summary.bytes,
-                got: manifest.checksum,
-                got_size: manifest.size,
-            }));
+            let expected = somatrain_protocol::tx::Manifest {
+                url: manifest.url.clone(),
+                checksum: summary.output_commitment,
+                size: summary.bytes,
+            };
+            return Err(StorageError::mismatch(&expected, manifest.checksum, manifest.size).into());
         }
         pause_point("uploaded");
         self.journal.pending = Some(PendingRound {
@@ -414,13 +413,12 @@ impl Publisher {
                     .upload_file(&pending.object_name, &pending.encrypted)
                     .await?;
                 if manifest != pending.manifest {
-                    return Err(DaemonError::Storage(StorageError::Mismatch {
-                        url: manifest.url,
-                        expected: pending.manifest.checksum,
-                        expected_size: pending.manifest.size,
-                        got: manifest.checksum,
-                        got_size: manifest.size,
-                    }));
+                    return Err(StorageError::mismatch(
+                        &pending.manifest,
+                        manifest.checksum,
+                        manifest.size,
+                    )
+                    .into());
                 }
                 Ok(())
             }

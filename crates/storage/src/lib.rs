@@ -56,6 +56,19 @@ pub enum StorageError {
     },
 }
 
+impl StorageError {
+    /// `expected` describes what should be served; `got` what was found.
+    pub fn mismatch(expected: &Manifest, got: Commitment, got_size: u64) -> Self {
+        StorageError::Mismatch {
+            url: expected.url.clone(),
+            expected: expected.checksum,
+            expected_size: expected.size,
+            got,
+            got_size,
+        }
+    }
+}
+
 /// An S3-compatible bucket, configured as in the reference quickstart.
 #[derive(Clone)]
 pub struct S3Config {
@@ -404,13 +417,7 @@ pub async fn served_checksum(
 pub async fn verify_url(http: &reqwest::Client, manifest: &Manifest) -> Result<(), StorageError> {
     let (got, got_size) = served_checksum(http, &manifest.url).await?;
     if got != manifest.checksum || got_size != manifest.size {
-        return Err(StorageError::Mismatch {
-            url: manifest.url.clone(),
-            expected: manifest.checksum,
-            expected_size: manifest.size,
-            got,
-            got_size,
-        });
+        return Err(StorageError::mismatch(manifest, got, got_size));
     }
     Ok(())
 }
@@ -479,13 +486,7 @@ async fn download_to(
     }
     let got = hasher.finish();
     if size != manifest.size || got != manifest.checksum {
-        return Err(StorageError::Mismatch {
-            url: manifest.url.clone(),
-            expected: manifest.checksum,
-            expected_size: manifest.size,
-            got,
-            got_size: size,
-        });
+        return Err(StorageError::mismatch(manifest, got, size));
     }
     file.sync_all().await.map_err(local)?;
     Ok(())
