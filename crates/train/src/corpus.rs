@@ -300,21 +300,32 @@ fn read_unit(
                     stats.skipped_bad_record += 1;
                     continue;
                 };
-                if content.is_empty() {
-                    stats.skipped_empty += 1;
+                if !admit(content.len(), config, split, stats) {
                     continue;
                 }
-                if content.len() as u64 > config.max_document_bytes {
-                    stats.skipped_too_large += 1;
-                    continue;
-                }
-                count(stats, split);
                 if !sink(content.as_bytes().to_vec()) {
                     return false;
                 }
             }
         }
     }
+}
+
+/// Counts a record's document as taken, or as skipped for being empty or too large.
+fn admit(len: usize, config: &CorpusConfig, split: Split, stats: &mut CorpusStats) -> bool {
+    if len == 0 {
+        stats.skipped_empty += 1;
+        return false;
+    }
+    if len as u64 > config.max_document_bytes {
+        stats.skipped_too_large += 1;
+        return false;
+    }
+    match split {
+        Split::Train => stats.train_documents += 1,
+        Split::Heldout => stats.heldout_documents += 1,
+    }
+    true
 }
 
 /// The documents of one Parquet file (see [`Source::Parquet`]); identities are `file:row`.
@@ -382,17 +393,8 @@ fn read_parquet(
                 continue;
             }
         };
-        if content.is_empty() {
-            stats.skipped_empty += 1;
+        if !admit(content.len(), config, split, stats) {
             continue;
-        }
-        if content.len() as u64 > config.max_document_bytes {
-            stats.skipped_too_large += 1;
-            continue;
-        }
-        match split {
-            Split::Train => stats.train_documents += 1,
-            Split::Heldout => stats.heldout_documents += 1,
         }
         if !sink(content) {
             return false;
