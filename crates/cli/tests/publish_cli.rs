@@ -476,3 +476,41 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
         "the second round trained further: {stdout}"
     );
 }
+
+#[test]
+fn a_reveal_that_cannot_land_raises_deadline_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = localnet(&dir.path().join("node"), 4000);
+    let kp = Keypair::generate();
+    let run_dir = dir.path().join("run");
+    let mut child = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+        .args(["--warn-before-s", "3600"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the commit is in, the node goes away: the reveal cannot land.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read(run_dir.join("journal.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|j| j["pending"]["commit_epoch"].is_u64())
+    {
+        assert!(Instant::now() < deadline, "no commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    net.kill();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the daemon ended without warning"
+        );
+        if line.contains("has not landed and its window closes in") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
