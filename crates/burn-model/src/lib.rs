@@ -7,6 +7,8 @@
 //! The hand-written CPU kernels in `somatrain-model` stay the fast CPU path; this crate is the
 //! GPU path and a second, independent implementation of the forward pass.
 
+pub mod train;
+
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{embedding, layer_norm, linear};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -75,6 +77,12 @@ fn open_cuda(index: usize) -> Result<Device, DeviceError> {
             Err(DeviceError::NoCudaDriver(why))
         }
     }
+}
+
+/// A parameter tensor of either rank.
+enum Parameter<'a> {
+    One(&'a Tensor<1>),
+    Two(&'a Tensor<2>),
 }
 
 struct LayerTensors {
@@ -203,6 +211,67 @@ impl BurnModel {
         );
         let logits = lin(reps.clone(), &self.predictor);
         (reps, logits)
+    }
+}
+
+impl BurnModel {
+    /// Every parameter, in the order of [`Weights::tensors`].
+    fn visit_parameters(&self, mut visit: impl FnMut(Parameter<'_>)) {
+        use Parameter::{One, Two};
+        visit(Two(&self.embedding));
+        for l in &self.layers {
+            visit(One(&l.norm_1.0));
+            visit(One(&l.norm_1.1));
+            for (w, b) in [&l.query, &l.key, &l.value, &l.output] {
+                visit(Two(w));
+                visit(One(b));
+            }
+            visit(One(&l.norm_2.0));
+            visit(One(&l.norm_2.1));
+            for (w, b) in [&l.inner, &l.outer] {
+                visit(Two(w));
+                visit(One(b));
+            }
+        }
+        visit(One(&self.final_norm.0));
+        visit(One(&self.final_norm.1));
+        visit(Two(&self.predictor.0));
+        visit(One(&self.predictor.1));
+    }
+
+    fn map_parameters(
+        &mut self,
+        one: impl Fn(Tensor<1>) -> Tensor<1>,
+        two: impl Fn(Tensor<2>) -> Tensor<2>,
+    ) {
+        let pair = |(w, b): &mut (Tensor<2>, Tensor<1>)| {
+            *w = two(w.clone());
+            *b = one(b.clone());
+        };
+        self.embedding = two(self.embedding.clone());
+        for l in &mut self.layers {
+            for t in [
+                &mut l.norm_1.0,
+                &mut l.norm_1.1,
+                &mut l.norm_2.0,
+                &mut l.norm_2.1,
+            ] {
+                *t = one(t.clone());
+            }
+            for p in [
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.output,
+                &mut l.inner,
+                &mut l.outer,
+            ] {
+                pair(p);
+            }
+        }
+        self.final_norm.0 = one(self.final_norm.0.clone());
+        self.final_norm.1 = one(self.final_norm.1.clone());
+        pair(&mut self.predictor);
     }
 }
 

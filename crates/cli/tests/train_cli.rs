@@ -133,3 +133,44 @@ fn killed_and_resumed_run_is_bit_identical() {
         assert!(a == &b, "{name} differs after {kills} kills");
     }
 }
+
+/// `train --device cuda`: without the `cuda` feature a clear error; with it, two steps on the
+/// GPU (burn autodiff; dropout off), or a clear error where no driver is installed.
+#[test]
+fn cuda_training_runs_or_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+        .args([
+            "train",
+            "--run-dir",
+            dir.path().to_str().unwrap(),
+            "--preset",
+            "tiny",
+        ])
+        .args([
+            "--corpus-dir",
+            corpus().to_str().unwrap(),
+            "--seq-len",
+            "64",
+        ])
+        .args(["--micro-batch", "2", "--accumulation", "1", "--steps", "2"])
+        .args([
+            "--dropout",
+            "0",
+            "--heldout-bytes",
+            "1024",
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+    } else if !out.status.success() {
+        assert!(stderr.contains("no usable CUDA device"), "{stderr}");
+    } else {
+        assert!(dir.path().join("round/weights.safetensors").exists());
+    }
+}

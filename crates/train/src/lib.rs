@@ -11,4 +11,4 @@ pub mod corpus;
 pub mod optim;
 pub mod trainer;
 
-pub use trainer::{RunSummary, TrainError, TrainSettings, Until, run};
+pub use trainer::{GradientEngine, RunSummary, TrainError, TrainSettings, Until, run, run_with};

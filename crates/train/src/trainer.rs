@@ -189,12 +189,55 @@ pub enum Until {
     Step(u64),
 }
 
-/// Trains (resuming whatever the run directory holds) until `until`, then writes the round
-/// artifacts. `on_step` sees every logged step.
+/// Computes one micro-batch's training loss and adds its gradient into `grads`: the CPU's
+/// hand-written backward ([`TrainPass`]), or autodiff on a device (`somatrain-burn`).
+pub trait GradientEngine {
+    /// `version` changes exactly when `weights` change (once per optimizer step), so an engine
+    /// that keeps weights on a device uploads them once per step.
+    fn loss_and_grad(
+        &mut self,
+        weights: &Weights,
+        version: u64,
+        batch: &somatrain_data::Batch,
+        noise: &[f32],
+        options: TrainOptions,
+        grads: &mut Weights,
+    ) -> Result<somatrain_model::score::BatchOutput, TrainError>;
+}
+
+impl GradientEngine for TrainPass {
+    fn loss_and_grad(
+        &mut self,
+        weights: &Weights,
+        _version: u64,
+        batch: &somatrain_data::Batch,
+        noise: &[f32],
+        options: TrainOptions,
+        grads: &mut Weights,
+    ) -> Result<somatrain_model::score::BatchOutput, TrainError> {
+        Ok(TrainPass::loss_and_grad(
+            self, weights, batch, noise, options, grads,
+        ))
+    }
+}
+
+/// Trains on the CPU (resuming whatever the run directory holds) until `until`, then writes
+/// the round artifacts. `on_step` sees every logged step.
 pub fn run(
     run_dir: &Path,
     settings: &TrainSettings,
     until: Until,
+    on_step: &mut dyn FnMut(&StepLog),
+) -> Result<RunSummary, TrainError> {
+    run_with(run_dir, settings, until, &mut TrainPass::new(), on_step)
+}
+
+/// [`run`] with the gradients computed by `engine`.
+pub fn run_with(
+    run_dir: &Path,
+    settings: &TrainSettings,
+    until: Until,
+    engine: &mut dyn GradientEngine,
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<RunSummary, TrainError> {
     if settings.micro_batch == 0 || settings.accumulation == 0 {
@@ -263,7 +306,6 @@ pub fn run(
     };
     let mut stream = TrainStream::open(settings.corpus.clone(), position)?;
     let mut grads = Weights::zeros(settings.model);
-    let mut pass = TrainPass::new();
     let d = settings.model.embedding_dim;
     let seq = settings.corpus.max_seq_len;
     let mut window_start = Instant::now();
@@ -285,7 +327,7 @@ pub fn run(
                 sigreg_coefficient: settings.sigreg_coefficient,
                 grad_scale: 1.0 / settings.accumulation as f32,
             };
-            let out = pass.loss_and_grad(&weights, &batch, &noise, options, &mut grads);
+            let out = engine.loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)?;
             loss_sum += out.loss as f64;
             ce_sum += out.cross_entropy as f64;
             let non_pad = batch

@@ -47,6 +47,22 @@ fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
     Ok(Box::new(BurnModel::new(&weights, device)))
 }
 
+/// Training gradients on CUDA device 0 through burn's autodiff.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_gradient_engine() -> Result<Box<dyn somatrain_train::GradientEngine>> {
+    anyhow::bail!(
+        "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
+    )
+}
+
+#[cfg(feature = "cuda")]
+pub fn cuda_gradient_engine() -> Result<Box<dyn somatrain_train::GradientEngine>> {
+    use somatrain_burn::{BurnDevice, open_device};
+    let device = open_device(BurnDevice::Cuda(0))?;
+    tracing::info!("training on CUDA device 0 (burn autodiff)");
+    Ok(Box::new(somatrain_burn::train::BurnEngine::new(device)))
+}
+
 /// Writes a secret (a key, a token) atomically into a file only its owner can read (0600).
 pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
     somatrain_daemon::write_private_file(path, contents)

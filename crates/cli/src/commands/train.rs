@@ -204,17 +204,24 @@ impl TrainingOptions {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    if args.device == Device::Cuda {
-        bail!("training runs on the CPU in this version; --device cuda is available for scoring");
-    }
     let settings = args.training.settings()?;
+    let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
+        Device::Cpu => Box::new(somatrain_model::cpu::train::TrainPass::new()),
+        Device::Cuda => super::cuda_gradient_engine()?,
+    };
     let until = match (args.steps, args.until_step) {
         (_, Some(s)) => Until::Step(s),
         (Some(n), None) => Until::MoreSteps(n),
         (None, None) => bail!("say how long to train: --steps N or --until-step N"),
     };
-    let summary = somatrain_train::run(&args.run_dir, &settings, until, &mut |_| {})
-        .with_context(|| format!("training in {}", args.run_dir.display()))?;
+    let summary = somatrain_train::run_with(
+        &args.run_dir,
+        &settings,
+        until,
+        engine.as_mut(),
+        &mut |_| {},
+    )
+    .with_context(|| format!("training in {}", args.run_dir.display()))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
