@@ -11,7 +11,7 @@ pub mod train;
 
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{embedding, layer_norm, linear};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use somatrain_data::Batch;
 use somatrain_model::config::{LAYER_NORM_EPS, MASK_FILL, SIGREG_COEFFICIENT, SIGREG_SLICES};
 use somatrain_model::cpu::kernels::{rope_tables, rope_timescales};
@@ -100,6 +100,9 @@ struct LayerTensors {
 pub struct BurnModel {
     config: ModelConfig,
     device: Device,
+    /// Mixed precision: matrix products in bf16 (weights cast from their f32 masters, results
+    /// cast back), everything else (LayerNorm, softmax, GELU, the loss) in f32.
+    bf16_matmuls: bool,
     timescales: Vec<f32>,
     embedding: Tensor<2>,
     layers: Vec<LayerTensors>,
@@ -135,6 +138,7 @@ impl BurnModel {
             .collect();
         BurnModel {
             config: c,
+            bf16_matmuls: false,
             timescales: rope_timescales(c.head_dim()),
             embedding: t2(&weights.embedding, v, d, &device),
             layers,
@@ -185,23 +189,23 @@ impl BurnModel {
                 eps(),
             );
             let split = |t: Tensor<3>| t.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
-            let q = rope(split(lin(h.clone(), &l.query)), &cos, &sin, half);
-            let k = rope(split(lin(h.clone(), &l.key)), &cos, &sin, half);
-            let v = split(lin(h, &l.value)); // [B, H, T, h]
-            let scores = q.matmul(k.swap_dims(2, 3)).div_scalar(scale);
+            let q = rope(split(self.lin(h.clone(), &l.query)), &cos, &sin, half);
+            let k = rope(split(self.lin(h.clone(), &l.key)), &cos, &sin, half);
+            let v = split(self.lin(h, &l.value)); // [B, H, T, h]
+            let scores = self.matmul(q, k.swap_dims(2, 3)).div_scalar(scale);
             let weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
-            let ctx = weights
-                .matmul(v)
+            let ctx = self
+                .matmul(weights, v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, heads * hd]);
-            x = x + lin(ctx, &l.output);
+            x = x + self.lin(ctx, &l.output);
             let h = layer_norm(
                 x.clone(),
                 l.norm_2.0.clone(),
                 Some(l.norm_2.1.clone()),
                 eps(),
             );
-            x = x + lin(gelu(lin(h, &l.inner)), &l.outer);
+            x = x + self.lin(gelu(self.lin(h, &l.inner)), &l.outer);
         }
         let reps = layer_norm(
             x,
@@ -209,7 +213,7 @@ impl BurnModel {
             Some(self.final_norm.1.clone()),
             eps(),
         );
-        let logits = lin(reps.clone(), &self.predictor);
+        let logits = self.lin(reps.clone(), &self.predictor);
         (reps, logits)
     }
 }
@@ -279,8 +283,31 @@ fn eps() -> f64 {
     LAYER_NORM_EPS as f64
 }
 
-fn lin<const D: usize>(x: Tensor<D>, (w, b): &(Tensor<2>, Tensor<1>)) -> Tensor<D> {
-    linear(x, w.clone(), Some(b.clone()))
+impl BurnModel {
+    /// Turns mixed precision on or off (see `bf16_matmuls`); master weights stay f32.
+    pub fn with_bf16_matmuls(mut self, on: bool) -> Self {
+        self.bf16_matmuls = on;
+        self
+    }
+
+    fn lin<const D: usize>(&self, x: Tensor<D>, (w, b): &(Tensor<2>, Tensor<1>)) -> Tensor<D> {
+        if self.bf16_matmuls {
+            let (x, w) = (x.cast(DType::BF16), w.clone().cast(DType::BF16));
+            linear(x, w, None).cast(DType::F32) + b.clone().unsqueeze()
+        } else {
+            linear(x, w.clone(), Some(b.clone()))
+        }
+    }
+
+    fn matmul(&self, a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+        if self.bf16_matmuls {
+            a.cast(DType::BF16)
+                .matmul(b.cast(DType::BF16))
+                .cast(DType::F32)
+        } else {
+            a.matmul(b)
+        }
+    }
 }
 
 /// Half-split RoPE on `[B, H, T, h]` with tables `[B, 1, T, h/2]`.

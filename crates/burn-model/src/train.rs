@@ -118,6 +118,7 @@ impl BurnModel {
 /// gradients come back per micro-batch. Dropout is not implemented on this path.
 pub struct BurnEngine {
     device: Device,
+    bf16_matmuls: bool,
     loaded: Option<(u64, BurnModel)>,
 }
 
@@ -125,8 +126,15 @@ impl BurnEngine {
     pub fn new(device: Device) -> Self {
         BurnEngine {
             device,
+            bf16_matmuls: false,
             loaded: None,
         }
+    }
+
+    /// Mixed precision: bf16 matrix products, f32 master weights, gradients and optimizer.
+    pub fn with_bf16_matmuls(mut self, on: bool) -> Self {
+        self.bf16_matmuls = on;
+        self
     }
 }
 
@@ -147,7 +155,9 @@ impl GradientEngine for BurnEngine {
             ));
         }
         if self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
-            self.loaded = Some((version, BurnModel::trainable(weights, self.device.clone())));
+            let model = BurnModel::trainable(weights, self.device.clone())
+                .with_bf16_matmuls(self.bf16_matmuls);
+            self.loaded = Some((version, model));
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
         Ok(model.loss_and_grad(

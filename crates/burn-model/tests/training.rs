@@ -107,3 +107,33 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     // Three Adam steps of 1e-3 move a weight by at most 3e-3; the runs agree far closer.
     assert!(worst < 1e-4, "weights differ by {worst}");
 }
+
+/// Mixed precision (bf16 products, f32 masters): the loss within bf16's precision of the f32
+/// loss, and every gradient pointing the same way as the f32 one.
+#[test]
+fn bf16_matmuls_keep_loss_and_gradients_close_to_f32() {
+    let config = somatrain_model::Preset::Small.config();
+    let weights = Weights::init(config, 11);
+    let data: Vec<u8> = (0..150u32).map(|i| (i * 29 + 3) as u8).collect();
+    let batch = batches(&data, 64, 3).next().unwrap();
+    let noise = somatrain_noise::unit_column_noise(2, config.embedding_dim, SIGREG_SLICES);
+    let run = |bf16: bool| {
+        let device = open_device(BurnDevice::Flex).unwrap();
+        let model = BurnModel::trainable(&weights, device).with_bf16_matmuls(bf16);
+        let mut grads = Weights::zeros(config);
+        let out = model
+            .loss_and_grad(&batch, &noise, 0.02, 1.0, &mut grads)
+            .unwrap();
+        (out.loss, grads)
+    };
+    let (full, full_grads) = run(false);
+    let (mixed, mixed_grads) = run(true);
+    assert_ne!(full, mixed, "bf16 products change the rounding");
+    assert!((full - mixed).abs() < 1e-2 * full, "loss {mixed} vs {full}");
+    for ((name, a), (_, b)) in mixed_grads.tensors().into_iter().zip(full_grads.tensors()) {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(a) * norm(b)).max(1e-30);
+        assert!(cosine > 0.99, "{name}: cosine {cosine}");
+    }
+}

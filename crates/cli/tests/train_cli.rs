@@ -161,6 +161,7 @@ fn cuda_training_runs_or_is_a_clear_error() {
             "1024",
             "--device",
             "cuda",
+            "--bf16",
         ])
         .output()
         .unwrap();

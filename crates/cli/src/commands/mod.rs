@@ -49,18 +49,20 @@ fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
 
 /// Training gradients on CUDA device 0 through burn's autodiff.
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_gradient_engine() -> Result<Box<dyn somatrain_train::GradientEngine>> {
+pub fn cuda_gradient_engine(_bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
     anyhow::bail!(
         "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
     )
 }
 
 #[cfg(feature = "cuda")]
-pub fn cuda_gradient_engine() -> Result<Box<dyn somatrain_train::GradientEngine>> {
+pub fn cuda_gradient_engine(bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
     use somatrain_burn::{BurnDevice, open_device};
     let device = open_device(BurnDevice::Cuda(0))?;
-    tracing::info!("training on CUDA device 0 (burn autodiff)");
-    Ok(Box::new(somatrain_burn::train::BurnEngine::new(device)))
+    tracing::info!("training on CUDA device 0 (burn autodiff, bf16 products: {bf16})");
+    Ok(Box::new(
+        somatrain_burn::train::BurnEngine::new(device).with_bf16_matmuls(bf16),
+    ))
 }
 
 /// Writes a secret (a key, a token) atomically into a file only its owner can read (0600).

@@ -30,6 +30,9 @@ pub struct TrainArgs {
     until_step: Option<u64>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    /// Matrix products in bf16 with f32 master weights (mixed precision; --device cuda only).
+    #[arg(long)]
+    bf16: bool,
     /// Print the run summary as JSON.
     #[arg(long)]
     json: bool,
@@ -206,8 +209,11 @@ impl TrainingOptions {
 pub fn run_train(args: TrainArgs) -> Result<()> {
     let settings = args.training.settings()?;
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
+        Device::Cpu if args.bf16 => {
+            bail!("--bf16 (mixed precision) needs --device cuda; the CPU path trains in f32")
+        }
         Device::Cpu => Box::new(somatrain_model::cpu::train::TrainPass::new()),
-        Device::Cuda => super::cuda_gradient_engine()?,
+        Device::Cuda => super::cuda_gradient_engine(args.bf16)?,
     };
     let until = match (args.steps, args.until_step) {
         (_, Some(s)) => Until::Step(s),
