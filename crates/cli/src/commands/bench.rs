@@ -78,9 +78,15 @@ pub struct TrainBenchArgs {
     /// Timed steps after one warm-up step.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Dropout rate, as in the reference trainer.
+    /// Dropout rate, as in the reference trainer (0 on CUDA, where dropout is not implemented).
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
+    /// cpu: the hand-written kernels; cuda: burn's autodiff on GPU 0 (build with --features cuda).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Mixed precision (bf16 products, f32 masters) on CUDA.
+    #[arg(long)]
+    bf16: bool,
 }
 
 #[derive(Args)]
@@ -229,8 +235,11 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         .next()
         .expect("one batch");
     let noise = somatrain_noise::unit_column_noise(0, config.embedding_dim, SIGREG_SLICES);
-    let mut pass = TrainPass::new();
-    let mut step = |i: u64| {
+    let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
+        Device::Cpu => Box::new(TrainPass::new()),
+        Device::Cuda => super::cuda_gradient_engine(args.bf16)?,
+    };
+    let mut step = |i: u64| -> Result<f32> {
         for (_, g) in grads.tensors_mut() {
             g.fill(0.0);
         }
@@ -239,15 +248,15 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
             dropout_key: i,
             ..TrainOptions::default()
         };
-        let out = pass.loss_and_grad(&weights, &batch, &noise, options, &mut grads);
+        let out = engine.loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)?;
         adam.update(&optim, &mut weights, &mut grads);
-        out.loss
+        Ok(out.loss)
     };
-    step(0);
+    step(0)?;
     let mut times = Vec::new();
     for run in 0..args.runs {
         let start = Instant::now();
-        let loss = step(run as u64 + 1);
+        let loss = step(run as u64 + 1)?;
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
             "step {run}: {secs:.3} s, {:.0} tokens/s (loss {loss:.4})",
