@@ -15,6 +15,9 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use somatrain_data::Batch;
 use somatrain_model::config::{LAYER_NORM_EPS, MASK_FILL, SIGREG_COEFFICIENT, SIGREG_SLICES};
 use somatrain_model::cpu::kernels::{rope_tables, rope_timescales};
+use somatrain_model::cpu::train::{
+    SITE_ATTENTION, SITE_ATTENTION_OUT, SITE_FFN_ACT, SITE_FFN_OUT, TrainOptions, TrainPass,
+};
 use somatrain_model::loss::{cross_entropy_sum, sigreg_mean};
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
 use somatrain_model::{ModelConfig, Weights};
@@ -165,6 +168,25 @@ impl BurnModel {
         batch: usize,
         seq: usize,
     ) -> (Tensor<3>, Tensor<3>) {
+        self.forward_with_dropout(tokens, positions, batch, seq, None)
+    }
+
+    /// [`forward`](Self::forward) with the training pass's dropout: the masks are the CPU
+    /// path's own (same counter-based hash, same sites and element order), drawn on the host.
+    pub fn forward_with_dropout(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+        dropout: Option<&TrainOptions>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let drop_mask = |layer: usize, site: u64, dims: Vec<usize>| -> Option<TensorData> {
+            let drop = TrainPass::dropout(dropout?, layer, site)?;
+            let count: usize = dims.iter().product();
+            let values: Vec<f32> = (0..count as u64).map(|i| drop.scale_at(i)).collect();
+            Some(TensorData::new(values, dims))
+        };
         let c = &self.config;
         let (heads, hd) = (c.num_heads, c.head_dim());
         let half = hd / 2;
@@ -180,8 +202,9 @@ impl BurnModel {
             .expand([batch, heads, seq, seq]);
         let scale = (hd as f32).sqrt();
 
+        let (d, f) = (c.embedding_dim, c.pwff_hidden_dim);
         let mut x = embedding(self.embedding.clone(), ids); // [B, T, D]
-        for l in &self.layers {
+        for (index, l) in self.layers.iter().enumerate() {
             let h = layer_norm(
                 x.clone(),
                 l.norm_1.0.clone(),
@@ -193,19 +216,34 @@ impl BurnModel {
             let k = rope(split(self.lin(h.clone(), &l.key)), &cos, &sin, half);
             let v = split(self.lin(h, &l.value)); // [B, H, T, h]
             let scores = self.matmul(q, k.swap_dims(2, 3)).div_scalar(scale);
-            let weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
+            let mut weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
+            if let Some(m) = drop_mask(index, SITE_ATTENTION, vec![batch, heads, seq, seq]) {
+                weights = weights * Tensor::<4>::from_data(m, &self.device);
+            }
             let ctx = self
                 .matmul(weights, v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, heads * hd]);
-            x = x + self.lin(ctx, &l.output);
+            let mut delta = self.lin(ctx, &l.output);
+            if let Some(m) = drop_mask(index, SITE_ATTENTION_OUT, vec![batch, seq, d]) {
+                delta = delta * Tensor::<3>::from_data(m, &self.device);
+            }
+            x = x + delta;
             let h = layer_norm(
                 x.clone(),
                 l.norm_2.0.clone(),
                 Some(l.norm_2.1.clone()),
                 eps(),
             );
-            x = x + self.lin(gelu(self.lin(h, &l.inner)), &l.outer);
+            let mut act = gelu(self.lin(h, &l.inner));
+            if let Some(m) = drop_mask(index, SITE_FFN_ACT, vec![batch, seq, f]) {
+                act = act * Tensor::<3>::from_data(m, &self.device);
+            }
+            let mut delta = self.lin(act, &l.outer);
+            if let Some(m) = drop_mask(index, SITE_FFN_OUT, vec![batch, seq, d]) {
+                delta = delta * Tensor::<3>::from_data(m, &self.device);
+            }
+            x = x + delta;
         }
         let reps = layer_norm(
             x,

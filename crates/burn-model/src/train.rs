@@ -1,7 +1,8 @@
 //! The training loss on a burn device and its gradients by burn's autodiff: the GPU path of
 //! training. The loss is the network's, computed entirely on the device (PAD-inclusive
 //! cross-entropy plus SIGReg over the same random unit projections as the CPU path), so only
-//! the scalar loss and the gradients come back to the host. Dropout is not applied here.
+//! the scalar loss and the gradients come back to the host. Dropout uses the CPU path's masks,
+//! drawn on the host and uploaded (exact and resumable; costly at V1 size).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -35,14 +36,15 @@ impl BurnModel {
         &self,
         batch: &Batch,
         noise: &[f32],
-        sigreg_coefficient: f32,
-        grad_scale: f32,
+        options: &TrainOptions,
         grads: &mut Weights,
     ) -> Result<BatchOutput, ScoreError> {
+        let (sigreg_coefficient, grad_scale) = (options.sigreg_coefficient, options.grad_scale);
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
         let device = &self.device;
-        let (reps, logits) = self.forward(&batch.tokens, &batch.positions, b, t);
+        let (reps, logits) =
+            self.forward_with_dropout(&batch.tokens, &batch.positions, b, t, Some(options));
         // Cross-entropy: PAD targets count in the mean's denominator but add nothing.
         let rows = b * t;
         let targets: Vec<i64> = batch
@@ -115,7 +117,7 @@ impl BurnModel {
 }
 
 /// A [`GradientEngine`] on a burn device: weights are uploaded once per optimizer step and the
-/// gradients come back per micro-batch. Dropout is not implemented on this path.
+/// gradients come back per micro-batch.
 pub struct BurnEngine {
     device: Device,
     bf16_matmuls: bool,
@@ -148,24 +150,12 @@ impl GradientEngine for BurnEngine {
         options: TrainOptions,
         grads: &mut Weights,
     ) -> Result<BatchOutput, TrainError> {
-        if options.dropout > 0.0 {
-            return Err(TrainError::Settings(
-                "dropout is not implemented on burn devices yet; train there with --dropout 0"
-                    .into(),
-            ));
-        }
         if self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
             let model = BurnModel::trainable(weights, self.device.clone())
                 .with_bf16_matmuls(self.bf16_matmuls);
             self.loaded = Some((version, model));
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
-        Ok(model.loss_and_grad(
-            batch,
-            noise,
-            options.sigreg_coefficient,
-            options.grad_scale,
-            grads,
-        )?)
+        Ok(model.loss_and_grad(batch, noise, &options, grads)?)
     }
 }

@@ -10,6 +10,25 @@ use somatrain_model::{ModelConfig, Weights};
 
 #[test]
 fn autodiff_gradients_match_the_cpu_backward() {
+    compare_with_cpu(TrainOptions {
+        sigreg_coefficient: 0.02,
+        grad_scale: 0.5,
+        ..TrainOptions::default()
+    });
+}
+
+/// With dropout the device draws the CPU path's own masks, so the gradients still agree.
+#[test]
+fn autodiff_gradients_match_the_cpu_backward_with_dropout() {
+    compare_with_cpu(TrainOptions {
+        dropout: 0.25,
+        dropout_key: 0xfeed,
+        sigreg_coefficient: 0.02,
+        grad_scale: 1.0,
+    });
+}
+
+fn compare_with_cpu(options: TrainOptions) {
     let config = ModelConfig {
         embedding_dim: 16,
         num_layers: 2,
@@ -24,18 +43,13 @@ fn autodiff_gradients_match_the_cpu_backward() {
     let noise = somatrain_noise::unit_column_noise(4, 16, SIGREG_SLICES);
 
     let mut cpu_grads = Weights::zeros(config);
-    let options = TrainOptions {
-        sigreg_coefficient: 0.02,
-        grad_scale: 0.5,
-        ..TrainOptions::default()
-    };
     let cpu = TrainPass::new().loss_and_grad(&weights, &batch, &noise, options, &mut cpu_grads);
 
     let device = open_device(BurnDevice::Flex).unwrap();
     let model = BurnModel::trainable(&weights, device);
     let mut burn_grads = Weights::zeros(config);
     let loss = model
-        .loss_and_grad(&batch, &noise, 0.02, 0.5, &mut burn_grads)
+        .loss_and_grad(&batch, &noise, &options, &mut burn_grads)
         .unwrap()
         .loss;
     assert!(
@@ -54,8 +68,8 @@ fn autodiff_gradients_match_the_cpu_backward() {
     }
 }
 
-/// Three optimizer steps of the real trainer (corpus, accumulation, AdamW, checkpoints) with
-/// the gradients from burn on flex end where the CPU engine ends.
+/// Three optimizer steps of the real trainer (corpus, accumulation, dropout, AdamW,
+/// checkpoints) with the gradients from burn on flex end where the CPU engine ends.
 #[test]
 fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     use somatrain_train::corpus::{CorpusConfig, Source};
@@ -69,7 +83,7 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     };
     let mut settings = TrainSettings::reference(somatrain_model::Preset::Tiny.config(), corpus);
     settings.accumulation = 2;
-    settings.dropout = 0.0;
+    settings.dropout = 0.1;
     settings.optim.lr = 1e-3;
     settings.heldout_bytes = 1024;
     let train = |engine: &mut dyn somatrain_train::GradientEngine| {
@@ -121,8 +135,13 @@ fn bf16_matmuls_keep_loss_and_gradients_close_to_f32() {
         let device = open_device(BurnDevice::Flex).unwrap();
         let model = BurnModel::trainable(&weights, device).with_bf16_matmuls(bf16);
         let mut grads = Weights::zeros(config);
+        let options = TrainOptions {
+            sigreg_coefficient: 0.02,
+            grad_scale: 1.0,
+            ..TrainOptions::default()
+        };
         let out = model
-            .loss_and_grad(&batch, &noise, 0.02, 1.0, &mut grads)
+            .loss_and_grad(&batch, &noise, &options, &mut grads)
             .unwrap();
         (out.loss, grads)
     };

@@ -135,7 +135,7 @@ fn killed_and_resumed_run_is_bit_identical() {
 }
 
 /// `train --device cuda`: without the `cuda` feature a clear error; with it, two steps on the
-/// GPU (burn autodiff; dropout off), or a clear error where no driver is installed.
+/// GPU (burn autodiff, dropout, bf16 products), or a clear error where no driver is installed.
 #[test]
 fn cuda_training_runs_or_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +156,7 @@ fn cuda_training_runs_or_is_a_clear_error() {
         .args(["--micro-batch", "2", "--accumulation", "1", "--steps", "2"])
         .args([
             "--dropout",
-            "0",
+            "0.1",
             "--heldout-bytes",
             "1024",
             "--device",

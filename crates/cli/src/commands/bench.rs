@@ -78,7 +78,7 @@ pub struct TrainBenchArgs {
     /// Timed steps after one warm-up step.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Dropout rate, as in the reference trainer (0 on CUDA, where dropout is not implemented).
+    /// Dropout rate, as in the reference trainer.
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
     /// cpu: the hand-written kernels; cuda: burn's autodiff on GPU 0 (build with --features cuda).

@@ -92,10 +92,10 @@ pub struct TrainPass {
 }
 
 /// The four dropout sites of a layer.
-const SITE_ATTENTION: u64 = 0;
-const SITE_ATTENTION_OUT: u64 = 1;
-const SITE_FFN_ACT: u64 = 2;
-const SITE_FFN_OUT: u64 = 3;
+pub const SITE_ATTENTION: u64 = 0;
+pub const SITE_ATTENTION_OUT: u64 = 1;
+pub const SITE_FFN_ACT: u64 = 2;
+pub const SITE_FFN_OUT: u64 = 3;
 
 impl TrainPass {
     pub fn new() -> Self {
@@ -118,7 +118,9 @@ impl TrainPass {
         out
     }
 
-    fn dropout(options: &TrainOptions, layer: usize, site: u64) -> Option<Dropout> {
+    /// The dropout of `site` (one of the `SITE_*` constants) in `layer`, if any: other
+    /// implementations of the training pass use it to draw the very same masks.
+    pub fn dropout(options: &TrainOptions, layer: usize, site: u64) -> Option<Dropout> {
         (options.dropout > 0.0).then(|| Dropout {
             rate: options.dropout,
             key: Dropout::derive(options.dropout_key, &[layer as u64, site]),
