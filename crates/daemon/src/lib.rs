@@ -13,7 +13,7 @@ pub mod run_loop;
 pub use journal::{Journal, Phase, write_private_file};
 pub use metrics::Metrics;
 pub use publisher::{Publisher, RevealWindow};
-pub use run_loop::{EpochAdvance, LoopConfig};
+pub use run_loop::{EngineFactory, EpochAdvance, LoopConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use somatrain_train::trainer::RunSummary;
-use somatrain_train::{TrainError, TrainSettings, Until};
+use somatrain_train::{GradientEngine, TrainError, TrainSettings, Until};
 use tokio::task::JoinHandle;
 
 use crate::DaemonError;
@@ -27,10 +27,33 @@ pub enum EpochAdvance {
     Admin,
 }
 
+/// Makes the gradient engine a round trains with (the CPU's, or a GPU's); called on the
+/// training thread, so the engine itself need not cross threads.
+#[derive(Clone)]
+pub struct EngineFactory(
+    pub Arc<dyn Fn() -> Result<Box<dyn GradientEngine>, String> + Send + Sync>,
+);
+
+impl EngineFactory {
+    /// The hand-written CPU backward.
+    pub fn cpu() -> Self {
+        EngineFactory(Arc::new(|| {
+            Ok(Box::new(somatrain_model::cpu::train::TrainPass::new()) as Box<dyn GradientEngine>)
+        }))
+    }
+}
+
+impl std::fmt::Debug for EngineFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineFactory")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
     pub run_dir: PathBuf,
     pub train: TrainSettings,
+    pub engine: EngineFactory,
     pub steps_per_round: u64,
     /// Stop after this many rounds are revealed (None: run until stopped).
     pub rounds: Option<u64>,
@@ -47,14 +70,19 @@ pub struct LoopConfig {
 type Training = JoinHandle<Result<RunSummary, TrainError>>;
 
 fn start_training(config: &LoopConfig, round: u64, metrics: Arc<Metrics>) -> Training {
-    let (run_dir, settings) = (config.run_dir.clone(), config.train.clone());
+    let (run_dir, settings, engine) = (
+        config.run_dir.clone(),
+        config.train.clone(),
+        config.engine.clone(),
+    );
     let until = Until::Step(round * config.steps_per_round);
     tracing::info!(
         "training round {round} (until step {})",
         round * config.steps_per_round
     );
     tokio::task::spawn_blocking(move || {
-        somatrain_train::run(&run_dir, &settings, until, &mut |log| {
+        let mut engine = (engine.0)().map_err(TrainError::Settings)?;
+        somatrain_train::run_with(&run_dir, &settings, until, engine.as_mut(), &mut |log| {
             metrics.observe_step(log.step, log.loss, log.tokens_per_s);
         })
     })

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use somatrain_client::Client;
 use somatrain_daemon::journal::Phase;
-use somatrain_daemon::{EpochAdvance, LoopConfig, Metrics, Publisher, RevealWindow};
+use somatrain_daemon::{EngineFactory, EpochAdvance, LoopConfig, Metrics, Publisher, RevealWindow};
 use somatrain_protocol::Keypair;
 use somatrain_protocol::tx::SHANNONS_PER_SOMA;
 use somatrain_storage::{Backend, S3Config, Storage};
@@ -267,10 +267,28 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Where rounds train: cpu, or cuda (burn autodiff on GPU 0; build with --features cuda).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: super::Device,
+    /// Mixed precision on CUDA: bf16 products, f32 master weights.
+    #[arg(long)]
+    bf16: bool,
 }
 
 pub fn run_loop(args: RunArgs) -> Result<()> {
     let settings = args.training.settings()?;
+    let engine = match args.device {
+        super::Device::Cpu if args.bf16 => bail!("--bf16 (mixed precision) needs --device cuda"),
+        super::Device::Cpu => EngineFactory::cpu(),
+        super::Device::Cuda => {
+            // Fail now, not at the first round, when CUDA is unavailable.
+            drop(super::cuda_gradient_engine(args.bf16)?);
+            let bf16 = args.bf16;
+            EngineFactory(Arc::new(move || {
+                super::cuda_gradient_engine(bf16).map_err(|e| format!("{e:#}"))
+            }))
+        }
+    };
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         if let Some(token) = &args.admin_token {
@@ -292,6 +310,7 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
         let config = LoopConfig {
             run_dir: args.run_dir.clone(),
             train: settings,
+            engine,
             steps_per_round: args.steps_per_round,
             rounds: args.rounds,
             stake,
@@ -469,6 +488,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
         let config = LoopConfig {
             run_dir: run_dir.clone(),
             train: settings,
+            engine: EngineFactory::cpu(),
             steps_per_round: args.steps_per_round,
             rounds: Some(publisher.journal.rounds_revealed + args.rounds),
             stake,
