@@ -11,7 +11,7 @@ use somatrain_model::Weights;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
 use somatrain_model::loss::SigRegGrid;
-use somatrain_model::score::{BatchOutput, ScoreError};
+use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
 use somatrain_train::{GradientEngine, TrainError};
 
 use crate::{BurnModel, Parameter, t2};
@@ -141,6 +141,10 @@ impl BurnEngine {
 }
 
 impl GradientEngine for BurnEngine {
+    fn scorer(&self, weights: &Weights) -> Option<Box<dyn BatchScorer>> {
+        Some(Box::new(BurnModel::new(weights, self.device.clone())))
+    }
+
     fn loss_and_grad(
         &mut self,
         weights: &Weights,

@@ -76,7 +76,7 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     use somatrain_train::{TrainSettings, Until, run_with};
     let corpus = CorpusConfig {
         max_seq_len: 64,
-        heldout_per_mille: 100,
+        heldout_per_mille: 500,
         ..CorpusConfig::new(vec![Source::Dir {
             path: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src"),
         }])
@@ -95,11 +95,13 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
         .unwrap();
         let weights =
             somatrain_model::io::load_file(&summary.round.weights, Default::default()).unwrap();
-        (losses, weights)
+        (losses, weights, summary.round)
     };
-    let (cpu_losses, cpu_weights) = train(&mut somatrain_model::cpu::train::TrainPass::new());
+    let (cpu_losses, cpu_weights, cpu_round) =
+        train(&mut somatrain_model::cpu::train::TrainPass::new());
     let device = open_device(BurnDevice::Flex).unwrap();
-    let (burn_losses, burn_weights) = train(&mut somatrain_burn::train::BurnEngine::new(device));
+    let (burn_losses, burn_weights, burn_round) =
+        train(&mut somatrain_burn::train::BurnEngine::new(device));
     assert_eq!(cpu_losses.len(), 3);
     for (a, b) in burn_losses.iter().zip(&cpu_losses) {
         assert!(
@@ -120,6 +122,20 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     }
     // Three Adam steps of 1e-3 move a weight by at most 3e-3; the runs agree far closer.
     assert!(worst < 1e-4, "weights differ by {worst}");
+    // The round's held-out score and embedding, computed on the device, match the CPU's.
+    let (a, b) = (burn_round.heldout.unwrap(), cpu_round.heldout.unwrap());
+    assert_eq!(a.bytes, b.bytes);
+    assert!((a.loss - b.loss).abs() < 1e-3 * b.loss, "{a:?} vs {b:?}");
+    assert!(
+        (a.bits_per_byte - b.bits_per_byte).abs() < 1e-3 * b.bits_per_byte,
+        "{a:?} vs {b:?}"
+    );
+    let drift = burn_round
+        .embedding
+        .iter()
+        .zip(&cpu_round.embedding)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(drift < 1e-3, "embeddings differ by {drift}");
 }
 
 /// Mixed precision (bf16 products, f32 masters): the loss within bf16's precision of the f32

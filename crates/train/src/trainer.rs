@@ -9,7 +9,7 @@ use somatrain_model::cpu::CpuModel;
 use somatrain_model::cpu::kernels::Dropout;
 use somatrain_model::cpu::train::{TrainOptions, TrainPass};
 use somatrain_model::io::{LoadOptions, load_file, save_file};
-use somatrain_model::score::{ScoreOptions, score_data};
+use somatrain_model::score::{BatchScorer, ScoreOptions, score_data};
 use somatrain_model::{ModelConfig, Weights};
 
 use crate::checkpoint;
@@ -203,6 +203,12 @@ pub trait GradientEngine {
         options: TrainOptions,
         grads: &mut Weights,
     ) -> Result<somatrain_model::score::BatchOutput, TrainError>;
+
+    /// A scorer on the same device for the round's held-out score and embedding; None scores
+    /// them on the CPU.
+    fn scorer(&self, _weights: &Weights) -> Option<Box<dyn BatchScorer>> {
+        None
+    }
 }
 
 impl GradientEngine for TrainPass {
@@ -376,7 +382,7 @@ pub fn run_with(
             checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
         }
     }
-    let round = write_round(run_dir, settings, &weights, adam.step)?;
+    let round = write_round(run_dir, settings, &weights, adam.step, &*engine)?;
     Ok(RunSummary {
         start_step,
         end_step: adam.step,
@@ -395,24 +401,39 @@ fn write_round(
     settings: &TrainSettings,
     weights: &Weights,
     step: u64,
+    engine: &dyn GradientEngine,
 ) -> Result<RoundArtifacts, TrainError> {
     let round_dir = run_dir.join("round");
     std::fs::create_dir_all(&round_dir).map_err(io_err(&round_dir))?;
     let weights_path = round_dir.join("weights.safetensors");
     save_file(weights, &weights_path)?;
-    let mut model = CpuModel::new(weights.clone());
+    let mut device_model = engine.scorer(weights);
+    let mut cpu_model = CpuModel::new(weights.clone());
     let (heldout_data, _) = heldout_sample(&settings.corpus, settings.heldout_bytes)?;
     let heldout = if heldout_data.is_empty() {
         tracing::warn!("the corpus has no held-out documents: no held-out score this round");
         None
     } else {
-        let score = score_data(
-            &mut model,
-            &heldout_data,
-            ScoreOptions::default(),
-            &mut |_, _| {},
-        )?;
-        let eval = evaluate(&mut model, &heldout_data)?;
+        let (score, eval) = match device_model.as_mut() {
+            Some(scorer) => (
+                score_data(
+                    scorer.as_mut(),
+                    &heldout_data,
+                    ScoreOptions::default(),
+                    &mut |_, _| {},
+                )?,
+                evaluate_scorer(scorer.as_mut(), &heldout_data)?,
+            ),
+            None => (
+                score_data(
+                    &mut cpu_model,
+                    &heldout_data,
+                    ScoreOptions::default(),
+                    &mut |_, _| {},
+                )?,
+                evaluate(&mut cpu_model, &heldout_data)?,
+            ),
+        };
         let heldout = HeldoutScore {
             bytes: heldout_data.len(),
             loss: score.loss,
@@ -421,12 +442,16 @@ fn write_round(
         };
         Some((heldout, score.embedding))
     };
+    let model: &mut dyn BatchScorer = match device_model.as_mut() {
+        Some(scorer) => scorer.as_mut(),
+        None => &mut cpu_model,
+    };
     let (embedding, embedding_source) = match (&heldout, settings.embedding_data.is_empty()) {
         (Some((_, embedding)), true) => (embedding.clone(), "heldout".to_string()),
         (None, true) => {
             tracing::warn!("embedding the start of the training split instead of held-out data");
             let (data, _) = sample(&settings.corpus, Split::Train, settings.heldout_bytes)?;
-            let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+            let score = score_data(model, &data, ScoreOptions::default(), &mut |_, _| {})?;
             (score.embedding, "train-sample".to_string())
         }
         (_, false) => {
@@ -434,7 +459,7 @@ fn write_round(
             for p in &settings.embedding_data {
                 data.extend(std::fs::read(p).map_err(io_err(p))?);
             }
-            let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+            let score = score_data(model, &data, ScoreOptions::default(), &mut |_, _| {})?;
             let names: Vec<String> = settings
                 .embedding_data
                 .iter()
@@ -460,6 +485,33 @@ pub struct Evaluation {
     pub cross_entropy: f32,
     pub bits_per_byte: f32,
     pub bytes: usize,
+}
+
+/// [`evaluate`] with any scorer: the scorer's PAD-inclusive mean cross-entropy of each batch,
+/// times its rows, is the batch's summed negative log-likelihood over real targets.
+pub fn evaluate_scorer(model: &mut dyn BatchScorer, data: &[u8]) -> Result<Evaluation, TrainError> {
+    let mut nll = 0f64;
+    let mut count = 0u64;
+    for batch in somatrain_data::batches(data, 1024, 16) {
+        let out = model.score_batch(&batch, 0)?;
+        nll += out.cross_entropy as f64 * (batch.batch * batch.seq_len) as f64;
+        count += batch
+            .targets
+            .iter()
+            .filter(|&&t| t != somatrain_data::PAD)
+            .count() as u64;
+    }
+    if count == 0 {
+        return Err(TrainError::Score(
+            somatrain_model::score::ScoreError::EmptyData,
+        ));
+    }
+    let ce = nll / count as f64;
+    Ok(Evaluation {
+        cross_entropy: ce as f32,
+        bits_per_byte: (ce / std::f64::consts::LN_2) as f32,
+        bytes: data.len(),
+    })
 }
 
 /// Mean next-byte cross-entropy of `model` on `data` over non-PAD targets (the per-byte loss a
