@@ -501,17 +501,7 @@ pub fn evaluate_scorer(model: &mut dyn BatchScorer, data: &[u8]) -> Result<Evalu
             .filter(|&&t| t != somatrain_data::PAD)
             .count() as u64;
     }
-    if count == 0 {
-        return Err(TrainError::Score(
-            somatrain_model::score::ScoreError::EmptyData,
-        ));
-    }
-    let ce = nll / count as f64;
-    Ok(Evaluation {
-        cross_entropy: ce as f32,
-        bits_per_byte: (ce / std::f64::consts::LN_2) as f32,
-        bytes: data.len(),
-    })
+    evaluation(nll, count, data.len())
 }
 
 /// Mean next-byte cross-entropy of `model` on `data` over non-PAD targets (the per-byte loss a
@@ -530,6 +520,11 @@ pub fn evaluate(model: &mut CpuModel, data: &[u8]) -> Result<Evaluation, TrainEr
             .filter(|&&t| t != somatrain_data::PAD)
             .count() as u64;
     }
+    evaluation(nll, count, data.len())
+}
+
+/// Summed negative log-likelihood over `count` real targets, as nats and bits per byte.
+fn evaluation(nll: f64, count: u64, bytes: usize) -> Result<Evaluation, TrainError> {
     if count == 0 {
         return Err(TrainError::Score(
             somatrain_model::score::ScoreError::EmptyData,
@@ -539,6 +534,6 @@ pub fn evaluate(model: &mut CpuModel, data: &[u8]) -> Result<Evaluation, TrainEr
     Ok(Evaluation {
         cross_entropy: ce as f32,
         bits_per_byte: (ce / std::f64::consts::LN_2) as f32,
-        bytes: data.len(),
+        bytes,
     })
 }
