@@ -13,6 +13,8 @@ use somatrain_train::trainer::RunSummary;
 use somatrain_train::{GradientEngine, TrainError, TrainSettings, Until};
 use tokio::task::JoinHandle;
 
+use somatrain_protocol::chain::now_ms;
+
 use crate::DaemonError;
 use crate::journal::Phase;
 use crate::metrics::Metrics;
@@ -93,13 +95,6 @@ async fn finish_training(handle: Training) -> Result<RunSummary, DaemonError> {
         .await
         .map_err(|e| DaemonError::Io(format!("the training thread failed: {e}")))?
         .map_err(DaemonError::Train)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Runs the loop until `config.rounds` rounds are revealed (or forever).

@@ -15,7 +15,6 @@ pub mod verify;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use somatrain_protocol::Address;
 use somatrain_protocol::chain::{
@@ -50,11 +49,7 @@ pub enum NodeError {
     FaucetEmpty,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use somatrain_protocol::chain::now_ms;
 
 struct Inner {
     state: ChainState,

@@ -3,7 +3,7 @@
 
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Digest};
-use somatrain_protocol::chain::{Model, ModelStatus, Params, Target, TargetState, TargetStatus};
+use somatrain_protocol::chain::{Model, ModelStatus, Params, Target, TargetState};
 use somatrain_protocol::tx::{ObjectId, TxDigest};
 
 /// Spread of cosine distances between random data and a random target, as the network uses it.
@@ -106,23 +106,14 @@ pub fn generate<'a>(
     if model_ids.is_empty() {
         return None;
     }
-    Some(Target {
+    Some(Target::open(
         id,
         embedding,
         model_ids,
-        distance_threshold: state.distance_threshold,
-        reward_pool: state.reward_per_target,
-        generation_epoch: epoch,
-        status: TargetStatus::Open,
-        submitter: None,
-        winning_model_id: None,
-        winning_model_owner: None,
-        bond_amount: 0,
-        winning_manifest: None,
-        winning_embedding: None,
-        winning_distance: None,
-        winning_loss: None,
-    })
+        state.distance_threshold,
+        state.reward_per_target,
+        epoch,
+    ))
 }
 
 /// Shannons the chain may spend on targets in one epoch.

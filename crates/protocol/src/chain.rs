@@ -8,6 +8,13 @@ use crate::crypto::Commitment;
 use crate::keys::Address;
 use crate::tx::{Manifest, ObjectId, TxDigest};
 
+/// Wall-clock time in milliseconds since the Unix epoch: the unit of every epoch time on chain.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Chain parameters; the defaults are the public network's (protocol version 5) except where a
 /// localnet needs a different value, which is said.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,4 +207,34 @@ pub struct Target {
     pub winning_embedding: Option<Vec<f32>>,
     pub winning_distance: Option<f32>,
     pub winning_loss: Option<f32>,
+}
+
+impl Target {
+    /// A new open target, not yet hit.
+    pub fn open(
+        id: ObjectId,
+        embedding: Vec<f32>,
+        model_ids: Vec<ObjectId>,
+        distance_threshold: f32,
+        reward_pool: u64,
+        generation_epoch: u64,
+    ) -> Self {
+        Target {
+            id,
+            embedding,
+            model_ids,
+            distance_threshold,
+            reward_pool,
+            generation_epoch,
+            status: TargetStatus::Open,
+            submitter: None,
+            winning_model_id: None,
+            winning_model_owner: None,
+            bond_amount: 0,
+            winning_manifest: None,
+            winning_embedding: None,
+            winning_distance: None,
+            winning_loss: None,
+        }
+    }
 }

@@ -412,23 +412,14 @@ mod tests {
     use super::*;
 
     fn target(id: u8, embedding: Vec<f32>, models: &[u8], threshold: f32) -> Target {
-        Target {
-            id: ObjectId([id; 32]),
+        Target::open(
+            ObjectId([id; 32]),
             embedding,
-            model_ids: models.iter().map(|m| ObjectId([*m; 32])).collect(),
-            distance_threshold: threshold,
-            reward_pool: 0,
-            generation_epoch: 0,
-            status: TargetStatus::Open,
-            submitter: None,
-            winning_model_id: None,
-            winning_model_owner: None,
-            bond_amount: 0,
-            winning_manifest: None,
-            winning_embedding: None,
-            winning_distance: None,
-            winning_loss: None,
-        }
+            models.iter().map(|m| ObjectId([*m; 32])).collect(),
+            threshold,
+            0,
+            0,
+        )
     }
 
     fn scored(loss: f32, embedding: Vec<f32>) -> Score {

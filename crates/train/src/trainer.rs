@@ -407,33 +407,22 @@ fn write_round(
     std::fs::create_dir_all(&round_dir).map_err(io_err(&round_dir))?;
     let weights_path = round_dir.join("weights.safetensors");
     save_file(weights, &weights_path)?;
-    let mut device_model = engine.scorer(weights);
-    let mut cpu_model = CpuModel::new(weights.clone());
+    let mut scorer = match engine.scorer(weights) {
+        Some(device) => RoundScorer::Device(device),
+        None => RoundScorer::Cpu(Box::new(CpuModel::new(weights.clone()))),
+    };
     let (heldout_data, _) = heldout_sample(&settings.corpus, settings.heldout_bytes)?;
     let heldout = if heldout_data.is_empty() {
         tracing::warn!("the corpus has no held-out documents: no held-out score this round");
         None
     } else {
-        let (score, eval) = match device_model.as_mut() {
-            Some(scorer) => (
-                score_data(
-                    scorer.as_mut(),
-                    &heldout_data,
-                    ScoreOptions::default(),
-                    &mut |_, _| {},
-                )?,
-                evaluate_scorer(scorer.as_mut(), &heldout_data)?,
-            ),
-            None => (
-                score_data(
-                    &mut cpu_model,
-                    &heldout_data,
-                    ScoreOptions::default(),
-                    &mut |_, _| {},
-                )?,
-                evaluate(&mut cpu_model, &heldout_data)?,
-            ),
-        };
+        let score = score_data(
+            scorer.as_scorer(),
+            &heldout_data,
+            ScoreOptions::default(),
+            &mut |_, _| {},
+        )?;
+        let eval = scorer.evaluate(&heldout_data)?;
         let heldout = HeldoutScore {
             bytes: heldout_data.len(),
             loss: score.loss,
@@ -442,10 +431,7 @@ fn write_round(
         };
         Some((heldout, score.embedding))
     };
-    let model: &mut dyn BatchScorer = match device_model.as_mut() {
-        Some(scorer) => scorer.as_mut(),
-        None => &mut cpu_model,
-    };
+    let model = scorer.as_scorer();
     let (embedding, embedding_source) = match (&heldout, settings.embedding_data.is_empty()) {
         (Some((_, embedding)), true) => (embedding.clone(), "heldout".to_string()),
         (None, true) => {
@@ -485,6 +471,28 @@ pub struct Evaluation {
     pub cross_entropy: f32,
     pub bits_per_byte: f32,
     pub bytes: usize,
+}
+
+/// What scores a round: the CPU kernels, or the training engine's device.
+enum RoundScorer {
+    Cpu(Box<CpuModel>),
+    Device(Box<dyn BatchScorer>),
+}
+
+impl RoundScorer {
+    fn as_scorer(&mut self) -> &mut dyn BatchScorer {
+        match self {
+            RoundScorer::Cpu(model) => model.as_mut(),
+            RoundScorer::Device(scorer) => scorer.as_mut(),
+        }
+    }
+
+    fn evaluate(&mut self, data: &[u8]) -> Result<Evaluation, TrainError> {
+        match self {
+            RoundScorer::Cpu(model) => evaluate(model, data),
+            RoundScorer::Device(scorer) => evaluate_scorer(scorer.as_mut(), data),
+        }
+    }
 }
 
 /// [`evaluate`] with any scorer: the scorer's PAD-inclusive mean cross-entropy of each batch,

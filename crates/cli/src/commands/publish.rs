@@ -206,11 +206,11 @@ pub fn run_reveal(args: RevealArgs) -> Result<()> {
             match publisher.reveal_window().await? {
                 RevealWindow::Open { .. } => break,
                 RevealWindow::NotYet { opens_ms } if args.wait => {
-                    let now = somatrain_client_now_ms();
+                    let now = somatrain_protocol::chain::now_ms();
                     tokio::time::sleep(Duration::from_millis(opens_ms.saturating_sub(now) + 25).min(Duration::from_secs(2))).await;
                 }
                 RevealWindow::NotYet { opens_ms } => {
-                    let left = opens_ms.saturating_sub(somatrain_client_now_ms()) / 1000;
+                    let left = opens_ms.saturating_sub(somatrain_protocol::chain::now_ms()) / 1000;
                     bail!("the reveal window opens with the next epoch, in {left} s (pass --wait to wait for it)");
                 }
                 RevealWindow::Missed => {
@@ -224,13 +224,6 @@ pub fn run_reveal(args: RevealArgs) -> Result<()> {
         println!("round {} revealed in epoch {epoch}", last.round);
         Ok(())
     })
-}
-
-fn somatrain_client_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Args)]
