@@ -1,11 +1,12 @@
 //! Crash-safe checkpoints: weights, Adam moments, step, schedule and corpus position, together.
 //!
 //! A checkpoint is a directory `checkpoints/step-NNNNNNNNNN/` holding `weights.safetensors` (the
-//! canonical layout, publishable as is), `optimizer.safetensors` (`m.*`, `v.*`) and `state.json`.
+//! canonical layout, publishable as is), `optimizer.safetensors` (`m.*`, `v.*`), `corpus.bin`
+//! (the training stream's cursor and shuffle buffer, see [`Position`]) and `state.json`.
 //! It is built in a temporary directory, every file fsynced, then renamed into place: the rename
 //! is the commit, so a crash at any moment leaves only complete checkpoints (plus a stray
 //! temporary directory that the next save removes). `state.json` carries the Blake2b-256 of the
-//! two tensor files and of itself, so a corrupted or truncated checkpoint is detected on load and
+//! other files and of itself, so a corrupted or truncated checkpoint is detected on load and
 //! the previous one is used instead.
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,14 @@ pub const VERSION: u32 = 1;
 const WEIGHTS_FILE: &str = "weights.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
+const CORPUS_FILE: &str = "corpus.bin";
+
+/// The stream's place as `state.json` shows it (the full cursor is in `corpus.bin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusMark {
+    pub epoch: u64,
+    pub sequences: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -49,10 +58,10 @@ pub struct CheckpointState {
     pub step: u64,
     pub model: ModelConfig,
     /// Where the training stream continues.
-    pub corpus: Position,
+    pub corpus: CorpusMark,
     /// Loss of the last step, for the logs.
     pub last_loss: f32,
-    /// Blake2b-256 (Base58) of each tensor file.
+    /// Blake2b-256 (Base58) of each other file of the checkpoint.
     pub files: BTreeMap<String, String>,
 }
 
@@ -62,6 +71,9 @@ pub struct Loaded {
     pub state: CheckpointState,
     pub weights: Weights,
     pub adam: AdamState,
+    /// Where the training stream continues (replayed from `state.corpus` for checkpoints older
+    /// than `corpus.bin`).
+    pub corpus: Position,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -101,7 +113,7 @@ pub fn save(
     root: &Path,
     weights: &Weights,
     adam: &AdamState,
-    corpus: Position,
+    corpus: &Position,
     last_loss: f32,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(root).map_err(io_err(root))?;
@@ -135,9 +147,10 @@ pub fn save(
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     save_named(&optimizer_path, moments, HashMap::new()).map_err(|e| corrupt(e.to_string()))?;
     fault_injection_pause();
+    write_synced(&tmp.join(CORPUS_FILE), &corpus.to_bytes())?;
 
     let mut files = BTreeMap::new();
-    for name in [WEIGHTS_FILE, OPTIMIZER_FILE] {
+    for name in [WEIGHTS_FILE, OPTIMIZER_FILE, CORPUS_FILE] {
         let path = tmp.join(name);
         let bytes = fs::read(&path).map_err(io_err(&path))?;
         files.insert(name.to_string(), digest_b58(&bytes));
@@ -147,17 +160,16 @@ pub fn save(
         version: VERSION,
         step,
         model: weights.config,
-        corpus,
+        corpus: CorpusMark {
+            epoch: corpus.epoch,
+            sequences: corpus.sequences,
+        },
         last_loss,
         files,
     };
     let body = serde_json::to_string_pretty(&state).expect("state serialises");
     let text = format!("{body}\n{}\n", digest_b58(body.as_bytes()));
-    let state_path = tmp.join(STATE_FILE);
-    let mut file = File::create(&state_path).map_err(io_err(&state_path))?;
-    file.write_all(text.as_bytes())
-        .map_err(io_err(&state_path))?;
-    file.sync_all().map_err(io_err(&state_path))?;
+    write_synced(&tmp.join(STATE_FILE), text.as_bytes())?;
     File::open(&tmp)
         .and_then(|d| d.sync_all())
         .map_err(io_err(&tmp))?;
@@ -170,6 +182,12 @@ pub fn save(
         .and_then(|d| d.sync_all())
         .map_err(io_err(root))?;
     Ok(final_dir)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = File::create(path).map_err(io_err(path))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
 }
 
 /// Tests kill the process while a checkpoint is being written; this widens that window.
@@ -230,11 +248,22 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     load_named_into(&optimizer_bytes, "m.", &mut adam.m).map_err(|e| corrupt(e.to_string()))?;
     load_named_into(&optimizer_bytes, "v.", &mut adam.v).map_err(|e| corrupt(e.to_string()))?;
     adam.step = state.step;
+    let corpus = if state.files.contains_key(CORPUS_FILE) {
+        let position = Position::from_bytes(&read_checked(CORPUS_FILE)?)
+            .map_err(|e| corrupt(format!("{CORPUS_FILE}: {e}")))?;
+        if (position.epoch, position.sequences) != (state.corpus.epoch, state.corpus.sequences) {
+            return Err(corrupt(format!("{CORPUS_FILE} disagrees with state.json")));
+        }
+        position
+    } else {
+        Position::replay(state.corpus.epoch, state.corpus.sequences)
+    };
     Ok(Loaded {
         path: dir.to_path_buf(),
         state,
         weights,
         adam,
+        corpus,
     })
 }
 

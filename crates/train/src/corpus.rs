@@ -1,19 +1,18 @@
 //! Streaming a local corpus into training batches, deterministically.
 //!
-//! Sources are listed (never loaded whole), shuffled per epoch with a seeded RNG, read one unit
-//! at a time, split into train and held-out documents by a hash of each document's identity,
-//! tokenized with the network's data contract (`somatrain-data`), passed through a bounded
-//! shuffle buffer and batched. The stream's [`Position`] (epoch, sequences emitted) is all a
-//! checkpoint needs: reopening at a position replays the epoch and skips what was emitted, so a
-//! resumed run sees exactly the batches an uninterrupted one would have.
+//! Sources are listed (never loaded whole), their units (files, JSON Lines files, Parquet files)
+//! visited in a seeded order per epoch and read one document at a time, split into train and
+//! held-out documents by a hash of each document's identity, tokenized with the network's data
+//! contract (`somatrain-data`), passed through a bounded shuffle buffer and batched. The
+//! stream's [`Position`] is all a checkpoint needs: it holds the open unit's read offset and the
+//! shuffle buffer, so a resumed run continues at once, without rereading the epoch, and sees
+//! exactly the batches an uninterrupted one would have.
 //!
 //! Bad records never stop a run: invalid UTF-8, empty and oversized documents and malformed
 //! JSON lines are skipped and counted in [`CorpusStats`].
 
-use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Digest};
@@ -21,7 +20,10 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use somatrain_data::{Batch, Sequence, sequences};
+use somatrain_data::{Batch, Sequence, sequence, sequence_count};
+
+mod reader;
+use reader::UnitReader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
@@ -104,14 +106,7 @@ pub struct CorpusStats {
     pub skipped_unreadable: u64,
 }
 
-/// Where a stream stands: the epoch and the number of sequences emitted in it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
-    pub epoch: u64,
-    pub sequences: u64,
-}
-
-/// One readable unit: a file holding one document, or a JSONL file holding many.
+/// One readable unit: a file holding one document, or a JSON Lines or Parquet file holding many.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Unit {
     /// A file and its identity: its path relative to its source, so that the held-out split
@@ -209,108 +204,6 @@ pub fn split_of(identity: &str, heldout_per_mille: u32) -> Split {
     }
 }
 
-/// Reads a unit's documents and hands those on `split` to `sink`; counts what it skips.
-fn read_unit(
-    unit: &Unit,
-    config: &CorpusConfig,
-    split: Split,
-    stats: &mut CorpusStats,
-    sink: &mut dyn FnMut(Vec<u8>) -> bool,
-) -> bool {
-    let count = |stats: &mut CorpusStats, s: Split| match s {
-        Split::Train => stats.train_documents += 1,
-        Split::Heldout => stats.heldout_documents += 1,
-    };
-    match unit {
-        Unit::Document(path, identity) => {
-            let doc_split = split_of(identity, config.heldout_per_mille);
-            if doc_split != split {
-                return true;
-            }
-            let Ok(meta) = std::fs::metadata(path) else {
-                stats.skipped_unreadable += 1;
-                return true;
-            };
-            if meta.len() > config.max_document_bytes {
-                stats.skipped_too_large += 1;
-                return true;
-            }
-            let Ok(bytes) = std::fs::read(path) else {
-                stats.skipped_unreadable += 1;
-                return true;
-            };
-            if bytes.is_empty() {
-                stats.skipped_empty += 1;
-                return true;
-            }
-            if std::str::from_utf8(&bytes).is_err() {
-                stats.skipped_invalid_utf8 += 1;
-                return true;
-            }
-            count(stats, split);
-            sink(bytes)
-        }
-        Unit::Parquet(path, column) => read_parquet(path, column, config, split, stats, sink),
-        Unit::Jsonl(path, field) => {
-            let Ok(file) = File::open(path) else {
-                stats.skipped_unreadable += 1;
-                return true;
-            };
-            let mut reader = BufReader::new(file);
-            let mut line = Vec::new();
-            let mut number = 0u64;
-            loop {
-                line.clear();
-                // Bounded read: a huge line is consumed without being held whole.
-                let limit = config.max_document_bytes * 2 + 1024;
-                match (&mut reader).take(limit).read_until(b'\n', &mut line) {
-                    Ok(0) => return true,
-                    Ok(_) => {}
-                    Err(_) => {
-                        stats.skipped_unreadable += 1;
-                        return true;
-                    }
-                }
-                number += 1;
-                if line.last() != Some(&b'\n') && line.len() as u64 >= limit {
-                    stats.skipped_too_large += 1;
-                    let _ = reader.skip_until(b'\n');
-                    continue;
-                }
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default();
-                let identity = format!("{name}:{number}");
-                if split_of(&identity, config.heldout_per_mille) != split {
-                    continue;
-                }
-                let Ok(text) = std::str::from_utf8(&line) else {
-                    stats.skipped_invalid_utf8 += 1;
-                    continue;
-                };
-                if text.trim().is_empty() {
-                    continue;
-                }
-                let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
-                    stats.skipped_bad_record += 1;
-                    continue;
-                };
-                let Some(content) = value.get(field).and_then(|v| v.as_str()) else {
-                    stats.skipped_bad_record += 1;
-                    continue;
-                };
-                if !admit(content.len(), config, split, stats) {
-                    continue;
-                }
-                if !sink(content.as_bytes().to_vec()) {
-                    return false;
-                }
-            }
-        }
-    }
-}
-
 /// Counts a record's document as taken, or as skipped for being empty or too large.
 fn admit(len: usize, config: &CorpusConfig, split: Split, stats: &mut CorpusStats) -> bool {
     if len == 0 {
@@ -328,91 +221,196 @@ fn admit(len: usize, config: &CorpusConfig, split: Split, stats: &mut CorpusStat
     true
 }
 
-/// The documents of one Parquet file (see [`Source::Parquet`]); identities are `file:row`.
-fn read_parquet(
-    path: &Path,
-    column: &str,
-    config: &CorpusConfig,
-    split: Split,
-    stats: &mut CorpusStats,
-    sink: &mut dyn FnMut(Vec<u8>) -> bool,
-) -> bool {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
-    let reader = match File::open(path).map(SerializedFileReader::new) {
-        Ok(Ok(reader)) => reader,
-        _ => {
-            stats.skipped_unreadable += 1;
-            return true;
-        }
-    };
-    let schema = reader.metadata().file_metadata().schema();
-    let Some(field) = schema.get_fields().iter().find(|f| f.name() == column) else {
-        tracing::warn!("{} has no column '{column}'; skipped", path.display());
-        stats.skipped_bad_record += 1;
-        return true;
-    };
-    let projection = parquet::schema::types::Type::group_type_builder(schema.name())
-        .with_fields(vec![field.clone()])
-        .build();
-    let Ok(rows) = projection.and_then(|p| reader.get_row_iter(Some(p))) else {
-        stats.skipped_unreadable += 1;
-        return true;
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    for (index, row) in rows.enumerate() {
-        let identity = format!("{name}:{}", index + 1);
-        if split_of(&identity, config.heldout_per_mille) != split {
-            continue;
-        }
-        let content = match row {
-            Ok(row) => match row.into_columns().pop().map(|(_, value)| value) {
-                Some(Field::Str(text)) => text.into_bytes(),
-                Some(Field::Bytes(bytes)) => {
-                    if std::str::from_utf8(bytes.data()).is_err() {
-                        stats.skipped_invalid_utf8 += 1;
-                        continue;
-                    }
-                    bytes.data().to_vec()
-                }
-                _ => {
-                    stats.skipped_bad_record += 1;
-                    continue;
-                }
-            },
-            // The reader refuses a UTF-8 column's invalid bytes for that row only.
-            Err(e) if e.to_string().contains("as String") => {
-                stats.skipped_invalid_utf8 += 1;
-                continue;
-            }
-            Err(_) => {
-                stats.skipped_bad_record += 1;
-                continue;
-            }
-        };
-        if !admit(content.len(), config, split, stats) {
-            continue;
-        }
-        if !sink(content) {
-            return false;
+/// One chunk waiting in the shuffle buffer: a document and which of its sequences.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chunk {
+    document: Arc<Vec<u8>>,
+    index: usize,
+}
+
+/// A unit being read when the position was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct OpenUnit {
+    records: u64,
+    offset: u64,
+}
+
+/// Everything beyond (epoch, sequences) that reopening a stream without rereading it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    /// Which corpus this cursor belongs to (a digest of the unit list).
+    units_digest: String,
+    /// Units of the epoch's order opened so far.
+    next_unit: u64,
+    /// The last opened unit, when it is not exhausted yet.
+    open_unit: Option<OpenUnit>,
+    emitted_any: bool,
+    stats: CorpusStats,
+    last_epoch_stats: Option<CorpusStats>,
+    /// The shuffle buffer in order: (index into the saved documents, chunk index).
+    chunks: Vec<(u64, u64)>,
+    #[serde(skip)]
+    documents: Vec<Arc<Vec<u8>>>,
+}
+
+/// Where a stream stands. `epoch` and `sequences` (emitted in that epoch) name the place; the
+/// cursor, when present, lets [`TrainStream::open`] continue there directly: it holds the open
+/// unit's read offset and the shuffle buffer, so nothing before it is read again. Without one
+/// (checkpoints written before cursors existed) the epoch is replayed up to `sequences`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub sequences: u64,
+    cursor: Option<Cursor>,
+}
+
+const POSITION_FORMAT: &str = "somatrain-stream";
+const POSITION_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PositionHeader {
+    format: String,
+    version: u32,
+    epoch: u64,
+    sequences: u64,
+    cursor: Option<Cursor>,
+    document_lengths: Vec<u64>,
+}
+
+impl Position {
+    /// The place `sequences` into `epoch`, reached by replaying the epoch.
+    pub fn replay(epoch: u64, sequences: u64) -> Position {
+        Position {
+            epoch,
+            sequences,
+            cursor: None,
         }
     }
-    true
+
+    /// Whether reopening here continues directly (rather than replaying the epoch).
+    pub fn has_cursor(&self) -> bool {
+        self.cursor.is_some()
+    }
+
+    /// A JSON header line, then the shuffle buffer's documents back to back.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let documents = self
+            .cursor
+            .as_ref()
+            .map_or(&[][..], |c| c.documents.as_slice());
+        let header = PositionHeader {
+            format: POSITION_FORMAT.into(),
+            version: POSITION_VERSION,
+            epoch: self.epoch,
+            sequences: self.sequences,
+            cursor: self.cursor.clone(),
+            document_lengths: documents.iter().map(|d| d.len() as u64).collect(),
+        };
+        let mut out = serde_json::to_vec(&header).expect("the header serialises");
+        out.push(b'\n');
+        for d in documents {
+            out.extend_from_slice(d);
+        }
+        out
+    }
+
+    /// Reads what [`Position::to_bytes`] wrote; a reason on anything malformed.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Position, String> {
+        let end = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("no header line")?;
+        let header: PositionHeader =
+            serde_json::from_slice(&bytes[..end]).map_err(|e| format!("header: {e}"))?;
+        if header.format != POSITION_FORMAT || header.version != POSITION_VERSION {
+            return Err(format!(
+                "format {} v{} (this build reads {POSITION_FORMAT} v{POSITION_VERSION})",
+                header.format, header.version
+            ));
+        }
+        let mut rest = &bytes[end + 1..];
+        let mut documents = Vec::with_capacity(header.document_lengths.len());
+        for &len in &header.document_lengths {
+            let len = usize::try_from(len).map_err(|_| "document length overflows")?;
+            if len > rest.len() {
+                return Err("truncated documents".into());
+            }
+            let (doc, tail) = rest.split_at(len);
+            documents.push(Arc::new(doc.to_vec()));
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err("trailing bytes after the documents".into());
+        }
+        let mut cursor = header.cursor;
+        if let Some(c) = &mut cursor {
+            if c.chunks.iter().any(|&(d, _)| d as usize >= documents.len()) {
+                return Err("a chunk names a document that is not there".into());
+            }
+            c.documents = documents;
+        } else if !documents.is_empty() {
+            return Err("documents without a cursor".into());
+        }
+        Ok(Position {
+            epoch: header.epoch,
+            sequences: header.sequences,
+            cursor,
+        })
+    }
+}
+
+/// A digest of the unit list, so a cursor is never applied to a different corpus.
+fn units_digest(units: &[Unit]) -> String {
+    let mut hasher = Blake2b::<U32>::new();
+    for unit in units {
+        let (kind, path, name) = match unit {
+            Unit::Document(path, identity) => ("file", path, identity),
+            Unit::Jsonl(path, field) => ("jsonl", path, field),
+            Unit::Parquet(path, column) => ("parquet", path, column),
+        };
+        for part in [
+            kind.as_bytes(),
+            path.as_os_str().as_encoded_bytes(),
+            name.as_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    }
+    bs58::encode(hasher.finalize()).into_string()
+}
+
+/// splitmix64's finaliser: a well-mixed 64-bit value from any input.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Which buffer slot the `draw`-th draw of `epoch` takes: a pure function of its inputs, so the
+/// shuffle needs no generator state in a checkpoint.
+fn draw_slot(seed: u64, epoch: u64, draw: u64, len: usize) -> usize {
+    let z = mix(mix(mix(seed) ^ epoch) ^ draw);
+    ((z as u128 * len as u128) >> 64) as usize
 }
 
 /// Training sequences, shuffled and endless (epoch after epoch).
+///
+/// Units are visited in a seeded order that changes every epoch; documents are read one at a
+/// time into a bounded shuffle buffer of chunks (at most `shuffle_buffer` plus one document's
+/// worth), and each draw takes a slot chosen by [`draw_slot`].
 pub struct TrainStream {
     config: CorpusConfig,
     units: Vec<Unit>,
-    position: Position,
+    units_digest: String,
+    epoch: u64,
+    sequences: u64,
     epoch_order: Vec<usize>,
     next_unit: usize,
-    rng: StdRng,
-    buffer: Vec<Sequence>,
-    ready: VecDeque<Sequence>,
+    reader: Option<UnitReader>,
+    buffer: Vec<Chunk>,
     /// What reading met so far in the current epoch.
     pub stats: CorpusStats,
     /// What the last complete epoch met.
@@ -424,97 +422,182 @@ impl TrainStream {
     /// Opens the stream at `position` (the default position is the very start).
     pub fn open(config: CorpusConfig, position: Position) -> Result<Self, CorpusError> {
         let units = list_units(&config)?;
+        let digest = units_digest(&units);
         let mut stream = TrainStream {
             config,
             units,
-            position: Position {
-                epoch: position.epoch,
-                sequences: 0,
-            },
+            units_digest: digest,
+            epoch: 0,
+            sequences: 0,
             epoch_order: Vec::new(),
             next_unit: 0,
-            rng: StdRng::seed_from_u64(0),
+            reader: None,
             buffer: Vec::new(),
-            ready: VecDeque::new(),
             stats: CorpusStats::default(),
             last_epoch_stats: None,
             emitted_any_in_epoch: false,
         };
-        stream.start_epoch(position.epoch);
-        for _ in 0..position.sequences {
-            stream.next_sequence()?;
+        match position.cursor {
+            Some(cursor) if cursor.units_digest == stream.units_digest => {
+                stream.start_epoch(position.epoch);
+                stream.sequences = position.sequences;
+                stream.next_unit = (cursor.next_unit as usize).min(stream.units.len());
+                stream.emitted_any_in_epoch = cursor.emitted_any;
+                stream.stats = cursor.stats;
+                stream.last_epoch_stats = cursor.last_epoch_stats;
+                stream.buffer = cursor
+                    .chunks
+                    .iter()
+                    .map(|&(d, index)| Chunk {
+                        document: cursor.documents[d as usize].clone(),
+                        index: index as usize,
+                    })
+                    .collect();
+                if let (Some(open), Some(current)) =
+                    (cursor.open_unit, stream.next_unit.checked_sub(1))
+                {
+                    let unit = &stream.units[stream.epoch_order[current]];
+                    stream.reader = Some(UnitReader::open(
+                        unit,
+                        open.records,
+                        open.offset,
+                        &mut stream.stats,
+                    ));
+                }
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "the corpus is not the one this position was taken on (files were added, \
+                     removed or moved); starting epoch {} afresh",
+                    position.epoch + 1
+                );
+                stream.start_epoch(position.epoch + 1);
+            }
+            None => {
+                stream.start_epoch(position.epoch);
+                for _ in 0..position.sequences {
+                    stream.next_sequence()?;
+                }
+            }
         }
         Ok(stream)
     }
 
+    /// Where the stream stands, with the cursor that reopens it here without rereading.
     pub fn position(&self) -> Position {
-        self.position
+        let mut documents: Vec<Arc<Vec<u8>>> = Vec::new();
+        let mut index_of: std::collections::HashMap<*const Vec<u8>, u64> = Default::default();
+        let chunks = self
+            .buffer
+            .iter()
+            .map(|chunk| {
+                let d = *index_of
+                    .entry(Arc::as_ptr(&chunk.document))
+                    .or_insert_with(|| {
+                        documents.push(chunk.document.clone());
+                        documents.len() as u64 - 1
+                    });
+                (d, chunk.index as u64)
+            })
+            .collect();
+        Position {
+            epoch: self.epoch,
+            sequences: self.sequences,
+            cursor: Some(Cursor {
+                units_digest: self.units_digest.clone(),
+                next_unit: self.next_unit as u64,
+                open_unit: self.reader.as_ref().map(|r| OpenUnit {
+                    records: r.records,
+                    offset: r.offset(),
+                }),
+                emitted_any: self.emitted_any_in_epoch,
+                stats: self.stats.clone(),
+                last_epoch_stats: self.last_epoch_stats.clone(),
+                chunks,
+                documents,
+            }),
+        }
+    }
+
+    /// The epoch being read (cheaper than [`TrainStream::position`], which copies the buffer).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Chunks waiting in the shuffle buffer.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
     }
 
     fn start_epoch(&mut self, epoch: u64) {
-        self.position = Position {
-            epoch,
-            sequences: 0,
-        };
-        self.rng =
+        self.epoch = epoch;
+        self.sequences = 0;
+        let mut rng =
             StdRng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         self.epoch_order = (0..self.units.len()).collect();
         for i in (1..self.epoch_order.len()).rev() {
-            let j = self.rng.random_range(0..=i);
+            let j = rng.random_range(0..=i);
             self.epoch_order.swap(i, j);
         }
         self.next_unit = 0;
+        self.reader = None;
         self.buffer.clear();
-        self.ready.clear();
         self.emitted_any_in_epoch = false;
+    }
+
+    /// Reads the next training document of the epoch into the buffer; false once every unit of
+    /// the epoch is exhausted.
+    fn read_document(&mut self) -> bool {
+        loop {
+            if let Some(reader) = &mut self.reader {
+                if let Some(doc) = reader.next_document(&self.config, Split::Train, &mut self.stats)
+                {
+                    let document = Arc::new(doc);
+                    let count = sequence_count(document.len(), self.config.max_seq_len);
+                    self.buffer.extend((0..count).map(|index| Chunk {
+                        document: document.clone(),
+                        index,
+                    }));
+                    return true;
+                }
+                self.reader = None;
+            }
+            let Some(&unit) = self.epoch_order.get(self.next_unit) else {
+                return false;
+            };
+            self.next_unit += 1;
+            self.reader = Some(UnitReader::open(&self.units[unit], 0, 0, &mut self.stats));
+        }
     }
 
     /// The next training sequence.
     pub fn next_sequence(&mut self) -> Result<Sequence, CorpusError> {
+        let capacity = self.config.shuffle_buffer.max(1);
         loop {
-            if let Some(seq) = self.ready.pop_front() {
-                self.position.sequences += 1;
-                self.emitted_any_in_epoch = true;
-                return Ok(seq);
-            }
-            let capacity = self.config.shuffle_buffer.max(1);
-            if self.buffer.len() >= capacity {
-                let i = self.rng.random_range(0..self.buffer.len());
-                let seq = self.buffer.swap_remove(i);
-                self.ready.push_back(seq);
-                continue;
-            }
-            if self.next_unit < self.epoch_order.len() {
-                let unit = self.units[self.epoch_order[self.next_unit]].clone();
-                self.next_unit += 1;
-                let max_seq_len = self.config.max_seq_len;
-                let buffer = &mut self.buffer;
-                read_unit(
-                    &unit,
-                    &self.config,
-                    Split::Train,
-                    &mut self.stats,
-                    &mut |doc| {
-                        buffer.extend(sequences(&doc, max_seq_len));
-                        true
-                    },
-                );
-                continue;
-            }
+            while self.buffer.len() < capacity && self.read_document() {}
             if !self.buffer.is_empty() {
-                let i = self.rng.random_range(0..self.buffer.len());
-                let seq = self.buffer.swap_remove(i);
-                self.ready.push_back(seq);
-                continue;
+                let slot = draw_slot(
+                    self.config.seed,
+                    self.epoch,
+                    self.sequences,
+                    self.buffer.len(),
+                );
+                let chunk = self.buffer.swap_remove(slot);
+                self.sequences += 1;
+                self.emitted_any_in_epoch = true;
+                return Ok(sequence(
+                    &chunk.document,
+                    self.config.max_seq_len,
+                    chunk.index,
+                ));
             }
             if !self.emitted_any_in_epoch {
                 return Err(CorpusError::Empty {
                     checked: self.stats.train_documents + self.stats.heldout_documents,
                 });
             }
-            let next = self.position.epoch + 1;
             self.last_epoch_stats = Some(std::mem::take(&mut self.stats));
-            self.start_epoch(next);
+            self.start_epoch(self.epoch + 1);
         }
     }
 
@@ -546,12 +629,15 @@ pub fn sample(
     let mut stats = CorpusStats::default();
     let mut out = Vec::new();
     for unit in &units {
-        let keep_going = read_unit(unit, config, split, &mut stats, &mut |doc| {
+        let mut reader = UnitReader::open(unit, 0, 0, &mut stats);
+        while out.len() < max_bytes {
+            let Some(doc) = reader.next_document(config, split, &mut stats) else {
+                break;
+            };
             let room = max_bytes - out.len();
             out.extend_from_slice(&doc[..doc.len().min(room)]);
-            out.len() < max_bytes
-        });
-        if !keep_going {
+        }
+        if out.len() >= max_bytes {
             break;
         }
     }

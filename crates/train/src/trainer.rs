@@ -273,13 +273,7 @@ pub fn run_with(
     let (mut weights, mut adam, position, resumed_from, mut last_loss) = match loaded {
         Some(l) => {
             tracing::info!("resuming from {} (step {})", l.path.display(), l.state.step);
-            (
-                l.weights,
-                l.adam,
-                l.state.corpus,
-                Some(l.path),
-                l.state.last_loss,
-            )
+            (l.weights, l.adam, l.corpus, Some(l.path), l.state.last_loss)
         }
         None => {
             let weights = match &settings.init_weights {
@@ -378,7 +372,7 @@ pub fn run_with(
             window_tokens = 0;
         }
         if adam.step % settings.checkpoint_every.max(1) == 0 || adam.step == until_step {
-            let dir = checkpoint::save(&ckpt_root, &weights, &adam, stream.position(), last_loss)?;
+            let dir = checkpoint::save(&ckpt_root, &weights, &adam, &stream.position(), last_loss)?;
             checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
         }
     }

@@ -140,3 +140,57 @@ fn changed_settings_are_refused() {
     let err = run(dir.path(), &other, Until::Step(2), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("different settings"), "{err}");
 }
+
+/// Base58 Blake2b-256, as checkpoints write their checksums.
+fn digest_b58(bytes: &[u8]) -> String {
+    use blake2::Digest;
+    bs58::encode(blake2::Blake2b::<blake2::digest::consts::U32>::digest(
+        bytes,
+    ))
+    .into_string()
+}
+
+#[test]
+fn the_stream_cursor_is_checked_and_older_checkpoints_resume_by_replay() {
+    let s = settings();
+    let whole = tempfile::tempdir().unwrap();
+    run(whole.path(), &s, Until::Step(4), &mut |_| {}).unwrap();
+    let expected = std::fs::read(whole.path().join("round/weights.safetensors")).unwrap();
+
+    // A checkpoint written before `corpus.bin` existed: no cursor file and no digest for it.
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &s, Until::Step(2), &mut |_| {}).unwrap();
+    let step2 = dir.path().join("checkpoints/step-0000000002");
+    std::fs::remove_file(step2.join("corpus.bin")).unwrap();
+    let text = std::fs::read_to_string(step2.join("state.json")).unwrap();
+    let body = text.trim_end().rsplit_once('\n').unwrap().0;
+    let mut state: serde_json::Value = serde_json::from_str(body).unwrap();
+    state["files"].as_object_mut().unwrap().remove("corpus.bin");
+    let body = serde_json::to_string_pretty(&state).unwrap();
+    std::fs::write(
+        step2.join("state.json"),
+        format!("{body}\n{}\n", digest_b58(body.as_bytes())),
+    )
+    .unwrap();
+    let (loaded, rejected) = checkpoint::load_latest(&dir.path().join("checkpoints"));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert!(!loaded.unwrap().corpus.has_cursor());
+    let summary = run(dir.path(), &s, Until::Step(4), &mut |_| {}).unwrap();
+    assert_eq!(summary.start_step, 2);
+    assert_eq!(
+        std::fs::read(dir.path().join("round/weights.safetensors")).unwrap(),
+        expected
+    );
+
+    // A damaged cursor rejects its checkpoint like any other damaged file.
+    corrupt_file(&dir.path().join("checkpoints/step-0000000004/corpus.bin"));
+    let (loaded, rejected) = checkpoint::load_latest(&dir.path().join("checkpoints"));
+    assert_eq!(loaded.unwrap().state.step, 3);
+    assert!(
+        rejected[0]
+            .to_string()
+            .contains("corpus.bin checksum mismatch"),
+        "{}",
+        rejected[0]
+    );
+}

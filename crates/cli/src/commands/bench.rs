@@ -25,6 +25,20 @@ pub enum BenchCommand {
     Crypto(CryptoBenchArgs),
     /// Localnet load: many accounts sending signed transfers concurrently over HTTP.
     Localnet(LocalnetBenchArgs),
+    /// Corpus streaming: sequences per second out of a JSON Lines file, and the time to reopen
+    /// the stream half-way (from a checkpoint's cursor, and by replaying the epoch).
+    Corpus(CorpusBenchArgs),
+}
+
+#[derive(Args)]
+pub struct CorpusBenchArgs {
+    /// A JSON Lines file with a `content` field (default: a synthetic one of --size-mb).
+    #[arg(long)]
+    jsonl: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    size_mb: u64,
+    #[arg(long, default_value_t = 512)]
+    shuffle_buffer: usize,
 }
 
 #[derive(Args)]
@@ -127,7 +141,94 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Train(args) => bench_train(args),
         BenchCommand::Crypto(args) => bench_crypto(args),
         BenchCommand::Localnet(args) => bench_localnet(args),
+        BenchCommand::Corpus(args) => bench_corpus(args),
     }
+}
+
+/// Writes `size_mb` of JSON lines whose documents are 1–8 KiB of printable text.
+fn synthetic_jsonl(path: &std::path::Path, size_mb: u64) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut state = 7u64;
+    let mut written = 0u64;
+    let mut text = String::new();
+    while written < size_mb << 20 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = 1024 + (state >> 33) as usize % 7168;
+        text.clear();
+        for i in 0..len {
+            text.push((b'a' + ((state >> (i % 48)) as u8 ^ i as u8) % 26) as char);
+        }
+        let line = format!("{{\"content\": \"{text}\"}}\n");
+        out.write_all(line.as_bytes())?;
+        written += line.len() as u64;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn bench_corpus(args: CorpusBenchArgs) -> Result<()> {
+    use somatrain_train::corpus::{CorpusConfig, Position, Source, TrainStream};
+    let scratch = tempfile::tempdir()?;
+    let path = match args.jsonl {
+        Some(path) => path,
+        None => {
+            let path = scratch.path().join("synthetic.jsonl");
+            synthetic_jsonl(&path, args.size_mb)?;
+            path
+        }
+    };
+    let bytes = std::fs::metadata(&path)?.len();
+    let mut config = CorpusConfig::new(vec![Source::Jsonl {
+        path,
+        field: "content".into(),
+    }]);
+    config.shuffle_buffer = args.shuffle_buffer;
+    let start = Instant::now();
+    let mut stream = TrainStream::open(config.clone(), Position::default())?;
+    let mut sequences = 0u64;
+    while stream.epoch() == 0 {
+        stream.next_sequence()?;
+        sequences += 1;
+    }
+    // The loop's last sequence was the first of the next epoch.
+    sequences -= 1;
+    let epoch_secs = start.elapsed().as_secs_f64();
+    let half = sequences / 2;
+    let mut stream = TrainStream::open(config.clone(), Position::default())?;
+    for _ in 0..half {
+        stream.next_sequence()?;
+    }
+    let position = stream.position();
+    let saved = position.to_bytes();
+    let start = Instant::now();
+    let restored = Position::from_bytes(&saved).map_err(anyhow::Error::msg)?;
+    let mut from_cursor = TrainStream::open(config.clone(), restored)?;
+    let first = from_cursor.next_sequence()?;
+    let cursor_secs = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut replayed =
+        TrainStream::open(config, Position::replay(position.epoch, position.sequences))?;
+    let same = replayed.next_sequence()? == first;
+    let replay_secs = start.elapsed().as_secs_f64();
+    if !same {
+        bail!("the stream reopened from its cursor differs from the replayed one");
+    }
+    let out = serde_json::json!({
+        "bench": "corpus",
+        "bytes": bytes,
+        "sequences_per_epoch": sequences,
+        "sequences_per_s": sequences as f64 / epoch_secs,
+        "mb_per_s": bytes as f64 / epoch_secs / 1e6,
+        "cursor_bytes": saved.len(),
+        "reopen_from_cursor_s": cursor_secs,
+        "reopen_by_replay_s": replay_secs,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    Ok(())
 }
 
 fn bench_score(args: ScoreBenchArgs) -> Result<()> {
