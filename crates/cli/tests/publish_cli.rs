@@ -475,6 +475,16 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
         stdout.contains("last round 2: step 4"),
         "the second round trained further: {stdout}"
     );
+    // The localnet comes back on its old port, so round 1's weights URL still resolves.
+    let url = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("localnet at ")?.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no localnet URL in {stderr}"))
+    };
+    assert_eq!(url(&first), url(&second));
 }
 
 #[test]

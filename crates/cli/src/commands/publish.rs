@@ -391,7 +391,8 @@ pub struct CycleArgs {
     /// Rounds to train, commit and reveal in this invocation.
     #[arg(long, default_value_t = 1)]
     rounds: u64,
-    /// Port of the embedded localnet (0: any free port).
+    /// Port of the embedded localnet (0: the port this directory's localnet had last time, so
+    /// the weights URLs of earlier rounds keep working, or any free port).
     #[arg(long, default_value_t = 0)]
     port: u16,
 }
@@ -432,6 +433,33 @@ impl CycleArgs {
     }
 }
 
+/// Binds the embedded localnet's port: `port`, or else the one recorded in `node_dir` by the
+/// last run (published weights URLs name it), or else any free port; records the result.
+async fn bind_cycle_port(node_dir: &Path, port: u16) -> Result<tokio::net::TcpListener> {
+    let record = node_dir.join("port");
+    let previous: Option<u16> = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let listener = match (port, previous) {
+        (0, Some(previous)) => match tokio::net::TcpListener::bind(("127.0.0.1", previous)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!(
+                    "port {previous} of the last run is taken ({e}); using another, so weights \
+                     published in earlier rounds are not served under their URLs"
+                );
+                tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?
+            }
+        },
+        _ => tokio::net::TcpListener::bind(("127.0.0.1", port)).await?,
+    };
+    let bound = listener.local_addr()?.port();
+    if previous != Some(bound) {
+        somatrain_daemon::write_private_file(&record, format!("{bound}\n").as_bytes())?;
+    }
+    Ok(listener)
+}
+
 /// The quickstart's localnet experience: an embedded node, a funded wallet, a few training
 /// steps, commit, epoch change, reveal, and the model active.
 pub fn run_cycle(args: CycleArgs) -> Result<()> {
@@ -461,7 +489,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
         }
     };
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+        let listener = bind_cycle_port(&node_dir, args.port).await?;
         let url = format!("http://{}", listener.local_addr()?);
         tokio::spawn(somatrain_node::serve(
             node,
