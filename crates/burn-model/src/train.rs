@@ -12,6 +12,7 @@ use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
 use somatrain_model::loss::SigRegGrid;
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
+use somatrain_train::trainer::DeviceMemory;
 use somatrain_train::{GradientEngine, TrainError};
 
 use crate::{BurnModel, Parameter, t2};
@@ -122,6 +123,7 @@ pub struct BurnEngine {
     device: Device,
     bf16_matmuls: bool,
     loaded: Option<(u64, BurnModel)>,
+    peak_bytes_reserved: u64,
 }
 
 impl BurnEngine {
@@ -130,6 +132,7 @@ impl BurnEngine {
             device,
             bf16_matmuls: false,
             loaded: None,
+            peak_bytes_reserved: 0,
         }
     }
 
@@ -160,6 +163,19 @@ impl GradientEngine for BurnEngine {
             self.loaded = Some((version, model));
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
-        Ok(model.loss_and_grad(batch, noise, &options, grads)?)
+        let output = model.loss_and_grad(batch, noise, &options, grads)?;
+        // The micro-batch's activations are still reserved: this is the step's high-water mark.
+        if let Some(usage) = self.device.memory_pool_usage() {
+            self.peak_bytes_reserved = self.peak_bytes_reserved.max(usage.bytes_reserved);
+        }
+        Ok(output)
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let usage = self.device.memory_pool_usage()?;
+        Some(DeviceMemory {
+            bytes_in_use: usage.bytes_in_use,
+            peak_bytes_reserved: self.peak_bytes_reserved.max(usage.bytes_reserved),
+        })
     }
 }

@@ -120,6 +120,17 @@ pub struct StepLog {
     pub gflops_per_s: f64,
     /// High-water mark of resident memory so far.
     pub peak_rss_bytes: u64,
+    /// The training device's memory, where the engine has one that reports it.
+    pub device_memory: Option<DeviceMemory>,
+}
+
+/// What a training device's allocator holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMemory {
+    /// Bytes of live allocations now.
+    pub bytes_in_use: u64,
+    /// The most bytes the allocator has reserved from the device so far.
+    pub peak_bytes_reserved: u64,
 }
 
 /// High-water mark of this process's resident memory, from the kernel (0 where unavailable).
@@ -207,6 +218,12 @@ pub trait GradientEngine {
     /// A scorer on the same device for the round's held-out score and embedding; None scores
     /// them on the CPU.
     fn scorer(&self, _weights: &Weights) -> Option<Box<dyn BatchScorer>> {
+        None
+    }
+
+    /// The device's memory, for engines on a device whose allocator reports it (host memory is
+    /// reported separately, as peak RSS).
+    fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
 }
@@ -355,9 +372,17 @@ pub fn run_with(
                 tokens_per_s: window_tokens as f64 / secs,
                 gflops_per_s: flops / secs / 1e9,
                 peak_rss_bytes: peak_rss_bytes(),
+                device_memory: engine.device_memory(),
             };
+            let device = log.device_memory.map_or(String::new(), |m| {
+                format!(
+                    ", device {:.0} MB in use, peak {:.0} MB reserved",
+                    m.bytes_in_use as f64 / 1e6,
+                    m.peak_bytes_reserved as f64 / 1e6
+                )
+            });
             tracing::info!(
-                "step {} loss {:.4} bpb {:.3} lr {:.2e} |g| {:.3} {:.0} tok/s {:.1} GFLOP/s peak rss {:.0} MB",
+                "step {} loss {:.4} bpb {:.3} lr {:.2e} |g| {:.3} {:.0} tok/s {:.1} GFLOP/s peak rss {:.0} MB{device}",
                 log.step,
                 log.loss,
                 log.bits_per_byte,

@@ -365,6 +365,13 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         );
         times.push(secs);
     }
+    if let Some(memory) = engine.device_memory() {
+        eprintln!(
+            "device memory: {:.2} GB in use, peak {:.2} GB reserved",
+            memory.bytes_in_use as f64 / 1e9,
+            memory.peak_bytes_reserved as f64 / 1e9
+        );
+    }
     let tokens = batch.token_count();
     // Backward costs about twice the forward: 3x the forward FLOPs per step.
     let flops = 3.0 * config.forward_flops(tokens as u64, args.seq_len as u64);
