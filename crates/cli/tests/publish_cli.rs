@@ -524,3 +524,64 @@ fn a_reveal_that_cannot_land_raises_deadline_warnings() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    // A day-long epoch: only the admin call moves it, so the daemon sits waiting after its commit.
+    let net = localnet(&dir.path().join("node"), 86_400_000);
+    let client = Client::new(&net.url);
+    let kp = Keypair::generate();
+    let run_dir = dir.path().join("run");
+    let mut first = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read(run_dir.join("journal.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|j| j["pending"]["commit_epoch"].is_u64())
+    {
+        assert!(Instant::now() < deadline, "no commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The journal's key no longer opens what was committed: no reveal can ever match.
+    let mut j = journal(&run_dir);
+    j["pending"]["decryption_key"] = EncryptionKey::generate().to_base58().into();
+    std::fs::write(
+        run_dir.join("journal.json"),
+        serde_json::to_vec(&j).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(advance(&client).await, 1);
+    let mut second = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = second.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        err.read_to_string(&mut logs).unwrap();
+        logs
+    });
+    // The window is open for a day; only a loop that gives up at once ends in time.
+    let status = wait_for(&mut second, Duration::from_secs(60));
+    let logs = reader.join().unwrap();
+    assert!(!status.success(), "{logs}");
+    assert!(
+        logs.contains("refused the reveal of round 1 for good"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("decryption_key_commitment_mismatch"),
+        "{logs}"
+    );
+    assert!(!logs.contains("reveal failed, retrying"), "{logs}");
+    assert!(
+        journal(&run_dir)["pending"].is_object(),
+        "the round stays pending"
+    );
+}

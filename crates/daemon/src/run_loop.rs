@@ -245,7 +245,21 @@ fn warn_if_late(publisher: &Publisher, config: &LoopConfig) {
     }
 }
 
-/// Reveals, retrying failures (the node unreachable, the bucket not serving) until the deadline.
+/// Refusals of a reveal that no retry can turn around: what was committed and what is revealed
+/// disagree, or the model is not ours to reveal.
+const FINAL_REVEAL_REFUSALS: &[&str] = &[
+    "decryption_key_commitment_mismatch",
+    "embedding_commitment_mismatch",
+    "embedding_dimension_mismatch",
+    "non_finite_embedding",
+    "bad_decryption_key",
+    "not_model_owner",
+    "model_not_found",
+];
+
+/// Reveals, retrying failures (the node unreachable, the bucket not serving, a refusal that may
+/// pass later, such as a balance too low for the fee) until the deadline. A refusal in
+/// [`FINAL_REVEAL_REFUSALS`] stops at once, keeping the pending round in the journal.
 async fn reveal_before_deadline(
     publisher: &mut Publisher,
     config: &LoopConfig,
@@ -254,6 +268,15 @@ async fn reveal_before_deadline(
     loop {
         match publisher.reveal_pending().await {
             Ok(_) => return Ok(()),
+            Err(DaemonError::Client(e))
+                if e.code().is_some_and(|c| FINAL_REVEAL_REFUSALS.contains(&c)) =>
+            {
+                return Err(DaemonError::Usage(format!(
+                    "the node refused the reveal of round {} for good ({e}); no retry can \
+                     help. The round stays pending in the journal",
+                    publisher.journal.pending.as_ref().map_or(0, |p| p.round)
+                )));
+            }
             Err(e @ (DaemonError::Client(_) | DaemonError::Storage(_))) => {
                 let deadline = publisher.journal.reveal_deadline_ms.unwrap_or(0);
                 if now_ms() >= deadline {
