@@ -53,6 +53,11 @@ enum Command {
     Submit(Box<commands::submit::SubmitArgs>),
     /// Claim every claimable reward of the wallet.
     Claim(commands::submit::ClaimArgs),
+    /// Manage a model after it was created: show, stake, unstake, commission, deactivate.
+    #[command(subcommand)]
+    Model(commands::model::ModelCommand),
+    /// Send SOMA to another account.
+    Transfer(commands::model::TransferArgs),
     /// The account key: new, import, show.
     #[command(subcommand)]
     Wallet(commands::wallet::WalletCommand),
@@ -95,6 +100,8 @@ fn main() -> ExitCode {
         Command::Targets(args) => commands::submit::run_targets(args),
         Command::Submit(args) => commands::submit::run_submit(*args),
         Command::Claim(args) => commands::submit::run_claim(args),
+        Command::Model(cmd) => commands::model::run_model(cmd),
+        Command::Transfer(args) => commands::model::run_transfer(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

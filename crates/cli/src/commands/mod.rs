@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod crypto;
+pub mod model;
 pub mod net;
 pub mod publish;
 pub mod score;
