@@ -181,11 +181,15 @@ impl BurnModel {
         seq: usize,
         dropout: Option<&TrainOptions>,
     ) -> (Tensor<3>, Tensor<3>) {
-        let drop_mask = |layer: usize, site: u64, dims: Vec<usize>| -> Option<TensorData> {
+        // Uploaded as booleans (dropped or not), a quarter of the bytes of f32 scales; the
+        // device zeroes the dropped elements and scales the rest, as the CPU path multiplies.
+        let drop_mask = |layer: usize, site: u64, dims: Vec<usize>| -> Option<(TensorData, f32)> {
             let drop = TrainPass::dropout(dropout?, layer, site)?;
             let count: usize = dims.iter().product();
-            let values: Vec<f32> = (0..count as u64).map(|i| drop.scale_at(i)).collect();
-            Some(TensorData::new(values, dims))
+            Some((
+                TensorData::new(drop.dropped(count), dims),
+                drop.keep_scale(),
+            ))
         };
         let c = &self.config;
         let (heads, hd) = (c.num_heads, c.head_dim());
@@ -217,16 +221,19 @@ impl BurnModel {
             let v = split(self.lin(h, &l.value)); // [B, H, T, h]
             let scores = self.matmul(q, k.swap_dims(2, 3)).div_scalar(scale);
             let mut weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
-            if let Some(m) = drop_mask(index, SITE_ATTENTION, vec![batch, heads, seq, seq]) {
-                weights = weights * Tensor::<4>::from_data(m, &self.device);
+            if let Some((m, keep)) = drop_mask(index, SITE_ATTENTION, vec![batch, heads, seq, seq])
+            {
+                let dropped = Tensor::<4, Bool>::from_data(m, &self.device);
+                weights = weights.mask_fill(dropped, 0.0).mul_scalar(keep);
             }
             let ctx = self
                 .matmul(weights, v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, heads * hd]);
             let mut delta = self.lin(ctx, &l.output);
-            if let Some(m) = drop_mask(index, SITE_ATTENTION_OUT, vec![batch, seq, d]) {
-                delta = delta * Tensor::<3>::from_data(m, &self.device);
+            if let Some((m, keep)) = drop_mask(index, SITE_ATTENTION_OUT, vec![batch, seq, d]) {
+                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
+                delta = delta.mask_fill(dropped, 0.0).mul_scalar(keep);
             }
             x = x + delta;
             let h = layer_norm(
@@ -236,12 +243,14 @@ impl BurnModel {
                 eps(),
             );
             let mut act = gelu(self.lin(h, &l.inner));
-            if let Some(m) = drop_mask(index, SITE_FFN_ACT, vec![batch, seq, f]) {
-                act = act * Tensor::<3>::from_data(m, &self.device);
+            if let Some((m, keep)) = drop_mask(index, SITE_FFN_ACT, vec![batch, seq, f]) {
+                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
+                act = act.mask_fill(dropped, 0.0).mul_scalar(keep);
             }
             let mut delta = self.lin(act, &l.outer);
-            if let Some(m) = drop_mask(index, SITE_FFN_OUT, vec![batch, seq, d]) {
-                delta = delta * Tensor::<3>::from_data(m, &self.device);
+            if let Some((m, keep)) = drop_mask(index, SITE_FFN_OUT, vec![batch, seq, d]) {
+                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
+                delta = delta.mask_fill(dropped, 0.0).mul_scalar(keep);
             }
             x = x + delta;
         }

@@ -2,7 +2,8 @@
 //! training. The loss is the network's, computed entirely on the device (PAD-inclusive
 //! cross-entropy plus SIGReg over the same random unit projections as the CPU path), so only
 //! the scalar loss and the gradients come back to the host. Dropout uses the CPU path's masks,
-//! drawn on the host and uploaded (exact and resumable; costly at V1 size).
+//! drawn on the host in parallel and uploaded as booleans (exact and resumable; still costly at
+//! V1 size: about 1 G mask elements per micro-batch).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};

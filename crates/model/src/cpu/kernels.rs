@@ -320,19 +320,45 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// 0 or `1 / (1 - rate)` for element `index`.
+    /// Whether element `index` is dropped.
     #[inline(always)]
-    pub fn scale_at(&self, index: u64) -> f32 {
+    pub fn drops(&self, index: u64) -> bool {
         let mut z = self.key ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
         let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-        if uniform < self.rate {
+        uniform < self.rate
+    }
+
+    /// What a kept element is multiplied by.
+    #[inline(always)]
+    pub fn keep_scale(&self) -> f32 {
+        1.0 / (1.0 - self.rate)
+    }
+
+    /// 0 or `1 / (1 - rate)` for element `index`.
+    #[inline(always)]
+    pub fn scale_at(&self, index: u64) -> f32 {
+        if self.drops(index) {
             0.0
         } else {
-            1.0 / (1.0 - self.rate)
+            self.keep_scale()
         }
+    }
+
+    /// [`Dropout::drops`] for elements `0..count`, drawn in parallel (devices upload this mask).
+    pub fn dropped(&self, count: usize) -> Vec<bool> {
+        let mut out = vec![false; count];
+        out.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let base = (c << 16) as u64;
+                for (i, d) in chunk.iter_mut().enumerate() {
+                    *d = self.drops(base + i as u64);
+                }
+            });
+        out
     }
 
     /// A key for one dropout site, derived from a base key and site coordinates.
