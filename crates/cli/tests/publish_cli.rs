@@ -87,6 +87,19 @@ fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Waits (at most a minute) until the run's journal shows its round committed.
+fn wait_for_commit(run_dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read(run_dir.join("journal.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|j| j["pending"]["commit_epoch"].is_u64())
+    {
+        assert!(Instant::now() < deadline, "no commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn journal(run_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(run_dir.join("journal.json")).unwrap()).unwrap()
 }
@@ -499,15 +512,7 @@ fn a_reveal_that_cannot_land_raises_deadline_warnings() {
         .spawn()
         .unwrap();
     // Once the commit is in, the node goes away: the reveal cannot land.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read(run_dir.join("journal.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|j| j["pending"]["commit_epoch"].is_u64())
-    {
-        assert!(Instant::now() < deadline, "no commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_commit(&run_dir);
     net.kill();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -537,15 +542,7 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read(run_dir.join("journal.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|j| j["pending"]["commit_epoch"].is_u64())
-    {
-        assert!(Instant::now() < deadline, "no commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_commit(&run_dir);
     first.kill().unwrap();
     first.wait().unwrap();
     // The journal's key no longer opens what was committed: no reveal can ever match.
