@@ -44,12 +44,15 @@ pub enum CorpusError {
 pub enum Source {
     /// Every regular file under a directory (filtered by the include/exclude globs).
     Dir { path: PathBuf },
-    /// JSON Lines: one document per line, its text in `field`.
+    /// JSON Lines: one document per line, its text in `field`. Plain, gzip (`.gz`) or zstd
+    /// (`.zst`). A directory means every `.jsonl`, `.ndjson`, `.jsonl.gz` and `.jsonl.zst` file
+    /// under it (filtered by the include/exclude globs).
     Jsonl { path: PathBuf, field: String },
     /// A text file listing one document path per line (relative to the list's directory).
     List { path: PathBuf },
     /// A Parquet file, one document per row, its text in the string or binary `column` (The
-    /// Stack v2 dumps use `content`). Read row group by row group, only that column.
+    /// Stack v2 dumps use `content`). Read row group by row group, only that column. A
+    /// directory means every `.parquet` file under it (filtered by the include/exclude globs).
     Parquet { path: PathBuf, column: String },
 }
 
@@ -107,13 +110,62 @@ pub struct CorpusStats {
 }
 
 /// One readable unit: a file holding one document, or a JSON Lines or Parquet file holding many.
+/// Each carries a name that document identities build on: the path relative to its source (the
+/// file name for a file given directly), so that the held-out split does not depend on where the
+/// corpus sits on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Unit {
-    /// A file and its identity: its path relative to its source, so that the held-out split
-    /// does not depend on where the corpus sits on disk.
+    /// A file and its identity.
     Document(PathBuf, String),
-    Jsonl(PathBuf, String),
-    Parquet(PathBuf, String),
+    /// A JSON Lines file, its text field and its name.
+    Jsonl(PathBuf, String, String),
+    /// A Parquet file, its text column and its name.
+    Parquet(PathBuf, String, String),
+}
+
+const JSONL_SUFFIXES: &[&str] = &[".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst"];
+
+/// The files of a multi-document source: the file itself, or every file under the directory
+/// whose name ends in one of `suffixes` and that the globs admit, each with its name.
+fn record_files(
+    path: &Path,
+    suffixes: &[&str],
+    include: Option<&GlobSet>,
+    exclude: Option<&GlobSet>,
+) -> Vec<(PathBuf, String)> {
+    if !path.is_dir() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return vec![(path.to_path_buf(), name)];
+    }
+    walk(path, include, exclude)
+        .filter(|(_, rel)| suffixes.iter().any(|s| rel.ends_with(s)))
+        .collect()
+}
+
+/// Regular files under `dir` in a stable order, with their paths relative to it, filtered by the
+/// globs.
+fn walk<'a>(
+    dir: &'a Path,
+    include: Option<&'a GlobSet>,
+    exclude: Option<&'a GlobSet>,
+) -> impl Iterator<Item = (PathBuf, String)> + 'a {
+    walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_file())
+        .filter_map(move |entry| {
+            let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            if include.is_some_and(|g| !g.is_match(rel)) || exclude.is_some_and(|g| g.is_match(rel))
+            {
+                return None;
+            }
+            let rel = rel.to_string_lossy().into_owned();
+            Some((entry.path().to_path_buf(), rel))
+        })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
@@ -158,25 +210,21 @@ fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
                         ),
                     });
                 }
-                for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
-                    let Ok(entry) = entry else { continue };
-                    if !entry.file_type().is_file() {
-                        continue;
-                    }
-                    let rel = entry.path().strip_prefix(path).unwrap_or(entry.path());
-                    if include.as_ref().is_some_and(|g| !g.is_match(rel))
-                        || exclude.as_ref().is_some_and(|g| g.is_match(rel))
-                    {
-                        continue;
-                    }
-                    let identity = rel.to_string_lossy().into_owned();
-                    units.push(Unit::Document(entry.path().to_path_buf(), identity));
-                }
+                units.extend(
+                    walk(path, include.as_ref(), exclude.as_ref())
+                        .map(|(file, identity)| Unit::Document(file, identity)),
+                );
             }
-            Source::Jsonl { path, field } => units.push(Unit::Jsonl(path.clone(), field.clone())),
-            Source::Parquet { path, column } => {
-                units.push(Unit::Parquet(path.clone(), column.clone()))
-            }
+            Source::Jsonl { path, field } => units.extend(
+                record_files(path, JSONL_SUFFIXES, include.as_ref(), exclude.as_ref())
+                    .into_iter()
+                    .map(|(file, name)| Unit::Jsonl(file, field.clone(), name)),
+            ),
+            Source::Parquet { path, column } => units.extend(
+                record_files(path, &[".parquet"], include.as_ref(), exclude.as_ref())
+                    .into_iter()
+                    .map(|(file, name)| Unit::Parquet(file, column.clone(), name)),
+            ),
             Source::List { path } => {
                 let text = std::fs::read_to_string(path).map_err(io_err(path))?;
                 let base = path.parent().unwrap_or(Path::new("."));
@@ -364,14 +412,15 @@ impl Position {
 fn units_digest(units: &[Unit]) -> String {
     let mut hasher = Blake2b::<U32>::new();
     for unit in units {
-        let (kind, path, name) = match unit {
-            Unit::Document(path, identity) => ("file", path, identity),
-            Unit::Jsonl(path, field) => ("jsonl", path, field),
-            Unit::Parquet(path, column) => ("parquet", path, column),
+        let (kind, path, field, name) = match unit {
+            Unit::Document(path, identity) => ("file", path, "", identity),
+            Unit::Jsonl(path, field, name) => ("jsonl", path, field.as_str(), name),
+            Unit::Parquet(path, column, name) => ("parquet", path, column.as_str(), name),
         };
         for part in [
             kind.as_bytes(),
             path.as_os_str().as_encoded_bytes(),
+            field.as_bytes(),
             name.as_bytes(),
         ] {
             hasher.update((part.len() as u64).to_le_bytes());

@@ -466,3 +466,110 @@ fn malformed_positions_are_refused() {
         assert!(Position::from_bytes(&bad).is_err(), "{what} was accepted");
     }
 }
+
+/// `text` compressed with gzip.
+fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(text.as_bytes()).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"content\": \"{prefix} line {i} {}\"}}\n",
+                "z".repeat(i % 11)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn directories_of_compressed_json_lines_and_parquet_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("jsonl");
+    write(&jsonl.join("a.jsonl"), lines("plain", 30).as_bytes());
+    write(&jsonl.join("deep/b.jsonl.gz"), &gzip(&lines("gzip", 40)));
+    write(
+        &jsonl.join("deep/c.jsonl.zst"),
+        &zstd::encode_all(lines("zstd", 50).as_bytes(), 3).unwrap(),
+    );
+    write(
+        &jsonl.join("notes.txt"),
+        b"{\"content\": \"not a JSON Lines file\"}\n",
+    );
+    write(&jsonl.join("broken.jsonl.gz"), b"not gzip at all");
+    let parquet = dir.path().join("parquet");
+    for sub in ["Python", "Rust"] {
+        std::fs::create_dir_all(parquet.join(sub)).unwrap();
+    }
+    let rows: Vec<String> = (0..25).map(|i| format!("python row {i}\n")).collect();
+    let rows: Vec<Option<&[u8]>> = rows.iter().map(|r| Some(r.as_bytes())).collect();
+    write_parquet(&parquet.join("Python/train-0.parquet"), &rows, 7);
+    let rows: Vec<String> = (0..15).map(|i| format!("rust row {i}\n")).collect();
+    let rows: Vec<Option<&[u8]>> = rows.iter().map(|r| Some(r.as_bytes())).collect();
+    write_parquet(&parquet.join("Rust/train-0.parquet"), &rows, 7);
+    let mut c = config(vec![
+        Source::Jsonl {
+            path: jsonl,
+            field: "content".into(),
+        },
+        Source::Parquet {
+            path: parquet,
+            column: "content".into(),
+        },
+    ]);
+    c.max_seq_len = 64;
+    let (seqs, stats) = one_epoch(c.clone());
+    assert_eq!(stats.train_documents, 30 + 40 + 50 + 25 + 15);
+    assert_eq!(seqs.len(), 160, "one sequence per document");
+    let text: Vec<String> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .filter(|&&t| t < 256)
+                .map(|&t| t as u8 as char)
+                .collect()
+        })
+        .collect();
+    for prefix in [
+        "plain line",
+        "gzip line",
+        "zstd line",
+        "python row",
+        "rust row",
+    ] {
+        assert!(text.iter().any(|t| t.starts_with(prefix)), "no {prefix}");
+    }
+    assert!(!text.iter().any(|t| t.contains("not a JSON Lines file")));
+    assert_eq!(stats.skipped_unreadable, 1, "the broken gzip file");
+
+    // Files of the same name in different directories are different documents to the split.
+    // (Row 3 of each falls on different sides; by file name alone both would be on one.)
+    let python = split_of("Python/train-0.parquet:3", 500);
+    let rust = split_of("Rust/train-0.parquet:3", 500);
+    assert_ne!(python, rust);
+    c.heldout_per_mille = 500;
+    let (held, _) = heldout_sample(&c, 1 << 20).unwrap();
+    let held = String::from_utf8(held).unwrap();
+    assert_eq!(held.contains("python row 2\n"), python == Split::Heldout);
+    assert_eq!(held.contains("rust row 2\n"), rust == Split::Heldout);
+
+    // A cursor inside a compressed file resumes exactly.
+    c.heldout_per_mille = 0;
+    let reference = run_stream(&c, Position::default(), 300);
+    let mut s = TrainStream::open(c.clone(), Position::default()).unwrap();
+    for cut in 1..=300 {
+        s.next_sequence().unwrap();
+        if cut % 23 == 0 {
+            let saved = Position::from_bytes(&s.position().to_bytes()).unwrap();
+            assert_eq!(
+                run_stream(&c, saved, 300 - cut),
+                reference[cut..],
+                "cut {cut}"
+            );
+        }
+    }
+}

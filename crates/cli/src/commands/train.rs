@@ -47,13 +47,15 @@ pub struct TrainingOptions {
     /// A directory tree of documents (repeatable).
     #[arg(long = "corpus-dir")]
     corpus_dirs: Vec<PathBuf>,
-    /// A JSON Lines file with one document per line (repeatable).
+    /// A JSON Lines file with one document per line, plain, .gz or .zst (repeatable); a
+    /// directory means every .jsonl, .ndjson, .jsonl.gz and .jsonl.zst file under it.
     #[arg(long)]
     jsonl: Vec<PathBuf>,
     /// Field of each JSON line that holds the text.
     #[arg(long, default_value = "content")]
     text_field: String,
-    /// A Parquet file with one document per row (repeatable), e.g. The Stack v2 dumps.
+    /// A Parquet file with one document per row (repeatable), e.g. The Stack v2 dumps; a
+    /// directory means every .parquet file under it.
     #[arg(long)]
     parquet: Vec<PathBuf>,
     /// Column of each Parquet row that holds the text.
@@ -62,16 +64,19 @@ pub struct TrainingOptions {
     /// A file listing document paths, one per line (repeatable).
     #[arg(long = "file-list")]
     file_lists: Vec<PathBuf>,
-    /// Only files whose path under a --corpus-dir matches (repeatable glob).
+    /// Only files whose path under a directory source matches (repeatable glob).
     #[arg(long)]
     include: Vec<String>,
+    /// Leave out files whose path under a directory source matches (repeatable glob).
     #[arg(long)]
     exclude: Vec<String>,
+    /// Documents larger than this are skipped (and counted).
     #[arg(long, default_value_t = 1 << 20)]
     max_document_bytes: u64,
     /// Documents held out of training, per mille (by a hash of their path or line).
     #[arg(long, default_value_t = 20)]
     heldout_per_mille: u32,
+    /// Sequences held in the shuffle buffer.
     #[arg(long, default_value_t = 512)]
     shuffle_buffer: usize,
     #[arg(long, default_value_t = 1024)]

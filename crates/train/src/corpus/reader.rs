@@ -29,7 +29,8 @@ enum Kind {
     Jsonl {
         name: String,
         field: String,
-        reader: BufReader<File>,
+        reader: BufReader<Box<dyn Read>>,
+        /// Bytes of (decompressed) text consumed.
         offset: u64,
     },
     Parquet {
@@ -39,10 +40,25 @@ enum Kind {
     Finished,
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+/// A JSON Lines file positioned `offset` bytes into its text: a plain file seeks there; a gzip or
+/// zstd file (by extension) cannot, so its text is decoded and dropped up to that point.
+fn open_lines(path: &Path, offset: u64) -> std::io::Result<BufReader<Box<dyn Read>>> {
+    let mut file = File::open(path)?;
+    let name = path.to_string_lossy();
+    let text: Box<dyn Read> = if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::stream::read::Decoder::new(file)?)
+    } else {
+        file.seek(SeekFrom::Start(offset))?;
+        return Ok(BufReader::with_capacity(1 << 16, Box::new(file)));
+    };
+    let mut reader = BufReader::with_capacity(1 << 16, text);
+    let skipped = std::io::copy(&mut reader.by_ref().take(offset), &mut std::io::sink())?;
+    if skipped < offset {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(reader)
 }
 
 impl UnitReader {
@@ -55,22 +71,19 @@ impl UnitReader {
                 path: path.clone(),
                 identity: identity.clone(),
             },
-            Unit::Jsonl(path, field) => {
-                match File::open(path).and_then(|mut f| f.seek(SeekFrom::Start(offset)).map(|_| f))
-                {
-                    Ok(file) => Kind::Jsonl {
-                        name: file_name(path),
-                        field: field.clone(),
-                        reader: BufReader::with_capacity(1 << 16, file),
-                        offset,
-                    },
-                    Err(_) => {
-                        stats.skipped_unreadable += 1;
-                        Kind::Finished
-                    }
+            Unit::Jsonl(path, field, name) => match open_lines(path, offset) {
+                Ok(reader) => Kind::Jsonl {
+                    name: name.clone(),
+                    field: field.clone(),
+                    reader,
+                    offset,
+                },
+                Err(_) => {
+                    stats.skipped_unreadable += 1;
+                    Kind::Finished
                 }
-            }
-            Unit::Parquet(path, column) => open_parquet(path, column, records, stats),
+            },
+            Unit::Parquet(path, column, name) => open_parquet(path, column, name, records, stats),
         };
         UnitReader { kind, records }
     }
@@ -154,7 +167,7 @@ fn read_document(
 
 #[allow(clippy::too_many_arguments)]
 fn next_jsonl(
-    reader: &mut BufReader<File>,
+    reader: &mut BufReader<Box<dyn Read>>,
     offset: &mut u64,
     records: &mut u64,
     name: &str,
@@ -209,7 +222,13 @@ fn next_jsonl(
 
 /// Opens a Parquet file's `column` for row-by-row reading after its first `records` rows: whole
 /// row groups before that point are not read at all.
-fn open_parquet(path: &Path, column: &str, records: u64, stats: &mut CorpusStats) -> Kind {
+fn open_parquet(
+    path: &Path,
+    column: &str,
+    name: &str,
+    records: u64,
+    stats: &mut CorpusStats,
+) -> Kind {
     let reader = match File::open(path).map(SerializedFileReader::new) {
         Ok(Ok(reader)) => reader,
         _ => {
@@ -267,7 +286,7 @@ fn open_parquet(path: &Path, column: &str, records: u64, stats: &mut CorpusStats
         }
     }
     Kind::Parquet {
-        name: file_name(path),
+        name: name.to_string(),
         rows,
     }
 }
