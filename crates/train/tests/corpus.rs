@@ -21,6 +21,18 @@ fn config(sources: Vec<Source>) -> CorpusConfig {
     }
 }
 
+/// Each sequence's bytes as text (PAD and EOS dropped).
+fn as_text(seqs: &[Vec<u32>]) -> Vec<String> {
+    seqs.iter()
+        .map(|s| {
+            s.iter()
+                .filter(|&&t| t < 256)
+                .map(|&t| t as u8 as char)
+                .collect()
+        })
+        .collect()
+}
+
 /// All bytes a stream yields in one epoch, sequences in emission order.
 fn one_epoch(c: CorpusConfig) -> (Vec<Vec<u32>>, somatrain_train::corpus::CorpusStats) {
     let mut s = TrainStream::open(c, Position::default()).unwrap();
@@ -275,15 +287,7 @@ fn parquet_content_column_and_bad_rows() {
     assert_eq!(stats.skipped_unreadable, 1);
     // 13 and 14 bytes fit one sequence of 16; 19 bytes take two.
     assert_eq!(seqs.len(), 4);
-    let texts: Vec<String> = seqs
-        .iter()
-        .map(|s| {
-            s.iter()
-                .filter(|&&t| t < 256)
-                .map(|&t| t as u8 as char)
-                .collect()
-        })
-        .collect();
+    let texts = as_text(&seqs);
     for expected in ["fn main() {}", "def second(): pa", "third document"] {
         assert!(
             texts.iter().any(|t| t.starts_with(expected)),
@@ -525,15 +529,7 @@ fn directories_of_compressed_json_lines_and_parquet_files() {
     let (seqs, stats) = one_epoch(c.clone());
     assert_eq!(stats.train_documents, 30 + 40 + 50 + 25 + 15);
     assert_eq!(seqs.len(), 160, "one sequence per document");
-    let text: Vec<String> = seqs
-        .iter()
-        .map(|s| {
-            s.iter()
-                .filter(|&&t| t < 256)
-                .map(|&t| t as u8 as char)
-                .collect()
-        })
-        .collect();
+    let text = as_text(&seqs);
     for prefix in [
         "plain line",
         "gzip line",
