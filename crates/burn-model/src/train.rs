@@ -32,8 +32,7 @@ impl BurnModel {
 
     /// The network's training loss of one micro-batch, `ce + sigreg_coefficient * sigreg`
     /// (returned with its two terms), and its gradient added into `grads` (scaled by
-    /// `grad_scale`). `noise` is the
-    /// `[D, SLICES]` projection matrix of this step.
+    /// `grad_scale`). `noise` is the `[D, SLICES]` projection matrix of this step.
     pub fn loss_and_grad(
         &self,
         batch: &Batch,
@@ -41,6 +40,19 @@ impl BurnModel {
         options: &TrainOptions,
         grads: &mut Weights,
     ) -> Result<BatchOutput, ScoreError> {
+        let (output, device_grads) = self.loss_and_device_grads(batch, noise, options)?;
+        add_to_host(device_grads, grads)?;
+        Ok(output)
+    }
+
+    /// [`loss_and_grad`](Self::loss_and_grad) with the gradients left on the device, one per
+    /// parameter in the order of [`Weights::tensors`].
+    fn loss_and_device_grads(
+        &self,
+        batch: &Batch,
+        noise: &[f32],
+        options: &TrainOptions,
+    ) -> Result<(BatchOutput, Vec<DeviceGrad>), ScoreError> {
         let (sigreg_coefficient, grad_scale) = (options.sigreg_coefficient, options.grad_scale);
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
@@ -92,38 +104,67 @@ impl BurnModel {
             embedding: Vec::new(),
         };
         let gradients = loss.mul_scalar(grad_scale).backward();
+        let mut found = Vec::new();
         let mut missing = None;
-        let mut outputs: Vec<Result<Vec<f32>, ScoreError>> = Vec::new();
         self.visit_parameters(|p| {
-            let data = match p {
-                Parameter::One(t) => t.grad(&gradients).map(|g| g.into_data()),
-                Parameter::Two(t) => t.grad(&gradients).map(|g| g.into_data()),
+            let grad = match p {
+                Parameter::One(t) => t.grad(&gradients).map(DeviceGrad::One),
+                Parameter::Two(t) => t.grad(&gradients).map(DeviceGrad::Two),
             };
-            outputs.push(data.map_or(Ok(Vec::new()), |d| d.try_to_vec().map_err(backend)));
+            match grad {
+                Some(g) => found.push(g),
+                None => {
+                    missing.get_or_insert(found.len());
+                }
+            }
         });
-        for ((name, dest), grad) in grads.tensors_mut().into_iter().zip(outputs) {
-            let grad = grad?;
-            if grad.is_empty() {
-                missing = Some(name);
-                continue;
-            }
-            for (d, g) in dest.iter_mut().zip(&grad) {
-                *d += g;
-            }
-        }
-        if let Some(name) = missing {
+        if let Some(index) = missing {
+            let name = &Weights::specs(&self.config)[index].name;
             return Err(ScoreError::Backend(format!("no gradient reached {name}")));
         }
-        Ok(output)
+        Ok((output, found))
     }
 }
 
-/// A [`GradientEngine`] on a burn device: weights are uploaded once per optimizer step and the
-/// gradients come back per micro-batch.
+/// One parameter's gradient, still on the device.
+enum DeviceGrad {
+    One(Tensor<1>),
+    Two(Tensor<2>),
+}
+
+impl DeviceGrad {
+    fn add(self, other: DeviceGrad) -> DeviceGrad {
+        match (self, other) {
+            (DeviceGrad::One(a), DeviceGrad::One(b)) => DeviceGrad::One(a + b),
+            (DeviceGrad::Two(a), DeviceGrad::Two(b)) => DeviceGrad::Two(a + b),
+            _ => unreachable!("gradients are summed parameter by parameter"),
+        }
+    }
+}
+
+/// Downloads device gradients (in [`Weights::tensors`] order) and adds them into `grads`.
+fn add_to_host(device_grads: Vec<DeviceGrad>, grads: &mut Weights) -> Result<(), ScoreError> {
+    for ((_, dest), grad) in grads.tensors_mut().into_iter().zip(device_grads) {
+        let data = match grad {
+            DeviceGrad::One(t) => t.into_data(),
+            DeviceGrad::Two(t) => t.into_data(),
+        };
+        let values: Vec<f32> = data.try_to_vec().map_err(backend)?;
+        for (d, g) in dest.iter_mut().zip(&values) {
+            *d += g;
+        }
+    }
+    Ok(())
+}
+
+/// A [`GradientEngine`] on a burn device: weights go up once per optimizer step, the
+/// micro-batches' gradients are summed on the device, and the sum comes back once per step
+/// (for V1, 4.8 GB each way per step, instead of 4.8 GB down per micro-batch).
 pub struct BurnEngine {
     device: Device,
     bf16_matmuls: bool,
     loaded: Option<(u64, BurnModel)>,
+    accumulated: Option<Vec<DeviceGrad>>,
     peak_bytes_reserved: u64,
 }
 
@@ -133,6 +174,7 @@ impl BurnEngine {
             device,
             bf16_matmuls: false,
             loaded: None,
+            accumulated: None,
             peak_bytes_reserved: 0,
         }
     }
@@ -156,20 +198,43 @@ impl GradientEngine for BurnEngine {
         batch: &Batch,
         noise: &[f32],
         options: TrainOptions,
-        grads: &mut Weights,
+        // The gradients stay on the device; `flush_gradients` hands their sum over.
+        _grads: &mut Weights,
     ) -> Result<BatchOutput, TrainError> {
         if self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
+            if self.accumulated.take().is_some() {
+                return Err(TrainError::Settings(
+                    "the weights changed while gradients of the previous ones were held on the \
+                     device (flush_gradients was not called before the optimizer step)"
+                        .into(),
+                ));
+            }
             let model = BurnModel::trainable(weights, self.device.clone())
                 .with_bf16_matmuls(self.bf16_matmuls);
             self.loaded = Some((version, model));
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
-        let output = model.loss_and_grad(batch, noise, &options, grads)?;
+        let (output, device_grads) = model.loss_and_device_grads(batch, noise, &options)?;
+        self.accumulated = Some(match self.accumulated.take() {
+            None => device_grads,
+            Some(sum) => sum
+                .into_iter()
+                .zip(device_grads)
+                .map(|(a, b)| a.add(b))
+                .collect(),
+        });
         // The micro-batch's activations are still reserved: this is the step's high-water mark.
         if let Some(usage) = self.device.memory_pool_usage() {
             self.peak_bytes_reserved = self.peak_bytes_reserved.max(usage.bytes_reserved);
         }
         Ok(output)
+    }
+
+    fn flush_gradients(&mut self, grads: &mut Weights) -> Result<(), TrainError> {
+        if let Some(sum) = self.accumulated.take() {
+            add_to_host(sum, grads)?;
+        }
+        Ok(())
     }
 
     fn device_memory(&self) -> Option<DeviceMemory> {

@@ -172,3 +172,67 @@ fn bf16_matmuls_keep_loss_and_gradients_close_to_f32() {
         assert!(cosine > 0.99, "{name}: cosine {cosine}");
     }
 }
+
+/// The engine sums micro-batch gradients on the device and hands them over once, on flush:
+/// nothing reaches the host before, the sum equals the two gradients added on the host, and
+/// changing the weights with gradients still held is refused.
+#[test]
+fn the_engine_accumulates_on_the_device_until_flushed() {
+    use somatrain_train::GradientEngine;
+    let config = ModelConfig {
+        embedding_dim: 16,
+        num_layers: 1,
+        num_heads: 4,
+        pwff_hidden_dim: 32,
+        vocab_size: 264,
+    };
+    let weights = Weights::init(config, 3);
+    let data: Vec<u8> = (0..96u32).map(|i| (i * 31 + 7) as u8).collect();
+    let micro: Vec<_> = batches(&data, 24, 2).take(2).collect();
+    let noise = somatrain_noise::unit_column_noise(1, 16, SIGREG_SLICES);
+    let options = TrainOptions {
+        grad_scale: 0.5,
+        ..TrainOptions::default()
+    };
+    let device = open_device(BurnDevice::Flex).unwrap();
+
+    let model = BurnModel::trainable(&weights, device.clone());
+    let mut expected = Weights::zeros(config);
+    for b in &micro {
+        model
+            .loss_and_grad(b, &noise, &options, &mut expected)
+            .unwrap();
+    }
+
+    let mut engine = somatrain_burn::train::BurnEngine::new(device);
+    let mut grads = Weights::zeros(config);
+    for b in &micro {
+        engine
+            .loss_and_grad(&weights, 0, b, &noise, options, &mut grads)
+            .unwrap();
+    }
+    assert!(
+        grads
+            .tensors()
+            .iter()
+            .all(|(_, g)| g.iter().all(|&x| x == 0.0)),
+        "gradients reached the host before the flush"
+    );
+    engine.flush_gradients(&mut grads).unwrap();
+    for ((name, a), (_, b)) in grads.tensors().into_iter().zip(expected.tensors()) {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-6 * scale.max(1.0),
+            "{name}: {worst} off at scale {scale}"
+        );
+    }
+
+    engine
+        .loss_and_grad(&weights, 0, &micro[0], &noise, options, &mut grads)
+        .unwrap();
+    let err = engine
+        .loss_and_grad(&weights, 1, &micro[1], &noise, options, &mut grads)
+        .unwrap_err();
+    assert!(err.to_string().contains("flush_gradients"), "{err}");
+}

@@ -201,7 +201,9 @@ pub enum Until {
 }
 
 /// Computes one micro-batch's training loss and adds its gradient into `grads`: the CPU's
-/// hand-written backward ([`TrainPass`]), or autodiff on a device (`somatrain-burn`).
+/// hand-written backward ([`TrainPass`]), or autodiff on a device (`somatrain-burn`). An engine
+/// may hold gradients back (summed on its device) until [`GradientEngine::flush_gradients`]:
+/// callers flush before they read `grads`.
 pub trait GradientEngine {
     /// `version` changes exactly when `weights` change (once per optimizer step), so an engine
     /// that keeps weights on a device uploads them once per step.
@@ -219,6 +221,11 @@ pub trait GradientEngine {
     /// them on the CPU.
     fn scorer(&self, _weights: &Weights) -> Option<Box<dyn BatchScorer>> {
         None
+    }
+
+    /// Adds every gradient still held back into `grads`.
+    fn flush_gradients(&mut self, _grads: &mut Weights) -> Result<(), TrainError> {
+        Ok(())
     }
 
     /// The device's memory, for engines on a device whose allocator reports it (host memory is
@@ -357,6 +364,7 @@ pub fn run_with(
             targets += non_pad;
             window_tokens += batch.token_count() as u64;
         }
+        engine.flush_gradients(&mut grads)?;
         let stats = adam.update(&settings.optim, &mut weights, &mut grads);
         last_loss = (loss_sum / settings.accumulation as f64) as f32;
         if adam.step % settings.log_every.max(1) == 0 || adam.step == until_step {

@@ -350,6 +350,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
             ..TrainOptions::default()
         };
         let out = engine.loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)?;
+        engine.flush_gradients(&mut grads)?;
         adam.update(&optim, &mut weights, &mut grads);
         Ok(out.loss)
     };
