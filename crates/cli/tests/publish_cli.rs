@@ -416,6 +416,11 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     );
     assert!(shown.contains("loop: awaiting_reveal"), "{shown}");
     assert!(
+        shown.contains("training: step 2 (last loss")
+            && shown.contains("corpus epoch 0 at sequence 4"),
+        "{shown}"
+    );
+    assert!(
         shown.contains("round 1 committed in epoch 0, reveal due in epoch 1"),
         "{shown}"
     );

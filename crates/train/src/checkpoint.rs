@@ -200,8 +200,8 @@ fn fault_injection_pause() {
     }
 }
 
-/// Reads and verifies one checkpoint directory.
-pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+/// Reads and verifies a checkpoint's `state.json` alone.
+pub fn read_state(dir: &Path) -> Result<CheckpointState, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: dir.to_path_buf(),
         reason,
@@ -223,6 +223,24 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             state.format, state.version
         )));
     }
+    Ok(state)
+}
+
+/// The verified `state.json` of the newest checkpoint under `root` whose state verifies (the
+/// tensors are not read, so this is cheap enough for a status display).
+pub fn latest_state(root: &Path) -> Option<(PathBuf, CheckpointState)> {
+    list(root)
+        .into_iter()
+        .find_map(|(_, dir)| read_state(&dir).ok().map(|state| (dir, state)))
+}
+
+/// Reads and verifies one checkpoint directory.
+pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let state = read_state(dir)?;
     let read_checked = |name: &str| -> Result<Vec<u8>, CheckpointError> {
         let bytes = fs::read(dir.join(name)).map_err(|e| corrupt(format!("{name}: {e}")))?;
         let expected = state

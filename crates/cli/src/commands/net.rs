@@ -131,9 +131,25 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             Some(dir) => Some(somatrain_daemon::Journal::load(&somatrain_daemon::Journal::path_in(dir))?),
             None => None,
         };
+        let training = args
+            .run_dir
+            .as_ref()
+            .and_then(|dir| somatrain_train::checkpoint::latest_state(&dir.join("checkpoints")));
         if args.json {
             let account = account.map(|(a, acc)| serde_json::json!({"address": a, "balance": acc.balance, "sequence": acc.sequence, "rewards": acc.rewards}));
-            let run = journal.as_ref().map(loop_json);
+            let run = journal.as_ref().map(|j| {
+                let mut run = loop_json(j);
+                run["training"] = training.as_ref().map_or(serde_json::Value::Null, |(dir, state)| {
+                    serde_json::json!({
+                        "step": state.step,
+                        "last_loss": state.last_loss,
+                        "corpus_epoch": state.corpus.epoch,
+                        "corpus_sequences": state.corpus.sequences,
+                        "checkpoint": dir,
+                    })
+                });
+                run
+            });
             println!("{}", serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets, "run": run }));
             return Ok(());
         }
@@ -189,6 +205,16 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         }
         if let Some(j) = &journal {
             print_loop(j, status.now_ms);
+        }
+        if let Some((dir, state)) = &training {
+            println!(
+                "  training: step {} (last loss {:.4}), corpus epoch {} at sequence {}; checkpoint {}",
+                state.step,
+                state.last_loss,
+                state.corpus.epoch,
+                state.corpus.sequences,
+                dir.display()
+            );
         }
         Ok(())
     })
