@@ -29,6 +29,10 @@ pub enum BurnDevice {
     Flex,
     /// A CUDA GPU by index (needs the `cuda` feature and a driver).
     Cuda(usize),
+    /// burn's wgpu backend on its default adapter (needs the `wgpu` feature): any Vulkan or
+    /// Metal GPU, or a software Vulkan driver such as lavapipe on a CPU. It runs the same
+    /// cubecl code as CUDA, so it checks the device path where no CUDA GPU is.
+    Wgpu,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,12 @@ pub enum DeviceError {
     NoCudaFeature,
     #[error("no usable CUDA device (is the NVIDIA driver installed?): {0}")]
     NoCudaDriver(String),
+    #[error("this build has no wgpu support; rebuild with `--features wgpu`")]
+    NoWgpuFeature,
+    #[error("no usable wgpu adapter (is a Vulkan driver installed?): {0}")]
+    NoWgpuAdapter(String),
+    #[error("this device cannot multiply in bf16; train without --bf16")]
+    NoBf16,
 }
 
 /// Opens `device`, checking that it can run a tensor op; a missing CUDA driver is reported as
@@ -45,6 +55,30 @@ pub fn open_device(device: BurnDevice) -> Result<Device, DeviceError> {
     match device {
         BurnDevice::Flex => Ok(Device::flex()),
         BurnDevice::Cuda(index) => open_cuda(index),
+        BurnDevice::Wgpu => open_wgpu(),
+    }
+}
+
+/// Whether `device` runs bf16 matrix products (mixed precision needs them).
+pub fn supports_bf16(device: &Device) -> bool {
+    device.supports_dtype(DType::BF16)
+}
+
+impl std::str::FromStr for BurnDevice {
+    type Err = String;
+
+    /// `flex`, `wgpu`, `cuda` or `cuda:N`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "flex" => Ok(BurnDevice::Flex),
+            "wgpu" => Ok(BurnDevice::Wgpu),
+            "cuda" => Ok(BurnDevice::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(BurnDevice::Cuda)
+                .ok_or_else(|| format!("'{text}' is not a device (flex, wgpu, cuda, cuda:N)")),
+        }
     }
 }
 
@@ -55,8 +89,32 @@ fn open_cuda(_index: usize) -> Result<Device, DeviceError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize) -> Result<Device, DeviceError> {
+    probe(move || Device::cuda(index), "the CUDA backend").map_err(DeviceError::NoCudaDriver)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn open_wgpu() -> Result<Device, DeviceError> {
+    Err(DeviceError::NoWgpuFeature)
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu() -> Result<Device, DeviceError> {
+    probe(
+        || Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        "the wgpu backend",
+    )
+    .map_err(DeviceError::NoWgpuAdapter)
+}
+
+/// Makes a device and runs one tensor op on it, turning a backend's panic (no driver, no
+/// adapter) into a reason.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn probe(
+    make: impl FnOnce() -> Device + std::panic::UnwindSafe,
+    backend: &str,
+) -> Result<Device, String> {
     let probe = std::panic::catch_unwind(move || {
-        let device = Device::cuda(index);
+        let device = make();
         let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &device);
         let sum: Vec<f32> = t
             .sum()
@@ -69,16 +127,12 @@ fn open_cuda(index: usize) -> Result<Device, DeviceError> {
         Ok(device)
     });
     match probe {
-        Ok(Ok(device)) => Ok(device),
-        Ok(Err(why)) => Err(DeviceError::NoCudaDriver(why)),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the CUDA backend panicked while starting".into());
-            Err(DeviceError::NoCudaDriver(why))
-        }
+        Ok(result) => result,
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| format!("{backend} panicked while starting"))),
     }
 }
 
@@ -373,27 +427,50 @@ fn to_vec(t: Tensor<3>) -> Result<Vec<f32>, ScoreError> {
         .map_err(|e| ScoreError::Backend(format!("{e:?}")))
 }
 
+/// The largest attention-score tensor (`rows x heads x T x T` f32) one forward pass of scoring
+/// builds: a batch with more rows runs in slices. Keeps peak device memory bounded, and under
+/// the 256 MiB buffer limit of wgpu adapters.
+const MAX_ATTENTION_BYTES: usize = 128 << 20;
+
 impl BatchScorer for BurnModel {
     fn score_batch(&mut self, batch: &Batch, noise_seed: u64) -> Result<BatchOutput, ScoreError> {
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
-        let (reps, logits) = self.forward(&batch.tokens, &batch.positions, b, t);
         let noise = somatrain_noise::unit_column_noise(noise_seed, d, SIGREG_SLICES);
         let noise = t2(&noise, d, SIGREG_SLICES, &self.device);
-        let proj = reps
-            .clone()
-            .reshape([b * t, d])
-            .matmul(noise)
-            .reshape([b, t, SIGREG_SLICES]);
-        let embedding = reps.mean_dim(1).mean_dim(0).reshape([1, 1, d]);
-        let logits = to_vec(logits)?;
+        let per_row = self.config.num_heads * t * t * 4;
+        let rows_per_pass = (MAX_ATTENTION_BYTES / per_row.max(1)).clamp(1, b.max(1));
+        let (mut logits, mut proj) = (Vec::with_capacity(b * t * v), Vec::new());
+        let mut embedding_sum = vec![0f64; d];
+        for first in (0..b).step_by(rows_per_pass) {
+            let rows = rows_per_pass.min(b - first);
+            let span = first * t..(first + rows) * t;
+            let (reps, pass_logits) =
+                self.forward(&batch.tokens[span.clone()], &batch.positions[span], rows, t);
+            proj.extend(to_vec(
+                reps.clone()
+                    .reshape([rows * t, d])
+                    .matmul(noise.clone())
+                    .reshape([rows, t, SIGREG_SLICES]),
+            )?);
+            let reps = to_vec(reps)?;
+            for token in reps.chunks_exact(d) {
+                for (sum, x) in embedding_sum.iter_mut().zip(token) {
+                    *sum += *x as f64;
+                }
+            }
+            logits.extend(to_vec(pass_logits)?);
+        }
         let ce = (cross_entropy_sum(&logits, &batch.targets, v) / (b * t) as f64) as f32;
-        let sigreg = sigreg_mean(&to_vec(proj)?);
+        let sigreg = sigreg_mean(&proj);
         Ok(BatchOutput {
             loss: ce + SIGREG_COEFFICIENT * sigreg,
             cross_entropy: ce,
             sigreg,
-            embedding: to_vec(embedding)?,
+            embedding: embedding_sum
+                .iter()
+                .map(|s| (s / (b * t) as f64) as f32)
+                .collect(),
         })
     }
 }

@@ -180,9 +180,13 @@ impl BurnEngine {
     }
 
     /// Mixed precision: bf16 matrix products, f32 master weights, gradients and optimizer.
-    pub fn with_bf16_matmuls(mut self, on: bool) -> Self {
+    /// Refused on a device without bf16 products.
+    pub fn with_bf16_matmuls(mut self, on: bool) -> Result<Self, crate::DeviceError> {
+        if on && !crate::supports_bf16(&self.device) {
+            return Err(crate::DeviceError::NoBf16);
+        }
         self.bf16_matmuls = on;
-        self
+        Ok(self)
     }
 }
 

@@ -1,5 +1,6 @@
-//! The burn forward pass on the flex CPU backend matches every canonical scoring case, and the
-//! hand-written CPU path on random weights of each small preset.
+//! The burn forward pass matches every canonical scoring case, and the hand-written CPU path on
+//! random weights of each small preset: on the flex CPU backend, or on the device named by
+//! `SOMATRAIN_BURN_DEVICE` (see `common`).
 
 use std::path::PathBuf;
 
@@ -9,14 +10,16 @@ use somatrain_model::io::{LoadOptions, load_file};
 use somatrain_model::score::{ScoreOptions, score_data};
 use somatrain_model::{Preset, Weights};
 
+mod common;
+
 #[test]
-fn flex_backend_matches_every_case() {
+fn burn_device_matches_every_case() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/scoring");
     let index = std::fs::read_to_string(dir.join("index.json"))
         .unwrap_or_else(|e| panic!("conformance index in {} is required: {e}", dir.display()));
     let names: Vec<String> = serde_json::from_str(&index).unwrap();
     assert!(!names.is_empty());
-    let device = open_device(BurnDevice::Flex).unwrap();
+    let device = common::device();
     for name in names {
         let case = dir.join(&name);
         let e: serde_json::Value =
@@ -42,7 +45,7 @@ fn flex_backend_matches_every_case() {
         let expected = e["loss"].as_f64().unwrap() as f32;
         let rel = ((score.loss - expected) / expected).abs();
         eprintln!(
-            "{name}: flex loss {} expected {expected} rel {rel:e}",
+            "{name}: loss {} expected {expected} rel {rel:e}",
             score.loss
         );
         assert!(rel <= 1e-5, "{name}: loss {} vs {expected}", score.loss);
@@ -59,8 +62,8 @@ fn flex_backend_matches_every_case() {
 }
 
 #[test]
-fn flex_matches_cpu_kernels_on_random_weights() {
-    let device = open_device(BurnDevice::Flex).unwrap();
+fn burn_device_matches_cpu_kernels_on_random_weights() {
+    let device = common::device();
     let data: Vec<u8> = (0..2500u32).map(|i| (i * 131 % 251) as u8).collect();
     let options = ScoreOptions {
         max_seq_len: 512,

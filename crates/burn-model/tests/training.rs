@@ -1,12 +1,15 @@
 //! burn's autodiff gradients of the device-side training loss against the hand-written CPU
-//! backward (itself checked against finite differences), on burn's flex backend: the check that
-//! the GPU training path computes the same loss and the same gradients.
+//! backward (itself checked against finite differences), on burn's flex backend or the device
+//! named by `SOMATRAIN_BURN_DEVICE`: the check that the GPU training path computes the same loss
+//! and the same gradients.
 
-use somatrain_burn::{BurnDevice, BurnModel, open_device};
+use somatrain_burn::BurnModel;
 use somatrain_data::batches;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::{TrainOptions, TrainPass};
 use somatrain_model::{ModelConfig, Weights};
+
+mod common;
 
 #[test]
 fn autodiff_gradients_match_the_cpu_backward() {
@@ -45,7 +48,7 @@ fn compare_with_cpu(options: TrainOptions) {
     let mut cpu_grads = Weights::zeros(config);
     let cpu = TrainPass::new().loss_and_grad(&weights, &batch, &noise, options, &mut cpu_grads);
 
-    let device = open_device(BurnDevice::Flex).unwrap();
+    let device = common::device();
     let model = BurnModel::trainable(&weights, device);
     let mut burn_grads = Weights::zeros(config);
     let loss = model
@@ -99,7 +102,7 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
     };
     let (cpu_losses, cpu_weights, cpu_round) =
         train(&mut somatrain_model::cpu::train::TrainPass::new());
-    let device = open_device(BurnDevice::Flex).unwrap();
+    let device = common::device();
     let (burn_losses, burn_weights, burn_round) =
         train(&mut somatrain_burn::train::BurnEngine::new(device));
     assert_eq!(cpu_losses.len(), 3);
@@ -139,16 +142,25 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
 }
 
 /// Mixed precision (bf16 products, f32 masters): the loss within bf16's precision of the f32
-/// loss, and every gradient pointing the same way as the f32 one.
+/// loss, and every gradient pointing the same way as the f32 one. A device without bf16
+/// products refuses mixed precision up front instead.
 #[test]
 fn bf16_matmuls_keep_loss_and_gradients_close_to_f32() {
+    if !somatrain_burn::supports_bf16(&common::device()) {
+        let refused = somatrain_burn::train::BurnEngine::new(common::device())
+            .with_bf16_matmuls(true)
+            .err()
+            .expect("bf16 refused on a device without it");
+        assert!(refused.to_string().contains("bf16"), "{refused}");
+        return;
+    }
     let config = somatrain_model::Preset::Small.config();
     let weights = Weights::init(config, 11);
     let data: Vec<u8> = (0..150u32).map(|i| (i * 29 + 3) as u8).collect();
     let batch = batches(&data, 64, 3).next().unwrap();
     let noise = somatrain_noise::unit_column_noise(2, config.embedding_dim, SIGREG_SLICES);
     let run = |bf16: bool| {
-        let device = open_device(BurnDevice::Flex).unwrap();
+        let device = common::device();
         let model = BurnModel::trainable(&weights, device).with_bf16_matmuls(bf16);
         let mut grads = Weights::zeros(config);
         let options = TrainOptions {
@@ -194,7 +206,7 @@ fn the_engine_accumulates_on_the_device_until_flushed() {
         grad_scale: 0.5,
         ..TrainOptions::default()
     };
-    let device = open_device(BurnDevice::Flex).unwrap();
+    let device = common::device();
 
     let model = BurnModel::trainable(&weights, device.clone());
     let mut expected = Weights::zeros(config);

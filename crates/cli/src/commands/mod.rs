@@ -62,7 +62,7 @@ pub fn cuda_gradient_engine(bf16: bool) -> Result<Box<dyn somatrain_train::Gradi
     let device = open_device(BurnDevice::Cuda(0))?;
     tracing::info!("training on CUDA device 0 (burn autodiff, bf16 products: {bf16})");
     Ok(Box::new(
-        somatrain_burn::train::BurnEngine::new(device).with_bf16_matmuls(bf16),
+        somatrain_burn::train::BurnEngine::new(device).with_bf16_matmuls(bf16)?,
     ))
 }
 
