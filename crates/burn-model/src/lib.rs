@@ -11,7 +11,10 @@ pub mod train;
 
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{embedding, layer_norm, linear};
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+
+/// burn's device handle, for callers that do not depend on burn themselves.
+pub use burn::tensor::Device;
 use somatrain_data::Batch;
 use somatrain_model::config::{LAYER_NORM_EPS, MASK_FILL, SIGREG_COEFFICIENT, SIGREG_SLICES};
 use somatrain_model::cpu::kernels::{rope_tables, rope_timescales};
@@ -56,6 +59,48 @@ pub fn open_device(device: BurnDevice) -> Result<Device, DeviceError> {
         BurnDevice::Flex => Ok(Device::flex()),
         BurnDevice::Cuda(index) => open_cuda(index),
         BurnDevice::Wgpu => open_wgpu(),
+    }
+}
+
+/// The device's dense matrix-multiply rate in GFLOP/s (bf16 operands when `bf16`, else f32):
+/// square products of up to 4096 (64 MiB per f32 operand, within every backend's buffer
+/// limits), repeated until the timed run lasts at least 0.2 s; the results are read back, so the
+/// time includes finishing the work.
+pub fn matmul_peak_gflops(device: &Device, bf16: bool) -> Result<f64, ScoreError> {
+    use burn::tensor::Distribution;
+    let operand = |n: usize| {
+        let t = Tensor::<2>::random([n, n], Distribution::Default, device);
+        if bf16 { t.cast(DType::BF16) } else { t }
+    };
+    // `reps` products of `a` and `b`, summed into one value that is read back.
+    let timed = |a: &Tensor<2>, b: &Tensor<2>, reps: usize| -> Result<f64, ScoreError> {
+        let start = std::time::Instant::now();
+        let mut total: Option<Tensor<1>> = None;
+        for _ in 0..reps {
+            let s = a.clone().matmul(b.clone()).cast(DType::F32).sum();
+            total = Some(match total {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+        if let Some(t) = total {
+            t.into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| ScoreError::Backend(format!("{e:?}")))?;
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let mut n = 256usize;
+    loop {
+        let (a, b) = (operand(n), operand(n));
+        timed(&a, &b, 1)?; // warm-up: kernels compiled and tuned
+        let once = timed(&a, &b, 1)?;
+        if once >= 0.05 || n >= 4096 {
+            let reps = ((0.2 / once.max(1e-6)).ceil() as usize).clamp(1, 1000);
+            let secs = timed(&a, &b, reps)?;
+            return Ok(2.0 * (n as f64).powi(3) * reps as f64 / secs.max(1e-9) / 1e9);
+        }
+        n *= 2;
     }
 }
 

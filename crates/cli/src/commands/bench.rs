@@ -245,8 +245,7 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
         args.batch_size,
         rayon::current_num_threads()
     );
-    let peak = matmul_peak_gflops();
-    eprintln!("f32 matmul peak (gemm, 1536^3): {peak:.1} GFLOP/s");
+    let peak = super::matmul_peak_for(args.device, false)?;
     let weights = Weights::init(config, 0);
     let mut scorer = scorer_for(args.device, weights)?;
     // Source-like bytes: the data's content does not change the work done.
@@ -322,8 +321,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         args.dropout,
         rayon::current_num_threads()
     );
-    let peak = matmul_peak_gflops();
-    eprintln!("f32 matmul peak (gemm, 1536^3): {peak:.1} GFLOP/s");
+    let peak = super::matmul_peak_for(args.device, args.bf16)?;
     let mut weights = Weights::init(config, 0);
     let mut grads = Weights::zeros(config);
     let mut adam = AdamState::new(&weights);
@@ -338,7 +336,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     let noise = somatrain_noise::unit_column_noise(0, config.embedding_dim, SIGREG_SLICES);
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu => Box::new(TrainPass::new()),
-        Device::Cuda => super::cuda_gradient_engine(args.bf16)?,
+        other => super::device_gradient_engine(other, args.bf16)?,
     };
     let mut step = |i: u64| -> Result<f32> {
         for (_, g) in grads.tensors_mut() {

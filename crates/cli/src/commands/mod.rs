@@ -18,52 +18,118 @@ use somatrain_model::Weights;
 use somatrain_model::cpu::CpuModel;
 use somatrain_model::score::BatchScorer;
 
-/// Where the model runs. CUDA needs a build with `--features cuda` and a driver.
+/// Where the model runs. CUDA needs a build with `--features cuda` and a driver; wgpu (burn's
+/// WebGPU backend: Vulkan, Metal, or a software Vulkan driver) a build with `--features wgpu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
     Cpu,
     Cuda,
+    Wgpu,
 }
 
 /// A scorer for `weights` on `device`.
 pub fn scorer_for(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
     match device {
         Device::Cpu => Ok(Box::new(CpuModel::new(weights))),
-        Device::Cuda => cuda_scorer(weights),
+        other => burn_path::scorer(other, weights),
     }
 }
 
-#[cfg(not(feature = "cuda"))]
-fn cuda_scorer(_weights: Weights) -> Result<Box<dyn BatchScorer>> {
-    anyhow::bail!(
-        "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
-    )
+/// The matrix-multiply peak a bench on `device` is measured against: this CPU's f32 `gemm`
+/// rate, or the device's own (bf16 when `bf16`).
+pub fn matmul_peak_for(device: Device, bf16: bool) -> Result<f64> {
+    let (peak, what) = match device {
+        Device::Cpu => (
+            bench::matmul_peak_gflops(),
+            "f32 matmul peak (gemm, 1536^3)".to_string(),
+        ),
+        other => (
+            burn_path::matmul_peak(other, bf16)?,
+            format!(
+                "{} matmul peak ({other:?}, square products)",
+                if bf16 { "bf16" } else { "f32" }
+            ),
+        ),
+    };
+    eprintln!("{what}: {peak:.1} GFLOP/s");
+    Ok(peak)
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_scorer(weights: Weights) -> Result<Box<dyn BatchScorer>> {
+/// Training gradients through burn's autodiff on `device` (not the CPU, which has its own
+/// hand-written backward).
+pub fn device_gradient_engine(
+    device: Device,
+    bf16: bool,
+) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+    burn_path::engine(device, bf16)
+}
+
+/// The devices burn runs: CUDA and wgpu, each behind its feature.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod burn_path {
+    use anyhow::{Result, bail};
     use somatrain_burn::{BurnDevice, BurnModel, open_device};
-    let device = open_device(BurnDevice::Cuda(0))?;
-    tracing::info!("running on CUDA device 0");
-    Ok(Box::new(BurnModel::new(&weights, device)))
+    use somatrain_model::Weights;
+    use somatrain_model::score::BatchScorer;
+
+    use super::Device;
+
+    fn open(device: Device) -> Result<somatrain_burn::Device> {
+        let which = match device {
+            Device::Cuda => BurnDevice::Cuda(0),
+            Device::Wgpu => BurnDevice::Wgpu,
+            Device::Cpu => bail!("the CPU path does not run on burn"),
+        };
+        let opened = open_device(which)?;
+        tracing::info!("running on {which:?}");
+        Ok(opened)
+    }
+
+    pub fn scorer(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
+        Ok(Box::new(BurnModel::new(&weights, open(device)?)))
+    }
+
+    /// The device's matrix-multiply rate (GFLOP/s), bf16 or f32 operands.
+    pub fn matmul_peak(device: Device, bf16: bool) -> Result<f64> {
+        Ok(somatrain_burn::matmul_peak_gflops(&open(device)?, bf16)?)
+    }
+
+    pub fn engine(device: Device, bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+        let engine = somatrain_burn::train::BurnEngine::new(open(device)?);
+        tracing::info!("training with burn autodiff (bf16 products: {bf16})");
+        Ok(Box::new(engine.with_bf16_matmuls(bf16)?))
+    }
 }
 
-/// Training gradients on CUDA device 0 through burn's autodiff.
-#[cfg(not(feature = "cuda"))]
-pub fn cuda_gradient_engine(_bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    anyhow::bail!(
-        "this somatrain was built without CUDA support; rebuild with `cargo build --release --features cuda`"
-    )
-}
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+mod burn_path {
+    use anyhow::Result;
+    use somatrain_model::Weights;
+    use somatrain_model::score::BatchScorer;
 
-#[cfg(feature = "cuda")]
-pub fn cuda_gradient_engine(bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    use somatrain_burn::{BurnDevice, open_device};
-    let device = open_device(BurnDevice::Cuda(0))?;
-    tracing::info!("training on CUDA device 0 (burn autodiff, bf16 products: {bf16})");
-    Ok(Box::new(
-        somatrain_burn::train::BurnEngine::new(device).with_bf16_matmuls(bf16)?,
-    ))
+    use super::Device;
+
+    fn missing(device: Device) -> anyhow::Error {
+        let (name, feature) = match device {
+            Device::Wgpu => ("wgpu", "wgpu"),
+            _ => ("CUDA", "cuda"),
+        };
+        anyhow::anyhow!(
+            "this somatrain was built without {name} support; rebuild with `cargo build --release --features {feature}`"
+        )
+    }
+
+    pub fn scorer(device: Device, _weights: Weights) -> Result<Box<dyn BatchScorer>> {
+        Err(missing(device))
+    }
+
+    pub fn matmul_peak(device: Device, _bf16: bool) -> Result<f64> {
+        Err(missing(device))
+    }
+
+    pub fn engine(device: Device, _bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+        Err(missing(device))
+    }
 }
 
 /// Writes a secret (a key, a token) atomically into a file only its owner can read (0600).

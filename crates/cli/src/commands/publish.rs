@@ -273,12 +273,12 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
     let engine = match args.device {
         super::Device::Cpu if args.bf16 => bail!("--bf16 (mixed precision) needs --device cuda"),
         super::Device::Cpu => EngineFactory::cpu(),
-        super::Device::Cuda => {
-            // Fail now, not at the first round, when CUDA is unavailable.
-            drop(super::cuda_gradient_engine(args.bf16)?);
+        device => {
+            // Fail now, not at the first round, when the device is unavailable.
+            drop(super::device_gradient_engine(device, args.bf16)?);
             let bf16 = args.bf16;
             EngineFactory(Arc::new(move || {
-                super::cuda_gradient_engine(bf16).map_err(|e| format!("{e:#}"))
+                super::device_gradient_engine(device, bf16).map_err(|e| format!("{e:#}"))
             }))
         }
     };

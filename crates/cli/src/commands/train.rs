@@ -218,7 +218,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             bail!("--bf16 (mixed precision) needs --device cuda; the CPU path trains in f32")
         }
         Device::Cpu => Box::new(somatrain_model::cpu::train::TrainPass::new()),
-        Device::Cuda => super::cuda_gradient_engine(args.bf16)?,
+        other => super::device_gradient_engine(other, args.bf16)?,
     };
     let until = match (args.steps, args.until_step) {
         (_, Some(s)) => Until::Step(s),
