@@ -1,5 +1,6 @@
 //! The V1 model on burn 0.22's backends: the `flex` CPU backend always, CUDA behind the `cuda`
-//! feature. The device is chosen at run time.
+//! feature, wgpu (the same cubecl path on Vulkan or Metal, or on a software Vulkan driver) behind
+//! the `wgpu` feature. The device is chosen at run time.
 //!
 //! Owns only the translation of [`somatrain_model::Weights`] into device tensors and the forward
 //! pass written with burn's tensor ops; the scoring procedure, the loss terms and the RoPE tables
