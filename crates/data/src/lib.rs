@@ -109,6 +109,11 @@ impl Batch {
     pub fn token_count(&self) -> usize {
         self.batch * self.seq_len
     }
+
+    /// Targets that are real bytes or EOS, not PAD: what a per-byte loss divides by.
+    pub fn real_target_count(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != PAD).count()
+    }
 }
 
 /// Number of batches the scorer makes of `data_len` bytes.

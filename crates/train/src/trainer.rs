@@ -354,11 +354,7 @@ pub fn run_with(
             let out = engine.loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)?;
             loss_sum += out.loss as f64;
             ce_sum += out.cross_entropy as f64;
-            let non_pad = batch
-                .targets
-                .iter()
-                .filter(|&&t| t != somatrain_data::PAD)
-                .count() as u64;
+            let non_pad = batch.real_target_count() as u64;
             nll_bits +=
                 out.cross_entropy as f64 * batch.token_count() as f64 / std::f64::consts::LN_2;
             targets += non_pad;
@@ -530,11 +526,7 @@ pub fn evaluate_scorer(model: &mut dyn BatchScorer, data: &[u8]) -> Result<Evalu
     for batch in somatrain_data::batches(data, 1024, 16) {
         let out = model.score_batch(&batch, 0)?;
         nll += out.cross_entropy as f64 * (batch.batch * batch.seq_len) as f64;
-        count += batch
-            .targets
-            .iter()
-            .filter(|&&t| t != somatrain_data::PAD)
-            .count() as u64;
+        count += batch.real_target_count() as u64;
     }
     evaluation(nll, count, data.len())
 }
@@ -549,11 +541,7 @@ pub fn evaluate(model: &mut CpuModel, data: &[u8]) -> Result<Evaluation, TrainEr
         let (_, logits) =
             model.forward(&batch.tokens, &batch.positions, batch.batch, batch.seq_len);
         nll += somatrain_model::loss::cross_entropy_sum(logits, &batch.targets, vocab);
-        count += batch
-            .targets
-            .iter()
-            .filter(|&&t| t != somatrain_data::PAD)
-            .count() as u64;
+        count += batch.real_target_count() as u64;
     }
     evaluation(nll, count, data.len())
 }
