@@ -203,7 +203,7 @@ async fn transaction(
 ) -> Result<Json<TxRecord>, ApiError> {
     let digest: TxDigest = digest
         .parse()
-        .map_err(|e: String| bad_request("bad_digest", e))?;
+        .map_err(|e: somatrain_protocol::IdError| bad_request("bad_digest", e.to_string()))?;
     match blocking(&node, move |n| n.transaction(&digest)).await? {
         Some(record) => Ok(Json(record)),
         None => Err(ApiError::new(
@@ -222,7 +222,9 @@ async fn model(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> Result<Json<Model>, ApiError> {
-    let id: ObjectId = id.parse().map_err(|e: String| bad_request("bad_id", e))?;
+    let id: ObjectId = id
+        .parse()
+        .map_err(|e: somatrain_protocol::IdError| bad_request("bad_id", e.to_string()))?;
     node.model(&id)
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such model"))
@@ -272,7 +274,9 @@ async fn target(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> Result<Json<Target>, ApiError> {
-    let id: ObjectId = id.parse().map_err(|e: String| bad_request("bad_id", e))?;
+    let id: ObjectId = id
+        .parse()
+        .map_err(|e: somatrain_protocol::IdError| bad_request("bad_id", e.to_string()))?;
     node.target(&id)
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such target"))

@@ -260,32 +260,21 @@ impl CommitmentHasher {
 /// Layout: `0x00` (f32 tag), ULEB128 byte length `4n`, the values little-endian, ULEB128 rank
 /// (`1`), then `n` as a little-endian u64.
 pub fn embedding_bytes(embedding: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(embedding.len() * 4 + 24);
-    out.push(0x00);
-    write_uleb128(&mut out, (embedding.len() * 4) as u64);
-    for value in embedding {
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    write_uleb128(&mut out, 1);
-    out.extend_from_slice(&(embedding.len() as u64).to_le_bytes());
-    out
+    crate::tensor::SomaTensor::vector(embedding).to_bcs()
 }
 
 pub fn embedding_commitment(embedding: &[f32]) -> Commitment {
     Commitment::of_bytes(&embedding_bytes(embedding))
 }
 
-fn write_uleb128(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
+impl std::str::FromStr for Commitment {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Commitment::from_base58(s)
     }
 }
+
+crate::ids::byte_string_serde!(Commitment);
 
 #[cfg(test)]
 mod tests {
@@ -300,10 +289,10 @@ mod tests {
     }
 
     #[test]
-    fn uleb128_multi_byte() {
-        let mut out = Vec::new();
-        write_uleb128(&mut out, 8192);
-        assert_eq!(out, vec![0x80, 0x40]);
+    fn a_v1_embedding_has_a_two_byte_length() {
+        let bytes = embedding_bytes(&[0.0; 2048]);
+        assert_eq!(&bytes[..3], &[0x00, 0x80, 0x40]);
+        assert_eq!(bytes.len(), 1 + 2 + 8192 + 1 + 8);
     }
 
     #[test]

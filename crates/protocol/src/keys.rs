@@ -7,18 +7,19 @@ use blake2::digest::consts::U32;
 use blake2::{Blake2b, Digest};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand::TryRngCore;
-use serde::{Deserialize, Serialize};
 
 /// Signature-scheme flag of Ed25519 in SOMA addresses and signatures.
 pub const ED25519_FLAG: u8 = 0x00;
+const ENCODED_KEY_HRP: &str = "somaprivkey";
+const ENCODED_KEY_PREFIX: &str = "somaprivkey1";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
     #[error("secret key must be 32 bytes (64 hex characters, optionally 0x-prefixed, or Base58)")]
     BadSecret,
     #[error("public key is not a valid Ed25519 point")]
     BadPublicKey,
-    #[error("address must be 64 hex characters")]
+    #[error("an address is 1 to 64 hex digits, optionally 0x-prefixed")]
     BadAddress,
     #[error("signature does not verify")]
     BadSignature,
@@ -52,24 +53,13 @@ impl fmt::Debug for Address {
 impl FromStr for Address {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim().trim_start_matches("0x");
-        let bytes = hex::decode(s).map_err(|_| KeyError::BadAddress)?;
-        Ok(Address(bytes.try_into().map_err(|_| KeyError::BadAddress)?))
+        crate::ids::parse_hex32(s)
+            .map(Address)
+            .map_err(|_| KeyError::BadAddress)
     }
 }
 
-impl Serialize for Address {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Address {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
+crate::ids::raw_id_serde!(Address);
 
 /// An Ed25519 key pair. `Debug` never shows the secret.
 #[derive(Clone)]
@@ -88,10 +78,20 @@ impl Keypair {
         Keypair(SigningKey::from_bytes(&secret))
     }
 
-    /// Parses the SDK's forms: 64 hex characters (optionally `0x`-prefixed) or Base58 of 32 bytes.
-    /// The error never echoes the input.
+    /// Parses the SDK's forms: Bech32 `somaprivkey1…`, 64 hex characters (optionally
+    /// `0x`-prefixed) or Base58 of 32 bytes. The error never echoes the input.
     pub fn from_secret_text(text: &str) -> Result<Self, KeyError> {
         let t = text.trim();
+        if t.starts_with(ENCODED_KEY_PREFIX) {
+            let (hrp, data) = bech32::decode(t).map_err(|_| KeyError::BadSecret)?;
+            return match data.split_first() {
+                Some((&ED25519_FLAG, secret)) if hrp.as_str() == ENCODED_KEY_HRP => {
+                    let secret: [u8; 32] = secret.try_into().map_err(|_| KeyError::BadSecret)?;
+                    Ok(Self::from_secret(secret))
+                }
+                _ => Err(KeyError::BadSecret),
+            };
+        }
         let hex_part = t.strip_prefix("0x").unwrap_or(t);
         let bytes = if hex_part.len() == 64 {
             hex::decode(hex_part).map_err(|_| KeyError::BadSecret)?
@@ -102,6 +102,14 @@ impl Keypair {
         };
         let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::BadSecret)?;
         Ok(Self::from_secret(secret))
+    }
+
+    /// The SDK's `to_encoded()` form: Bech32 of the scheme flag and the secret, `somaprivkey1…`.
+    pub fn to_encoded(&self) -> String {
+        let mut data = vec![ED25519_FLAG];
+        data.extend_from_slice(&self.0.to_bytes());
+        let hrp = bech32::Hrp::parse(ENCODED_KEY_HRP).expect("valid prefix");
+        bech32::encode::<bech32::Bech32>(hrp, &data).expect("33 bytes fit Bech32")
     }
 
     /// The secret as 64 hex characters (the SDK's `to_secret_key()` form).

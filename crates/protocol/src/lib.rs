@@ -1,23 +1,42 @@
-//! SOMA protocol types and crypto, byte-compatible with the official SDK.
+//! SOMA protocol types and crypto, byte-compatible with the network and the official SDK.
 //!
-//! Owns: the weights encryption (AES-256-CTR with a zero IV and a fresh 32-byte key per commit),
-//! Blake2b-256 commitments rendered in Base58, the byte encoding of embeddings that the
-//! network hashes, account keys and addresses, and the localnet's signed transactions. Everything here is pure computation over bytes and readers: no model code,
-//! no networking, no files opened by path.
+//! Owns: the network's wire types and their BCS encoding (ids, digests, `TransactionData` with
+//! all 26 kinds, the signed envelope, objects, effects, `SomaTensor`), every hash the protocol
+//! defines, account keys and signing, and the weights encryption and commitments. Everything
+//! here is pure computation over bytes: no IO, no clock, no networking, no model code. The
+//! protobuf forms live in `somatrain-rpc`; storage schemas live with the store.
 //!
-//! - [`crypto::EncryptionKey`]: a 32-byte key, Base58 in and out, never printed by `Debug`.
-//! - [`crypto::encrypt_stream`] / [`crypto::decrypt_stream`]: stream a file through the cipher.
-//! - [`crypto::Commitment`]: Blake2b-256 digest, Base58 on the wire.
-//! - [`crypto::embedding_commitment`]: the commitment of an `f32` embedding.
-//! - [`keys`]: Ed25519 key pairs and SOMA addresses.
-//! - [`tx`]: signed transactions, digests and object ids of the localnet.
+//! - [`ids`]: [`ObjectId`], [`TxDigest`], [`ObjectDigest`] and their text forms.
+//! - [`hash`]: the salts, the intent prefix and Blake2b-256.
+//! - [`transaction`]: [`TransactionData`], [`TransactionKind`], [`SignedTransaction`].
+//! - [`object`]: [`Object`], coins, `StakedSoma`, `Target`, owners and object digests.
+//! - [`effects`]: execution status, the network's error kinds, fees and changed objects.
+//! - [`tensor`]: [`SomaTensor`], how embeddings and scores travel.
+//! - [`keys`]: Ed25519 key pairs and addresses.
+//! - [`crypto`]: AES-256-CTR weights encryption and Blake2b-256 [`Commitment`]s.
+//! - [`tx`], [`chain`], [`api`]: the localnet's legacy JSON transactions and API, being replaced
+//!   by the types above.
 
 pub mod api;
 pub mod chain;
 pub mod crypto;
+pub mod effects;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
+pub mod hash;
+pub mod ids;
 pub mod keys;
+pub mod object;
+pub mod tensor;
+pub mod transaction;
 pub mod tx;
 
 pub use crypto::{Commitment, CryptoError, EncryptionKey};
+pub use ids::{Digest, IdError, ObjectDigest, ObjectId, TxDigest};
 pub use keys::{Address, Keypair};
-pub use tx::{ObjectId, SignedTx, TxBody, TxDigest, TxKind};
+pub use object::{Object, ObjectType, Owner};
+pub use tensor::SomaTensor;
+pub use transaction::{
+    Manifest, ObjectRef, SignedTransaction, TransactionData, TransactionKind, UserSignature,
+};
+pub use tx::{SignedTx, TxBody, TxKind};

@@ -6,14 +6,12 @@
 //! The digest is Blake2b-256(`"TransactionData::"` || body bytes) and object ids are
 //! Blake2b-256(digest || n as u64 LE), shown `0x`-prefixed, as on the network.
 
-use std::fmt;
-use std::str::FromStr;
-
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Digest};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Commitment;
+pub use crate::ids::{ObjectId, TxDigest};
 use crate::keys::{Address, KeyError, Keypair, verify};
 
 pub const SHANNONS_PER_SOMA: u64 = 1_000_000_000;
@@ -22,110 +20,12 @@ pub const INTENT: [u8; 3] = [0, 0, 1];
 /// Largest accepted body, in bytes (a V1 embedding in JSON is about 25 KB).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// A 32-byte object id (models, targets), shown `0x`-prefixed hex.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct ObjectId(pub [u8; 32]);
-
-impl ObjectId {
-    /// The id of the `n`-th object a transaction creates.
-    pub fn derive(digest: &TxDigest, n: u64) -> Self {
-        let mut h = Blake2b::<U32>::new();
-        h.update(digest.0);
-        h.update(n.to_le_bytes());
-        ObjectId(h.finalize().into())
-    }
-}
-
-impl fmt::Display for ObjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0x{}", hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for ObjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ObjectId({self})")
-    }
-}
-
-impl FromStr for ObjectId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = hex::decode(s.trim().trim_start_matches("0x"))
-            .map_err(|_| "object id must be hex".to_string())?;
-        Ok(ObjectId(
-            bytes
-                .try_into()
-                .map_err(|_| "object id must be 32 bytes".to_string())?,
-        ))
-    }
-}
-
-/// Digest of a transaction body, shown as Base58.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TxDigest(pub [u8; 32]);
-
 impl TxDigest {
+    /// The digest of a JSON body (the localnet's legacy transactions).
     pub fn of_body(body: &[u8]) -> Self {
-        let mut h = Blake2b::<U32>::new();
-        h.update(b"TransactionData::");
-        h.update(body);
-        TxDigest(h.finalize().into())
+        TxDigest::of_transaction_bytes(body)
     }
 }
-
-impl fmt::Display for TxDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&bs58::encode(self.0).into_string())
-    }
-}
-
-impl fmt::Debug for TxDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TxDigest({self})")
-    }
-}
-
-impl FromStr for TxDigest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = bs58::decode(s.trim())
-            .into_vec()
-            .map_err(|_| "digest must be Base58".to_string())?;
-        Ok(TxDigest(
-            bytes
-                .try_into()
-                .map_err(|_| "digest must be 32 bytes".to_string())?,
-        ))
-    }
-}
-
-macro_rules! string_serde {
-    ($t:ty) => {
-        impl Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_string())
-            }
-        }
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                String::deserialize(d)?
-                    .parse()
-                    .map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-string_serde!(ObjectId);
-string_serde!(TxDigest);
-
-impl FromStr for Commitment {
-    type Err = crate::crypto::CryptoError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Commitment::from_base58(s)
-    }
-}
-string_serde!(Commitment);
 
 /// Where published weights (or submitted data) live, and what they must hash to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
