@@ -35,8 +35,11 @@ enum Command {
     Decrypt(commands::crypto::DecryptArgs),
     /// Blake2b-256 commitment (Base58) of a file, or of an embedding.
     Commitment(commands::crypto::CommitmentArgs),
-    /// Run a local SOMA-rules network (the localnet node) until interrupted.
-    Localnet(commands::net::LocalnetArgs),
+    /// Run a local SOMA-rules network over the network's own gRPC protocol until interrupted.
+    Localnet(commands::localnet::LocalnetArgs),
+    /// The former HTTP+JSON localnet, kept while the client moves to gRPC.
+    #[command(hide = true)]
+    LocalnetJson(commands::net::LocalnetArgs),
     /// Show a node's epoch, supply and models.
     Status(commands::net::StatusArgs),
     /// Publish a round: create the model if needed, encrypt and upload the weights, commit.
@@ -91,7 +94,8 @@ fn main() -> ExitCode {
         Command::Encrypt(args) => commands::crypto::run_encrypt(args),
         Command::Decrypt(args) => commands::crypto::run_decrypt(args),
         Command::Commitment(args) => commands::crypto::run_commitment(args),
-        Command::Localnet(args) => commands::net::run_localnet(args),
+        Command::Localnet(args) => commands::localnet::run_localnet(args),
+        Command::LocalnetJson(args) => commands::net::run_localnet(args),
         Command::Status(args) => commands::net::run_status(args),
         Command::Commit(args) => commands::publish::run_commit(args),
         Command::Reveal(args) => commands::publish::run_reveal(args),

@@ -8,7 +8,11 @@
 //! - [`api::router`]: the axum `Router`, so tests can drive it with or without a socket.
 
 pub mod api;
+pub mod blobs;
 pub mod execute;
+pub mod grpc;
+pub mod ledger;
+pub mod localnet;
 pub mod targets;
 pub mod verify;
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Bumped whenever the stored layout changes; a mismatch is refused on open.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -24,15 +24,21 @@ pub enum Table {
     Models,
     Targets,
     Transactions,
+    /// Live objects of the object chain, by id.
+    Objects,
+    /// Sealed checkpoints, by zero-padded sequence number.
+    Checkpoints,
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 7] = [
         Table::System,
         Table::Accounts,
         Table::Models,
         Table::Targets,
         Table::Transactions,
+        Table::Objects,
+        Table::Checkpoints,
     ];
 
     fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -42,6 +48,8 @@ impl Table {
             Table::Models => TableDefinition::new("models"),
             Table::Targets => TableDefinition::new("targets"),
             Table::Transactions => TableDefinition::new("transactions"),
+            Table::Objects => TableDefinition::new("objects"),
+            Table::Checkpoints => TableDefinition::new("checkpoints"),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod crypto;
+pub mod localnet;
 pub mod model;
 pub mod net;
 pub mod publish;

@@ -1,0 +1,304 @@
+//! `somatrain localnet`: the single-node network over the SOMA network's own protocol (gRPC),
+//! with the SDK's localnet ports as defaults, and the scorer behind its scoring service.
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use somatrain_model::cpu::CpuModel;
+use somatrain_model::score::{ScoreOptions, cosine_distance, score_data};
+use somatrain_node::grpc::{Ports, ScoringBackend, Services};
+use somatrain_node::ledger::Params;
+use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
+use somatrain_protocol::tx::Manifest;
+use somatrain_rpc::side::{ScoreRequest, ScoreResponse, from_bits, to_bits};
+use tonic::Status;
+
+#[derive(Args)]
+pub struct LocalnetArgs {
+    /// Where the chain's database, hosted blobs and the scorer's cache live.
+    #[arg(long, default_value = ".somatrain/localnet")]
+    data_dir: PathBuf,
+    /// Embedding length models must reveal (2048 for V1; smaller for small-model localnets).
+    #[arg(long, default_value_t = 2048)]
+    embedding_dim: u64,
+    /// Epoch length of a new chain (default 24 h; the admin service advances at once).
+    #[arg(long, default_value_t = 86_400_000)]
+    epoch_duration_ms: u64,
+    /// Fullnode gRPC port (ledger, state, execution, checkpoints).
+    #[arg(long, default_value_t = 9000)]
+    rpc_port: u16,
+    #[arg(long, default_value_t = 9123)]
+    faucet_port: u16,
+    #[arg(long, default_value_t = 9124)]
+    scoring_port: u16,
+    /// The admin service (AdvanceEpoch) always listens on 127.0.0.1 and takes no token.
+    #[arg(long, default_value_t = 9125)]
+    admin_port: u16,
+    /// HTTP blob host for weights and data (`PUT`/`GET /v1/blobs/NAME`); off unless given.
+    #[arg(long)]
+    blob_port: Option<u16>,
+    /// Shannons per faucet request (one coin).
+    #[arg(long, default_value_t = 2_000_000_000)]
+    faucet_amount: u64,
+    /// Address for every service but admin. Anything but a loopback address also needs
+    /// `--allow-remote`.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Allow a non-loopback `--bind` (the localnet has no authentication).
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+/// Scores with this project's CPU scorer: downloads the data and every model's weights (size
+/// and checksum checked), decrypts, and applies the network's procedure.
+struct CpuScoring {
+    http: reqwest::Client,
+    cache_dir: PathBuf,
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}
+
+impl CpuScoring {
+    async fn fetch(
+        &self,
+        url: &str,
+        checksum: &str,
+        size: u64,
+        what: &str,
+    ) -> Result<PathBuf, Status> {
+        let checksum = Commitment::from_base58(checksum)
+            .map_err(|e| invalid(format!("{what} checksum: {e}")))?;
+        let manifest = Manifest {
+            url: url.to_string(),
+            checksum,
+            size,
+        };
+        let path = self.cache_dir.join(format!("{checksum}.bin"));
+        let cached = std::fs::File::open(&path).ok().is_some_and(|f| {
+            Commitment::of_reader(std::io::BufReader::new(f))
+                .is_ok_and(|(c, n)| c == checksum && n == size)
+        });
+        if !cached {
+            somatrain_storage::download_verified(&self.http, &manifest, &path)
+                .await
+                .map_err(|e| invalid(format!("{what}: {e}")))?;
+        }
+        Ok(path)
+    }
+}
+
+/// Loads weights whose head count is recorded in the file, or, for files that do not record it
+/// (the network's own files), the head count of the preset of that width.
+fn load_weights(path: &std::path::Path) -> Result<somatrain_model::weights::Weights, String> {
+    use somatrain_model::config::Preset;
+    use somatrain_model::io::{LoadOptions, load_file};
+    match load_file(path, LoadOptions::default()) {
+        Err(somatrain_model::io::WeightsError::UnknownHeads { embedding_dim }) => {
+            let preset = Preset::ALL
+                .into_iter()
+                .find(|p| p.config().embedding_dim == embedding_dim)
+                .ok_or(format!(
+                    "no preset has width {embedding_dim}, so its head count is unknown"
+                ))?;
+            let options = LoadOptions {
+                num_heads: Some(preset.config().num_heads),
+                preset: None,
+            };
+            load_file(path, options).map_err(|e| e.to_string())
+        }
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+fn load_model(path: &std::path::Path, key: Option<&str>) -> Result<CpuModel, String> {
+    let weights = match key {
+        Some(key) => {
+            let key =
+                EncryptionKey::from_base58(key).map_err(|e| format!("decryption key: {e}"))?;
+            let plain = path.with_extension(format!("plain-{}", std::process::id()));
+            let result = (|| {
+                let input = std::fs::File::open(path).map_err(|e| e.to_string())?;
+                let output = std::fs::File::create(&plain).map_err(|e| e.to_string())?;
+                decrypt_stream(
+                    &key,
+                    std::io::BufReader::new(input),
+                    std::io::BufWriter::new(output),
+                )
+                .map_err(|e| e.to_string())?;
+                load_weights(&plain).map_err(|e| format!("the decrypted weights do not load: {e}"))
+            })();
+            let _ = std::fs::remove_file(&plain);
+            result?
+        }
+        None => load_weights(path).map_err(|e| format!("the weights do not load: {e}"))?,
+    };
+    Ok(CpuModel::new(weights))
+}
+
+#[tonic::async_trait]
+impl ScoringBackend for CpuScoring {
+    async fn score(&self, request: ScoreRequest) -> Result<ScoreResponse, Status> {
+        if request.model_manifests.is_empty() {
+            return Err(invalid("no models to score"));
+        }
+        let data_path = self
+            .fetch(
+                &request.data_url,
+                &request.data_checksum,
+                request.data_size,
+                "data",
+            )
+            .await?;
+        let mut weights = Vec::new();
+        for (i, m) in request.model_manifests.iter().enumerate() {
+            let path = self
+                .fetch(&m.url, &m.checksum, m.size, &format!("model {i}"))
+                .await?;
+            weights.push((path, m.decryption_key.clone()));
+        }
+        let target = from_bits(&request.target_embedding);
+        let seed = request.seed;
+        tokio::task::spawn_blocking(move || {
+            let data = std::fs::read(&data_path).map_err(|e| Status::internal(e.to_string()))?;
+            let mut losses = Vec::new();
+            let mut embeddings = Vec::new();
+            for (i, (path, key)) in weights.iter().enumerate() {
+                let mut model = load_model(path, key.as_deref())
+                    .map_err(|e| invalid(format!("model {i}: {e}")))?;
+                let options = ScoreOptions {
+                    seed,
+                    ..ScoreOptions::default()
+                };
+                let score = score_data(&mut model, &data, options, &mut |_, _| {})
+                    .map_err(|e| invalid(format!("model {i}: {e}")))?;
+                losses.push(score.loss);
+                embeddings.push(score.embedding);
+            }
+            let winner = losses
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, l)| if *l < losses[best] { i } else { best });
+            let distance: Vec<f32> = embeddings
+                .iter()
+                .map(|e| {
+                    if e.len() == target.len() {
+                        cosine_distance(e, &target)
+                    } else {
+                        f32::NAN
+                    }
+                })
+                .collect();
+            Ok(ScoreResponse {
+                winner: winner as u64,
+                loss_score: to_bits(&losses),
+                embedding: to_bits(&embeddings[winner]),
+                distance: to_bits(&distance),
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
+    if !args.bind.is_loopback() {
+        if !args.allow_remote {
+            bail!(
+                "--bind {} is not a loopback address: the localnet has no authentication; add --allow-remote to serve it anyway",
+                args.bind
+            );
+        }
+        tracing::warn!(
+            "serving the localnet on {} (reachable from other machines; the admin service stays on 127.0.0.1)",
+            args.bind
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let config = LocalnetConfig {
+        data_dir: args.data_dir.clone(),
+        genesis: Params {
+            epoch_duration_ms: args.epoch_duration_ms,
+            embedding_dim: args.embedding_dim,
+            faucet_amount: args.faucet_amount,
+            ..Params::default()
+        },
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let node = Localnet::open(&config, now).context("opening the localnet")?;
+    let scorer = CpuScoring {
+        http: somatrain_client::http_client(),
+        cache_dir: args.data_dir.join("scoring-cache"),
+    };
+    let services = Services {
+        node,
+        scorer: Some(Arc::new(scorer)),
+    };
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    let ports = Ports {
+        rpc: SocketAddr::new(args.bind, args.rpc_port),
+        faucet: SocketAddr::new(args.bind, args.faucet_port),
+        scoring: SocketAddr::new(args.bind, args.scoring_port),
+        admin: SocketAddr::new(loopback, args.admin_port),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {what} service to {addr}"))
+        };
+        let listeners = [
+            bind(ports.rpc, "fullnode").await?,
+            bind(ports.faucet, "faucet").await?,
+            bind(ports.scoring, "scoring").await?,
+            bind(ports.admin, "admin").await?,
+        ];
+        let addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<_>>()?;
+        let blob = match args.blob_port {
+            Some(port) => {
+                let listener = bind(SocketAddr::new(args.bind, port), "blob").await?;
+                let addr = listener.local_addr()?;
+                let router = somatrain_node::blobs::router(
+                    args.data_dir.join("blobs"),
+                    somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
+                )?;
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, router).await {
+                        tracing::error!("blob host stopped: {e}");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
+        };
+        // Lines scripts can wait for and parse.
+        println!("rpc http://{}", addrs[0]);
+        println!("faucet http://{}", addrs[1]);
+        println!("scoring http://{}", addrs[2]);
+        println!("admin http://{}", addrs[3]);
+        if let Some(blob) = blob {
+            println!("blobs http://{blob}/v1/blobs");
+        }
+        println!("localnet ready (data in {})", args.data_dir.display());
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        somatrain_node::grpc::serve(services, listeners, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,142 @@
+//! The localnet's HTTP blob host: `PUT` and `GET /v1/blobs/{name}` on a port of its own, where
+//! publishers put encrypted weights and submitters put data.
+//!
+//! An upload streams into a unique temporary file (a name no request can fetch), is fsynced and
+//! then renamed into place; a failed or oversized upload removes its temporary file. A published
+//! name is never overwritten (409), so a URL on chain keeps serving the bytes it was committed
+//! with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use futures_util::StreamExt;
+use somatrain_protocol::crypto::CommitmentHasher;
+use tokio::io::AsyncWriteExt;
+
+/// Largest blob accepted: a V1 checkpoint in f32 (4.84 GB) with room to spare.
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 6 * 1024 * 1024 * 1024;
+
+struct Host {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": message.into() });
+    (status, axum::Json(body)).into_response()
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The blob host over `dir` (created if missing).
+pub fn router(dir: PathBuf, max_bytes: u64) -> std::io::Result<Router> {
+    std::fs::create_dir_all(&dir)?;
+    let host = Arc::new(Host { dir, max_bytes });
+    Ok(Router::new()
+        .route("/v1/blobs/{name}", put(put_blob).get(get_blob))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(host))
+}
+
+async fn put_blob(
+    State(host): State<Arc<Host>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    if !valid_name(&name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "blob names use letters, digits, '.', '_' and '-', and do not start with '.'",
+        );
+    }
+    let path = host.dir.join(&name);
+    if path.exists() {
+        return error(StatusCode::CONFLICT, format!("{name} is already published"));
+    }
+    let unique = somatrain_protocol::EncryptionKey::generate().to_base58();
+    let tmp = host.dir.join(format!(".upload-{unique}"));
+    let outcome = async {
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let mut stream = request.into_body().into_data_stream();
+        let mut hasher = CommitmentHasher::default();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
+            size += chunk.len() as u64;
+            if size > host.max_bytes {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("blobs hold at most {} bytes", host.max_bytes),
+                ));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| (StatusCode::INSUFFICIENT_STORAGE, e.to_string()))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| (StatusCode::INSUFFICIENT_STORAGE, e.to_string()))?;
+        drop(file);
+        // A hard link fails if the name appeared meanwhile: no upload replaces another.
+        tokio::fs::hard_link(&tmp, &path).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                (StatusCode::CONFLICT, format!("{name} is already published"))
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        })?;
+        Ok((size, hasher.finish()))
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    match outcome {
+        Ok((size, checksum)) => axum::Json(serde_json::json!({
+            "name": name,
+            "size": size,
+            "checksum": checksum.to_base58(),
+        }))
+        .into_response(),
+        Err((status, message)) => {
+            if status.is_server_error() {
+                tracing::error!("blob upload of {name} failed: {message}");
+            }
+            error(status, message)
+        }
+    }
+}
+
+async fn get_blob(State(host): State<Arc<Host>>, Path(name): Path<String>) -> Response {
+    if !valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, "not a blob name");
+    }
+    let Ok(file) = tokio::fs::File::open(host.dir.join(&name)).await else {
+        return error(StatusCode::NOT_FOUND, "no such blob");
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    (
+        [
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

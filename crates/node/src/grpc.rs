@@ -1,0 +1,874 @@
+//! The localnet's gRPC surface: the fullnode services of package `soma.rpc` and the BCS side
+//! services (faucet, admin, scoring), each on its own loopback port as the SDK's localnet
+//! preset expects.
+//!
+//! Requests are decoded, converted and signature-checked before the state lock is taken; a
+//! malformed or mis-signed request is INVALID_ARGUMENT and changes nothing. A stale or locked
+//! coin is FAILED_PRECONDITION with the network's wording, so the SDK retries with another coin.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use somatrain_protocol::object::TargetStatus;
+use somatrain_protocol::{Address, Object, ObjectId, ObjectType, SignedTransaction, TxDigest};
+use somatrain_rpc::convert::{self, FieldError};
+use somatrain_rpc::proto::{
+    self, ledger_service_server::LedgerService, state_service_server::StateService,
+    subscription_service_server::SubscriptionService,
+    transaction_execution_service_server::TransactionExecutionService,
+};
+use somatrain_rpc::side::{
+    AdvanceEpochRequest, AdvanceEpochResponse, FaucetCoin, FaucetRequest, FaucetResponse,
+    HealthRequest, HealthResponse, ScoreRequest, ScoreResponse,
+};
+use somatrain_rpc::{MAX_MESSAGE_BYTES, admin, faucet, scoring};
+use tonic::{Request, Response, Status};
+
+use crate::ledger::system::{Model, PROTOCOL_VERSION};
+use crate::localnet::{Localnet, LocalnetError, TransactionRecord};
+
+/// What `GetServiceInfo` reports as the server; the SDK compares the text after the last `/`
+/// with its own version, so it names the API version this localnet speaks.
+pub const SERVER_NAME: &str = "somatrain-localnet/0.1.15";
+/// Default and largest page of `ListOwnedObjects`.
+const OWNED_PAGE: (u32, u32) = (50, 1000);
+/// Default and largest page of `ListTargets`, and the byte budget of one page.
+const TARGET_PAGE: (u32, u32) = (100, 1000);
+const TARGET_PAGE_BYTES: usize = 512 * 1024;
+/// The longest any unary request may run.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Scores data against models for the scoring service; implemented outside the node (the node
+/// never loads models).
+#[tonic::async_trait]
+pub trait ScoringBackend: Send + Sync + 'static {
+    async fn score(&self, request: ScoreRequest) -> Result<ScoreResponse, Status>;
+}
+
+/// The state behind every service.
+#[derive(Clone)]
+pub struct Services {
+    pub node: Arc<Localnet>,
+    pub scorer: Option<Arc<dyn ScoringBackend>>,
+}
+
+impl Services {
+    /// Runs `f` on a blocking thread so that disk writes never stall the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Localnet) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || f(&node))
+            .await
+            .map_err(|e| Status::internal(format!("request task failed: {e}")))
+    }
+}
+
+fn localnet_status(e: LocalnetError) -> Status {
+    match e {
+        LocalnetError::Refused(refusal) if refusal.is_precondition() => {
+            Status::failed_precondition(refusal.to_string())
+        }
+        LocalnetError::Refused(refusal) => Status::invalid_argument(refusal.to_string()),
+        LocalnetError::FaucetEmpty => Status::resource_exhausted(e.to_string()),
+        LocalnetError::Store(store) => {
+            tracing::error!("store failure: {store}");
+            Status::unavailable(format!("the node could not write to disk: {store}"))
+        }
+        LocalnetError::Supply { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn parse_owner(text: Option<&str>, field: &str) -> Result<Address, Status> {
+    let text = text.ok_or_else(|| Status::from(FieldError::missing(field)))?;
+    Ok(convert::parse_address(text, field)?)
+}
+
+// ---- Protobuf views of chain state -----------------------------------------------------------
+
+fn executed_to_proto(record: &TransactionRecord) -> proto::ExecutedTransaction {
+    let signed = record
+        .signed
+        .as_deref()
+        .and_then(|b| SignedTransaction::from_bcs(b).ok());
+    proto::ExecutedTransaction {
+        digest: Some(record.digest.to_string()),
+        transaction: signed
+            .as_ref()
+            .map(|s| convert::transaction_to_proto(&s.data)),
+        signatures: signed
+            .iter()
+            .flat_map(|s| s.signatures.iter().map(convert::signature_to_proto))
+            .collect(),
+        effects: Some(convert::effects_to_proto(&record.effects)),
+        checkpoint: Some(record.checkpoint),
+        timestamp: Some(convert::timestamp_from_ms(record.timestamp_ms)),
+        balance_changes: record
+            .balance_changes
+            .iter()
+            .map(convert::balance_change_to_proto)
+            .collect(),
+        objects: Some(proto::ObjectSet {
+            objects: record
+                .objects
+                .iter()
+                .map(convert::object_to_proto)
+                .collect(),
+        }),
+    }
+}
+
+fn model_to_proto(m: &Model) -> proto::Model {
+    // A pending model shows its commit as its manifest and commitments, as the network does.
+    let first_commit = m.manifest.is_none().then_some(m.pending.as_ref()).flatten();
+    let bytes = |c: Option<somatrain_protocol::Commitment>| c.map(|c| c.0.to_vec());
+    proto::Model {
+        owner: Some(convert::hex_id(&m.owner.0)),
+        architecture_version: Some(m.architecture_version),
+        manifest: m
+            .manifest
+            .as_ref()
+            .or(first_commit.map(|p| &p.manifest))
+            .map(convert::manifest_to_proto),
+        weights_commitment: bytes(
+            m.weights_commitment
+                .or(first_commit.map(|p| p.weights_commitment)),
+        ),
+        embedding_commitment: bytes(
+            m.embedding_commitment
+                .or(first_commit.map(|p| p.embedding_commitment)),
+        ),
+        decryption_key_commitment: bytes(
+            m.decryption_key_commitment
+                .or(first_commit.map(|p| p.decryption_key_commitment)),
+        ),
+        commit_epoch: m.pending.as_ref().map(|p| p.commit_epoch),
+        decryption_key: m.decryption_key.map(|k| k.0.to_vec()),
+        embedding: m.embedding.clone().unwrap_or_default(),
+        staking_pool: Some(proto::StakingPool {
+            id: Some(convert::prefixed_id(&m.staking_pool.id)),
+            activation_epoch: m.staking_pool.activation_epoch,
+            deactivation_epoch: m.staking_pool.deactivation_epoch,
+            soma_balance: Some(m.staking_pool.soma_balance),
+            rewards_pool: Some(0),
+            pool_token_balance: Some(m.staking_pool.pool_token_balance),
+            exchange_rates: Default::default(),
+            pending_stake: Some(0),
+            pending_total_soma_withdraw: Some(0),
+            pending_pool_token_withdraw: Some(0),
+        }),
+        commission_rate: Some(m.commission_rate),
+        next_epoch_commission_rate: Some(m.next_epoch_commission_rate),
+        pending_update: m
+            .pending
+            .as_ref()
+            .filter(|_| m.manifest.is_some())
+            .map(|p| proto::PendingModelUpdate {
+                manifest: Some(convert::manifest_to_proto(&p.manifest)),
+                weights_commitment: Some(p.weights_commitment.0.to_vec()),
+                embedding_commitment: Some(p.embedding_commitment.0.to_vec()),
+                decryption_key_commitment: Some(p.decryption_key_commitment.0.to_vec()),
+                commit_epoch: Some(p.commit_epoch),
+            }),
+        state: Some(m.state.name().to_string()),
+        create_epoch: Some(m.create_epoch),
+    }
+}
+
+fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
+    let p = &s.params;
+    proto::SystemState {
+        epoch: Some(s.epoch),
+        epoch_start_timestamp_ms: Some(s.epoch_start_ms),
+        protocol_version: Some(PROTOCOL_VERSION),
+        parameters: Some(proto::SystemParameters {
+            epoch_duration_ms: Some(p.epoch_duration_ms),
+            validator_reward_allocation_bps: Some(p.validator_reward_allocation_bps),
+            model_min_stake: Some(p.model_min_stake),
+            model_architecture_version: Some(p.model_architecture_version),
+            model_reveal_slash_rate_bps: Some(p.model_reveal_slash_rate_bps),
+            model_tally_slash_rate_bps: Some(p.model_tally_slash_rate_bps),
+            target_epoch_fee_collection: Some(p.target_epoch_fee_collection),
+            base_fee: Some(p.base_fee),
+            write_object_fee: Some(p.write_object_fee),
+            value_fee_bps: Some(p.value_fee_bps),
+            min_value_fee_bps: Some(p.min_value_fee_bps),
+            max_value_fee_bps: Some(p.max_value_fee_bps),
+            fee_adjustment_rate_bps: Some(p.fee_adjustment_rate_bps),
+            target_models_per_target: Some(p.models_per_target),
+            target_embedding_dim: Some(p.embedding_dim),
+            target_initial_distance_threshold: Some(p.initial_distance_threshold),
+            target_reward_allocation_bps: Some(p.target_reward_allocation_bps),
+            target_hits_per_epoch: Some(p.target_hits_per_epoch),
+            target_hits_ema_decay_bps: Some(p.hits_ema_decay_bps),
+            target_difficulty_adjustment_rate_bps: Some(p.difficulty_adjustment_rate_bps),
+            target_max_distance_threshold: Some(p.max_distance_threshold),
+            target_min_distance_threshold: Some(p.min_distance_threshold),
+            target_initial_targets_per_epoch: Some(p.initial_targets_per_epoch),
+            target_submitter_reward_share_bps: Some(p.submitter_share_bps),
+            target_model_reward_share_bps: Some(p.model_share_bps),
+            target_claimer_incentive_bps: Some(p.claimer_share_bps),
+            submission_bond_per_byte: Some(p.submission_bond_per_byte),
+            challenger_bond_per_byte: None,
+            max_submission_data_size: Some(p.max_submission_bytes),
+        }),
+        validators: Some(proto::ValidatorSet {
+            total_stake: Some(0),
+        }),
+        validator_report_records: Default::default(),
+        emission_pool: Some(proto::EmissionPool {
+            balance: Some(s.emission_pool),
+            emission_per_epoch: Some(p.emission_per_epoch),
+        }),
+        model_registry: Some(proto::ModelRegistry {
+            staking_pool_mappings: s
+                .models
+                .values()
+                .map(|m| {
+                    (
+                        convert::prefixed_id(&m.staking_pool.id),
+                        convert::prefixed_id(&m.id),
+                    )
+                })
+                .collect(),
+            total_model_stake: Some(s.models.values().map(|m| m.staking_pool.soma_balance).sum()),
+            model_report_records: Default::default(),
+            models: s
+                .models
+                .values()
+                .map(|m| (convert::prefixed_id(&m.id), model_to_proto(m)))
+                .collect(),
+        }),
+        target_state: Some(proto::TargetState {
+            distance_threshold: Some(s.target_state.distance_threshold),
+            targets_generated_this_epoch: Some(s.target_state.targets_generated_this_epoch),
+            hits_this_epoch: Some(s.target_state.hits_this_epoch),
+            hits_ema: Some(s.target_state.hits_ema),
+            reward_per_target: Some(s.target_state.reward_per_target),
+        }),
+        safe_mode: Some(false),
+        safe_mode_accumulated_fees: Some(0),
+        safe_mode_accumulated_emissions: Some(0),
+    }
+}
+
+fn protocol_config(s: &crate::ledger::SystemState) -> proto::ProtocolConfig {
+    let p = &s.params;
+    let attributes = [
+        ("model_architecture_version", p.model_architecture_version),
+        ("model_min_stake", p.model_min_stake),
+        ("epoch_duration_ms", p.epoch_duration_ms),
+        ("base_fee", p.base_fee),
+        ("write_object_fee", p.write_object_fee),
+        ("target_embedding_dim", p.embedding_dim),
+        ("submission_bond_per_byte", p.submission_bond_per_byte),
+        ("max_submission_data_size", p.max_submission_bytes),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    proto::ProtocolConfig {
+        protocol_version: Some(PROTOCOL_VERSION),
+        feature_flags: Default::default(),
+        attributes,
+    }
+}
+
+/// A target's status as the network derives it, virtual `expired` included.
+fn target_status(t: &somatrain_protocol::object::Target, epoch: u64) -> &'static str {
+    match t.status {
+        TargetStatus::Open if t.generation_epoch < epoch => "expired",
+        TargetStatus::Open => "open",
+        TargetStatus::Filled { .. } => "filled",
+        TargetStatus::Claimed => "claimed",
+    }
+}
+
+fn target_matches(t: &somatrain_protocol::object::Target, filter: &str, epoch: u64) -> bool {
+    let status = target_status(t, epoch);
+    match filter {
+        "claimable" => {
+            status == "expired"
+                || matches!(t.status, TargetStatus::Filled { fill_epoch } if epoch > fill_epoch + 1)
+        }
+        other => status == other,
+    }
+}
+
+fn target_to_proto(
+    id: ObjectId,
+    t: &somatrain_protocol::object::Target,
+    epoch: u64,
+) -> proto::Target {
+    let values = |tensor: &somatrain_protocol::SomaTensor| tensor.values().unwrap_or_default();
+    proto::Target {
+        id: Some(convert::prefixed_id(&id)),
+        embedding: values(&t.embedding),
+        model_ids: t.model_ids.iter().map(convert::prefixed_id).collect(),
+        distance_threshold: t.distance_threshold.scalar_value().ok(),
+        reward_pool: Some(t.reward_pool),
+        generation_epoch: Some(t.generation_epoch),
+        status: Some(target_status(t, epoch).to_string()),
+        fill_epoch: match t.status {
+            TargetStatus::Filled { fill_epoch } => Some(fill_epoch),
+            _ => None,
+        },
+        submitter: t.submitter.map(|a| convert::hex_id(&a.0)),
+        winning_model_id: t.winning_model_id.as_ref().map(convert::prefixed_id),
+        winning_model_owner: t.winning_model_owner.map(|a| convert::hex_id(&a.0)),
+        bond_amount: Some(t.bond_amount),
+        data_url: t.winning_data_manifest.as_ref().map(|m| m.url.clone()),
+    }
+}
+
+fn page_token_id(token: Option<&[u8]>) -> Result<Option<ObjectId>, Status> {
+    token
+        .map(|t| {
+            <[u8; 32]>::try_from(t)
+                .map(ObjectId)
+                .map_err(|_| Status::invalid_argument("page_token: not a token this node issued"))
+        })
+        .transpose()
+}
+
+// ---- Fullnode services ------------------------------------------------------------------------
+
+#[tonic::async_trait]
+impl LedgerService for Services {
+    async fn get_service_info(
+        &self,
+        _: Request<proto::GetServiceInfoRequest>,
+    ) -> Result<Response<proto::GetServiceInfoResponse>, Status> {
+        let (epoch, height) = self
+            .node
+            .read(|l| (l.system.epoch, l.system.checkpoint_height));
+        Ok(Response::new(proto::GetServiceInfoResponse {
+            chain_id: Some(self.node.chain_id().to_string()),
+            chain: Some("localnet".into()),
+            epoch: Some(epoch),
+            checkpoint_height: Some(height),
+            timestamp: Some(convert::timestamp_from_ms(now_ms())),
+            lowest_available_checkpoint: Some(0),
+            lowest_available_checkpoint_objects: Some(0),
+            server: Some(SERVER_NAME.into()),
+        }))
+    }
+
+    async fn get_object(
+        &self,
+        request: Request<proto::GetObjectRequest>,
+    ) -> Result<Response<proto::GetObjectResponse>, Status> {
+        let request = request.into_inner();
+        let text = request
+            .object_id
+            .as_deref()
+            .ok_or_else(|| Status::from(FieldError::missing("object_id")))?;
+        let id = convert::parse_object_id(text, "object_id")?;
+        let object = self
+            .node
+            .read(|l| l.object(&id).cloned())
+            .filter(|o| request.version.is_none_or(|v| v == o.version()))
+            .ok_or_else(|| Status::not_found(format!("Object {id} not found")))?;
+        Ok(Response::new(proto::GetObjectResponse {
+            object: Some(convert::object_to_proto(&object)),
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<proto::GetTransactionRequest>,
+    ) -> Result<Response<proto::GetTransactionResponse>, Status> {
+        let text = request
+            .into_inner()
+            .digest
+            .ok_or_else(|| Status::from(FieldError::missing("digest")))?;
+        let digest: TxDigest = text
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        let record = self
+            .blocking(move |n| n.transaction(&digest))
+            .await?
+            .map_err(localnet_status)?
+            .ok_or_else(|| Status::not_found(format!("Transaction {digest} not found")))?;
+        Ok(Response::new(proto::GetTransactionResponse {
+            transaction: Some(executed_to_proto(&record)),
+        }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<proto::GetCheckpointRequest>,
+    ) -> Result<Response<proto::GetCheckpointResponse>, Status> {
+        use proto::get_checkpoint_request::CheckpointId;
+        let height = self.node.read(|l| l.system.checkpoint_height);
+        let sequence = match request.into_inner().checkpoint_id {
+            Some(CheckpointId::SequenceNumber(n)) => n,
+            Some(CheckpointId::Digest(_)) => {
+                return Err(Status::unimplemented(
+                    "checkpoints are looked up by sequence number on this localnet",
+                ));
+            }
+            None if height == 0 => return Err(Status::not_found("no checkpoint yet")),
+            None => height - 1,
+        };
+        let checkpoint = self
+            .blocking(move |n| n.checkpoint(sequence))
+            .await?
+            .map_err(localnet_status)?
+            .ok_or_else(|| Status::not_found(format!("Checkpoint {sequence} not found")))?;
+        Ok(Response::new(proto::GetCheckpointResponse {
+            checkpoint: Some(checkpoint_to_proto(&checkpoint)),
+        }))
+    }
+
+    async fn get_epoch(
+        &self,
+        request: Request<proto::GetEpochRequest>,
+    ) -> Result<Response<proto::GetEpochResponse>, Status> {
+        let asked = request.into_inner().epoch;
+        let system = self.node.read(|l| l.system.clone());
+        if asked.is_some_and(|e| e != system.epoch) {
+            return Err(Status::not_found(
+                "this localnet serves the current epoch only",
+            ));
+        }
+        Ok(Response::new(proto::GetEpochResponse {
+            epoch: Some(proto::Epoch {
+                epoch: Some(system.epoch),
+                system_state: Some(system_state_to_proto(&system)),
+                first_checkpoint: Some(0),
+                last_checkpoint: None,
+                start: Some(convert::timestamp_from_ms(system.epoch_start_ms)),
+                end: None,
+                protocol_config: Some(protocol_config(&system)),
+            }),
+        }))
+    }
+}
+
+fn checkpoint_to_proto(c: &crate::localnet::Checkpoint) -> proto::Checkpoint {
+    proto::Checkpoint {
+        sequence_number: Some(c.sequence),
+        digest: Some(c.digest.to_string()),
+        transactions: c
+            .transactions
+            .iter()
+            .map(|d| proto::ExecutedTransaction {
+                digest: Some(d.to_string()),
+                ..Default::default()
+            })
+            .collect(),
+        objects: None,
+    }
+}
+
+#[tonic::async_trait]
+impl StateService for Services {
+    async fn list_owned_objects(
+        &self,
+        request: Request<proto::ListOwnedObjectsRequest>,
+    ) -> Result<Response<proto::ListOwnedObjectsResponse>, Status> {
+        let request = request.into_inner();
+        let owner = parse_owner(request.owner.as_deref(), "owner")?;
+        let object_type = request
+            .object_type
+            .as_deref()
+            .map(|name| {
+                ObjectType::from_name(name).ok_or_else(|| {
+                    Status::invalid_argument(format!("object_type: unknown type {name}"))
+                })
+            })
+            .transpose()?;
+        let limit = request
+            .page_size
+            .unwrap_or(OWNED_PAGE.0)
+            .clamp(1, OWNED_PAGE.1) as usize;
+        let after = page_token_id(request.page_token.as_deref())?;
+        let (objects, more) = self.node.owned_page(&owner, object_type, after, limit);
+        let next_page_token = more
+            .then(|| {
+                objects
+                    .last()
+                    .and_then(|o| o.id().ok())
+                    .map(|id| id.0.to_vec())
+            })
+            .flatten();
+        Ok(Response::new(proto::ListOwnedObjectsResponse {
+            objects: objects.iter().map(convert::object_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        let owner = parse_owner(request.into_inner().owner.as_deref(), "owner")?;
+        let balance = self.node.read(|l| l.balance(&owner));
+        Ok(Response::new(proto::GetBalanceResponse {
+            balance: Some(balance),
+        }))
+    }
+
+    async fn list_targets(
+        &self,
+        request: Request<proto::ListTargetsRequest>,
+    ) -> Result<Response<proto::ListTargetsResponse>, Status> {
+        let request = request.into_inner();
+        let filter = request.status_filter.as_deref().unwrap_or("open");
+        if !["open", "filled", "claimed", "expired", "claimable"].contains(&filter) {
+            return Err(Status::invalid_argument(format!(
+                "status_filter: {filter} is not open, filled, claimed, expired or claimable"
+            )));
+        }
+        let submitter = request
+            .submitter_filter
+            .as_deref()
+            .map(|s| convert::parse_address(s, "submitter_filter"))
+            .transpose()?;
+        let limit = request
+            .page_size
+            .unwrap_or(TARGET_PAGE.0)
+            .clamp(1, TARGET_PAGE.1) as usize;
+        let after = page_token_id(request.page_token.as_deref())?;
+        let (targets, more) = self.node.read(|l| {
+            let epoch = l.system.epoch;
+            let mut page = Vec::new();
+            let mut bytes = 0usize;
+            let mut more = false;
+            let candidates = l
+                .objects
+                .range(after.map_or(ObjectId([0; 32]), |a| a)..)
+                .filter(|(id, _)| after.is_none_or(|a| **id > a))
+                .filter(|(_, o)| o.object_type() == ObjectType::Target);
+            for (id, object) in candidates {
+                let Ok(target) = object.target() else {
+                    continue;
+                };
+                if !target_matches(&target, filter, epoch)
+                    || request
+                        .epoch_filter
+                        .is_some_and(|e| e != target.generation_epoch)
+                    || submitter.is_some_and(|s| target.submitter != Some(s))
+                {
+                    continue;
+                }
+                // A target of width 2048 is about 8.5 KB: about 60 fit the byte budget.
+                let size = object.data.contents.len() + 256;
+                if page.len() == limit || (!page.is_empty() && bytes + size > TARGET_PAGE_BYTES) {
+                    more = true;
+                    break;
+                }
+                bytes += size;
+                page.push(target_to_proto(*id, &target, epoch));
+            }
+            (page, more)
+        });
+        let next_page_token = more
+            .then(|| {
+                targets
+                    .last()
+                    .and_then(|t| t.id.as_deref())
+                    .and_then(|id| id.parse::<ObjectId>().ok())
+                    .map(|id| id.0.to_vec())
+            })
+            .flatten();
+        Ok(Response::new(proto::ListTargetsResponse {
+            targets,
+            next_page_token,
+        }))
+    }
+}
+
+/// Decodes and checks a protobuf transaction with its signatures: the server's rebuild of the
+/// signed bytes. Any mismatch is INVALID_ARGUMENT.
+fn signed_from_proto(
+    transaction: Option<&proto::Transaction>,
+    signatures: &[proto::UserSignature],
+) -> Result<SignedTransaction, Status> {
+    let transaction =
+        transaction.ok_or_else(|| Status::from(FieldError::missing("transaction")))?;
+    let data = convert::transaction_from_proto(transaction)?;
+    let signatures = signatures
+        .iter()
+        .enumerate()
+        .map(|(i, s)| convert::signature_from_proto(s, &format!("signatures[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let signed = SignedTransaction { data, signatures };
+    signed
+        .verify()
+        .map_err(|e| Status::invalid_argument(format!("signature: {e}")))?;
+    Ok(signed)
+}
+
+#[tonic::async_trait]
+impl TransactionExecutionService for Services {
+    async fn execute_transaction(
+        &self,
+        request: Request<proto::ExecuteTransactionRequest>,
+    ) -> Result<Response<proto::ExecuteTransactionResponse>, Status> {
+        let request = request.into_inner();
+        let signed = signed_from_proto(request.transaction.as_ref(), &request.signatures)?;
+        let record = self
+            .blocking(move |n| n.submit(signed, now_ms()))
+            .await?
+            .map_err(localnet_status)?;
+        Ok(Response::new(proto::ExecuteTransactionResponse {
+            transaction: Some(executed_to_proto(&record)),
+        }))
+    }
+
+    async fn simulate_transaction(
+        &self,
+        request: Request<proto::SimulateTransactionRequest>,
+    ) -> Result<Response<proto::SimulateTransactionResponse>, Status> {
+        let request = request.into_inner();
+        let transaction = request
+            .transaction
+            .ok_or_else(|| Status::from(FieldError::missing("transaction")))?;
+        let data = convert::transaction_from_proto(&transaction)?;
+        let signed = SignedTransaction {
+            data,
+            signatures: vec![],
+        };
+        let executed = self
+            .blocking(move |n| n.simulate(&signed))
+            .await?
+            .map_err(|r| localnet_status(LocalnetError::Refused(r)))?;
+        Ok(Response::new(proto::SimulateTransactionResponse {
+            transaction: Some(proto::ExecutedTransaction {
+                digest: Some(executed.effects.transaction_digest.to_string()),
+                effects: Some(convert::effects_to_proto(&executed.effects)),
+                balance_changes: executed
+                    .balance_changes
+                    .iter()
+                    .map(convert::balance_change_to_proto)
+                    .collect(),
+                objects: Some(proto::ObjectSet {
+                    objects: executed
+                        .changes
+                        .written
+                        .values()
+                        .map(convert::object_to_proto)
+                        .collect(),
+                }),
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+type CheckpointStream =
+    Pin<Box<dyn Stream<Item = Result<proto::SubscribeCheckpointsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SubscriptionService for Services {
+    type SubscribeCheckpointsStream = CheckpointStream;
+
+    async fn subscribe_checkpoints(
+        &self,
+        _: Request<proto::SubscribeCheckpointsRequest>,
+    ) -> Result<Response<CheckpointStream>, Status> {
+        let mut receiver = self.node.subscribe();
+        let stream = async_stream::stream! {
+            loop {
+                match receiver.recv().await {
+                    Ok(checkpoint) => {
+                        yield Ok(proto::SubscribeCheckpointsResponse {
+                            cursor: Some(checkpoint.sequence),
+                            checkpoint: Some(checkpoint_to_proto(&checkpoint)),
+                        });
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("a checkpoint subscriber fell {n} checkpoints behind");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+// ---- Side services ----------------------------------------------------------------------------
+
+#[tonic::async_trait]
+impl faucet::faucet_server::Faucet for Services {
+    async fn request_gas(
+        &self,
+        request: Request<FaucetRequest>,
+    ) -> Result<Response<FaucetResponse>, Status> {
+        let recipient = convert::parse_address(&request.into_inner().recipient, "recipient")?;
+        let record = self
+            .blocking(move |n| n.faucet(recipient, now_ms()))
+            .await?
+            .map_err(localnet_status)?;
+        let coins_sent = record
+            .objects
+            .iter()
+            .filter_map(|o: &Object| {
+                Some(FaucetCoin {
+                    amount: o.coin_balance().ok()?,
+                    id: convert::prefixed_id(&o.id().ok()?),
+                    transfer_tx_digest: record.digest.to_string(),
+                })
+            })
+            .collect();
+        Ok(Response::new(FaucetResponse {
+            status: "Success".into(),
+            coins_sent,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl admin::admin_server::Admin for Services {
+    async fn advance_epoch(
+        &self,
+        _: Request<AdvanceEpochRequest>,
+    ) -> Result<Response<AdvanceEpochResponse>, Status> {
+        let epoch = self
+            .blocking(|n| n.advance_epoch(now_ms()))
+            .await?
+            .map_err(localnet_status)?;
+        Ok(Response::new(AdvanceEpochResponse { epoch }))
+    }
+}
+
+#[tonic::async_trait]
+impl scoring::scoring_server::Scoring for Services {
+    async fn score(
+        &self,
+        request: Request<ScoreRequest>,
+    ) -> Result<Response<ScoreResponse>, Status> {
+        let scorer = self
+            .scorer
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this localnet was started without a scorer"))?;
+        Ok(Response::new(scorer.score(request.into_inner()).await?))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            ok: self.scorer.is_some(),
+        }))
+    }
+}
+
+// ---- Serving ----------------------------------------------------------------------------------
+
+/// Where each service listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub rpc: SocketAddr,
+    pub faucet: SocketAddr,
+    pub scoring: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(1024))
+}
+
+/// The services as routers, one per listener, each with the message size limit.
+pub fn routers(services: Services) -> [tonic::service::Routes; 4] {
+    use proto::ledger_service_server::LedgerServiceServer;
+    use proto::state_service_server::StateServiceServer;
+    use proto::subscription_service_server::SubscriptionServiceServer;
+    use proto::transaction_execution_service_server::TransactionExecutionServiceServer;
+    let zstd = tonic::codec::CompressionEncoding::Zstd;
+    let rpc = tonic::service::Routes::new(
+        LedgerServiceServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .send_compressed(zstd)
+            .accept_compressed(zstd),
+    )
+    .add_service(
+        StateServiceServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .send_compressed(zstd)
+            .accept_compressed(zstd),
+    )
+    .add_service(
+        TransactionExecutionServiceServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .send_compressed(zstd)
+            .accept_compressed(zstd),
+    )
+    .add_service(
+        SubscriptionServiceServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .send_compressed(zstd)
+            .accept_compressed(zstd),
+    );
+    let faucet = tonic::service::Routes::new(
+        faucet::faucet_server::FaucetServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let scoring = tonic::service::Routes::new(
+        scoring::scoring_server::ScoringServer::new(services.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let admin = tonic::service::Routes::new(
+        admin::admin_server::AdminServer::new(services)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    [rpc, faucet, scoring, admin]
+}
+
+/// Serves every service on its listener and runs the epoch clock, until `shutdown` resolves.
+pub async fn serve(
+    services: Services,
+    listeners: [tokio::net::TcpListener; 4],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node = services.node.clone();
+    let clock = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            interval.tick().await;
+            let node = node.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || node.tick(now_ms())).await {
+                tracing::error!("epoch change failed: {e}");
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    for (routes, listener) in routers(services).into_iter().zip(listeners) {
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tasks.push(tokio::spawn(
+            server()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        ));
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    clock.abort();
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            return Err(e);
+        }
+    }
+    Ok(())
+}

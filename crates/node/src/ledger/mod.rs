@@ -1,0 +1,196 @@
+//! The object chain: SOMA's rules over objects, as the network runs them.
+//!
+//! Owns the chain state ([`Ledger`]: live objects, an owner index and the [`SystemState`]),
+//! transaction execution ([`execute`]: gas, fees, versions, every kind's rules) and the epoch
+//! change ([`epoch`]). Pure: no IO, no clock, no locks. Execution never mutates the state it reads;
+//! it returns [`Changes`], which the node makes durable before applying them.
+//!
+//! Supply is conserved: every shannon is in a coin, a staking pool, a target (reward pool or
+//! bond), or one of the system's pools ([`Ledger::accounted_supply`]).
+
+pub mod epoch;
+pub mod execute;
+pub mod system;
+pub mod targets;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use somatrain_protocol::{Address, Object, ObjectId, ObjectType, Owner};
+
+pub use system::{Model, ModelState, Params, SystemState};
+
+/// Everything the chain holds.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub system: SystemState,
+    pub objects: BTreeMap<ObjectId, Object>,
+    /// Address-owned objects by owner.
+    pub owned: BTreeMap<Address, BTreeSet<ObjectId>>,
+}
+
+impl Ledger {
+    pub fn new(system: SystemState, objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut ledger = Ledger {
+            system,
+            objects: BTreeMap::new(),
+            owned: BTreeMap::new(),
+        };
+        for object in objects {
+            ledger.put(object);
+        }
+        ledger
+    }
+
+    fn put(&mut self, object: Object) {
+        let id = object.id().expect("stored objects have ids");
+        if let Some(old) = self.objects.get(&id) {
+            self.unindex(id, old.owner);
+        }
+        if let Owner::AddressOwner(owner) = object.owner {
+            self.owned.entry(owner).or_default().insert(id);
+        }
+        self.objects.insert(id, object);
+    }
+
+    fn unindex(&mut self, id: ObjectId, owner: Owner) {
+        if let Owner::AddressOwner(owner) = owner
+            && let Some(set) = self.owned.get_mut(&owner)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.owned.remove(&owner);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &ObjectId) {
+        if let Some(old) = self.objects.remove(id) {
+            self.unindex(*id, old.owner);
+        }
+    }
+
+    pub fn apply(&mut self, changes: Changes) {
+        if let Some(system) = changes.system {
+            self.system = system;
+        }
+        for id in &changes.deleted {
+            self.remove(id);
+        }
+        for object in changes.written.into_values() {
+            self.put(object);
+        }
+    }
+
+    pub fn object(&self, id: &ObjectId) -> Option<&Object> {
+        self.objects.get(id)
+    }
+
+    /// The owner's objects in id order, optionally of one type.
+    pub fn owned_objects(
+        &self,
+        owner: &Address,
+        object_type: Option<ObjectType>,
+    ) -> impl Iterator<Item = &Object> {
+        self.owned
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.objects.get(id))
+            .filter(move |o| object_type.is_none_or(|t| o.object_type() == t))
+    }
+
+    /// The sum of the owner's coins.
+    pub fn balance(&self, owner: &Address) -> u64 {
+        self.owned_objects(owner, Some(ObjectType::Coin))
+            .filter_map(|o| o.coin_balance().ok())
+            .sum()
+    }
+
+    /// Shannons held anywhere; always equals `system.total_supply`.
+    pub fn accounted_supply(&self) -> u128 {
+        let in_objects: u128 = self
+            .objects
+            .values()
+            .map(|o| match o.object_type() {
+                ObjectType::Coin => o.coin_balance().unwrap_or(0) as u128,
+                ObjectType::Target => o
+                    .target()
+                    .map(|t| t.reward_pool as u128 + t.bond_amount as u128)
+                    .unwrap_or(0),
+                // Receipts: their value is counted in the staking pools.
+                ObjectType::StakedSoma | ObjectType::SystemState => 0,
+            })
+            .sum();
+        in_objects + self.system.pooled_supply()
+    }
+}
+
+/// The writes of one transaction, faucet payment or epoch change.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub system: Option<SystemState>,
+    /// Objects created or modified, in their final form (version and previous transaction set).
+    pub written: BTreeMap<ObjectId, Object>,
+    pub deleted: BTreeSet<ObjectId>,
+}
+
+/// A read view of the ledger with pending writes on top.
+pub struct Overlay<'a> {
+    base: &'a Ledger,
+    pub changes: Changes,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(base: &'a Ledger) -> Self {
+        Overlay {
+            base,
+            changes: Changes::default(),
+        }
+    }
+
+    pub fn base(&self) -> &Ledger {
+        self.base
+    }
+
+    pub fn system(&self) -> &SystemState {
+        self.changes.system.as_ref().unwrap_or(&self.base.system)
+    }
+
+    pub fn system_mut(&mut self) -> &mut SystemState {
+        self.changes
+            .system
+            .get_or_insert_with(|| self.base.system.clone())
+    }
+
+    pub fn object(&self, id: &ObjectId) -> Option<Object> {
+        if self.changes.deleted.contains(id) {
+            return None;
+        }
+        self.changes
+            .written
+            .get(id)
+            .or_else(|| self.base.objects.get(id))
+            .cloned()
+    }
+
+    pub fn write(&mut self, object: Object) {
+        let id = object.id().expect("written objects have ids");
+        self.changes.deleted.remove(&id);
+        self.changes.written.insert(id, object);
+    }
+
+    pub fn delete(&mut self, id: ObjectId) {
+        self.changes.written.remove(&id);
+        if self.base.objects.contains_key(&id) {
+            self.changes.deleted.insert(id);
+        }
+    }
+
+    pub fn model(&self, id: &ObjectId) -> Option<&Model> {
+        self.system().models.get(id)
+    }
+
+    pub fn put_model(&mut self, model: Model) {
+        self.system_mut().models.insert(model.id, model);
+    }
+}

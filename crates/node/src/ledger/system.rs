@@ -1,0 +1,246 @@
+//! The system state of the object chain: parameters, epoch, supply pools, target difficulty and
+//! the model registry. It lives in the system state object (`0x…05`), which clients read through
+//! `GetEpoch`, never as BCS, so this is a storage type, not a wire type.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use somatrain_protocol::{Address, Commitment, Digest, Manifest, ObjectId};
+
+pub const SHANNONS_PER_SOMA: u64 = 1_000_000_000;
+/// Total supply: 10 million SOMA. On a localnet half starts in the faucet, half in emissions.
+pub const TOTAL_SUPPLY: u64 = 10_000_000 * SHANNONS_PER_SOMA;
+pub const BPS_DENOMINATOR: u64 = 10_000;
+/// The protocol version whose parameters the localnet follows.
+pub const PROTOCOL_VERSION: u64 = 5;
+
+/// `amount × rate_bps / 10⁴`, rounded down, without overflow.
+pub fn bps(amount: u64, rate_bps: u64) -> u64 {
+    ((amount as u128 * rate_bps as u128) / BPS_DENOMINATOR as u128) as u64
+}
+
+/// The network's `SystemParameters` (protocol version 5), plus what only a localnet has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub epoch_duration_ms: u64,
+    pub validator_reward_allocation_bps: u64,
+    pub model_min_stake: u64,
+    pub model_architecture_version: u64,
+    pub model_reveal_slash_rate_bps: u64,
+    pub model_tally_slash_rate_bps: u64,
+    pub target_epoch_fee_collection: u64,
+    pub base_fee: u64,
+    pub write_object_fee: u64,
+    /// Fixed on a localnet (the network adjusts it each epoch).
+    pub value_fee_bps: u64,
+    pub min_value_fee_bps: u64,
+    pub max_value_fee_bps: u64,
+    pub fee_adjustment_rate_bps: u64,
+    pub models_per_target: u64,
+    pub embedding_dim: u64,
+    pub initial_distance_threshold: f32,
+    pub target_reward_allocation_bps: u64,
+    pub target_hits_per_epoch: u64,
+    pub hits_ema_decay_bps: u64,
+    pub difficulty_adjustment_rate_bps: u64,
+    pub max_distance_threshold: f32,
+    pub min_distance_threshold: f32,
+    pub initial_targets_per_epoch: u64,
+    pub submitter_share_bps: u64,
+    pub model_share_bps: u64,
+    pub claimer_share_bps: u64,
+    pub submission_bond_per_byte: u64,
+    pub max_submission_bytes: u64,
+    pub emission_per_epoch: u64,
+    /// Localnet only: shannons per faucet request (one coin).
+    pub faucet_amount: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            epoch_duration_ms: 24 * 60 * 60 * 1000,
+            validator_reward_allocation_bps: 7000,
+            model_min_stake: SHANNONS_PER_SOMA,
+            model_architecture_version: 1,
+            model_reveal_slash_rate_bps: 5000,
+            model_tally_slash_rate_bps: 9500,
+            target_epoch_fee_collection: SHANNONS_PER_SOMA,
+            base_fee: 1000,
+            write_object_fee: 300,
+            value_fee_bps: 10,
+            min_value_fee_bps: 1,
+            max_value_fee_bps: 50,
+            fee_adjustment_rate_bps: 1250,
+            models_per_target: 3,
+            embedding_dim: 2048,
+            initial_distance_threshold: 1.05,
+            target_reward_allocation_bps: 8000,
+            target_hits_per_epoch: 86_400,
+            hits_ema_decay_bps: 9000,
+            difficulty_adjustment_rate_bps: 10_000,
+            max_distance_threshold: 2.0,
+            min_distance_threshold: 0.95,
+            initial_targets_per_epoch: 100,
+            submitter_share_bps: 4975,
+            model_share_bps: 4975,
+            claimer_share_bps: 50,
+            submission_bond_per_byte: 65,
+            max_submission_bytes: 1 << 20,
+            emission_per_epoch: 1_370 * SHANNONS_PER_SOMA,
+            faucet_amount: 2 * SHANNONS_PER_SOMA,
+        }
+    }
+}
+
+/// Difficulty and funding of targets (the network's `TargetState`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetState {
+    pub distance_threshold: f32,
+    pub targets_generated_this_epoch: u64,
+    pub hits_this_epoch: u64,
+    pub hits_ema: u64,
+    pub reward_per_target: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    Created,
+    Pending,
+    Active,
+    Inactive,
+}
+
+impl ModelState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelState::Created => "created",
+            ModelState::Pending => "pending",
+            ModelState::Active => "active",
+            ModelState::Inactive => "inactive",
+        }
+    }
+}
+
+/// A commit waiting for its reveal: the first one, or an update of an active model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingCommit {
+    pub manifest: Manifest,
+    pub weights_commitment: Commitment,
+    pub embedding_commitment: Commitment,
+    pub decryption_key_commitment: Commitment,
+    pub commit_epoch: u64,
+}
+
+/// A model's staking pool. Pool tokens are minted 1:1 with stake and redeemed pro rata, so a
+/// slash (which lowers `soma_balance` only) is shared by every staker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StakingPool {
+    pub id: ObjectId,
+    pub activation_epoch: Option<u64>,
+    pub deactivation_epoch: Option<u64>,
+    pub soma_balance: u64,
+    pub pool_token_balance: u64,
+}
+
+impl StakingPool {
+    /// Shannons a `StakedSoma` of `principal` redeems for now.
+    pub fn redeem_value(&self, principal: u64) -> u64 {
+        if self.pool_token_balance == 0 {
+            return 0;
+        }
+        ((principal as u128 * self.soma_balance as u128) / self.pool_token_balance as u128) as u64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub id: ObjectId,
+    pub owner: Address,
+    pub architecture_version: u64,
+    pub state: ModelState,
+    pub create_epoch: u64,
+    /// The first commit while pending; an update while active.
+    pub pending: Option<PendingCommit>,
+    /// The revealed weights.
+    pub manifest: Option<Manifest>,
+    pub weights_commitment: Option<Commitment>,
+    pub embedding_commitment: Option<Commitment>,
+    pub decryption_key_commitment: Option<Commitment>,
+    pub decryption_key: Option<Digest>,
+    pub embedding: Option<Vec<f32>>,
+    pub commission_rate: u64,
+    pub next_epoch_commission_rate: u64,
+    pub staking_pool: StakingPool,
+    /// Set when a created model misses its commit window: it can no longer commit.
+    pub commit_window_missed: bool,
+}
+
+/// Chain-wide state. Every shannon of the fixed supply is in exactly one place: a coin, a staking
+/// pool, a target's reward pool or bond, the faucet reserve, the emission pool, collected fees,
+/// or the burned (slashed) total.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemState {
+    pub epoch: u64,
+    pub epoch_start_ms: u64,
+    pub params: Params,
+    pub total_supply: u64,
+    pub faucet_reserve: u64,
+    pub emission_pool: u64,
+    pub fees_collected: u64,
+    pub burned: u64,
+    pub target_state: TargetState,
+    pub models: BTreeMap<ObjectId, Model>,
+    /// Checkpoints sealed so far.
+    pub checkpoint_height: u64,
+}
+
+impl SystemState {
+    pub fn genesis(params: Params, now_ms: u64) -> Self {
+        let target_state = TargetState {
+            distance_threshold: params.initial_distance_threshold,
+            targets_generated_this_epoch: 0,
+            hits_this_epoch: 0,
+            hits_ema: 0,
+            reward_per_target: crate::ledger::targets::reward_per_target(&params),
+        };
+        SystemState {
+            epoch: 0,
+            epoch_start_ms: now_ms,
+            params,
+            total_supply: TOTAL_SUPPLY,
+            faucet_reserve: TOTAL_SUPPLY / 2,
+            emission_pool: TOTAL_SUPPLY - TOTAL_SUPPLY / 2,
+            fees_collected: 0,
+            burned: 0,
+            target_state,
+            models: BTreeMap::new(),
+            checkpoint_height: 0,
+        }
+    }
+
+    /// Shannons held outside objects.
+    pub fn pooled_supply(&self) -> u128 {
+        let pools: u128 = self
+            .models
+            .values()
+            .map(|m| m.staking_pool.soma_balance as u128)
+            .sum();
+        pools
+            + self.faucet_reserve as u128
+            + self.emission_pool as u128
+            + self.fees_collected as u128
+            + self.burned as u128
+    }
+
+    pub fn next_epoch_ms(&self) -> u64 {
+        self.epoch_start_ms + self.params.epoch_duration_ms
+    }
+}

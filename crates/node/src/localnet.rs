@@ -1,0 +1,446 @@
+//! The object-chain node: the [`Ledger`] behind a lock, made durable in redb, with checkpoints.
+//!
+//! Every executed transaction (success or failure) is in the store before its answer, and is
+//! sealed into a checkpoint that subscribers receive. Group commit: submitters queue their
+//! transactions and whoever takes the lock executes everything queued, commits it in one
+//! durable batch (one fsync) and seals one checkpoint. A failed disk write reloads the state
+//! from disk, fails that batch, and the node goes on (it recovers once space is back).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use somatrain_protocol::effects::{BalanceChange, TransactionEffects};
+use somatrain_protocol::hash::blake2b256;
+use somatrain_protocol::{
+    Address, Digest, Object, ObjectId, ObjectType, SignedTransaction, TxDigest,
+};
+use somatrain_store::{Batch, Store, StoreError, Table};
+use tokio::sync::broadcast;
+
+use crate::ledger::execute::{Executed, Refusal};
+use crate::ledger::{Changes, Ledger, Params, SystemState, epoch, execute};
+
+#[derive(Debug, Clone)]
+pub struct LocalnetConfig {
+    pub data_dir: PathBuf,
+    /// Parameters for a new chain; an existing data directory keeps its own.
+    pub genesis: Params,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalnetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("transaction refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("the faucet reserve is empty")]
+    FaucetEmpty,
+    #[error("stored state does not conserve supply ({accounted} accounted, {total} total)")]
+    Supply { accounted: u128, total: u64 },
+}
+
+/// An executed transaction as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionRecord {
+    pub digest: TxDigest,
+    /// The signed envelope in BCS; absent for system transactions (faucet payments).
+    #[serde(with = "serde_bytes_option")]
+    pub signed: Option<Vec<u8>>,
+    pub effects: TransactionEffects,
+    pub balance_changes: Vec<BalanceChange>,
+    /// Objects the transaction wrote, in their new form.
+    pub objects: Vec<Object>,
+    pub checkpoint: u64,
+    pub timestamp_ms: u64,
+}
+
+mod serde_bytes_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(bytes) => s.serialize_some(&hex::encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub sequence: u64,
+    pub digest: Digest,
+    pub timestamp_ms: u64,
+    pub transactions: Vec<TxDigest>,
+}
+
+fn checkpoint_key(sequence: u64) -> String {
+    format!("{sequence:020}")
+}
+
+const CHAIN_ID_KEY: &str = "chain_id";
+const SYSTEM_KEY: &str = "object_chain";
+
+struct Inner {
+    ledger: Ledger,
+    store: Store,
+}
+
+type Slot = Arc<Mutex<Option<Result<TransactionRecord, LocalnetError>>>>;
+
+struct Queued {
+    tx: SignedTransaction,
+    digest: TxDigest,
+    slot: Slot,
+}
+
+pub struct Localnet {
+    inner: Mutex<Inner>,
+    queue: Mutex<Vec<Queued>>,
+    checkpoints: broadcast::Sender<Arc<Checkpoint>>,
+    chain_id: Digest,
+    faucet_counter: std::sync::atomic::AtomicU64,
+}
+
+impl Localnet {
+    /// Opens the data directory, creating genesis on first use.
+    pub fn open(config: &LocalnetConfig, now_ms: u64) -> Result<Arc<Localnet>, LocalnetError> {
+        let store = Store::open(&config.data_dir)?;
+        let chain_id = match store.get::<Digest>(Table::System, CHAIN_ID_KEY)? {
+            Some(id) => id,
+            None => {
+                let system = SystemState::genesis(config.genesis.clone(), now_ms);
+                let chain_id = Digest(blake2b256(&[b"somatrain-localnet", &now_ms.to_le_bytes()]));
+                let mut batch = Batch::default();
+                batch.put(Table::System, SYSTEM_KEY, &system);
+                batch.put(Table::System, CHAIN_ID_KEY, &chain_id);
+                store.commit(batch)?;
+                tracing::info!("created a new localnet in {}", config.data_dir.display());
+                chain_id
+            }
+        };
+        let ledger = load_ledger(&store)?;
+        let accounted = ledger.accounted_supply();
+        if accounted != ledger.system.total_supply as u128 {
+            return Err(LocalnetError::Supply {
+                accounted,
+                total: ledger.system.total_supply,
+            });
+        }
+        let (checkpoints, _) = broadcast::channel(1024);
+        Ok(Arc::new(Localnet {
+            inner: Mutex::new(Inner { ledger, store }),
+            queue: Mutex::new(Vec::new()),
+            checkpoints,
+            chain_id,
+            faucet_counter: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    pub fn chain_id(&self) -> Digest {
+        self.chain_id
+    }
+
+    /// Checkpoints as they are sealed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Checkpoint>> {
+        self.checkpoints.subscribe()
+    }
+
+    /// Executes a signature-checked transaction and commits it durably. The same transaction
+    /// sent again answers with its first outcome.
+    pub fn submit(
+        &self,
+        tx: SignedTransaction,
+        now_ms: u64,
+    ) -> Result<TransactionRecord, LocalnetError> {
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let digest = tx.digest();
+        self.queue.lock().expect("queue lock").push(Queued {
+            tx,
+            digest,
+            slot: slot.clone(),
+        });
+        let mut inner = self.inner.lock().expect("node lock");
+        if let Some(result) = slot.lock().expect("slot lock").take() {
+            return result;
+        }
+        let queued = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+        self.execute_batch(&mut inner, queued, now_ms);
+        drop(inner);
+        slot.lock()
+            .expect("slot lock")
+            .take()
+            .expect("the batch that held our transaction answered it")
+    }
+
+    fn execute_batch(&self, inner: &mut Inner, queued: Vec<Queued>, now_ms: u64) {
+        let sequence = inner.ledger.system.checkpoint_height;
+        let mut batch = Batch::default();
+        let mut records: Vec<TransactionRecord> = Vec::new();
+        let mut results: Vec<Result<TransactionRecord, LocalnetError>> = Vec::new();
+        let mut seen: HashMap<TxDigest, TransactionRecord> = HashMap::new();
+        for q in &queued {
+            let previous = match seen.get(&q.digest) {
+                Some(r) => Ok(Some(r.clone())),
+                None => inner
+                    .store
+                    .get::<TransactionRecord>(Table::Transactions, &q.digest.to_string()),
+            };
+            let result = match previous {
+                Ok(Some(record)) => Ok(record),
+                Err(e) => Err(LocalnetError::Store(e)),
+                Ok(None) => match execute::execute(&inner.ledger, &q.tx) {
+                    Ok(executed) => {
+                        let record = record_of(
+                            executed_parts(&executed),
+                            Some(q.tx.to_bcs()),
+                            sequence,
+                            now_ms,
+                        );
+                        stage(&mut batch, &executed.changes, &record);
+                        inner.ledger.apply(executed.changes);
+                        seen.insert(q.digest, record.clone());
+                        records.push(record.clone());
+                        Ok(record)
+                    }
+                    Err(refusal) => Err(LocalnetError::Refused(refusal)),
+                },
+            };
+            results.push(result);
+        }
+        let checkpoint = if records.is_empty() {
+            None
+        } else {
+            Some(self.seal(inner, &mut batch, &records, sequence, now_ms))
+        };
+        if !batch.is_empty()
+            && let Err(e) = inner.store.commit(batch)
+        {
+            tracing::error!("commit failed, reloading state from disk: {e}");
+            match load_ledger(&inner.store) {
+                Ok(ledger) => inner.ledger = ledger,
+                Err(reload) => panic!("state cannot be reloaded after a failed commit: {reload}"),
+            }
+            let message = e.to_string();
+            results = queued
+                .iter()
+                .map(|_| Err(LocalnetError::Store(StoreError::Db(message.clone()))))
+                .collect();
+        } else if let Some(checkpoint) = checkpoint {
+            let _ = self.checkpoints.send(Arc::new(checkpoint));
+        }
+        debug_assert_eq!(
+            inner.ledger.accounted_supply(),
+            inner.ledger.system.total_supply as u128
+        );
+        for (q, result) in queued.into_iter().zip(results) {
+            *q.slot.lock().expect("slot lock") = Some(result);
+        }
+    }
+
+    /// Seals the batch's transactions into checkpoint `sequence` (staged in `batch`).
+    fn seal(
+        &self,
+        inner: &mut Inner,
+        batch: &mut Batch,
+        records: &[TransactionRecord],
+        sequence: u64,
+        now_ms: u64,
+    ) -> Checkpoint {
+        let digests: Vec<TxDigest> = records.iter().map(|r| r.digest).collect();
+        let mut parts: Vec<&[u8]> = vec![b"Checkpoint::"];
+        let sequence_bytes = sequence.to_le_bytes();
+        parts.push(&sequence_bytes);
+        for d in &digests {
+            parts.push(&d.0);
+        }
+        let checkpoint = Checkpoint {
+            sequence,
+            digest: Digest(blake2b256(&parts)),
+            timestamp_ms: now_ms,
+            transactions: digests,
+        };
+        inner.ledger.system.checkpoint_height = sequence + 1;
+        batch.put(Table::Checkpoints, checkpoint_key(sequence), &checkpoint);
+        batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
+        checkpoint
+    }
+
+    /// Pays the faucet amount to `recipient` as one new coin, in its own checkpoint.
+    pub fn faucet(
+        &self,
+        recipient: Address,
+        now_ms: u64,
+    ) -> Result<TransactionRecord, LocalnetError> {
+        let mut inner = self.inner.lock().expect("node lock");
+        let n = self
+            .faucet_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let digest = TxDigest(blake2b256(&[
+            b"Faucet::",
+            &self.chain_id.0,
+            &recipient.0,
+            &now_ms.to_le_bytes(),
+            &n.to_le_bytes(),
+            &inner.ledger.system.checkpoint_height.to_le_bytes(),
+        ]));
+        let executed =
+            execute::faucet(&inner.ledger, recipient, digest).ok_or(LocalnetError::FaucetEmpty)?;
+        let sequence = inner.ledger.system.checkpoint_height;
+        let record = record_of(executed_parts(&executed), None, sequence, now_ms);
+        let mut batch = Batch::default();
+        stage(&mut batch, &executed.changes, &record);
+        let before = inner.ledger.clone();
+        inner.ledger.apply(executed.changes);
+        let checkpoint = self.seal(
+            &mut inner,
+            &mut batch,
+            std::slice::from_ref(&record),
+            sequence,
+            now_ms,
+        );
+        if let Err(e) = inner.store.commit(batch) {
+            inner.ledger = before;
+            return Err(e.into());
+        }
+        let _ = self.checkpoints.send(Arc::new(checkpoint));
+        Ok(record)
+    }
+
+    /// Closes the current epoch now; returns the new epoch.
+    pub fn advance_epoch(&self, now_ms: u64) -> Result<u64, LocalnetError> {
+        let mut inner = self.inner.lock().expect("node lock");
+        let changes = epoch::advance_epoch(&inner.ledger, now_ms);
+        let mut batch = Batch::default();
+        stage_changes(&mut batch, &changes);
+        let before = inner.ledger.clone();
+        inner.ledger.apply(changes);
+        batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
+        if let Err(e) = inner.store.commit(batch) {
+            inner.ledger = before;
+            return Err(e.into());
+        }
+        tracing::info!("epoch {} started", inner.ledger.system.epoch);
+        Ok(inner.ledger.system.epoch)
+    }
+
+    /// Closes the epoch if its duration has run out; called by the clock task.
+    pub fn tick(&self, now_ms: u64) -> Result<bool, LocalnetError> {
+        let due = now_ms >= self.read(|l| l.system.next_epoch_ms());
+        if due {
+            self.advance_epoch(now_ms)?;
+        }
+        Ok(due)
+    }
+
+    /// Runs `f` on the current state under the lock; keep `f` short.
+    pub fn read<T>(&self, f: impl FnOnce(&Ledger) -> T) -> T {
+        f(&self.inner.lock().expect("node lock").ledger)
+    }
+
+    pub fn transaction(
+        &self,
+        digest: &TxDigest,
+    ) -> Result<Option<TransactionRecord>, LocalnetError> {
+        let inner = self.inner.lock().expect("node lock");
+        Ok(inner.store.get(Table::Transactions, &digest.to_string())?)
+    }
+
+    pub fn checkpoint(&self, sequence: u64) -> Result<Option<Checkpoint>, LocalnetError> {
+        let inner = self.inner.lock().expect("node lock");
+        Ok(inner
+            .store
+            .get(Table::Checkpoints, &checkpoint_key(sequence))?)
+    }
+
+    /// Runs a transaction against a copy of the state without committing it.
+    pub fn simulate(&self, tx: &SignedTransaction) -> Result<Executed, Refusal> {
+        let ledger = self.read(|l| l.clone());
+        execute::execute(&ledger, tx)
+    }
+
+    /// Objects of `owner` after `after` (exclusive), at most `limit`, optionally of one type.
+    pub fn owned_page(
+        &self,
+        owner: &Address,
+        object_type: Option<ObjectType>,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> (Vec<Object>, bool) {
+        self.read(|l| {
+            let mut page: Vec<Object> = l
+                .owned_objects(owner, object_type)
+                .filter(|o| after.is_none_or(|a| o.id().is_ok_and(|id| id > a)))
+                .take(limit + 1)
+                .cloned()
+                .collect();
+            let more = page.len() > limit;
+            page.truncate(limit);
+            (page, more)
+        })
+    }
+}
+
+fn executed_parts(e: &Executed) -> (&TransactionEffects, &[BalanceChange], Vec<Object>) {
+    (
+        &e.effects,
+        &e.balance_changes,
+        e.changes.written.values().cloned().collect(),
+    )
+}
+
+fn record_of(
+    (effects, balance_changes, objects): (&TransactionEffects, &[BalanceChange], Vec<Object>),
+    signed: Option<Vec<u8>>,
+    checkpoint: u64,
+    timestamp_ms: u64,
+) -> TransactionRecord {
+    TransactionRecord {
+        digest: effects.transaction_digest,
+        signed,
+        effects: effects.clone(),
+        balance_changes: balance_changes.to_vec(),
+        objects,
+        checkpoint,
+        timestamp_ms,
+    }
+}
+
+fn stage_changes(batch: &mut Batch, changes: &Changes) {
+    for (id, object) in &changes.written {
+        batch.put(Table::Objects, id.hex(), object);
+    }
+    for id in &changes.deleted {
+        batch.delete(Table::Objects, id.hex());
+    }
+    if let Some(system) = &changes.system {
+        batch.put(Table::System, SYSTEM_KEY, system);
+    }
+}
+
+fn stage(batch: &mut Batch, changes: &Changes, record: &TransactionRecord) {
+    stage_changes(batch, changes);
+    batch.put(Table::Transactions, record.digest.to_string(), record);
+}
+
+fn load_ledger(store: &Store) -> Result<Ledger, StoreError> {
+    let system: SystemState = store
+        .get(Table::System, SYSTEM_KEY)?
+        .ok_or_else(|| StoreError::Db("the system state is missing".into()))?;
+    let objects = store
+        .load_all::<Object>(Table::Objects)?
+        .into_iter()
+        .map(|(_, o)| o);
+    Ok(Ledger::new(system, objects))
+}
+
+pub fn default_data_dir() -> PathBuf {
+    Path::new(".somatrain").join("localnet")
+}
