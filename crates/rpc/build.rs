@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::ProtoCodec")
         .compile_fds(descriptors)?;
 
     let bcs_method = |name: &str, route: &str, input: &str, output: &str| {

@@ -10,7 +10,9 @@
 //! - [`side`]: the BCS request and response types, [`side::BcsCodec`], and the generated
 //!   `faucet`, `admin` and `scoring` stubs.
 //! - [`convert`]: protobuf ↔ protocol, naming the offending field on failure.
+//! - [`codec::ProtoCodec`]: prost, with malformed messages refused as INVALID_ARGUMENT.
 
+pub mod codec;
 pub mod convert;
 pub mod side;
 

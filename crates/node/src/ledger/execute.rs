@@ -56,6 +56,8 @@ pub enum Refusal {
         expected: &'static str,
         found: &'static str,
     },
+    #[error("object {0} is both an input and an extra gas coin (merged into the first)")]
+    MergedInput(ObjectId),
     #[error("gas coins hold {balance} shannons, below the base fee of {base_fee}")]
     InsufficientGas { balance: u64, base_fee: u64 },
 }
@@ -285,6 +287,9 @@ pub fn execute(ledger: &Ledger, tx: &SignedTransaction) -> Result<Executed, Refu
     }
     for (input, expected) in owned_inputs(&data.kind) {
         check_owned(ledger, &input, sender, expected)?;
+        if data.gas_payment[1..].iter().any(|g| g.id == input.id) {
+            return Err(Refusal::MergedInput(input.id));
+        }
     }
     let gas_balance: u64 = data
         .gas_payment
