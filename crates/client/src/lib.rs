@@ -1,8 +1,15 @@
-//! Typed client of the localnet's HTTP API, used by the CLI and the daemon.
+//! Clients of a SOMA network.
+//!
+//! - [`chain::ChainClient`]: the network's own protocol (gRPC and the BCS side services), for
+//!   the public testnet and `somatrain localnet` alike.
+//! - [`Client`]: the former localnet's HTTP+JSON API, kept while the daemon and the submitter
+//!   move to [`chain::ChainClient`].
 //!
 //! Owns request building, signing of transactions with the sender's next sequence number, and
 //! the mapping of error answers to [`ClientError::Rejected`] with the node's stable code. It
 //! holds no state beyond the base URL.
+
+pub mod chain;
 
 use serde::de::DeserializeOwned;
 use somatrain_protocol::api::{BlobInfo, EpochResponse, ErrorBody, FaucetRequest, Status};

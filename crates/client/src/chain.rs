@@ -1,0 +1,577 @@
+//! A client of the SOMA network's own protocol: the fullnode's gRPC services and the BCS side
+//! services, for the public testnet and for our localnet alike.
+//!
+//! Every call has a deadline and a reply size limit; replies may be zstd-compressed; `https://`
+//! endpoints use rustls with the public roots. Three outcomes stay apart:
+//! - [`ChainError::Refused`]: the node refused the request (bad input, stale coin...). Retrying
+//!   the same request cannot help, except a stale or locked coin, which [`ChainClient::sign_and_execute`]
+//!   handles by re-reading coins.
+//! - [`ChainError::Unavailable`]: the node could not be reached, timed out or was overloaded;
+//!   the outcome of a write is unknown until it is looked up by digest.
+//! - An executed transaction whose effects say failure is `Ok`: it ran, paid its fee, and
+//!   [`Executed::status`] says why it failed.
+
+use std::time::Duration;
+
+use somatrain_protocol::effects::{
+    BalanceChange, ExecutionFailure, ExecutionStatus, TransactionEffects,
+};
+use somatrain_protocol::{
+    Address, Keypair, Object, ObjectId, ObjectRef, ObjectType, SignedTransaction, TransactionData,
+    TransactionKind, TxDigest,
+};
+use somatrain_rpc::admin::admin_client::AdminClient;
+use somatrain_rpc::convert;
+use somatrain_rpc::faucet::faucet_client::FaucetClient;
+use somatrain_rpc::proto::{
+    self, ledger_service_client::LedgerServiceClient, state_service_client::StateServiceClient,
+    subscription_service_client::SubscriptionServiceClient,
+    transaction_execution_service_client::TransactionExecutionServiceClient,
+};
+use somatrain_rpc::side::{AdvanceEpochRequest, FaucetRequest, FaucetResponse};
+use tonic::Code;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// How long to wait for a transaction's checkpoint, as the SDK does.
+pub const CHECKPOINT_WAIT: Duration = Duration::from_secs(30);
+/// The deadline of every unary call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest reply accepted (the SDK's limit too).
+pub const MAX_REPLY_BYTES: usize = somatrain_rpc::MAX_MESSAGE_BYTES;
+/// Attempts of [`ChainClient::sign_and_execute`] when a coin turns out stale or locked.
+const COIN_RETRIES: usize = 4;
+
+/// Where a network's services are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub rpc: String,
+    pub faucet: Option<String>,
+    pub admin: Option<String>,
+    pub scoring: Option<String>,
+}
+
+impl Endpoints {
+    /// The SDK's localnet preset.
+    pub fn localnet() -> Self {
+        Endpoints {
+            rpc: "http://127.0.0.1:9000".into(),
+            faucet: Some("http://127.0.0.1:9123".into()),
+            scoring: Some("http://127.0.0.1:9124".into()),
+            admin: Some("http://127.0.0.1:9125".into()),
+        }
+    }
+
+    /// The public testnet's fullnode and faucet.
+    pub fn testnet() -> Self {
+        Endpoints {
+            rpc: "https://fullnode.testnet.soma.org".into(),
+            faucet: Some("https://faucet.testnet.soma.org".into()),
+            scoring: None,
+            admin: None,
+        }
+    }
+
+    /// `localnet`, `testnet`, or a fullnode URL (no faucet, admin or scoring then).
+    pub fn parse(network: &str) -> Result<Self, ChainError> {
+        match network.trim() {
+            "localnet" => Ok(Self::localnet()),
+            "testnet" => Ok(Self::testnet()),
+            url if url.starts_with("http://") || url.starts_with("https://") => Ok(Endpoints {
+                rpc: url.trim_end_matches('/').to_string(),
+                faucet: None,
+                admin: None,
+                scoring: None,
+            }),
+            other => Err(ChainError::Config(format!(
+                "--network {other:?}: expected localnet, testnet or an http(s):// URL"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("the node refused the request ({code:?}): {message}")]
+    Refused { code: Code, message: String },
+    #[error("the node at {endpoint} is unavailable: {message}")]
+    Unavailable { endpoint: String, message: String },
+    #[error(
+        "transaction {digest} was sent but its checkpoint did not arrive within {seconds} s; look it up by digest before sending anything that depends on it"
+    )]
+    WaitTimedOut { digest: TxDigest, seconds: u64 },
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ChainError {
+    /// Worth retrying later: the node was unreachable or overloaded, or a wait ran out.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ChainError::Unavailable { .. } | ChainError::WaitTimedOut { .. }
+        )
+    }
+
+    /// A coin that was stale or locked: pick or re-read coins and try again.
+    fn is_coin_conflict(&self) -> bool {
+        matches!(self, ChainError::Refused { message, .. }
+            if message.contains("not available for consumption")
+                || message.contains("already locked")
+                || message.contains("ObjectLockConflict"))
+    }
+}
+
+fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
+    match status.code() {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::Unknown => ChainError::Unavailable {
+            endpoint: endpoint.to_string(),
+            message: status.message().to_string(),
+        },
+        code => ChainError::Refused {
+            code,
+            message: status.message().to_string(),
+        },
+    }
+}
+
+/// What an executed transaction did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    pub digest: TxDigest,
+    pub effects: TransactionEffects,
+    pub balance_changes: Vec<BalanceChange>,
+    pub checkpoint: Option<u64>,
+}
+
+impl Executed {
+    pub fn status(&self) -> &ExecutionStatus {
+        &self.effects.status
+    }
+
+    /// The effects if the transaction succeeded, else why it failed.
+    pub fn success(self) -> Result<Executed, ExecutionFailure> {
+        match &self.effects.status {
+            ExecutionStatus::Success => Ok(self),
+            ExecutionStatus::Failure(f) => Err(f.clone()),
+        }
+    }
+
+    /// The ids of objects this transaction created, in the order the chain lists them.
+    pub fn created(&self) -> Vec<ObjectId> {
+        use somatrain_protocol::effects::IdOperation;
+        self.effects
+            .changed_objects
+            .iter()
+            .filter(|c| c.id_operation == IdOperation::Created)
+            .map(|c| c.id)
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct ChainClient {
+    endpoints: Endpoints,
+    ledger: LedgerServiceClient<Channel>,
+    state: StateServiceClient<Channel>,
+    execution: TransactionExecutionServiceClient<Channel>,
+    subscription: SubscriptionServiceClient<Channel>,
+    faucet: Option<FaucetClient<Channel>>,
+    admin: Option<AdminClient<Channel>>,
+}
+
+fn channel(url: &str, call_timeout: Duration) -> Result<Channel, ChainError> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| ChainError::Config(format!("{url}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT.min(call_timeout))
+        .timeout(call_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(30)));
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .map_err(|e| ChainError::Config(format!("TLS for {url}: {e}")))?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+macro_rules! limits {
+    ($client:expr) => {
+        $client
+            .max_decoding_message_size(MAX_REPLY_BYTES)
+            .accept_compressed(CompressionEncoding::Zstd)
+    };
+}
+
+impl ChainClient {
+    /// Connects lazily: nothing is dialled until the first call.
+    pub fn new(endpoints: Endpoints) -> Result<Self, ChainError> {
+        Self::with_call_timeout(endpoints, CALL_TIMEOUT)
+    }
+
+    /// As [`ChainClient::new`], with another deadline for every unary call.
+    pub fn with_call_timeout(endpoints: Endpoints, timeout: Duration) -> Result<Self, ChainError> {
+        let rpc = channel(&endpoints.rpc, timeout)?;
+        let side = |url: &Option<String>| url.as_deref().map(|u| channel(u, timeout)).transpose();
+        let faucet = side(&endpoints.faucet)?;
+        let admin = side(&endpoints.admin)?;
+        Ok(ChainClient {
+            ledger: limits!(LedgerServiceClient::new(rpc.clone())),
+            state: limits!(StateServiceClient::new(rpc.clone())),
+            execution: limits!(TransactionExecutionServiceClient::new(rpc.clone())),
+            subscription: limits!(SubscriptionServiceClient::new(rpc)),
+            faucet: faucet.map(|c| FaucetClient::new(c).max_decoding_message_size(MAX_REPLY_BYTES)),
+            admin: admin.map(|c| AdminClient::new(c).max_decoding_message_size(MAX_REPLY_BYTES)),
+            endpoints,
+        })
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    fn err(&self, status: tonic::Status) -> ChainError {
+        status_error(&self.endpoints.rpc, status)
+    }
+
+    /// `(chain name, chain id, epoch)`.
+    pub async fn service_info(&self) -> Result<proto::GetServiceInfoResponse, ChainError> {
+        Ok(self
+            .ledger
+            .clone()
+            .get_service_info(proto::GetServiceInfoRequest {})
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner())
+    }
+
+    pub async fn balance(&self, owner: &Address) -> Result<u64, ChainError> {
+        self.state
+            .clone()
+            .get_balance(proto::GetBalanceRequest {
+                owner: Some(owner.to_string()),
+            })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner()
+            .balance
+            .ok_or_else(|| ChainError::Protocol("GetBalance without a balance".into()))
+    }
+
+    /// Every object of `owner` (optionally of one type), following the pages.
+    pub async fn owned_objects(
+        &self,
+        owner: &Address,
+        object_type: Option<ObjectType>,
+    ) -> Result<Vec<Object>, ChainError> {
+        let mut objects = Vec::new();
+        let mut token = None;
+        // A bound on pages, so that a node that keeps answering with a token cannot loop us.
+        for _ in 0..10_000 {
+            let page = self
+                .state
+                .clone()
+                .list_owned_objects(proto::ListOwnedObjectsRequest {
+                    owner: Some(owner.to_string()),
+                    page_size: Some(1000),
+                    page_token: token.take(),
+                    read_mask: None,
+                    object_type: object_type.map(|t| t.name().to_string()),
+                })
+                .await
+                .map_err(|e| self.err(e))?
+                .into_inner();
+            for (i, o) in page.objects.iter().enumerate() {
+                objects.push(
+                    convert::object_from_proto(o, &format!("objects[{i}]"))
+                        .map_err(|e| ChainError::Protocol(e.to_string()))?,
+                );
+            }
+            match page.next_page_token {
+                Some(t) => token = Some(t),
+                None => return Ok(objects),
+            }
+        }
+        Err(ChainError::Protocol("ListOwnedObjects never ended".into()))
+    }
+
+    pub async fn object(&self, id: &ObjectId) -> Result<Option<Object>, ChainError> {
+        match self
+            .ledger
+            .clone()
+            .get_object(proto::GetObjectRequest {
+                object_id: Some(id.to_string()),
+                version: None,
+                read_mask: None,
+            })
+            .await
+        {
+            Ok(reply) => {
+                let object = reply
+                    .into_inner()
+                    .object
+                    .ok_or_else(|| ChainError::Protocol("GetObject without an object".into()))?;
+                convert::object_from_proto(&object, "object")
+                    .map(Some)
+                    .map_err(|e| ChainError::Protocol(e.to_string()))
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.err(status)),
+        }
+    }
+
+    /// The current epoch with its system state and protocol configuration.
+    pub async fn epoch(&self) -> Result<proto::Epoch, ChainError> {
+        self.ledger
+            .clone()
+            .get_epoch(proto::GetEpochRequest {
+                epoch: None,
+                read_mask: Some(prost_types::FieldMask {
+                    paths: vec![
+                        "epoch".into(),
+                        "system_state".into(),
+                        "protocol_config".into(),
+                        "start".into(),
+                    ],
+                }),
+            })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner()
+            .epoch
+            .ok_or_else(|| ChainError::Protocol("GetEpoch without an epoch".into()))
+    }
+
+    /// Targets with `status` (open, filled, claimed, expired, claimable), following the pages.
+    pub async fn targets(&self, status: &str) -> Result<Vec<proto::Target>, ChainError> {
+        let mut targets = Vec::new();
+        let mut token = None;
+        for _ in 0..10_000 {
+            let page = self
+                .state
+                .clone()
+                .list_targets(proto::ListTargetsRequest {
+                    status_filter: Some(status.to_string()),
+                    page_token: token.take(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| self.err(e))?
+                .into_inner();
+            targets.extend(page.targets);
+            match page.next_page_token {
+                Some(t) => token = Some(t),
+                None => return Ok(targets),
+            }
+        }
+        Err(ChainError::Protocol("ListTargets never ended".into()))
+    }
+
+    /// The transaction named `digest`, if the node executed it.
+    pub async fn transaction(&self, digest: &TxDigest) -> Result<Option<Executed>, ChainError> {
+        match self
+            .ledger
+            .clone()
+            .get_transaction(proto::GetTransactionRequest {
+                digest: Some(digest.to_string()),
+                read_mask: None,
+            })
+            .await
+        {
+            Ok(reply) => {
+                let executed = reply.into_inner().transaction.ok_or_else(|| {
+                    ChainError::Protocol("GetTransaction without a transaction".into())
+                })?;
+                executed_from_proto(&executed).map(Some)
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.err(status)),
+        }
+    }
+
+    pub async fn faucet(&self, recipient: &Address) -> Result<FaucetResponse, ChainError> {
+        let faucet = self
+            .faucet
+            .clone()
+            .ok_or_else(|| ChainError::Config("this network has no faucet endpoint".into()))?;
+        let endpoint = self.endpoints.faucet.clone().unwrap_or_default();
+        let reply = faucet
+            .clone()
+            .request_gas(FaucetRequest {
+                recipient: recipient.to_string(),
+            })
+            .await
+            .map_err(|e| status_error(&endpoint, e))?
+            .into_inner();
+        if reply.status != "Success" {
+            return Err(ChainError::Refused {
+                code: Code::FailedPrecondition,
+                message: format!("the faucet said: {}", reply.status),
+            });
+        }
+        Ok(reply)
+    }
+
+    /// Localnet only: closes the current epoch; returns the new one.
+    pub async fn advance_epoch(&self) -> Result<u64, ChainError> {
+        let admin = self
+            .admin
+            .clone()
+            .ok_or_else(|| ChainError::Config("this network has no admin endpoint".into()))?;
+        let endpoint = self.endpoints.admin.clone().unwrap_or_default();
+        Ok(admin
+            .clone()
+            .advance_epoch(AdvanceEpochRequest {})
+            .await
+            .map_err(|e| status_error(&endpoint, e))?
+            .into_inner()
+            .epoch)
+    }
+
+    /// Sends a signed transaction and waits for the checkpoint that includes it (subscribing
+    /// first, as the SDK does); if the stream fails, polls `GetTransaction` until the deadline.
+    pub async fn execute(&self, tx: &SignedTransaction) -> Result<Executed, ChainError> {
+        let digest = tx.digest();
+        let subscription = self
+            .subscription
+            .clone()
+            .subscribe_checkpoints(proto::SubscribeCheckpointsRequest { read_mask: None })
+            .await
+            .ok()
+            .map(|r| r.into_inner());
+        let request = proto::ExecuteTransactionRequest {
+            transaction: Some(convert::transaction_to_proto(&tx.data)),
+            signatures: tx
+                .signatures
+                .iter()
+                .map(convert::signature_to_proto)
+                .collect(),
+            read_mask: Some(prost_types::FieldMask {
+                paths: vec!["effects".into(), "balance_changes".into(), "objects".into()],
+            }),
+        };
+        let reply = self
+            .execution
+            .clone()
+            .execute_transaction(request)
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner()
+            .transaction
+            .ok_or_else(|| {
+                ChainError::Protocol("ExecuteTransaction without a transaction".into())
+            })?;
+        let mut executed = executed_from_proto(&reply)?;
+        if executed.effects.transaction_digest != digest {
+            return Err(ChainError::Protocol(format!(
+                "the node executed {} for our {digest}",
+                executed.effects.transaction_digest
+            )));
+        }
+        let wanted = digest.to_string();
+        let waited = tokio::time::timeout(CHECKPOINT_WAIT, async {
+            if let Some(mut stream) = subscription {
+                while let Ok(Some(message)) = stream.message().await {
+                    let checkpoint = message.checkpoint.unwrap_or_default();
+                    if checkpoint
+                        .transactions
+                        .iter()
+                        .any(|t| t.digest.as_deref() == Some(wanted.as_str()))
+                    {
+                        return checkpoint.sequence_number;
+                    }
+                }
+            }
+            loop {
+                if let Ok(Some(found)) = self.transaction(&digest).await
+                    && found.checkpoint.is_some()
+                {
+                    return found.checkpoint;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await;
+        match waited {
+            Ok(checkpoint) => {
+                executed.checkpoint = checkpoint.or(executed.checkpoint);
+                Ok(executed)
+            }
+            Err(_) => Err(ChainError::WaitTimedOut {
+                digest,
+                seconds: CHECKPOINT_WAIT.as_secs(),
+            }),
+        }
+    }
+
+    /// Builds `kind` for `keypair`'s address with its richest coin as gas, signs and executes
+    /// it. A stale or locked coin re-reads the coins and tries again.
+    pub async fn sign_and_execute(
+        &self,
+        keypair: &Keypair,
+        kind: impl Fn(&[ObjectRef]) -> TransactionKind,
+    ) -> Result<Executed, ChainError> {
+        let mut last = None;
+        for attempt in 0..COIN_RETRIES {
+            let gas = self.richest_coin(&keypair.address()).await?;
+            let data = TransactionData::new(kind(&[gas]), keypair.address(), vec![gas]);
+            let signed = SignedTransaction::sign(keypair, data);
+            match self.execute(&signed).await {
+                Err(e) if e.is_coin_conflict() => {
+                    tracing::debug!("coin conflict (attempt {}): {e}", attempt + 1);
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// The reference of the owner's richest coin.
+    pub async fn richest_coin(&self, owner: &Address) -> Result<ObjectRef, ChainError> {
+        let coins = self.owned_objects(owner, Some(ObjectType::Coin)).await?;
+        let richest = coins
+            .iter()
+            .max_by_key(|c| c.coin_balance().unwrap_or(0))
+            .ok_or_else(|| ChainError::Refused {
+                code: Code::FailedPrecondition,
+                message: format!("{owner} owns no coin to pay gas with"),
+            })?;
+        richest
+            .reference()
+            .map_err(|e| ChainError::Protocol(e.to_string()))
+    }
+}
+
+fn executed_from_proto(t: &proto::ExecutedTransaction) -> Result<Executed, ChainError> {
+    let protocol = |e: convert::FieldError| ChainError::Protocol(e.to_string());
+    let effects = convert::effects_from_proto(
+        t.effects
+            .as_ref()
+            .ok_or_else(|| ChainError::Protocol("a transaction without effects".into()))?,
+    )
+    .map_err(protocol)?;
+    let balance_changes = t
+        .balance_changes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| convert::balance_change_from_proto(b, &format!("balance_changes[{i}]")))
+        .collect::<Result<_, _>>()
+        .map_err(protocol)?;
+    Ok(Executed {
+        digest: effects.transaction_digest,
+        effects,
+        balance_changes,
+        checkpoint: t.checkpoint,
+    })
+}
