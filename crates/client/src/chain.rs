@@ -437,17 +437,11 @@ impl ChainClient {
             .epoch)
     }
 
-    /// Sends a signed transaction and waits for the checkpoint that includes it (subscribing
-    /// first, as the SDK does); if the stream fails, polls `GetTransaction` until the deadline.
+    /// Sends a signed transaction and waits for the checkpoint that includes it: at once when the
+    /// reply names its checkpoint (our localnet seals before answering), else on the checkpoint
+    /// stream raced against lookups by digest, until [`CHECKPOINT_WAIT`].
     pub async fn execute(&self, tx: &SignedTransaction) -> Result<Executed, ChainError> {
         let digest = tx.digest();
-        let subscription = self
-            .subscription
-            .clone()
-            .subscribe_checkpoints(proto::SubscribeCheckpointsRequest { read_mask: None })
-            .await
-            .ok()
-            .map(|r| r.into_inner());
         let request = proto::ExecuteTransactionRequest {
             transaction: Some(convert::transaction_to_proto(&tx.data)),
             signatures: tx
@@ -477,27 +471,54 @@ impl ChainClient {
                 executed.effects.transaction_digest
             )));
         }
+        // A node that seals the checkpoint before answering says so in the reply.
+        if executed.checkpoint.is_some() {
+            return Ok(executed);
+        }
+        // Otherwise: the checkpoint stream, with lookups by digest covering a checkpoint sealed
+        // before the subscription started.
+        let subscription = self
+            .subscription
+            .clone()
+            .subscribe_checkpoints(proto::SubscribeCheckpointsRequest { read_mask: None })
+            .await
+            .ok()
+            .map(|r| r.into_inner());
         let wanted = digest.to_string();
         let waited = tokio::time::timeout(CHECKPOINT_WAIT, async {
-            if let Some(mut stream) = subscription {
-                while let Ok(Some(message)) = stream.message().await {
-                    let checkpoint = message.checkpoint.unwrap_or_default();
-                    if checkpoint
-                        .transactions
-                        .iter()
-                        .any(|t| t.digest.as_deref() == Some(wanted.as_str()))
-                    {
-                        return checkpoint.sequence_number;
+            let mut stream = subscription;
+            let mut poll = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                // The stream, raced against a lookup every second: a subscriber that fell behind
+                // (or a stream that broke) still learns of the checkpoint.
+                let next = async {
+                    match stream.as_mut() {
+                        Some(s) => s.message().await.ok().flatten(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    message = next => match message {
+                        Some(message) => {
+                            let checkpoint = message.checkpoint.unwrap_or_default();
+                            if checkpoint
+                                .transactions
+                                .iter()
+                                .any(|t| t.digest.as_deref() == Some(wanted.as_str()))
+                            {
+                                return checkpoint.sequence_number;
+                            }
+                        }
+                        None => stream = None,
+                    },
+                    _ = poll.tick() => {
+                        if let Ok(Some(found)) = self.transaction(&digest).await
+                            && found.checkpoint.is_some()
+                        {
+                            return found.checkpoint;
+                        }
                     }
                 }
-            }
-            loop {
-                if let Ok(Some(found)) = self.transaction(&digest).await
-                    && found.checkpoint.is_some()
-                {
-                    return found.checkpoint;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
         .await;

@@ -620,8 +620,9 @@ impl TransactionExecutionService for Services {
         let request = request.into_inner();
         let signed = signed_from_proto(request.transaction.as_ref(), &request.signatures)?;
         let record = self
-            .blocking(move |n| n.submit(signed, now_ms()))
-            .await?
+            .node
+            .submit_queued(signed)
+            .await
             .map_err(localnet_status)?;
         Ok(Response::new(proto::ExecuteTransactionResponse {
             transaction: Some(executed_to_proto(&record)),

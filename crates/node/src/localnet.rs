@@ -2,7 +2,7 @@
 //!
 //! Every executed transaction (success or failure) is in the store before its answer, and is
 //! sealed into a checkpoint that subscribers receive. Group commit: submitters queue their
-//! transactions and whoever takes the lock executes everything queued, commits it in one
+//! transactions and one writer executes everything queued, commits it in one
 //! durable batch (one fsync) and seals one checkpoint. A failed disk write reloads the state
 //! from disk, fails that batch, and the node goes on (it recovers once space is back).
 
@@ -93,20 +93,23 @@ struct Inner {
     store: Store,
 }
 
-type Slot = Arc<Mutex<Option<Result<TransactionRecord, LocalnetError>>>>;
+type Reply = tokio::sync::oneshot::Sender<Result<TransactionRecord, LocalnetError>>;
 
 struct Queued {
     tx: SignedTransaction,
     digest: TxDigest,
-    slot: Slot,
+    reply: Reply,
 }
 
 pub struct Localnet {
     inner: Mutex<Inner>,
     queue: Mutex<Vec<Queued>>,
+    /// Wakes the writer thread when transactions are queued.
+    queued: std::sync::Condvar,
     checkpoints: broadcast::Sender<Arc<Checkpoint>>,
     chain_id: Digest,
     faucet_counter: std::sync::atomic::AtomicU64,
+    writer_started: std::sync::atomic::AtomicBool,
 }
 
 impl Localnet {
@@ -138,9 +141,11 @@ impl Localnet {
         Ok(Arc::new(Localnet {
             inner: Mutex::new(Inner { ledger, store }),
             queue: Mutex::new(Vec::new()),
+            queued: std::sync::Condvar::new(),
             checkpoints,
             chain_id,
             faucet_counter: std::sync::atomic::AtomicU64::new(0),
+            writer_started: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -153,31 +158,87 @@ impl Localnet {
         self.checkpoints.subscribe()
     }
 
-    /// Executes a signature-checked transaction and commits it durably. The same transaction
-    /// sent again answers with its first outcome.
+    /// Executes a signature-checked transaction and commits it durably, on the caller's thread.
+    /// The same transaction sent again answers with its first outcome.
     pub fn submit(
         &self,
         tx: SignedTransaction,
         now_ms: u64,
     ) -> Result<TransactionRecord, LocalnetError> {
-        let slot: Slot = Arc::new(Mutex::new(None));
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
         let digest = tx.digest();
-        self.queue.lock().expect("queue lock").push(Queued {
-            tx,
-            digest,
-            slot: slot.clone(),
-        });
+        self.queue
+            .lock()
+            .expect("queue lock")
+            .push(Queued { tx, digest, reply });
         let mut inner = self.inner.lock().expect("node lock");
-        if let Some(result) = slot.lock().expect("slot lock").take() {
+        if let Ok(result) = answer.try_recv() {
             return result;
         }
         let queued = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
         self.execute_batch(&mut inner, queued, now_ms);
         drop(inner);
-        slot.lock()
-            .expect("slot lock")
-            .take()
+        answer
+            .try_recv()
             .expect("the batch that held our transaction answered it")
+    }
+
+    /// As [`Localnet::submit`], for async callers: the transaction is queued for the writer
+    /// thread, which executes everything queued in one batch (one fsync, one checkpoint), so
+    /// many concurrent senders never pile up threads on the state lock.
+    pub async fn submit_queued(
+        self: &Arc<Self>,
+        tx: SignedTransaction,
+    ) -> Result<TransactionRecord, LocalnetError> {
+        self.start_writer();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let digest = tx.digest();
+        self.queue
+            .lock()
+            .expect("queue lock")
+            .push(Queued { tx, digest, reply });
+        self.queued.notify_one();
+        answer.await.unwrap_or_else(|_| {
+            Err(LocalnetError::Store(StoreError::Db(
+                "the writer thread stopped".into(),
+            )))
+        })
+    }
+
+    fn start_writer(self: &Arc<Self>) {
+        if self
+            .writer_started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let node = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("localnet-writer".into())
+            .spawn(move || {
+                loop {
+                    let Some(node) = node.upgrade() else { return };
+                    let queued = {
+                        let queue = node.queue.lock().expect("queue lock");
+                        let (mut queue, _) = node
+                            .queued
+                            .wait_timeout_while(queue, std::time::Duration::from_secs(1), |q| {
+                                q.is_empty()
+                            })
+                            .expect("queue lock");
+                        std::mem::take(&mut *queue)
+                    };
+                    if queued.is_empty() {
+                        continue;
+                    }
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let mut inner = node.inner.lock().expect("node lock");
+                    node.execute_batch(&mut inner, queued, now_ms);
+                }
+            })
+            .expect("spawn the writer thread");
     }
 
     fn execute_batch(&self, inner: &mut Inner, queued: Vec<Queued>, now_ms: u64) {
@@ -241,7 +302,8 @@ impl Localnet {
             inner.ledger.system.total_supply as u128
         );
         for (q, result) in queued.into_iter().zip(results) {
-            *q.slot.lock().expect("slot lock") = Some(result);
+            // A sender that stopped waiting (a dropped request) no longer needs its answer.
+            let _ = q.reply.send(result);
         }
     }
 

@@ -69,7 +69,7 @@ impl World {
                     embedding: SomaTensor::vector(embedding),
                 };
             }
-            let key = EncryptionKey::generate();
+            let key = EncryptionKey::from_bytes(self.rng.random());
             let embedding: Vec<f32> = (0..DIM).map(|_| self.rng.random_range(-1.0..1.0)).collect();
             let kind = TransactionKind::CommitModel {
                 model_id: model.id,
@@ -154,7 +154,7 @@ impl World {
                 architecture_version: [1, 1, 2][rng.random_range(0..3)],
             },
             4 => {
-                let key = EncryptionKey::generate();
+                let key = EncryptionKey::from_bytes(rng.random());
                 let embedding: Vec<f32> = (0..DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let kind = TransactionKind::CommitModel {
                     model_id: model,
@@ -175,7 +175,7 @@ impl World {
                     .secrets
                     .get(&model)
                     .cloned()
-                    .unwrap_or_else(|| (EncryptionKey::generate(), vec![0.5; DIM]));
+                    .unwrap_or_else(|| (EncryptionKey::from_bytes([0; 32]), vec![0.5; DIM]));
                 TransactionKind::RevealModel {
                     model_id: model,
                     decryption_key: Digest(*key.as_bytes()),

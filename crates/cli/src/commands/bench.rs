@@ -23,7 +23,8 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Weights encryption + commitment throughput (AES-256-CTR and Blake2b-256, streamed).
     Crypto(CryptoBenchArgs),
-    /// Localnet load: many accounts sending signed transfers concurrently over HTTP.
+    /// Localnet load: many accounts sending signed transfers concurrently over gRPC, each waited
+    /// for in its checkpoint.
     Localnet(LocalnetBenchArgs),
     /// Corpus streaming: sequences per second out of a JSON Lines file, and the time to reopen
     /// the stream half-way (from a checkpoint's cursor, and by replaying the epoch).
@@ -425,55 +426,98 @@ fn bench_crypto(args: CryptoBenchArgs) -> Result<()> {
 }
 
 fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
-    use somatrain_client::Client;
-    use somatrain_node::{Node, NodeConfig};
-    use somatrain_protocol::Keypair;
-    use somatrain_protocol::chain::Params;
-    use somatrain_protocol::tx::{SignedTx, TxBody, TxKind};
+    use somatrain_client::chain::{ChainClient, Endpoints};
+    use somatrain_node::grpc::{Services, serve};
+    use somatrain_node::ledger::Params;
+    use somatrain_node::localnet::{Localnet, LocalnetConfig};
+    use somatrain_protocol::{
+        Keypair, ObjectRef, ObjectType, SignedTransaction, TransactionData, TransactionKind,
+    };
     if args.accounts == 0 || args.transactions_per_account == 0 {
         bail!("--accounts and --transactions-per-account must be positive");
     }
     let dir = tempfile::tempdir()?;
-    let config = NodeConfig {
+    let config = LocalnetConfig {
         data_dir: dir.path().to_path_buf(),
         genesis: Params::default(),
-        admin_token: None,
     };
-    let node = Node::open(&config)?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let node = Localnet::open(&config, now())?;
     let keys: Vec<Keypair> = (0..args.accounts).map(|_| Keypair::generate()).collect();
+    let mut gas: Vec<ObjectRef> = Vec::with_capacity(keys.len());
     for k in &keys {
-        node.faucet(k.address())?;
+        node.faucet(k.address(), now())?;
+        let coin = node.read(|l| {
+            l.owned_objects(&k.address(), Some(ObjectType::Coin))
+                .next()
+                .map(|o| o.reference())
+        });
+        gas.push(anyhow::Context::context(coin, "the faucet paid no coin")??);
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let (latencies, acknowledged, secs) = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(somatrain_node::serve(
-            node.clone(),
-            listener,
-            std::future::pending(),
-        ));
+        let mut listeners = Vec::new();
+        for _ in 0..4 {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let rpc = format!("http://{}", listeners[0].local_addr()?);
+        let listeners: [tokio::net::TcpListener; 4] = listeners
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("four listeners"))?;
+        let services = Services {
+            node: node.clone(),
+            scorer: None,
+        };
+        tokio::spawn(serve(services, listeners, std::future::pending()));
+        // A few connections, as a few client processes would open.
+        let clients: Vec<ChainClient> = (0..8)
+            .map(|_| ChainClient::new(Endpoints::parse(&rpc)?))
+            .collect::<Result<_, _>>()?;
         let sink = Keypair::generate().address();
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for k in keys {
-            let client = Client::new(&url);
+        for (i, (k, mut coin)) in keys.into_iter().zip(gas).enumerate() {
+            let client = clients[i % clients.len()].clone();
             let n = args.transactions_per_account;
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::new();
-                for sequence in 0..n {
-                    let body = TxBody {
-                        sender: k.address(),
-                        sequence,
-                        kind: TxKind::Transfer {
-                            to: sink,
-                            amount: 1,
-                        },
-                    };
-                    let tx = SignedTx::sign(&k, &body);
+                for _ in 0..n {
+                    let tx = SignedTransaction::sign(
+                        &k,
+                        TransactionData::new(
+                            TransactionKind::TransferCoin {
+                                coin,
+                                amount: Some(1),
+                                recipient: sink,
+                            },
+                            k.address(),
+                            vec![coin],
+                        ),
+                    );
                     let t0 = Instant::now();
-                    let result = client.submit(&tx).await;
-                    out.push((t0.elapsed().as_secs_f64(), result.is_ok(), tx.digest()));
+                    let result = client.execute(&tx).await;
+                    let ok = matches!(&result, Ok(e) if e.status().is_success());
+                    out.push((t0.elapsed().as_secs_f64(), ok, tx.digest()));
+                    // The coin's next reference, read from the effects.
+                    let Some(next) = result.ok().and_then(|e| {
+                        e.effects
+                            .changed_objects
+                            .iter()
+                            .find(|c| c.id == coin.id)
+                            .and_then(|c| c.output)
+                            .map(|o| ObjectRef {
+                                id: coin.id,
+                                version: o.version,
+                                digest: o.digest,
+                            })
+                    }) else {
+                        break;
+                    };
+                    coin = next;
                 }
                 out
             }));
@@ -490,7 +534,7 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
         }
         anyhow::Ok((latencies, acknowledged, start.elapsed().as_secs_f64()))
     })?;
-    let total = latencies.len();
+    let total = args.accounts * args.transactions_per_account as usize;
     let lost = acknowledged
         .iter()
         .filter(|d| node.transaction(d).ok().flatten().is_none())
@@ -498,9 +542,10 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     let p = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] * 1e3;
-    let conserved = node.accounted_supply() == node.system().total_supply;
+    let conserved = node.read(|l| l.accounted_supply() == l.system.total_supply as u128);
     let out = serde_json::json!({
         "bench": "localnet",
+        "protocol": "grpc",
         "accounts": args.accounts,
         "transactions": total,
         "acknowledged": acknowledged.len(),
@@ -515,7 +560,7 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
     println!("{out}");
     if lost > 0 || !conserved || acknowledged.len() != total {
         bail!(
-            "{lost} acknowledged transactions lost, {} refused, supply conserved: {conserved}",
+            "{lost} acknowledged transactions lost, {} not executed, supply conserved: {conserved}",
             total - acknowledged.len()
         );
     }
