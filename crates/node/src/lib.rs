@@ -1,6 +1,17 @@
-//! The localnet: a single-node network that follows SOMA's model rules, served over HTTP+JSON.
+//! The localnet: a single-node network that follows SOMA's rules.
 //!
-//! Owns the chain state machine ([`execute`]), its persistence (through `somatrain-store`: every
+//! The node of record speaks the network's own protocol:
+//! - [`ledger`]: the object chain (coins, `StakedSoma`, shared targets, the model registry),
+//!   execution with the network's gas and fees, epoch changes. Pure.
+//! - [`localnet::Localnet`]: the ledger made durable in redb, group commit, checkpoints.
+//! - [`grpc`]: the `soma.rpc` services and the BCS side services (faucet, admin, scoring through
+//!   the [`grpc::ScoringBackend`] trait the binary implements).
+//! - [`blobs`]: the HTTP blob host.
+//!
+//! These use only the protocol types, the rpc crate and the store. The rest of this crate is the
+//! first localnet (HTTP+JSON, accounts with sequence numbers), kept while the publishing and
+//! submitter commands move to gRPC; its `--verify-submissions` ([`verify`]) still reaches the
+//! client, submit and model crates, and goes with it. It owns the chain state machine ([`execute`]), its persistence (through `somatrain-store`: every
 //! transaction and epoch change is one durable batch, written before the response), the epoch
 //! clock, and the HTTP API ([`api`], versioned under `/v1`). It never trains or scores models.
 //!

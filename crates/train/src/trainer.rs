@@ -35,7 +35,16 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Settings(String),
+    /// The run diverged: nothing of this step was saved; the last checkpoint is the last good
+    /// state.
+    #[error(
+        "training diverged at step {step}: {what}; nothing of this step was saved (lower --lr, or resume from the last checkpoint)"
+    )]
+    Diverged { step: u64, what: String },
 }
+
+/// The largest learning rate accepted; V1 trains around 1e-4.
+pub const MAX_LR: f32 = 1.0;
 
 /// Everything that decides what a run computes. Saved as `settings.json` in the run directory
 /// on the first start; a resumed run must agree on all of it except the optimizer settings.
@@ -83,6 +92,76 @@ impl TrainSettings {
             heldout_bytes: 1 << 20,
             embedding_data: Vec::new(),
         }
+    }
+
+    /// Refuses settings no sane run uses, before anything is written: a non-finite or
+    /// out-of-range rate, dropout, SIGReg weight, beta, epsilon or clip, and zero lengths.
+    pub fn validate(&self) -> Result<(), String> {
+        let o = &self.optim;
+        let check = |ok: bool, what: &str, value: f32, range: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} {value} is out of range: it must be {range}"
+                ))
+            }
+        };
+        let finite = |v: f32| v.is_finite();
+        check(
+            finite(o.lr) && o.lr > 0.0 && o.lr <= MAX_LR,
+            "--lr",
+            o.lr,
+            "in (0, 1]",
+        )?;
+        check(
+            finite(self.dropout) && (0.0..1.0).contains(&self.dropout),
+            "--dropout",
+            self.dropout,
+            "in [0, 1)",
+        )?;
+        check(
+            finite(self.sigreg_coefficient) && self.sigreg_coefficient >= 0.0,
+            "--sigreg-coefficient",
+            self.sigreg_coefficient,
+            "finite and >= 0",
+        )?;
+        for (name, beta) in [("beta1", o.beta1), ("beta2", o.beta2)] {
+            check(
+                finite(beta) && (0.0..1.0).contains(&beta),
+                name,
+                beta,
+                "in [0, 1)",
+            )?;
+        }
+        check(finite(o.eps) && o.eps > 0.0, "eps", o.eps, "finite and > 0")?;
+        check(
+            finite(o.weight_decay) && o.weight_decay >= 0.0,
+            "--weight-decay",
+            o.weight_decay,
+            "finite and >= 0",
+        )?;
+        check(
+            finite(o.min_lr_ratio) && (0.0..=1.0).contains(&o.min_lr_ratio),
+            "--min-lr-ratio",
+            o.min_lr_ratio,
+            "in [0, 1]",
+        )?;
+        if let Some(clip) = o.grad_clip {
+            check(
+                finite(clip) && clip > 0.0,
+                "--grad-clip",
+                clip,
+                "finite and > 0",
+            )?;
+        }
+        if self.corpus.max_seq_len == 0 {
+            return Err("--seq-len must be positive".into());
+        }
+        if self.micro_batch == 0 || self.accumulation == 0 {
+            return Err("micro-batch and accumulation must be positive".into());
+        }
+        self.model.validate()
     }
 
     /// Whether a run with `self` can continue one started with `stored`.
@@ -270,12 +349,7 @@ pub fn run_with(
     engine: &mut dyn GradientEngine,
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<RunSummary, TrainError> {
-    if settings.micro_batch == 0 || settings.accumulation == 0 {
-        return Err(TrainError::Settings(
-            "micro-batch and accumulation must be positive".into(),
-        ));
-    }
-    settings.model.validate().map_err(TrainError::Settings)?;
+    settings.validate().map_err(TrainError::Settings)?;
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     let settings_path = run_dir.join("settings.json");
     if settings_path.exists() {
@@ -361,8 +435,31 @@ pub fn run_with(
             window_tokens += batch.token_count() as u64;
         }
         engine.flush_gradients(&mut grads)?;
+        let step_loss = (loss_sum / settings.accumulation as f64) as f32;
+        if !step_loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                what: format!("the loss is {step_loss}"),
+            });
+        }
         let stats = adam.update(&settings.optim, &mut weights, &mut grads);
-        last_loss = (loss_sum / settings.accumulation as f64) as f32;
+        if !stats.grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                what: format!("the gradient norm is {}", stats.grad_norm),
+            });
+        }
+        if let Some((name, _)) = weights
+            .tensors()
+            .into_iter()
+            .find(|(_, t)| t.iter().any(|v| !v.is_finite()))
+        {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                what: format!("tensor {name} holds a non-finite value after the update"),
+            });
+        }
+        last_loss = step_loss;
         if adam.step % settings.log_every.max(1) == 0 || adam.step == until_step {
             let secs = window_start.elapsed().as_secs_f64();
             let flops = 3.0 * settings.model.forward_flops(window_tokens, seq as u64);
@@ -429,7 +526,6 @@ fn write_round(
     let round_dir = run_dir.join("round");
     std::fs::create_dir_all(&round_dir).map_err(io_err(&round_dir))?;
     let weights_path = round_dir.join("weights.safetensors");
-    save_file(weights, &weights_path)?;
     let mut scorer = match engine.scorer(weights) {
         Some(device) => RoundScorer::Device(device),
         None => RoundScorer::Cpu(Box::new(CpuModel::new(weights.clone()))),
@@ -477,6 +573,23 @@ fn write_round(
             (score.embedding, names.join(","))
         }
     };
+    // Nothing non-finite may become a round that could be published.
+    if let Some((h, _)) = &heldout
+        && !(h.loss.is_finite() && h.cross_entropy.is_finite() && h.bits_per_byte.is_finite())
+    {
+        return Err(TrainError::Diverged {
+            step,
+            what: format!("the held-out loss is {}", h.loss),
+        });
+    }
+    if embedding.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged {
+            step,
+            what: "the registry embedding holds a non-finite value".into(),
+        });
+    }
+    // The weights are written only once their round is known to be sound.
+    save_file(weights, &weights_path)?;
     let round = RoundArtifacts {
         step,
         weights: weights_path,

@@ -194,3 +194,88 @@ fn the_stream_cursor_is_checked_and_older_checkpoints_resume_by_replay() {
         rejected[0]
     );
 }
+
+/// A CPU engine whose gradients turn non-finite at optimizer step `bad_version`: a diverging run.
+struct DivergesAt {
+    inner: TrainPass,
+    bad_version: u64,
+}
+
+impl somatrain_train::GradientEngine for DivergesAt {
+    fn loss_and_grad(
+        &mut self,
+        weights: &Weights,
+        version: u64,
+        batch: &somatrain_data::Batch,
+        noise: &[f32],
+        options: TrainOptions,
+        grads: &mut Weights,
+    ) -> Result<somatrain_model::score::BatchOutput, somatrain_train::TrainError> {
+        let out = self
+            .inner
+            .loss_and_grad(weights, batch, noise, options, grads);
+        if version == self.bad_version {
+            grads.tensors_mut()[0].1[0] = f32::INFINITY;
+        }
+        Ok(out)
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings();
+    s.checkpoint_every = 1;
+    let good = run(dir.path(), &s, Until::Step(3), &mut |_| {}).unwrap();
+    let round_before = std::fs::read(dir.path().join("round/round.json")).unwrap();
+    let newest = || {
+        checkpoint::list(&dir.path().join("checkpoints"))
+            .into_iter()
+            .map(|(step, _)| step)
+            .max()
+    };
+    assert_eq!(good.end_step, 3);
+    assert_eq!(newest(), Some(3));
+
+    let mut engine = DivergesAt {
+        inner: TrainPass::new(),
+        bad_version: 4,
+    };
+    let error = somatrain_train::run_with(dir.path(), &s, Until::Step(8), &mut engine, &mut |_| {})
+        .expect_err("a non-finite gradient must stop the run");
+    let text = error.to_string();
+    assert!(text.contains("diverged at step 5"), "{text}");
+    // Step 4 was good and saved; nothing of step 5 was, and the round was not rewritten.
+    assert_eq!(newest(), Some(4));
+    assert_eq!(
+        std::fs::read(dir.path().join("round/round.json")).unwrap(),
+        round_before
+    );
+    let resumed = run(dir.path(), &s, Until::Step(5), &mut |_| {}).unwrap();
+    assert_eq!(resumed.start_step, 4);
+}
+
+#[test]
+fn out_of_range_settings_are_refused_before_anything_is_written() {
+    type Spoil = fn(&mut TrainSettings);
+    let cases: Vec<(&str, Spoil)> = vec![
+        ("--lr", |s| s.optim.lr = f32::NAN),
+        ("--lr", |s| s.optim.lr = 1e12),
+        ("--lr", |s| s.optim.lr = 0.0),
+        ("--dropout", |s| s.dropout = 1.5),
+        ("--sigreg-coefficient", |s| s.sigreg_coefficient = -1.0),
+        ("beta2", |s| s.optim.beta2 = 1.0),
+        ("eps", |s| s.optim.eps = 0.0),
+        ("--seq-len", |s| s.corpus.max_seq_len = 0),
+        ("micro-batch", |s| s.micro_batch = 0),
+    ];
+    for (name, spoil) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        let mut s = settings();
+        spoil(&mut s);
+        let error = run(&run_dir, &s, Until::Step(1), &mut |_| {}).expect_err(name);
+        assert!(error.to_string().contains(name), "{name}: {error}");
+        assert!(!run_dir.exists(), "{name}: the run directory was created");
+    }
+}
