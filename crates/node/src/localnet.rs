@@ -284,11 +284,7 @@ impl Localnet {
         if !batch.is_empty()
             && let Err(e) = inner.store.commit(batch)
         {
-            tracing::error!("commit failed, reloading state from disk: {e}");
-            match load_ledger(&inner.store) {
-                Ok(ledger) => inner.ledger = ledger,
-                Err(reload) => panic!("state cannot be reloaded after a failed commit: {reload}"),
-            }
+            reload_after_failed_commit(inner, &e);
             let message = e.to_string();
             results = queued
                 .iter()
@@ -359,7 +355,6 @@ impl Localnet {
         let record = record_of(executed_parts(&executed), None, sequence, now_ms);
         let mut batch = Batch::default();
         stage(&mut batch, &executed.changes, &record);
-        let before = inner.ledger.clone();
         inner.ledger.apply(executed.changes);
         let checkpoint = self.seal(
             &mut inner,
@@ -369,7 +364,7 @@ impl Localnet {
             now_ms,
         );
         if let Err(e) = inner.store.commit(batch) {
-            inner.ledger = before;
+            reload_after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
         let _ = self.checkpoints.send(Arc::new(checkpoint));
@@ -382,11 +377,10 @@ impl Localnet {
         let changes = epoch::advance_epoch(&inner.ledger, now_ms);
         let mut batch = Batch::default();
         stage_changes(&mut batch, &changes);
-        let before = inner.ledger.clone();
         inner.ledger.apply(changes);
         batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
         if let Err(e) = inner.store.commit(batch) {
-            inner.ledger = before;
+            reload_after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
         tracing::info!("epoch {} started", inner.ledger.system.epoch);
@@ -490,6 +484,15 @@ fn stage_changes(batch: &mut Batch, changes: &Changes) {
 fn stage(batch: &mut Batch, changes: &Changes, record: &TransactionRecord) {
     stage_changes(batch, changes);
     batch.put(Table::Transactions, record.digest.to_string(), record);
+}
+
+/// Memory ran ahead of the disk: go back to what is durable.
+fn reload_after_failed_commit(inner: &mut Inner, error: &StoreError) {
+    tracing::error!("commit failed, reloading state from disk: {error}");
+    match load_ledger(&inner.store) {
+        Ok(ledger) => inner.ledger = ledger,
+        Err(reload) => panic!("state cannot be reloaded after a failed commit: {reload}"),
+    }
 }
 
 fn load_ledger(store: &Store) -> Result<Ledger, StoreError> {
