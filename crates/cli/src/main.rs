@@ -37,10 +37,7 @@ enum Command {
     Commitment(commands::crypto::CommitmentArgs),
     /// Run a local SOMA-rules network over the network's own gRPC protocol until interrupted.
     Localnet(commands::localnet::LocalnetArgs),
-    /// The former HTTP+JSON localnet, kept while the client moves to gRPC.
-    #[command(hide = true)]
-    LocalnetJson(commands::net::LocalnetArgs),
-    /// Show a node's epoch, supply and models.
+    /// Show the chain's epoch, models and open targets, the wallet and a run's loop.
     Status(commands::net::StatusArgs),
     /// Publish a round: create the model if needed, encrypt and upload the weights, commit.
     Commit(commands::publish::CommitArgs),
@@ -95,7 +92,6 @@ fn main() -> ExitCode {
         Command::Decrypt(args) => commands::crypto::run_decrypt(args),
         Command::Commitment(args) => commands::crypto::run_commitment(args),
         Command::Localnet(args) => commands::localnet::run_localnet(args),
-        Command::LocalnetJson(args) => commands::net::run_localnet(args),
         Command::Status(args) => commands::net::run_status(args),
         Command::Commit(args) => commands::publish::run_commit(args),
         Command::Reveal(args) => commands::publish::run_reveal(args),

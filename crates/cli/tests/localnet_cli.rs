@@ -1,52 +1,47 @@
-//! The localnet as a real process: `kill -9` while transactions are in flight loses none that
-//! the node acknowledged, and supply is conserved after the restart.
+//! The localnet as a real process: `kill -9` while signed transactions are in flight loses none
+//! that the node acknowledged, and `somatrain status` reads the restarted node.
 
 use std::process::Command;
 
-use somatrain_client::Client;
-use somatrain_protocol::Keypair;
-use somatrain_protocol::tx::{SignedTx, TxBody, TxKind};
+use somatrain_protocol::{Keypair, TransactionKind};
 
 mod common;
-use common::Localnet;
+use common::GrpcLocalnet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_loses_no_acknowledged_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Localnet::start(dir.path(), &["--embedding-dim", "4"]);
-    let url = node.url.clone();
-    let client = Client::new(&url);
+    let mut node = GrpcLocalnet::start(dir.path(), &["--embedding-dim", "4"]);
+    let client = node.client();
     let senders: Vec<Keypair> = (0..4).map(|_| Keypair::generate()).collect();
     for kp in &senders {
         client.faucet(&kp.address()).await.unwrap();
     }
     let sink = Keypair::generate().address();
-    // Each sender streams transfers with consecutive sequence numbers; the node is killed while
-    // they are in flight.
+    // Each sender streams transfers, each paid with its coin's newest version; the node is
+    // killed while they are in flight.
     let mut tasks = Vec::new();
     for kp in senders.clone() {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
-            for sequence in 0..10_000u64 {
-                let body = TxBody {
-                    sender: kp.address(),
-                    sequence,
-                    kind: TxKind::Transfer {
-                        to: sink,
-                        amount: 1,
-                    },
-                };
-                let tx = SignedTx::sign(&kp, &body);
-                match client.submit(&tx).await {
-                    Ok(_) => acknowledged.push(tx.digest()),
+            for _ in 0..10_000u64 {
+                let sent = client
+                    .sign_and_execute(&kp, |gas| TransactionKind::TransferCoin {
+                        coin: gas[0],
+                        amount: Some(1),
+                        recipient: sink,
+                    })
+                    .await;
+                match sent {
+                    Ok(executed) => acknowledged.push(executed.digest),
                     Err(_) => break,
                 }
             }
             acknowledged
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     node.kill(); // SIGKILL
     let mut acknowledged = Vec::new();
     for t in tasks {
@@ -62,33 +57,26 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         acknowledged.len()
     );
 
-    let mut node = Localnet::start(dir.path(), &["--embedding-dim", "4"]);
-    let url = node.url.clone();
-    let client = Client::new(&url);
+    let node = GrpcLocalnet::start(dir.path(), &["--embedding-dim", "4"]);
+    let client = node.client();
     for digest in &acknowledged {
-        assert!(
-            client.transaction(digest).await.unwrap().is_some(),
-            "acknowledged {digest} was lost"
-        );
+        let executed = client
+            .transaction(digest)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("acknowledged {digest} was lost"));
+        assert!(executed.success().is_ok());
     }
-    let received = client.account(&sink).await.unwrap().balance;
+    let received = client.balance(&sink).await.unwrap();
     assert!(
         received >= acknowledged.len() as u64,
         "sink got {received} for {} transfers",
         acknowledged.len()
     );
-    let status = client.status().await.unwrap();
-    assert_eq!(status.accounted_supply, status.total_supply);
     // `somatrain status` reads the same node.
     let out = Command::new(env!("CARGO_BIN_EXE_somatrain"))
-        .args([
-            "status",
-            "--node",
-            &url,
-            "--json",
-            "--address",
-            &sink.to_string(),
-        ])
+        .args(["status", "--json", "--address", &sink.to_string()])
+        .args(node.chain_args())
         .env_remove("SOMA_SECRET_KEY")
         .output()
         .unwrap();
@@ -100,13 +88,13 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["account"]["balance"].as_u64().unwrap(), received);
     assert_eq!(
-        shown["status"]["total_supply"].as_u64().unwrap(),
-        status.total_supply
+        shown["status"]["epoch"].as_u64().unwrap(),
+        client.epoch_view().await.unwrap().epoch
     );
     let text = Command::new(env!("CARGO_BIN_EXE_somatrain"))
-        .args(["status", "--node", &url])
+        .arg("status")
+        .args(node.chain_args())
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("open targets"));
-    node.kill();
 }

@@ -1,20 +1,23 @@
 //! `somatrain model ...` and `somatrain transfer` through the real binary against a localnet
-//! process: each write lands as the node records it, and refusals come back with their reason.
+//! process: each write lands as the chain records it (read back over gRPC, fees from the
+//! transactions' own effects), and failures come back with the network's error kind.
 
-use somatrain_client::Client;
-use somatrain_protocol::chain::ModelStatus;
+use somatrain_client::chain::ChainClient;
+use somatrain_client::view::ModelState;
 use somatrain_protocol::crypto::embedding_commitment;
-use somatrain_protocol::tx::{Manifest, TxKind};
-use somatrain_protocol::{Commitment, EncryptionKey, Keypair, ObjectId};
+use somatrain_protocol::{
+    Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, ObjectType, SomaTensor,
+    TransactionKind,
+};
 
 mod common;
-use common::{Localnet, TOKEN, bin};
+use common::{GrpcLocalnet, bin, sent_by, sent_fees};
 
-/// Runs the binary as `kp` against `url`; (success, stdout, stderr).
-fn somatrain(url: &str, kp: &Keypair, args: &[&str]) -> (bool, String, String) {
+/// Runs the binary as `kp` against `net`; (success, stdout, stderr).
+fn somatrain(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> (bool, String, String) {
     let out = bin()
         .args(args)
-        .args(["--node", url])
+        .args(net.chain_args())
         .env("SOMA_SECRET_KEY", kp.secret_hex())
         .output()
         .unwrap();
@@ -25,157 +28,145 @@ fn somatrain(url: &str, kp: &Keypair, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A model taken through create, commit and reveal by the test itself.
-async fn active_model(client: &Client, owner: &Keypair) -> ObjectId {
-    let created = client
-        .send(
-            owner,
-            TxKind::CreateModel {
-                stake: 1_000_000_000,
-                commission_bps: 0,
-                architecture_version: 1,
-            },
-        )
+async fn run(chain: &ChainClient, kp: &Keypair, kind: TransactionKind) {
+    chain
+        .sign_and_execute(kp, |_| kind.clone())
         .await
+        .unwrap()
+        .success()
         .unwrap();
-    let model_id = created.created[0];
+}
+
+/// A model taken through create, commit and reveal by the test itself.
+async fn active_model(chain: &ChainClient, owner: &Keypair) -> ObjectId {
+    let created = chain
+        .sign_and_execute(owner, |_| TransactionKind::CreateModel {
+            stake_amount: 1_000_000_000,
+            commission_rate: 0,
+            architecture_version: 1,
+        })
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let model_id = ObjectId::derive(&created.digest, 0);
     let key = EncryptionKey::generate();
     let embedding = vec![0.5, -1.0, 0.25, 2.0];
     let checksum = Commitment::of_bytes(b"weights");
-    client
-        .send(
-            owner,
-            TxKind::CommitModel {
-                model_id,
-                manifest: Manifest {
-                    url: "http://127.0.0.1/weights".into(),
-                    checksum,
-                    size: 7,
-                },
-                weights_commitment: checksum,
-                embedding_commitment: embedding_commitment(&embedding),
-                decryption_key_commitment: key.commitment(),
-            },
-        )
-        .await
-        .unwrap();
-    client
-        .clone()
-        .with_admin_token(TOKEN)
-        .advance_epoch()
-        .await
-        .unwrap();
-    client
-        .send(
-            owner,
-            TxKind::RevealModel {
-                model_id,
-                decryption_key: key.to_base58(),
-                embedding,
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        client.model(&model_id).await.unwrap().status,
-        ModelStatus::Active
-    );
+    let commit = TransactionKind::CommitModel {
+        model_id,
+        manifest: Manifest {
+            url: "http://127.0.0.1/weights".into(),
+            checksum,
+            size: 7,
+        },
+        weights_commitment: checksum,
+        embedding_commitment: embedding_commitment(&embedding),
+        decryption_key_commitment: key.commitment(),
+    };
+    run(chain, owner, commit).await;
+    chain.advance_epoch().await.unwrap();
+    let reveal = TransactionKind::RevealModel {
+        model_id,
+        decryption_key: Digest(*key.as_bytes()),
+        embedding: SomaTensor::vector(&embedding),
+    };
+    run(chain, owner, reveal).await;
+    let model = chain.model(&model_id).await.unwrap().unwrap();
+    assert_eq!(model.state, ModelState::Active);
     model_id
+}
+
+async fn balance(chain: &ChainClient, kp: &Keypair) -> u64 {
+    chain.balance(&kp.address()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_management_and_transfers_land_on_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Localnet::start(dir.path(), &["--embedding-dim", "4"]);
-    let client = Client::new(&net.url);
+    let net = GrpcLocalnet::start(dir.path(), &["--embedding-dim", "4"]);
+    let chain = net.client();
     let (owner, staker) = (Keypair::generate(), Keypair::generate());
     for kp in [&owner, &owner, &staker] {
-        client.faucet(&kp.address()).await.unwrap();
+        chain.faucet(&kp.address()).await.unwrap();
     }
-    let model_id = active_model(&client, &owner).await;
+    let model_id = active_model(&chain, &owner).await;
     let id = model_id.to_string();
-    let fee = client.status().await.unwrap().params.base_fee;
 
     // Another account stakes 0.5 SOMA exactly, then takes all of it back.
-    let before = client.account(&staker.address()).await.unwrap().balance;
+    let before = balance(&chain, &staker).await;
     let (ok, stdout, stderr) = somatrain(
-        &net.url,
+        &net,
         &staker,
         &["model", "stake", "--model", &id, "--amount", "0.5"],
     );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("stake 1.500000000 SOMA"), "{stdout}");
-    let model = client.model(&model_id).await.unwrap();
-    assert_eq!(model.stakes[&staker.address()], 500_000_000);
+    let stakes = chain
+        .owned_objects(&staker.address(), Some(ObjectType::StakedSoma))
+        .await
+        .unwrap();
+    assert_eq!(stakes.len(), 1);
+    assert_eq!(stakes[0].staked_soma().unwrap().principal, 500_000_000);
+    let stake_fee = sent_fees(&chain, &staker, "AddStakeToModel").await;
+    assert!(stake_fee > 0);
     assert_eq!(
-        client.account(&staker.address()).await.unwrap().balance,
-        before - 500_000_000 - fee
+        balance(&chain, &staker).await,
+        before - 500_000_000 - stake_fee
     );
-    let (ok, _, stderr) = somatrain(
-        &net.url,
-        &staker,
-        &["model", "unstake", "--model", &id, "--amount", "all"],
-    );
+    let (ok, stdout, stderr) = somatrain(&net, &staker, &["model", "unstake", "--model", &id]);
     assert!(ok, "{stderr}");
+    assert!(stdout.contains("stake 1.000000000 SOMA"), "{stdout}");
     assert!(
-        !client
-            .model(&model_id)
+        chain
+            .owned_objects(&staker.address(), Some(ObjectType::StakedSoma))
             .await
             .unwrap()
-            .stakes
-            .contains_key(&staker.address())
+            .is_empty()
     );
+    let unstake_fee = sent_fees(&chain, &staker, "WithdrawStake").await;
     assert_eq!(
-        client.account(&staker.address()).await.unwrap().balance,
-        before - 2 * fee
+        balance(&chain, &staker).await,
+        before - stake_fee - unstake_fee
     );
-    let (ok, _, stderr) = somatrain(
-        &net.url,
-        &staker,
-        &["model", "unstake", "--model", &id, "--amount", "all"],
-    );
-    assert!(!ok && stderr.contains("has no stake in model"), "{stderr}");
+    let (ok, _, stderr) = somatrain(&net, &staker, &["model", "unstake", "--model", &id]);
+    assert!(!ok && stderr.contains("holds no StakedSoma"), "{stderr}");
 
-    // Only the owner sets the commission; the node says why.
+    // Only the owner sets the commission; the chain says why (and charges the fee).
     let (ok, _, stderr) = somatrain(
-        &net.url,
+        &net,
         &staker,
         &["model", "commission", "--model", &id, "--bps", "500"],
     );
-    assert!(!ok && stderr.contains("not_model_owner"), "{stderr}");
+    assert!(!ok && stderr.contains("NotModelOwner"), "{stderr}");
     let (ok, stdout, stderr) = somatrain(
-        &net.url,
+        &net,
         &owner,
         &["model", "commission", "--model", &id, "--bps", "500"],
     );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("500 bps from next epoch"), "{stdout}");
-    assert_eq!(
-        client.model(&model_id).await.unwrap().next_commission_bps,
-        500
-    );
+    let model = chain.model(&model_id).await.unwrap().unwrap();
+    assert_eq!((model.commission_bps, model.next_commission_bps), (0, 500));
 
-    let (ok, _, stderr) = somatrain(&net.url, &owner, &["model", "show"]);
+    let (ok, _, stderr) = somatrain(&net, &owner, &["model", "show"]);
     assert!(
         !ok && stderr.contains("--model ID or --run-dir RUN"),
         "{stderr}"
     );
 
     // `show` reads the same model as JSON.
-    let (ok, stdout, stderr) = somatrain(
-        &net.url,
-        &owner,
-        &["model", "show", "--model", &id, "--json"],
-    );
+    let (ok, stdout, stderr) =
+        somatrain(&net, &owner, &["model", "show", "--model", &id, "--json"]);
     assert!(ok, "{stderr}");
     let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(shown["next_commission_bps"], 500);
-    assert_eq!(shown["status"], "active");
+    assert_eq!(shown["state"], "active");
 
-    // Transfers are exact to the shannon; bad amounts never reach the node.
+    // Transfers are exact to the shannon; bad amounts never reach the chain.
     let recipient = Keypair::generate().address();
     let (ok, _, stderr) = somatrain(
-        &net.url,
+        &net,
         &owner,
         &[
             "transfer",
@@ -186,37 +177,37 @@ async fn model_management_and_transfers_land_on_chain() {
         ],
     );
     assert!(ok, "{stderr}");
-    assert_eq!(client.account(&recipient).await.unwrap().balance, 123);
-    let sequence = client.account(&owner.address()).await.unwrap().sequence;
+    assert_eq!(chain.balance(&recipient).await.unwrap(), 123);
+    let sent = sent_by(&chain, &owner.address()).await.len();
     for bad in ["1.0000000001", "-1", "0", "lots"] {
         let (ok, _, stderr) = somatrain(
-            &net.url,
+            &net,
             &owner,
             &["transfer", "--to", &recipient.to_string(), "--amount", bad],
         );
         assert!(!ok, "{bad} was sent: {stderr}");
     }
     assert_eq!(
-        client.account(&owner.address()).await.unwrap().sequence,
-        sequence,
+        sent_by(&chain, &owner.address()).await.len(),
+        sent,
         "a refused amount sent nothing"
     );
 
     // Deactivation needs --yes, then takes the model out.
-    let (ok, _, stderr) = somatrain(&net.url, &owner, &["model", "deactivate", "--model", &id]);
+    let (ok, _, stderr) = somatrain(&net, &owner, &["model", "deactivate", "--model", &id]);
     assert!(!ok && stderr.contains("--yes"), "{stderr}");
     assert_eq!(
-        client.model(&model_id).await.unwrap().status,
-        ModelStatus::Active
+        chain.model(&model_id).await.unwrap().unwrap().state,
+        ModelState::Active
     );
     let (ok, _, stderr) = somatrain(
-        &net.url,
+        &net,
         &owner,
         &["model", "deactivate", "--model", &id, "--yes"],
     );
     assert!(ok, "{stderr}");
     assert_eq!(
-        client.model(&model_id).await.unwrap().status,
-        ModelStatus::Inactive
+        chain.model(&model_id).await.unwrap().unwrap().state,
+        ModelState::Inactive
     );
 }

@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use somatrain_client::Client;
-use somatrain_protocol::chain::ModelStatus;
+use somatrain_client::chain::ChainClient;
+use somatrain_client::view::ModelState;
 use somatrain_protocol::{EncryptionKey, Keypair, ObjectId};
 
 mod common;
-use common::{Localnet, TOKEN, bin};
+use common::{GrpcLocalnet, bin, sent_by};
 
-fn localnet(dir: &Path, epoch_ms: u64) -> Localnet {
-    Localnet::start(
+fn localnet(dir: &Path, epoch_ms: u64) -> GrpcLocalnet {
+    GrpcLocalnet::start(
         dir,
         &[
             "--embedding-dim",
@@ -32,44 +32,39 @@ fn corpus() -> PathBuf {
 }
 
 /// `somatrain run` for the tiny preset with short rounds.
-fn daemon(run_dir: &Path, node: &str, secret: &str, rounds: u64) -> Command {
+fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command {
     let mut cmd = bin();
-    cmd.args([
-        "run",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-        "--node",
-        node,
-    ])
-    .args([
-        "--preset",
-        "tiny",
-        "--corpus-dir",
-        corpus().to_str().unwrap(),
-    ])
-    .args([
-        "--seq-len",
-        "64",
-        "--micro-batch",
-        "2",
-        "--accumulation",
-        "1",
-        "--lr",
-        "3e-3",
-    ])
-    .args([
-        "--heldout-per-mille",
-        "200",
-        "--heldout-bytes",
-        "2048",
-        "--seed",
-        "3",
-    ])
-    .args(["--steps-per-round", "2", "--rounds", &rounds.to_string()])
-    .args(["--faucet", "--poll-ms", "100"])
-    .env("SOMA_SECRET_KEY", secret)
-    .env_remove("S3_BUCKET")
-    .stdout(Stdio::null());
+    cmd.args(["run", "--run-dir", run_dir.to_str().unwrap()])
+        .args(net)
+        .args([
+            "--preset",
+            "tiny",
+            "--corpus-dir",
+            corpus().to_str().unwrap(),
+        ])
+        .args([
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--accumulation",
+            "1",
+            "--lr",
+            "3e-3",
+        ])
+        .args([
+            "--heldout-per-mille",
+            "200",
+            "--heldout-bytes",
+            "2048",
+            "--seed",
+            "3",
+        ])
+        .args(["--steps-per-round", "2", "--rounds", &rounds.to_string()])
+        .args(["--faucet", "--poll-ms", "100"])
+        .env("SOMA_SECRET_KEY", secret)
+        .env_remove("S3_BUCKET")
+        .stdout(Stdio::null());
     cmd
 }
 
@@ -112,9 +107,10 @@ fn model_id(run_dir: &Path) -> ObjectId {
         .unwrap()
 }
 
-/// The end state of a healthy loop after `rounds` rounds: one create, one commit and one reveal
-/// per round (the account's sequence counts every transaction it ever sent), nothing slashed.
-async fn assert_clean_end(client: &Client, run_dir: &Path, kp: &Keypair, rounds: u64) {
+/// The end state of a healthy loop after `rounds` rounds: exactly one create, and one commit
+/// and one reveal per round, all successful (counted from the chain's checkpoints), nothing
+/// pending, the model active.
+async fn assert_clean_end(chain: &ChainClient, run_dir: &Path, kp: &Keypair, rounds: u64) {
     let j = journal(run_dir);
     assert_eq!(j["rounds_revealed"], rounds, "journal: {j}");
     assert_eq!(j["missed_reveals"], 0, "journal: {j}");
@@ -122,32 +118,40 @@ async fn assert_clean_end(client: &Client, run_dir: &Path, kp: &Keypair, rounds:
         j["pending"].is_null() && j["inflight"].is_null(),
         "journal: {j}"
     );
-    let model = client.model(&model_id(run_dir)).await.unwrap();
-    assert_eq!(model.status, ModelStatus::Active);
-    assert_eq!(model.slashed, 0);
+    let model = chain.model(&model_id(run_dir)).await.unwrap().unwrap();
+    assert_eq!(model.state, ModelState::Active);
     assert!(model.pending.is_none());
-    let account = client.account(&kp.address()).await.unwrap();
-    // Faucet requests are not transactions of the account.
+    let sent = sent_by(chain, &kp.address()).await;
+    let mut expected = vec![("CreateModel".to_string(), true)];
+    for _ in 0..rounds {
+        expected.push(("CommitModel".to_string(), true));
+        expected.push(("RevealModel".to_string(), true));
+    }
     assert_eq!(
-        account.sequence,
-        1 + 2 * rounds,
+        sent, expected,
         "exactly one commit and one reveal per round"
     );
-    let status = client.status().await.unwrap();
-    assert_eq!(status.accounted_supply, status.total_supply);
 }
 
 /// The published weights are what was trained: download, decrypt with the revealed key, load.
-async fn assert_revealed_weights_load(client: &Client, id: &ObjectId) {
-    let model = client.model(id).await.unwrap();
+async fn assert_revealed_weights_load(chain: &ChainClient, id: &ObjectId) {
+    let model = chain.model(id).await.unwrap().unwrap();
     let manifest = model.manifest.expect("revealed");
-    let mut bytes = client.download(&manifest.url).await.unwrap();
+    let mut bytes = somatrain_client::http_client()
+        .get(&manifest.url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     assert_eq!(bytes.len() as u64, manifest.size);
     assert_eq!(
         somatrain_protocol::Commitment::of_bytes(&bytes),
         manifest.checksum
     );
-    let key = EncryptionKey::from_base58(model.decryption_key.as_deref().unwrap()).unwrap();
+    let key = EncryptionKey::from_bytes(model.decryption_key.unwrap().0);
     somatrain_protocol::crypto::apply_keystream(&key, &mut bytes);
     let weights = somatrain_model::io::load_bytes(&bytes, Default::default())
         .expect("the revealed weights load");
@@ -166,7 +170,7 @@ async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
         .local_addr()
         .unwrap()
         .port();
-    let mut cmd = daemon(&run_dir, &net.url, &kp.secret_hex(), 3);
+    let mut cmd = daemon(&run_dir, &net.chain_args(), &kp.secret_hex(), 3);
     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
     cmd.envs(moto.env()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -202,9 +206,9 @@ async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
         !logs.contains(&kp.secret_hex()) && !logs.contains("test-secret"),
         "a secret reached the logs"
     );
-    let client = Client::new(&net.url);
+    let client = net.client();
     assert_clean_end(&client, &run_dir, &kp, 3).await;
-    let model = client.model(&model_id(&run_dir)).await.unwrap();
+    let model = client.model(&model_id(&run_dir)).await.unwrap().unwrap();
     assert!(
         model
             .manifest
@@ -222,7 +226,7 @@ async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
         last["reveal_epoch"].as_u64().unwrap(),
         last["commit_epoch"].as_u64().unwrap() + 1
     );
-    assert!(client.status().await.unwrap().epoch >= 3);
+    assert!(client.epoch_view().await.unwrap().epoch >= 3);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -248,10 +252,10 @@ const BOUNDARIES: [&str; 8] = [
 
 /// Starts the daemon paused at `boundary`, kills it there with SIGKILL, restarts it, and
 /// checks the end state: no double commit, no missed reveal.
-async fn crash_at(net_url: String, root: PathBuf, boundary: &'static str) {
+async fn crash_at(net: Vec<String>, chain: ChainClient, root: PathBuf, boundary: &'static str) {
     let kp = Keypair::generate();
     let run_dir = root.join(boundary);
-    let mut first = daemon(&run_dir, &net_url, &kp.secret_hex(), 2)
+    let mut first = daemon(&run_dir, &net, &kp.secret_hex(), 2)
         .env("SOMATRAIN_PAUSE_AT", boundary)
         .stderr(Stdio::piped())
         .spawn()
@@ -271,7 +275,7 @@ async fn crash_at(net_url: String, root: PathBuf, boundary: &'static str) {
     }
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
-    let mut second = daemon(&run_dir, &net_url, &kp.secret_hex(), 2)
+    let mut second = daemon(&run_dir, &net, &kp.secret_hex(), 2)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -287,7 +291,7 @@ async fn crash_at(net_url: String, root: PathBuf, boundary: &'static str) {
         status.success(),
         "{boundary}: the restarted daemon failed:\n{logs}"
     );
-    assert_clean_end(&Client::new(&net_url), &run_dir, &kp, 2).await;
+    assert_clean_end(&chain, &run_dir, &kp, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +301,8 @@ async fn kill_dash_nine_at_every_phase_boundary_neither_double_commits_nor_misse
     let mut tasks = Vec::new();
     for boundary in BOUNDARIES {
         tasks.push(tokio::spawn(crash_at(
-            net.url.clone(),
+            net.args(),
+            net.client(),
             dir.path().to_path_buf(),
             boundary,
         )));
@@ -307,13 +312,8 @@ async fn kill_dash_nine_at_every_phase_boundary_neither_double_commits_nor_misse
     }
 }
 
-async fn advance(client: &Client) -> u64 {
-    client
-        .clone()
-        .with_admin_token(TOKEN)
-        .advance_epoch()
-        .await
-        .unwrap()
+async fn advance(client: &ChainClient) -> u64 {
+    client.advance_epoch().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +321,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     let dir = tempfile::tempdir().unwrap();
     // A day-long epoch: only the admin call moves it.
     let net = localnet(&dir.path().join("node"), 86_400_000);
-    let client = Client::new(&net.url);
+    let client = net.client();
     let kp = Keypair::generate();
     for _ in 0..2 {
         client.faucet(&kp.address()).await.unwrap();
@@ -362,13 +362,8 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     );
     let publish = |verb: &str, extra: &[&str]| {
         bin()
-            .args([
-                verb,
-                "--run-dir",
-                run_dir.to_str().unwrap(),
-                "--node",
-                &net.url,
-            ])
+            .args([verb, "--run-dir", run_dir.to_str().unwrap()])
+            .args(net.args())
             .args(extra)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .env_remove("S3_BUCKET")
@@ -398,13 +393,8 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         .unwrap()
         .to_string();
     let status = bin()
-        .args([
-            "status",
-            "--node",
-            &net.url,
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-        ])
+        .args(["status", "--run-dir", run_dir.to_str().unwrap()])
+        .args(net.chain_args())
         .env("SOMA_SECRET_KEY", kp.secret_hex())
         .output()
         .unwrap();
@@ -426,7 +416,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     );
     assert!(shown.contains("next deadline: reveal within"), "{shown}");
     assert!(!shown.contains(&key), "the pending key was shown");
-    // The host loses the weights (or serves other bytes): the reveal uploads them again first.
+    // The host loses the weights: the reveal uploads them again first.
     let blobs = net.dir.join("blobs");
     let blob = std::fs::read_dir(&blobs)
         .unwrap()
@@ -435,7 +425,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         .unwrap()
         .path();
     let original = std::fs::read(&blob).unwrap();
-    std::fs::write(&blob, b"something else").unwrap();
+    std::fs::remove_file(&blob).unwrap();
     assert_eq!(advance(&client).await, 1);
     let reveal = publish("reveal", &[]);
     assert!(
@@ -446,7 +436,10 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     assert!(String::from_utf8_lossy(&reveal.stderr).contains("uploading the committed file again"));
     assert_eq!(std::fs::read(&blob).unwrap(), original);
     let id = model_id(&run_dir);
-    assert_eq!(client.model(&id).await.unwrap().status, ModelStatus::Active);
+    assert_eq!(
+        client.model(&id).await.unwrap().unwrap().state,
+        ModelState::Active
+    );
     assert_revealed_weights_load(&client, &id).await;
 }
 
@@ -481,6 +474,12 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
     );
     assert!(stdout.contains("model active"), "{stdout}");
     assert!(stdout.contains("rounds revealed: 1"), "{stdout}");
+    // The submitter's side: with 100 targets at the initial threshold (1.05), a chunk lands.
+    assert!(
+        stdout.contains("submitted a hit to target") && stdout.contains("claimed target"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("balance: started "), "{stdout}");
     let second = cycle("1");
     let stdout = String::from_utf8_lossy(&second.stdout).to_string();
     assert!(
@@ -493,12 +492,12 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
         stdout.contains("last round 2: step 4"),
         "the second round trained further: {stdout}"
     );
-    // The localnet comes back on its old port, so round 1's weights URL still resolves.
+    // The blob host comes back on its old port, so round 1's weights URL still resolves.
     let url = |out: &std::process::Output| {
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         stderr
             .lines()
-            .find_map(|l| l.strip_prefix("localnet at ")?.split_whitespace().next())
+            .find_map(|l| l.split_once("(blobs at ")?.1.split([',', ' ']).next())
             .map(str::to_string)
             .unwrap_or_else(|| panic!("no localnet URL in {stderr}"))
     };
@@ -511,7 +510,7 @@ fn a_reveal_that_cannot_land_raises_deadline_warnings() {
     let mut net = localnet(&dir.path().join("node"), 4000);
     let kp = Keypair::generate();
     let run_dir = dir.path().join("run");
-    let mut child = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+    let mut child = daemon(&run_dir, &net.args(), &kp.secret_hex(), 1)
         .args(["--warn-before-s", "3600"])
         .stderr(Stdio::piped())
         .spawn()
@@ -540,10 +539,10 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
     let dir = tempfile::tempdir().unwrap();
     // A day-long epoch: only the admin call moves it, so the daemon sits waiting after its commit.
     let net = localnet(&dir.path().join("node"), 86_400_000);
-    let client = Client::new(&net.url);
+    let client = net.client();
     let kp = Keypair::generate();
     let run_dir = dir.path().join("run");
-    let mut first = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+    let mut first = daemon(&run_dir, &net.args(), &kp.secret_hex(), 1)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -559,7 +558,7 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
     )
     .unwrap();
     assert_eq!(advance(&client).await, 1);
-    let mut second = daemon(&run_dir, &net.url, &kp.secret_hex(), 1)
+    let mut second = daemon(&run_dir, &net.args(), &kp.secret_hex(), 1)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -574,11 +573,11 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
     let logs = reader.join().unwrap();
     assert!(!status.success(), "{logs}");
     assert!(
-        logs.contains("refused the reveal of round 1 for good"),
+        logs.contains("the reveal of round 1 cannot succeed"),
         "{logs}"
     );
     assert!(
-        logs.contains("decryption_key_commitment_mismatch"),
+        logs.contains("ModelDecryptionKeyCommitmentMismatch"),
         "{logs}"
     );
     assert!(!logs.contains("reveal failed, retrying"), "{logs}");

@@ -6,20 +6,35 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use somatrain_client::Client;
-use somatrain_protocol::chain::{Target, TargetStatus};
-use somatrain_protocol::tx::TxKind;
-use somatrain_protocol::{Keypair, ObjectId};
+use somatrain_client::chain::ChainClient;
+use somatrain_client::view::TargetView;
+use somatrain_protocol::object::{Target, TargetStatus};
+use somatrain_protocol::{Keypair, ObjectId, TransactionKind};
 
 mod common;
-use common::{Localnet, TOKEN, bin};
+use common::{GrpcLocalnet, bin, sent_fees};
 
-fn localnet(dir: &Path, verify: bool) -> Localnet {
+fn localnet(dir: &Path, verify: bool) -> GrpcLocalnet {
     let mut flags = vec!["--embedding-dim", "16"];
     if verify {
         flags.push("--verify-submissions");
     }
-    Localnet::start(dir, &flags)
+    GrpcLocalnet::start(dir, &flags)
+}
+
+/// The target object itself (what the chain stores, with the winning scores).
+async fn target_object(chain: &ChainClient, id: &ObjectId) -> Target {
+    chain
+        .object(id)
+        .await
+        .unwrap()
+        .expect("the target exists")
+        .target()
+        .unwrap()
+}
+
+async fn balance(chain: &ChainClient, kp: &Keypair) -> u64 {
+    chain.balance(&kp.address()).await.unwrap()
 }
 
 fn sources() -> PathBuf {
@@ -52,8 +67,8 @@ fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
 }
 
 struct World {
-    net: Localnet,
-    client: Client,
+    net: GrpcLocalnet,
+    client: ChainClient,
     dir: tempfile::TempDir,
     owner: Keypair,
     weights: PathBuf,
@@ -64,11 +79,10 @@ impl World {
         bin()
             .args([
                 "submit",
-                "--node",
-                &self.net.url,
                 "--cache-dir",
                 self.dir.path().join(cache).to_str().unwrap(),
             ])
+            .args(self.net.args())
             .args(args)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .env_remove("S3_BUCKET")
@@ -78,7 +92,8 @@ impl World {
 
     fn claim(&self, kp: &Keypair, args: &[&str]) -> String {
         ok(bin()
-            .args(["claim", "--node", &self.net.url])
+            .arg("claim")
+            .args(self.net.chain_args())
             .args(args)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .output()
@@ -86,12 +101,7 @@ impl World {
     }
 
     async fn advance(&self) -> u64 {
-        self.client
-            .clone()
-            .with_admin_token(TOKEN)
-            .advance_epoch()
-            .await
-            .unwrap()
+        self.client.advance_epoch().await.unwrap()
     }
 }
 
@@ -100,7 +110,7 @@ impl World {
 async fn world(verify: bool) -> World {
     let dir = tempfile::tempdir().unwrap();
     let net = localnet(&dir.path().join("node"), verify);
-    let client = Client::new(&net.url);
+    let client = net.client();
     let owner = Keypair::generate();
     client.faucet(&owner.address()).await.unwrap();
     let run = dir.path().join("run");
@@ -132,10 +142,11 @@ async fn world(verify: bool) -> World {
         ])
         .output()
         .unwrap());
-    let (url, secret) = (net.url.clone(), owner.secret_hex());
+    let (net_args, secret) = (net.args(), owner.secret_hex());
     let publish = |verb: &str| {
         ok(bin()
-            .args([verb, "--run-dir", run.to_str().unwrap(), "--node", &url])
+            .args([verb, "--run-dir", run.to_str().unwrap()])
+            .args(&net_args)
             .env("SOMA_SECRET_KEY", &secret)
             .env_remove("S3_BUCKET")
             .output()
@@ -173,17 +184,35 @@ fn embedding_of(weights: &Path, data: &Path) -> Vec<f32> {
 async fn submitters_hit_miss_are_refused_and_claim() {
     let w = world(false).await;
     let targets_out = ok(bin()
-        .args(["targets", "--node", &w.net.url, "--json"])
+        .args(["targets", "--json"])
+        .args(w.net.chain_args())
         .output()
         .unwrap());
-    let targets: Vec<Target> = serde_json::from_str(&targets_out).unwrap();
+    let targets: Vec<serde_json::Value> = serde_json::from_str(&targets_out).unwrap();
+    assert!(targets.iter().all(|t| t["status"] == "open"));
+    let targets = w.client.target_views("open").await.unwrap();
+    assert_eq!(
+        targets.iter().map(|t| t.id.to_string()).collect::<Vec<_>>(),
+        serde_json::from_str::<Vec<serde_json::Value>>(&targets_out)
+            .unwrap()
+            .iter()
+            .map(|t| t["id"]
+                .as_str()
+                .unwrap()
+                .parse::<ObjectId>()
+                .unwrap()
+                .to_string())
+            .collect::<Vec<_>>(),
+        "--json lists the chain's open targets"
+    );
     assert!(
         targets.len() > 10,
         "targets were generated: {}",
         targets.len()
     );
     let table = ok(bin()
-        .args(["targets", "--node", &w.net.url])
+        .arg("targets")
+        .args(w.net.chain_args())
         .output()
         .unwrap());
     assert!(
@@ -195,12 +224,12 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     // and the distance to each target by hand.
     let data = sources().join("optim.rs");
     let embedding = embedding_of(&w.weights, &data);
-    let mut by_distance: Vec<(f64, &Target)> = targets
+    let mut by_distance: Vec<(f64, &TargetView)> = targets
         .iter()
         .map(|t| (cosine_distance(&embedding, &t.embedding), t))
         .collect();
     by_distance.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let hits: Vec<&(f64, &Target)> = by_distance
+    let hits: Vec<&(f64, &TargetView)> = by_distance
         .iter()
         .filter(|(d, t)| *d <= t.distance_threshold as f64 - 1e-4)
         .collect();
@@ -220,7 +249,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let data_arg = data.to_str().unwrap();
 
     // A miss: reported with its distance, nothing submitted, nothing paid.
-    let before = w.client.account(&submitter.address()).await.unwrap();
+    let before = balance(&w.client, &submitter).await;
     let report = ok(w.submit(
         &submitter,
         "cache",
@@ -239,10 +268,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         (report["distance"].as_f64().unwrap() - miss.0).abs() < 1e-4,
         "{report}"
     );
-    assert_eq!(
-        w.client.account(&submitter.address()).await.unwrap(),
-        before
-    );
+    assert_eq!(balance(&w.client, &submitter).await, before);
 
     // A hit: uploaded, submitted, bonded; the chain records what we computed.
     let (hit_distance, hit) = (hits[0].0, hits[0].1);
@@ -260,21 +286,31 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     assert_eq!(report["hit"], true, "{report}");
     assert!(report["submitted"].is_string());
-    let filled = w.client.target(&hit.id).await.unwrap();
+    let filled = target_object(&w.client, &hit.id).await;
     assert_eq!(filled.status, TargetStatus::Filled { fill_epoch: 2 });
     assert_eq!(filled.submitter, Some(submitter.address()));
-    assert!((filled.winning_distance.unwrap() as f64 - hit_distance).abs() < 1e-4);
+    let distance = filled
+        .winning_distance_score
+        .as_ref()
+        .unwrap()
+        .values()
+        .unwrap()[0];
+    assert!((distance as f64 - hit_distance).abs() < 1e-4);
     let size = std::fs::metadata(&data).unwrap().len();
-    assert_eq!(filled.winning_manifest.as_ref().unwrap().size, size);
+    let data_manifest = filled.winning_data_manifest.clone().unwrap();
+    assert_eq!(data_manifest.size, size);
     assert_eq!(filled.bond_amount, size * 65);
-    let served = w
-        .client
-        .download(&filled.winning_manifest.as_ref().unwrap().url)
+    let served = somatrain_client::http_client()
+        .get(&data_manifest.url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
         .await
         .unwrap();
     assert_eq!(
-        served,
-        std::fs::read(&data).unwrap(),
+        served.as_ref(),
+        std::fs::read(&data).unwrap().as_slice(),
         "the data was uploaded as is"
     );
     let score = ok(bin()
@@ -290,7 +326,13 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         .unwrap());
     let score: serde_json::Value = serde_json::from_str(score.trim()).unwrap();
     let scored = score["models"][0]["loss"].as_f64().unwrap();
-    assert!((scored - filled.winning_loss.unwrap() as f64).abs() < 1e-6);
+    let winning_loss = filled
+        .winning_loss_score
+        .as_ref()
+        .unwrap()
+        .values()
+        .unwrap()[0];
+    assert!((scored - winning_loss as f64).abs() < 1e-6);
 
     // Refusals, one per rule.
     let err = failed(w.submit(
@@ -313,6 +355,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         ],
     ));
     assert!(err.contains("model_not_in_target"), "{err}");
+    let reward_pool = hit.reward_pool;
     let big = w.dir.path().join("big.bin");
     std::fs::write(&big, vec![b'x'; (1 << 20) + 1]).unwrap();
     let err = failed(w.submit(
@@ -329,23 +372,23 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     // A wallet that can pay the fee but not the bond: refused by the chain.
     let poor = Keypair::generate();
     w.client
-        .send(
-            &submitter,
-            TxKind::Transfer {
-                to: poor.address(),
-                amount: 5_000,
-            },
-        )
+        .sign_and_execute(&submitter, |gas| TransactionKind::TransferCoin {
+            coin: gas[0],
+            amount: Some(100_000),
+            recipient: poor.address(),
+        })
         .await
+        .unwrap()
+        .success()
         .unwrap();
     let err = failed(w.submit(
         &poor,
         "cache",
         &["--target", &hits[1].1.id.to_string(), "--data", data_arg],
     ));
-    assert!(err.contains("insufficient_bond"), "{err}");
+    assert!(err.contains("InsufficientBond"), "{err}");
     assert_eq!(
-        w.client.target(&hits[1].1.id).await.unwrap().status,
+        target_object(&w.client, &hits[1].1.id).await.status,
         TargetStatus::Open
     );
 
@@ -370,18 +413,20 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let submitted = auto["submitted"].as_array().unwrap();
     assert_eq!(submitted.len(), 2, "{auto}");
     for s in submitted {
-        let t = w
-            .client
-            .target(&s["target_id"].as_str().unwrap().parse().unwrap())
-            .await
-            .unwrap();
+        let t = target_object(
+            &w.client,
+            &s["target_id"].as_str().unwrap().parse().unwrap(),
+        )
+        .await;
         assert_eq!(t.submitter, Some(submitter.address()));
     }
 
     // The weights host corrupts the file: a fresh cache refuses it by checksum; the verified
     // cache still serves.
-    let still_open = w.client.targets("open").await.unwrap()[0].id.to_string();
-    let model = w.client.model(&hit.model_ids[0]).await.unwrap();
+    let still_open = w.client.target_views("open").await.unwrap()[0]
+        .id
+        .to_string();
+    let model = w.client.model(&hit.model_ids[0]).await.unwrap().unwrap();
     let blob_name = model
         .manifest
         .as_ref()
@@ -416,110 +461,41 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     assert_eq!(w.advance().await, 3);
     assert!(w.claim(&submitter, &[]).contains("0 claimed"));
     assert_eq!(w.advance().await, 4);
-    let owner_before = w.client.account(&w.owner.address()).await.unwrap();
-    let out = w.claim(&submitter, &[]);
-    assert!(out.contains("3 claimed"), "{out}");
-    let reward = filled.reward_pool;
-    let model_share = reward * 4975 / 10_000;
-    let submitter_rewards = w
+    let owner_before = balance(&w.client, &w.owner).await;
+    let submitter_before = balance(&w.client, &submitter).await;
+    let bond_total: u64 = w
         .client
-        .account(&submitter.address())
+        .target_views("filled")
         .await
         .unwrap()
-        .rewards;
-    // Three targets (same reward each): submitter and claimer shares of each go to the submitter.
-    assert_eq!(submitter_rewards, 3 * (reward - model_share));
-    let owner_after = w.client.account(&w.owner.address()).await.unwrap();
-    assert_eq!(owner_after.rewards - owner_before.rewards, 3 * model_share);
-    assert_eq!(owner_after.balance - owner_before.balance, 3 * model_share);
+        .iter()
+        .filter(|t| t.submitter == Some(submitter.address()))
+        .map(|t| t.bond_amount)
+        .sum();
+    let out = w.claim(&submitter, &[]);
+    assert!(out.contains("3 claimed"), "{out}");
+    // Three targets with the same reward: the submitter gets its share, the claimer's share
+    // and its bond back for each, less the three claim fees; the model owner its share.
+    let reward = reward_pool;
+    let model_share = reward * 4975 / 10_000;
+    let claim_fees: u64 = sent_fees(&w.client, &submitter, "ClaimRewards").await;
+    assert_eq!(
+        balance(&w.client, &submitter).await,
+        submitter_before + 3 * (reward - model_share) + bond_total - claim_fees
+    );
+    assert_eq!(
+        balance(&w.client, &w.owner).await - owner_before,
+        3 * model_share
+    );
     // Expired targets of epoch 2 are settled by anyone with --expired.
     let sweeper = Keypair::generate();
     w.client.faucet(&sweeper.address()).await.unwrap();
+    let sweeper_before = balance(&w.client, &sweeper).await;
     let out = w.claim(&sweeper, &["--expired"]);
     assert!(out.contains("expired)"), "{out}");
+    let sweep_fees = sent_fees(&w.client, &sweeper, "ClaimRewards").await;
     assert!(
-        w.client.account(&sweeper.address()).await.unwrap().rewards > 0,
-        "{out}"
+        balance(&w.client, &sweeper).await + sweep_fees > sweeper_before,
+        "the claimer's share exceeds nothing: {out}"
     );
-    let status = w.client.status().await.unwrap();
-    assert_eq!(status.accounted_supply, status.total_supply);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
-    let w = world(true).await;
-    let targets = w.client.targets("open").await.unwrap();
-    let data = sources().join("checkpoint.rs");
-    let bytes = std::fs::read(&data).unwrap();
-    let embedding = embedding_of(&w.weights, &data);
-    let reachable: Vec<(f64, &Target)> = targets
-        .iter()
-        .map(|t| (cosine_distance(&embedding, &t.embedding), t))
-        .filter(|(d, t)| *d <= t.distance_threshold as f64 - 1e-4)
-        .collect();
-    assert!(reachable.len() >= 2);
-    let score = ok(bin()
-        .args([
-            "score",
-            "--weights",
-            w.weights.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap());
-    let loss = serde_json::from_str::<serde_json::Value>(score.trim()).unwrap()["models"][0]["loss"]
-        .as_f64()
-        .unwrap() as f32;
-    let submitter = Keypair::generate();
-    w.client.faucet(&submitter.address()).await.unwrap();
-    let (url, info) = w.client.put_blob("claim.bin", bytes.clone()).await.unwrap();
-    let manifest = somatrain_protocol::tx::Manifest {
-        url,
-        checksum: info.checksum,
-        size: info.size,
-    };
-    let claim =
-        |target: &Target, distance: f64, loss: f32, embedding: Vec<f32>| TxKind::SubmitData {
-            target_id: target.id,
-            manifest: manifest.clone(),
-            model_id: target.model_ids[0],
-            embedding,
-            distance: distance as f32,
-            loss,
-        };
-    let (d, t) = reachable[0];
-    // An inflated loss, and an embedding that is not the model's: both refused.
-    let err = w
-        .client
-        .send(&submitter, claim(t, d, loss * 1.1, embedding.clone()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("verification_failed"), "{err}");
-    let mut other = embedding.clone();
-    other.reverse();
-    let err = w
-        .client
-        .send(&submitter, claim(t, d, loss, other))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("verification_failed"), "{err}");
-    // The true values (from `score` and `embed`) are accepted, and so is `submit` itself.
-    w.client
-        .send(&submitter, claim(t, d, loss, embedding.clone()))
-        .await
-        .unwrap();
-    let report = ok(w.submit(
-        &submitter,
-        "cache",
-        &[
-            "--target",
-            &reachable[1].1.id.to_string(),
-            "--data",
-            data.to_str().unwrap(),
-            "--json",
-        ],
-    ));
-    assert!(report.contains("\"submitted\":\""), "{report}");
 }

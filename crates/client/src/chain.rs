@@ -30,6 +30,8 @@ use somatrain_rpc::proto::{
 };
 use somatrain_rpc::side::{AdvanceEpochRequest, FaucetRequest, FaucetResponse};
 use tonic::Code;
+
+use crate::view::{EpochView, ModelView, TargetView};
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -116,8 +118,13 @@ impl ChainError {
         )
     }
 
+    /// Refused as malformed or badly signed: sending the same bytes again cannot help.
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, ChainError::Refused { code, .. } if *code == Code::InvalidArgument)
+    }
+
     /// A coin that was stale or locked: pick or re-read coins and try again.
-    fn is_coin_conflict(&self) -> bool {
+    pub fn is_coin_conflict(&self) -> bool {
         matches!(self, ChainError::Refused { message, .. }
             if message.contains("not available for consumption")
                 || message.contains("already locked")
@@ -147,6 +154,8 @@ fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Executed {
     pub digest: TxDigest,
+    /// The transaction itself, when the reply carries it (lookups by digest do).
+    pub transaction: Option<TransactionData>,
     pub effects: TransactionEffects,
     pub balance_changes: Vec<BalanceChange>,
     pub checkpoint: Option<u64>,
@@ -351,6 +360,35 @@ impl ChainClient {
             .ok_or_else(|| ChainError::Protocol("GetEpoch without an epoch".into()))
     }
 
+    /// The current epoch, its clock, parameters and the model registry.
+    pub async fn epoch_view(&self) -> Result<EpochView, ChainError> {
+        EpochView::from_proto(&self.epoch().await?)
+    }
+
+    /// One model of the registry, if it exists.
+    pub async fn model(&self, id: &ObjectId) -> Result<Option<ModelView>, ChainError> {
+        Ok(self.epoch_view().await?.model(id).cloned())
+    }
+
+    /// Targets with `status`, as plain values.
+    pub async fn target_views(&self, status: &str) -> Result<Vec<TargetView>, ChainError> {
+        self.targets(status)
+            .await?
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TargetView::from_proto(t, &format!("targets[{i}]")))
+            .collect()
+    }
+
+    /// Whether `coin` is still the current version of that coin (so a transaction paying gas
+    /// with it may still execute).
+    pub async fn is_current(&self, coin: &ObjectRef) -> Result<bool, ChainError> {
+        Ok(match self.object(&coin.id).await? {
+            Some(object) => object.version() == coin.version,
+            None => false,
+        })
+    }
+
     /// Targets with `status` (open, filled, claimed, expired, claimable), following the pages.
     pub async fn targets(&self, status: &str) -> Result<Vec<proto::Target>, ChainError> {
         let mut targets = Vec::new();
@@ -383,7 +421,15 @@ impl ChainClient {
             .clone()
             .get_transaction(proto::GetTransactionRequest {
                 digest: Some(digest.to_string()),
-                read_mask: None,
+                read_mask: Some(prost_types::FieldMask {
+                    paths: vec![
+                        "digest".into(),
+                        "transaction".into(),
+                        "effects".into(),
+                        "checkpoint".into(),
+                        "balance_changes".into(),
+                    ],
+                }),
             })
             .await
         {
@@ -392,6 +438,42 @@ impl ChainClient {
                     ChainError::Protocol("GetTransaction without a transaction".into())
                 })?;
                 executed_from_proto(&executed).map(Some)
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.err(status)),
+        }
+    }
+
+    /// The digests of the transactions in checkpoint `sequence`, or None if it does not exist.
+    pub async fn checkpoint_transactions(
+        &self,
+        sequence: u64,
+    ) -> Result<Option<Vec<TxDigest>>, ChainError> {
+        let request = proto::GetCheckpointRequest {
+            checkpoint_id: Some(proto::get_checkpoint_request::CheckpointId::SequenceNumber(
+                sequence,
+            )),
+            read_mask: None,
+        };
+        match self.ledger.clone().get_checkpoint(request).await {
+            Ok(reply) => {
+                let checkpoint = reply.into_inner().checkpoint.unwrap_or_default();
+                checkpoint
+                    .transactions
+                    .iter()
+                    .map(|t| {
+                        t.digest
+                            .as_deref()
+                            .ok_or_else(|| {
+                                ChainError::Protocol(
+                                    "a checkpoint transaction without a digest".into(),
+                                )
+                            })?
+                            .parse::<TxDigest>()
+                            .map_err(|e| ChainError::Protocol(format!("checkpoint digest: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(self.err(status)),
@@ -589,8 +671,15 @@ fn executed_from_proto(t: &proto::ExecutedTransaction) -> Result<Executed, Chain
         .map(|(i, b)| convert::balance_change_from_proto(b, &format!("balance_changes[{i}]")))
         .collect::<Result<_, _>>()
         .map_err(protocol)?;
+    let transaction = t
+        .transaction
+        .as_ref()
+        .map(convert::transaction_from_proto)
+        .transpose()
+        .map_err(protocol)?;
     Ok(Executed {
         digest: effects.transaction_digest,
+        transaction,
         effects,
         balance_changes,
         checkpoint: t.checkpoint,

@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use somatrain_protocol::ObjectId;
-use somatrain_protocol::chain::Commitments;
-use somatrain_protocol::tx::{Manifest, SignedTx};
+use somatrain_client::view::Commitments;
+use somatrain_protocol::{Manifest, ObjectId, SignedTransaction, TxDigest};
 use somatrain_train::trainer::HeldoutScore;
 
 use crate::DaemonError;
 
-const VERSION: u32 = 1;
+/// 2: signed BCS transactions with the chain id, and the reveal window journaled at commit.
+const VERSION: u32 = 2;
 
 /// What the loop is doing now (shown by `somatrain status` and on `/metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -66,12 +66,46 @@ pub enum Purpose {
 }
 
 /// A signed transaction that may or may not have reached the network. It is kept byte for
-/// byte so a retry sends the very same transaction (the node answers a repeat with the first
-/// outcome) instead of a second one.
+/// byte (the BCS of the signed envelope) so a retry sends the very same transaction (the node
+/// answers a repeat with the first outcome) instead of a second one, and only to the chain it
+/// was signed for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Inflight {
     pub purpose: Purpose,
-    pub tx: SignedTx,
+    pub digest: TxDigest,
+    /// The chain id (`GetServiceInfo`) of the network it was signed for.
+    pub chain_id: String,
+    /// Hex of the signed envelope's BCS.
+    pub signed_bcs: String,
+}
+
+impl Inflight {
+    pub fn new(purpose: Purpose, chain_id: &str, tx: &SignedTransaction) -> Self {
+        Inflight {
+            purpose,
+            digest: tx.digest(),
+            chain_id: chain_id.to_string(),
+            signed_bcs: hex::encode(tx.to_bcs()),
+        }
+    }
+
+    /// The journaled transaction, checked to be what its digest says.
+    pub fn transaction(&self) -> Result<SignedTransaction, DaemonError> {
+        let bytes = hex::decode(&self.signed_bcs).map_err(|e| {
+            DaemonError::Journal(format!("the in-flight transaction is not hex: {e}"))
+        })?;
+        let tx = SignedTransaction::from_bcs(&bytes).map_err(|e| {
+            DaemonError::Journal(format!("the in-flight transaction does not decode: {e}"))
+        })?;
+        if tx.digest() != self.digest {
+            return Err(DaemonError::Journal(format!(
+                "the in-flight transaction has digest {}, the journal says {}",
+                tx.digest(),
+                self.digest
+            )));
+        }
+        Ok(tx)
+    }
 }
 
 /// A round's weights, encrypted and uploaded, from before its commit until its reveal.
@@ -90,6 +124,10 @@ pub struct PendingRound {
     pub heldout: Option<HeldoutScore>,
     /// The epoch the commit landed in; None until it has.
     pub commit_epoch: Option<u64>,
+    /// When the reveal window opens and closes (ms since the Unix epoch), from the epoch start
+    /// and duration read with the commit. A localnet advanced by its admin opens it sooner.
+    pub reveal_opens_ms: Option<u64>,
+    pub reveal_closes_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for PendingRound {
@@ -99,6 +137,7 @@ impl std::fmt::Debug for PendingRound {
             .field("step", &self.step)
             .field("manifest", &self.manifest)
             .field("commit_epoch", &self.commit_epoch)
+            .field("reveal_closes_ms", &self.reveal_closes_ms)
             .finish_non_exhaustive()
     }
 }
@@ -187,4 +226,14 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.write_all(contents)?;
     drop(file);
     somatrain_model::io::finish_atomic(&tmp, path)
+}
+
+/// Creates `dir` (and its parents) readable only by its owner: unpublished weights live there.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }

@@ -12,15 +12,31 @@ pub mod run_loop;
 
 pub use journal::{Journal, Phase, write_private_file};
 pub use metrics::Metrics;
-pub use publisher::{Publisher, RevealWindow};
+pub use publisher::{Adopt, NewModel, Publisher, RevealWindow};
 pub use run_loop::{EngineFactory, EpochAdvance, LoopConfig};
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("journal: {0}")]
     Journal(String),
+    /// Refused, unreachable or timed out: see [`somatrain_client::chain::ChainError`].
     #[error(transparent)]
-    Client(#[from] somatrain_client::ClientError),
+    Network(#[from] somatrain_client::chain::ChainError),
+    /// The transaction executed and failed: its fee was paid, nothing else changed.
+    #[error("the {what} transaction {digest} executed and failed ({kind}): {description}")]
+    Failed {
+        what: &'static str,
+        digest: String,
+        kind: String,
+        description: String,
+    },
     #[error(transparent)]
     Storage(#[from] somatrain_storage::StorageError),
     #[error("training: {0}")]

@@ -1,29 +1,37 @@
 //! Create, commit and reveal, one journaled step at a time. `somatrain commit` and
 //! `somatrain reveal` call these directly; the loop in [`crate::run_loop`] strings them together.
 //!
-//! Every transaction is signed, written into the journal, and only then sent. After a crash the
-//! journal's transaction is looked up on the network by digest: if it executed, its outcome is
-//! applied; if not, the very same signed bytes are sent again. Nothing is ever signed twice for
-//! one step, so nothing is ever committed twice.
+//! Every transaction is signed, written into the journal (its BCS bytes and the chain id), and
+//! only then sent. After a crash the journal's transaction is looked up on the network by
+//! digest: if it executed, its outcome is applied; if its gas coin is still at the version it
+//! names, the very same signed bytes are sent again; otherwise it can never execute and the
+//! step is redone. Nothing is ever signed twice while the first may still execute, so nothing
+//! is ever committed twice.
+//!
+//! Three outcomes stay apart: the node refused (nothing happened), the node was unreachable
+//! (look the digest up later), and the transaction executed but failed (its fee was paid).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use somatrain_client::{Client, ClientError};
-use somatrain_protocol::chain::{Commitments, ModelStatus, TxRecord};
+use somatrain_client::chain::{ChainClient, ChainError, Executed};
+use somatrain_client::view::{Commitments, EpochView, ModelState, ModelView};
 use somatrain_protocol::crypto::{EncryptionKey, embedding_commitment, encrypt_stream};
-use somatrain_protocol::tx::{SignedTx, TxBody, TxKind};
-use somatrain_protocol::{Keypair, ObjectId};
+use somatrain_protocol::effects::ExecutionStatus;
+use somatrain_protocol::{
+    Digest, Keypair, Manifest, ObjectId, SignedTransaction, SomaTensor, TransactionData,
+    TransactionKind,
+};
 use somatrain_storage::{Storage, StorageError, verify_url};
 use somatrain_train::trainer::HeldoutScore;
 
-use crate::DaemonError;
 use crate::journal::{Inflight, Journal, PendingRound, Phase, Purpose, RevealedRound};
+use crate::{DaemonError, now_ms};
 
 /// Where the reveal of a committed round stands against the chain's epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevealWindow {
-    /// Still the commit epoch; the window opens at `opens_ms`.
+    /// Still the commit epoch; the window opens at `opens_ms` (or sooner on a localnet).
     NotYet { opens_ms: u64 },
     /// The reveal epoch: reveal now, before `deadline_ms`.
     Open { deadline_ms: u64 },
@@ -42,19 +50,49 @@ pub fn pause_point(name: &str) {
     }
 }
 
+/// What a model of this wallet needs before it can be created.
+#[derive(Debug, Clone, Copy)]
+pub struct NewModel {
+    pub stake: u64,
+    pub commission_bps: u64,
+    pub architecture_version: u64,
+}
+
+/// How to treat models this wallet already has on chain when the journal names none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Adopt {
+    /// Stop and name them (the default: a lost journal must not create a second model).
+    #[default]
+    Refuse,
+    /// Use this model (it must be ours, and created or active).
+    Model(ObjectId),
+    /// Create another model anyway.
+    CreateNew,
+}
+
 pub struct Publisher {
-    pub client: Client,
+    pub chain: ChainClient,
     keypair: Keypair,
     pub storage: Storage,
     pub journal: Journal,
     journal_path: PathBuf,
     publish_dir: PathBuf,
+    chain_id: Option<String>,
+    /// The epoch as read just before the last commit.
+    last_view: Option<EpochView>,
+}
+
+/// The estimated fee of a transaction writing `writes` objects and moving `value` shannons.
+fn fee_estimate(epoch: &EpochView, writes: u64, value: u64) -> u64 {
+    let p = &epoch.params;
+    let value_fee = (value as u128 * p.value_fee_bps as u128 / 10_000) as u64;
+    p.base_fee + p.write_object_fee * writes + value_fee
 }
 
 impl Publisher {
     /// A publisher whose journal and encrypted files live in `run_dir`.
     pub fn open(
-        client: Client,
+        chain: ChainClient,
         keypair: Keypair,
         storage: Storage,
         run_dir: &Path,
@@ -62,12 +100,14 @@ impl Publisher {
         let journal_path = Journal::path_in(run_dir);
         let journal = Journal::load(&journal_path)?;
         Ok(Publisher {
-            client,
+            chain,
             keypair,
             storage,
             journal,
             journal_path,
             publish_dir: run_dir.join("publish"),
+            chain_id: None,
+            last_view: None,
         })
     }
 
@@ -87,54 +127,93 @@ impl Publisher {
         Ok(())
     }
 
+    async fn chain_id(&mut self) -> Result<String, DaemonError> {
+        if let Some(id) = &self.chain_id {
+            return Ok(id.clone());
+        }
+        let info = self.chain.service_info().await?;
+        let id = info
+            .chain_id
+            .ok_or_else(|| DaemonError::Chain("GetServiceInfo named no chain id".into()))?;
+        self.chain_id = Some(id.clone());
+        Ok(id)
+    }
+
     /// Settles a transaction left in flight by a previous process.
     pub async fn resolve_inflight(&mut self) -> Result<(), DaemonError> {
         let Some(inflight) = self.journal.inflight.clone() else {
             return Ok(());
         };
-        let digest = inflight.tx.digest();
-        if let Some(record) = self.client.transaction(&digest).await? {
+        let chain_id = self.chain_id().await?;
+        if inflight.chain_id != chain_id {
+            return Err(DaemonError::Journal(format!(
+                "the journal's {:?} transaction {} was signed for chain {}, but this network is \
+                 chain {chain_id}; use the run directory with the network it belongs to",
+                inflight.purpose, inflight.digest, inflight.chain_id
+            )));
+        }
+        let tx = inflight.transaction()?;
+        if let Some(executed) = self.chain.transaction(&inflight.digest).await? {
             tracing::info!(
-                "transaction {digest} ({:?}) had executed before the restart",
+                "transaction {} ({:?}) had executed before the restart",
+                inflight.digest,
                 inflight.purpose
             );
-            return self.settle(inflight.purpose, &record);
+            return self.settle(inflight.purpose, &executed).await;
         }
-        let account = self.client.account(&self.keypair.address()).await?;
-        let body = inflight.tx.verify().map_err(|e| {
-            DaemonError::Journal(format!("the journal's transaction is invalid: {e}"))
-        })?;
-        if account.sequence == body.sequence {
+        let mut executable = true;
+        for coin in &tx.data.gas_payment {
+            executable &= self.chain.is_current(coin).await?;
+        }
+        if executable {
             tracing::info!(
-                "resending transaction {digest} ({:?}) after the restart",
+                "resending transaction {} ({:?}) after the restart",
+                inflight.digest,
                 inflight.purpose
             );
-            let record = self.submit_or_find(&inflight.tx).await?;
-            return self.settle(inflight.purpose, &record);
+            return match self.submit_or_find(&tx).await {
+                Ok(executed) => self.settle(inflight.purpose, &executed).await,
+                Err(e @ DaemonError::Chain(_)) => Err(e),
+                Err(e) => {
+                    self.forget_inflight_if_refused(&e)?;
+                    Err(e)
+                }
+            };
         }
-        // Its sequence number was used by another transaction: it can never execute.
+        // Its gas coin moved on without it: it can never execute.
         tracing::warn!(
-            "transaction {digest} ({:?}) can no longer execute; the step will be redone",
+            "transaction {} ({:?}) can no longer execute; the step will be redone",
+            inflight.digest,
             inflight.purpose
         );
         self.journal.inflight = None;
         self.save()
     }
 
+    fn forget_inflight_if_refused(&mut self, e: &DaemonError) -> Result<(), DaemonError> {
+        if matches!(e, DaemonError::Network(ChainError::Refused { .. })) {
+            // Refused for good: this signed transaction will never execute.
+            self.journal.inflight = None;
+            self.save()?;
+        }
+        Ok(())
+    }
+
     /// Sends `tx`, retrying through network failures; before each retry the digest is looked up,
     /// since a send whose answer was lost may have executed.
-    async fn submit_or_find(&self, tx: &SignedTx) -> Result<TxRecord, DaemonError> {
+    async fn submit_or_find(&self, tx: &SignedTransaction) -> Result<Executed, DaemonError> {
         let mut backoff = Duration::from_millis(200);
         let mut attempts = 0;
         loop {
-            match self.client.submit(tx).await {
-                Ok(record) => return Ok(record),
-                Err(ClientError::Network { .. } | ClientError::Protocol { .. }) if attempts < 8 => {
+            match self.chain.execute(tx).await {
+                Ok(executed) => return Ok(executed),
+                Err(e) if e.is_transient() && attempts < 8 => {
+                    tracing::warn!("sending {}: {e}; retrying", tx.digest());
                     attempts += 1;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if let Ok(Some(record)) = self.client.transaction(&tx.digest()).await {
-                        return Ok(record);
+                    if let Ok(Some(executed)) = self.chain.transaction(&tx.digest()).await {
+                        return Ok(executed);
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -142,66 +221,91 @@ impl Publisher {
         }
     }
 
-    /// Signs `kind`, journals it, sends it and applies its outcome.
-    async fn send(&mut self, purpose: Purpose, kind: TxKind) -> Result<TxRecord, DaemonError> {
-        let account = self.client.account(&self.keypair.address()).await?;
-        let body = TxBody {
-            sender: self.keypair.address(),
-            sequence: account.sequence,
-            kind,
-        };
-        let tx = SignedTx::sign(&self.keypair, &body);
-        self.journal.inflight = Some(Inflight {
-            purpose,
-            tx: tx.clone(),
-        });
-        self.save()?;
-        pause_point(&format!("{}-journaled", purpose_name(purpose)));
-        let record = match self.submit_or_find(&tx).await {
-            Ok(record) => record,
-            Err(e) => {
-                if matches!(e, DaemonError::Client(ClientError::Rejected { .. })) {
-                    // Refused for good: this signed transaction will never execute.
+    /// Signs `kind` with the wallet's richest coin as gas, journals it, sends it and applies
+    /// its outcome. A coin that turned stale between reading and sending is read again.
+    async fn send(
+        &mut self,
+        purpose: Purpose,
+        kind: TransactionKind,
+    ) -> Result<Executed, DaemonError> {
+        let chain_id = self.chain_id().await?;
+        let mut attempt = 0;
+        loop {
+            let gas = self.chain.richest_coin(&self.keypair.address()).await?;
+            let data = TransactionData::new(kind.clone(), self.keypair.address(), vec![gas]);
+            let tx = SignedTransaction::sign(&self.keypair, data);
+            self.journal.inflight = Some(Inflight::new(purpose, &chain_id, &tx));
+            self.save()?;
+            pause_point(&format!("{}-journaled", purpose_name(purpose)));
+            let executed = match self.submit_or_find(&tx).await {
+                Ok(executed) => executed,
+                Err(DaemonError::Network(e)) if e.is_coin_conflict() && attempt < 3 => {
                     self.journal.inflight = None;
                     self.save()?;
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    continue;
                 }
-                return Err(e);
-            }
-        };
-        pause_point(&format!("{}-sent", purpose_name(purpose)));
-        self.settle(purpose, &record)?;
-        Ok(record)
+                Err(e) => {
+                    self.forget_inflight_if_refused(&e)?;
+                    return Err(e);
+                }
+            };
+            pause_point(&format!("{}-sent", purpose_name(purpose)));
+            self.settle(purpose, &executed).await?;
+            return Ok(executed);
+        }
     }
 
-    fn settle(&mut self, purpose: Purpose, record: &TxRecord) -> Result<(), DaemonError> {
+    /// Applies an executed transaction to the journal. A failed one paid its fee and changed
+    /// nothing else: the step is not done, and the failure is returned.
+    async fn settle(&mut self, purpose: Purpose, executed: &Executed) -> Result<(), DaemonError> {
+        let epoch = executed.effects.executed_epoch;
+        if let ExecutionStatus::Failure(failure) = executed.status() {
+            self.journal.inflight = None;
+            self.save()?;
+            return Err(DaemonError::Failed {
+                what: purpose_name(purpose),
+                digest: executed.digest.to_string(),
+                kind: failure.kind.name().to_string(),
+                description: failure.description.clone(),
+            });
+        }
         match purpose {
             Purpose::CreateModel => {
-                let id = *record.created.first().ok_or_else(|| {
-                    DaemonError::Chain("the create transaction created no model".into())
-                })?;
-                tracing::info!("model {id} created in epoch {}", record.epoch);
+                let id = ObjectId::derive(&executed.digest, 0);
+                tracing::info!("model {id} created in epoch {epoch}");
                 self.journal.model_id = Some(id);
             }
             Purpose::Commit => {
+                // The window is known from now on, even if the node becomes unreachable: from
+                // a fresh read of the epoch, or else the one read just before the commit.
+                let view = match self.chain.epoch_view().await {
+                    Ok(view) => Some(view),
+                    Err(e) => {
+                        tracing::warn!("reading the epoch after the commit: {e}");
+                        self.last_view.clone()
+                    }
+                };
                 if let Some(pending) = &mut self.journal.pending {
-                    pending.commit_epoch = Some(record.epoch);
-                    tracing::info!(
-                        "round {} committed in epoch {}",
-                        pending.round,
-                        record.epoch
-                    );
+                    pending.commit_epoch = Some(epoch);
+                    if let Some(view) = view.filter(|v| v.epoch >= epoch) {
+                        let opens = window_opens(&view, epoch);
+                        pending.reveal_opens_ms = Some(opens);
+                        pending.reveal_closes_ms = Some(opens + view.params.epoch_duration_ms);
+                    }
+                    self.journal.reveal_deadline_ms = pending.reveal_closes_ms;
+                    tracing::info!("round {} committed in epoch {epoch}", pending.round);
                 }
             }
             Purpose::Reveal => {
                 if let Some(pending) = self.journal.pending.take() {
-                    tracing::info!("round {} revealed in epoch {}", pending.round, record.epoch);
+                    tracing::info!("round {} revealed in epoch {epoch}", pending.round);
                     self.journal.last_revealed = Some(RevealedRound {
                         round: pending.round,
                         step: pending.step,
-                        commit_epoch: pending
-                            .commit_epoch
-                            .unwrap_or(record.epoch.saturating_sub(1)),
-                        reveal_epoch: record.epoch,
+                        commit_epoch: pending.commit_epoch.unwrap_or(epoch.saturating_sub(1)),
+                        reveal_epoch: epoch,
                         url: pending.manifest.url.clone(),
                         heldout: pending.heldout.clone(),
                     });
@@ -215,23 +319,105 @@ impl Publisher {
         self.save()
     }
 
-    /// The model this publisher commits to, created (with `stake` shannons) if it has none.
+    /// Models of this wallet that are still created or pending on chain.
+    pub async fn unfinished_models(&self) -> Result<Vec<ModelView>, DaemonError> {
+        let me = self.keypair.address();
+        Ok(self
+            .chain
+            .epoch_view()
+            .await?
+            .models
+            .into_iter()
+            .filter(|m| {
+                m.owner == me && matches!(m.state, ModelState::Created | ModelState::Pending)
+            })
+            .collect())
+    }
+
+    /// The model this publisher commits to: the journal's, an adopted one, or a new one staked
+    /// from the wallet. Before creating, it looks for models this wallet left unfinished, so a
+    /// lost journal never creates a second model by surprise.
     pub async fn ensure_model(
         &mut self,
-        stake: u64,
-        commission_bps: u64,
-        architecture_version: u64,
+        new: NewModel,
+        adopt: Adopt,
     ) -> Result<ObjectId, DaemonError> {
         if let Some(id) = self.journal.model_id {
             return Ok(id);
         }
+        let view = self.chain.epoch_view().await?;
+        let me = self.keypair.address();
+        match adopt {
+            Adopt::Model(id) => {
+                let model = view
+                    .model(&id)
+                    .ok_or_else(|| DaemonError::Usage(format!("model {id} is not on chain")))?;
+                if model.owner != me {
+                    return Err(DaemonError::Usage(format!(
+                        "model {id} belongs to {}, not to this wallet ({me})",
+                        model.owner
+                    )));
+                }
+                if !matches!(model.state, ModelState::Created | ModelState::Active) {
+                    return Err(DaemonError::Usage(format!(
+                        "model {id} is {}: only a created or active model can take a new commit",
+                        model.state.name()
+                    )));
+                }
+                self.journal.model_id = Some(id);
+                self.save()?;
+                return Ok(id);
+            }
+            Adopt::Refuse => {
+                let unfinished: Vec<&ModelView> = view
+                    .models
+                    .iter()
+                    .filter(|m| {
+                        m.owner == me
+                            && matches!(m.state, ModelState::Created | ModelState::Pending)
+                    })
+                    .collect();
+                if !unfinished.is_empty() {
+                    let list: Vec<String> = unfinished
+                        .iter()
+                        .map(|m| match &m.pending {
+                            Some(p) => format!(
+                                "{} ({}, committed in epoch {})",
+                                m.id,
+                                m.state.name(),
+                                p.commit_epoch
+                            ),
+                            None => format!("{} ({})", m.id, m.state.name()),
+                        })
+                        .collect();
+                    return Err(DaemonError::Usage(format!(
+                        "this run directory's journal names no model, but this wallet already has \
+                         unfinished models on chain: {}. Resume a created one with \
+                         `--model-id ID`; a pending one can only be revealed with the journal \
+                         that committed it (its key is not on chain). Pass `--new-model` to \
+                         create another model anyway",
+                        list.join(", ")
+                    )));
+                }
+            }
+            Adopt::CreateNew => {}
+        }
+        let needed = new.stake + fee_estimate(&view, 5, new.stake);
+        let balance = self.chain.balance(&me).await?;
+        if balance < needed {
+            return Err(DaemonError::Usage(format!(
+                "creating a model needs about {needed} shannons (stake {} and fees); the wallet \
+                 {me} holds {balance}",
+                new.stake
+            )));
+        }
         self.set_phase(Phase::CreatingModel)?;
         self.send(
             Purpose::CreateModel,
-            TxKind::CreateModel {
-                stake,
-                commission_bps,
-                architecture_version,
+            TransactionKind::CreateModel {
+                stake_amount: new.stake,
+                commission_rate: new.commission_bps,
+                architecture_version: new.architecture_version,
             },
         )
         .await?;
@@ -244,6 +430,53 @@ impl Publisher {
         self.journal
             .model_id
             .ok_or_else(|| DaemonError::Usage("no model yet: commit creates one".into()))
+    }
+
+    /// Everything a round must pass before anything about it goes on chain: the weights load
+    /// as V1 weights of the chain's width with every value finite, the embedding has the
+    /// chain's length and is finite, the held-out score is finite, and the wallet can pay.
+    pub async fn check_round(
+        &self,
+        weights: &Path,
+        embedding: &[f32],
+        heldout: Option<&HeldoutScore>,
+    ) -> Result<(), DaemonError> {
+        let view = self.chain.epoch_view().await?;
+        let width = view.params.embedding_dim as usize;
+        let path = weights.to_path_buf();
+        tokio::task::spawn_blocking(move || check_weights(&path, width))
+            .await
+            .map_err(|e| DaemonError::Io(e.to_string()))??;
+        if embedding.len() != width {
+            return Err(DaemonError::Usage(format!(
+                "the embedding has {} values; this chain takes {width}",
+                embedding.len()
+            )));
+        }
+        if let Some(i) = embedding.iter().position(|v| !v.is_finite()) {
+            return Err(DaemonError::Usage(format!(
+                "the embedding's value {i} is {}; nothing non-finite is published",
+                embedding[i]
+            )));
+        }
+        if let Some(h) = heldout
+            && !(h.loss.is_finite() && h.bits_per_byte.is_finite())
+        {
+            return Err(DaemonError::Usage(format!(
+                "the round's held-out loss is {}; nothing non-finite is published",
+                h.loss
+            )));
+        }
+        let me = self.keypair.address();
+        let needed = fee_estimate(&view, 5, 0) * 2;
+        let balance = self.chain.balance(&me).await?;
+        if balance < needed {
+            return Err(DaemonError::Usage(format!(
+                "a commit and its reveal need about {needed} shannons in fees; the wallet {me} \
+                 holds {balance}"
+            )));
+        }
+        Ok(())
     }
 
     /// Encrypts `weights` with a fresh key, uploads the ciphertext, checks the upload and
@@ -264,7 +497,7 @@ impl Publisher {
         }
         let model_id = self.model_id()?;
         self.set_phase(Phase::Uploading)?;
-        std::fs::create_dir_all(&self.publish_dir)
+        crate::journal::create_private_dir(&self.publish_dir)
             .map_err(|e| DaemonError::Io(format!("{}: {e}", self.publish_dir.display())))?;
         let key = EncryptionKey::generate();
         let encrypted = self
@@ -276,15 +509,15 @@ impl Publisher {
                 .await
                 .map_err(|e| DaemonError::Io(e.to_string()))??
         };
-        let id_hex = model_id.to_string();
+        let id_hex = model_id.hex();
         let object_name = format!(
             "somatrain-{}-round{round}-{}.safetensors.enc",
-            &id_hex[2..18],
+            &id_hex[..16],
             &summary.output_commitment.to_base58()[..10]
         );
         let manifest = self.storage.upload_file(&object_name, &encrypted).await?;
         if manifest.checksum != summary.output_commitment || manifest.size != summary.bytes {
-            let expected = somatrain_protocol::tx::Manifest {
+            let expected = Manifest {
                 url: manifest.url.clone(),
                 checksum: summary.output_commitment,
                 size: summary.bytes,
@@ -307,6 +540,8 @@ impl Publisher {
             embedding,
             heldout,
             commit_epoch: None,
+            reveal_opens_ms: None,
+            reveal_closes_ms: None,
         });
         self.save()
     }
@@ -323,21 +558,32 @@ impl Publisher {
             return Ok(epoch);
         }
         // A commit of these very commitments already on chain (from a lost answer) counts.
-        let model = self.client.model(&model_id).await?;
+        let model = self
+            .chain
+            .model(&model_id)
+            .await?
+            .ok_or_else(|| DaemonError::Chain(format!("model {model_id} is not on chain")))?;
         if let Some(on_chain) = &model.pending
             && on_chain.commitments == pending.commitments
         {
+            let epoch = on_chain.commit_epoch;
+            let view = self.chain.epoch_view().await?;
+            let opens = window_opens(&view, epoch);
             if let Some(p) = &mut self.journal.pending {
-                p.commit_epoch = Some(on_chain.commit_epoch);
+                p.commit_epoch = Some(epoch);
+                p.reveal_opens_ms = Some(opens);
+                p.reveal_closes_ms = Some(opens + view.params.epoch_duration_ms);
+                self.journal.reveal_deadline_ms = p.reveal_closes_ms;
             }
             self.save()?;
-            return Ok(on_chain.commit_epoch);
+            return Ok(epoch);
         }
         self.set_phase(Phase::Committing)?;
-        let record = self
+        self.last_view = Some(self.chain.epoch_view().await?);
+        let executed = self
             .send(
                 Purpose::Commit,
-                TxKind::CommitModel {
+                TransactionKind::CommitModel {
                     model_id,
                     manifest: pending.manifest.clone(),
                     weights_commitment: pending.commitments.weights,
@@ -347,31 +593,31 @@ impl Publisher {
             )
             .await?;
         self.set_phase(Phase::AwaitingReveal)?;
-        Ok(record.epoch)
+        Ok(executed.effects.executed_epoch)
     }
 
-    /// Where the pending round's reveal stands, from the node's clock and epoch.
+    /// Where the pending round's reveal stands, from the chain's epoch.
     pub async fn reveal_window(&mut self) -> Result<RevealWindow, DaemonError> {
-        let status = self.client.status().await?;
         let commit_epoch = self
             .journal
             .pending
             .as_ref()
             .and_then(|p| p.commit_epoch)
             .ok_or_else(|| DaemonError::Usage("no committed round awaits a reveal".into()))?;
-        let window = if status.epoch == commit_epoch {
+        let view = self.chain.epoch_view().await?;
+        let window = if view.epoch == commit_epoch {
             RevealWindow::NotYet {
-                opens_ms: status.next_epoch_ms,
+                opens_ms: view.next_epoch_ms(),
             }
-        } else if status.epoch == commit_epoch + 1 {
+        } else if view.epoch == commit_epoch + 1 {
             RevealWindow::Open {
-                deadline_ms: status.next_epoch_ms,
+                deadline_ms: view.next_epoch_ms(),
             }
         } else {
             RevealWindow::Missed
         };
         let deadline = match window {
-            RevealWindow::NotYet { opens_ms } => Some(opens_ms + status.params.epoch_duration_ms),
+            RevealWindow::NotYet { opens_ms } => Some(opens_ms + view.params.epoch_duration_ms),
             RevealWindow::Open { deadline_ms } => Some(deadline_ms),
             RevealWindow::Missed => None,
         };
@@ -408,10 +654,25 @@ impl Publisher {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!("{e}; uploading the committed file again");
-                let manifest = self
+                let manifest = match self
                     .storage
                     .upload_file(&pending.object_name, &pending.encrypted)
-                    .await?;
+                    .await
+                {
+                    Ok(manifest) => manifest,
+                    // The name is taken by other bytes the store will not overwrite: revealing
+                    // anyway keeps the stake (a missed first reveal costs half of it), and the
+                    // weights are at least verifiable from the local encrypted file.
+                    Err(e @ StorageError::Taken { .. }) => {
+                        tracing::error!(
+                            "{} cannot be uploaded again ({e}); revealing anyway, but scorers \
+                             cannot fetch these weights",
+                            pending.manifest.url
+                        );
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if manifest != pending.manifest {
                     return Err(StorageError::mismatch(
                         &pending.manifest,
@@ -438,27 +699,47 @@ impl Publisher {
                 "the pending round is not committed yet".into(),
             ));
         }
+        let key = EncryptionKey::from_base58(&pending.decryption_key)
+            .map_err(|_| DaemonError::Journal("the journal's decryption key is damaged".into()))?;
         self.set_phase(Phase::Revealing)?;
         self.ensure_served().await?;
-        let record = self
+        let executed = self
             .send(
                 Purpose::Reveal,
-                TxKind::RevealModel {
+                TransactionKind::RevealModel {
                     model_id,
-                    decryption_key: pending.decryption_key.clone(),
-                    embedding: pending.embedding.clone(),
+                    decryption_key: Digest(*key.as_bytes()),
+                    embedding: SomaTensor::vector(&pending.embedding),
                 },
             )
             .await?;
-        Ok(record.epoch)
+        Ok(executed.effects.executed_epoch)
     }
 
-    /// The model's status on chain (None before it is created).
-    pub async fn model_status(&self) -> Result<Option<ModelStatus>, DaemonError> {
+    /// The model's state on chain (None before it is created).
+    pub async fn model_state(&self) -> Result<Option<ModelState>, DaemonError> {
         match self.journal.model_id {
-            Some(id) => Ok(Some(self.client.model(&id).await?.status)),
+            Some(id) => Ok(self.chain.model(&id).await?.map(|m| m.state)),
             None => Ok(None),
         }
+    }
+
+    /// Milliseconds left before the pending reveal's window closes, from the journal alone
+    /// (so it is known while the node is unreachable).
+    pub fn reveal_time_left_ms(&self) -> Option<u64> {
+        self.journal
+            .reveal_deadline_ms
+            .map(|d| d.saturating_sub(now_ms()))
+    }
+}
+
+/// When the reveal window of a commit in `commit_epoch` opens: the end of that epoch, as far as
+/// `view` (of that epoch or a later one) tells.
+fn window_opens(view: &EpochView, commit_epoch: u64) -> u64 {
+    let duration = view.params.epoch_duration_ms;
+    match view.epoch.checked_sub(commit_epoch) {
+        Some(0) | None => view.next_epoch_ms(),
+        Some(later) => view.start_ms.saturating_sub((later - 1) * duration),
     }
 }
 
@@ -468,6 +749,33 @@ fn purpose_name(purpose: Purpose) -> &'static str {
         Purpose::Commit => "commit",
         Purpose::Reveal => "reveal",
     }
+}
+
+/// The weights file loads as V1 weights of `width` and every value is finite.
+fn check_weights(path: &Path, width: usize) -> Result<(), DaemonError> {
+    let weights = somatrain_model::io::load_file_any_width(path).map_err(|e| {
+        DaemonError::Usage(format!(
+            "{} is not publishable weights: {e}",
+            path.display()
+        ))
+    })?;
+    if weights.config.embedding_dim != width {
+        return Err(DaemonError::Usage(format!(
+            "{} has width {}; this chain's models have width {width}",
+            path.display(),
+            weights.config.embedding_dim
+        )));
+    }
+    for (name, values) in weights.tensors() {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(DaemonError::Usage(format!(
+                "{}: tensor {name} holds {} at index {i}; nothing non-finite is published",
+                path.display(),
+                values[i]
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn encrypt_file(
@@ -480,7 +788,16 @@ fn encrypt_file(
     };
     let input = std::fs::File::open(weights).map_err(|e| io(weights, &e))?;
     let tmp = somatrain_model::io::temp_path_for(encrypted);
-    let output = std::fs::File::create(&tmp).map_err(|e| io(&tmp, &e))?;
+    let output = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io(&tmp, &e))?
+    };
     let summary = encrypt_stream(
         key,
         std::io::BufReader::new(input),

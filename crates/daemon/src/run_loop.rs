@@ -2,8 +2,9 @@
 //!
 //! The next round trains in a background thread while the loop waits for the reveal window, but
 //! a new commit is only prepared once the pending reveal has landed. The window is watched
-//! against the node's own clock (`next_epoch_ms`), with short polls around the boundary, so the
-//! reveal goes out as soon as the epoch changes.
+//! against the chain's epoch start and duration, with short polls around the boundary, so the
+//! reveal goes out as soon as the epoch changes. The model is created only once the first round
+//! has trained and passed every check, so a run that diverges never stakes anything.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,19 +14,19 @@ use somatrain_train::trainer::RunSummary;
 use somatrain_train::{GradientEngine, TrainError, TrainSettings, Until};
 use tokio::task::JoinHandle;
 
-use somatrain_protocol::chain::now_ms;
+use somatrain_protocol::effects::ExecutionErrorKind;
 
-use crate::DaemonError;
 use crate::journal::Phase;
 use crate::metrics::Metrics;
-use crate::publisher::{Publisher, RevealWindow, pause_point};
+use crate::publisher::{Adopt, NewModel, Publisher, RevealWindow, pause_point};
+use crate::{DaemonError, now_ms};
 
 /// How the epoch moves on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EpochAdvance {
     /// Wait for the network's clock.
     Wait,
-    /// Ask the node's admin endpoint (a localnet whose token we hold), as soon as a commit is in.
+    /// Ask the localnet's admin service, as soon as a commit is in.
     Admin,
 }
 
@@ -59,9 +60,9 @@ pub struct LoopConfig {
     pub steps_per_round: u64,
     /// Stop after this many rounds are revealed (None: run until stopped).
     pub rounds: Option<u64>,
-    pub stake: u64,
-    pub commission_bps: u64,
-    pub architecture_version: u64,
+    /// The model created when the journal names none.
+    pub new_model: NewModel,
+    pub adopt: Adopt,
     pub advance: EpochAdvance,
     /// Longest sleep between looks at the node.
     pub poll: Duration,
@@ -104,13 +105,16 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<(), DaemonError> {
     publisher.resolve_inflight().await?;
-    publisher
-        .ensure_model(
-            config.stake,
-            config.commission_bps,
-            config.architecture_version,
-        )
-        .await?;
+    if publisher.journal.model_id.is_none() && config.adopt == Adopt::Refuse {
+        // Stop before training when a lost journal would otherwise create a second model.
+        let unfinished = publisher.unfinished_models().await?;
+        if !unfinished.is_empty() {
+            return publisher
+                .ensure_model(config.new_model, Adopt::Refuse)
+                .await
+                .map(|_| ());
+        }
+    }
     metrics.observe_journal(&publisher.journal);
     let mut training: Option<Training> = None;
     let result = drive(publisher, config, &metrics, &mut training).await;
@@ -131,12 +135,12 @@ async fn drive(
     let wanted = |round: u64| config.rounds.is_none_or(|n| round <= n);
     loop {
         metrics.observe_journal(&publisher.journal);
-        if let Ok(account) = publisher
-            .client
-            .account(&publisher.keypair().address())
+        if let Ok(balance) = publisher
+            .chain
+            .balance(&publisher.keypair().address())
             .await
         {
-            metrics.observe_balance(account.balance);
+            metrics.observe_balance(balance);
         }
         if let Some(pending) = publisher.journal.pending.clone() {
             if pending.commit_epoch.is_none() {
@@ -185,6 +189,17 @@ async fn drive(
             );
         }
         publisher
+            .check_round(
+                &summary.round.weights,
+                &summary.round.embedding,
+                summary.round.heldout.as_ref(),
+            )
+            .await?;
+        publisher
+            .ensure_model(config.new_model, config.adopt)
+            .await?;
+        metrics.observe_journal(&publisher.journal);
+        publisher
             .prepare(
                 round,
                 summary.end_step,
@@ -206,7 +221,7 @@ async fn wait_for_window(
     loop {
         let window = match publisher.reveal_window().await {
             Ok(w) => w,
-            Err(DaemonError::Client(e)) => {
+            Err(DaemonError::Network(e)) if e.is_transient() => {
                 tracing::warn!("cannot read the epoch from the node: {e}");
                 warn_if_late(publisher, config);
                 tokio::time::sleep(config.poll).await;
@@ -217,7 +232,7 @@ async fn wait_for_window(
         match window {
             RevealWindow::NotYet { opens_ms } => match config.advance {
                 EpochAdvance::Admin if !advanced => {
-                    let epoch = publisher.client.advance_epoch().await?;
+                    let epoch = publisher.chain.advance_epoch().await?;
                     tracing::info!("advanced the localnet to epoch {epoch}");
                     advanced = true;
                 }
@@ -245,21 +260,30 @@ fn warn_if_late(publisher: &Publisher, config: &LoopConfig) {
     }
 }
 
-/// Refusals of a reveal that no retry can turn around: what was committed and what is revealed
-/// disagree, or the model is not ours to reveal.
-const FINAL_REVEAL_REFUSALS: &[&str] = &[
-    "decryption_key_commitment_mismatch",
-    "embedding_commitment_mismatch",
-    "embedding_dimension_mismatch",
-    "non_finite_embedding",
-    "bad_decryption_key",
-    "not_model_owner",
-    "model_not_found",
+/// Failures of an executed reveal that no retry can turn around: what was committed and what
+/// is revealed disagree, or the model is not ours to reveal.
+const FINAL_REVEAL_FAILURES: &[ExecutionErrorKind] = &[
+    ExecutionErrorKind::ModelDecryptionKeyCommitmentMismatch,
+    ExecutionErrorKind::ModelEmbeddingCommitmentMismatch,
+    ExecutionErrorKind::EmbeddingDimensionMismatch,
+    ExecutionErrorKind::NotModelOwner,
+    ExecutionErrorKind::ModelNotFound,
+    ExecutionErrorKind::ModelNoPendingUpdate,
+    ExecutionErrorKind::ModelNotPending,
 ];
 
-/// Reveals, retrying failures (the node unreachable, the bucket not serving, a refusal that may
-/// pass later, such as a balance too low for the fee) until the deadline. A refusal in
-/// [`FINAL_REVEAL_REFUSALS`] stops at once, keeping the pending round in the journal.
+fn is_final(e: &DaemonError) -> bool {
+    match e {
+        DaemonError::Failed { kind, .. } => FINAL_REVEAL_FAILURES.iter().any(|k| k.name() == kind),
+        // Refused as malformed (the node checks the transaction before executing it).
+        DaemonError::Network(e) => e.is_malformed(),
+        _ => false,
+    }
+}
+
+/// Reveals, retrying failures (the node unreachable, the bucket not serving, a failure that may
+/// pass later, such as a balance too low for the fee) until the deadline. A failure that no
+/// retry can help stops at once, keeping the pending round in the journal.
 async fn reveal_before_deadline(
     publisher: &mut Publisher,
     config: &LoopConfig,
@@ -268,16 +292,25 @@ async fn reveal_before_deadline(
     loop {
         match publisher.reveal_pending().await {
             Ok(_) => return Ok(()),
-            Err(DaemonError::Client(e))
-                if e.code().is_some_and(|c| FINAL_REVEAL_REFUSALS.contains(&c)) =>
-            {
+            Err(e) if is_final(&e) => {
                 return Err(DaemonError::Usage(format!(
-                    "the node refused the reveal of round {} for good ({e}); no retry can \
-                     help. The round stays pending in the journal",
+                    "the reveal of round {} cannot succeed ({e}); no retry can help. The round \
+                     stays pending in the journal",
                     publisher.journal.pending.as_ref().map_or(0, |p| p.round)
                 )));
             }
-            Err(e @ (DaemonError::Client(_) | DaemonError::Storage(_))) => {
+            Err(DaemonError::Failed {
+                kind, description, ..
+            }) if kind == ExecutionErrorKind::ModelRevealEpochMismatch.name() => {
+                publisher.abandon_pending()?;
+                return Err(DaemonError::Usage(format!(
+                    "the reveal landed outside its window: {description}"
+                )));
+            }
+            Err(
+                e
+                @ (DaemonError::Network(_) | DaemonError::Storage(_) | DaemonError::Failed { .. }),
+            ) => {
                 let deadline = publisher.journal.reveal_deadline_ms.unwrap_or(0);
                 if now_ms() >= deadline {
                     publisher.abandon_pending()?;

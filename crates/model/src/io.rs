@@ -64,6 +64,27 @@ pub struct LoadOptions {
     pub preset: Option<Preset>,
 }
 
+/// Loads weights whose head count is recorded in the file, or, for files that do not record it
+/// (the network's own files), the head count of the preset of that width.
+pub fn load_file_any_width(path: &Path) -> Result<Weights, WeightsError> {
+    match load_file(path, LoadOptions::default()) {
+        Err(WeightsError::UnknownHeads { embedding_dim }) => {
+            let Some(preset) = Preset::ALL
+                .into_iter()
+                .find(|p| p.config().embedding_dim == embedding_dim)
+            else {
+                return Err(WeightsError::UnknownHeads { embedding_dim });
+            };
+            let options = LoadOptions {
+                num_heads: Some(preset.config().num_heads),
+                preset: None,
+            };
+            load_file(path, options)
+        }
+        other => other,
+    }
+}
+
 /// Loads a weights file; the file is memory-mapped so a V1 model is never held twice.
 pub fn load_file(path: &Path, options: LoadOptions) -> Result<Weights, WeightsError> {
     let io_err = |source| WeightsError::Io {

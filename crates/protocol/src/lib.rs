@@ -14,11 +14,7 @@
 //! - [`tensor`]: [`SomaTensor`], how embeddings and scores travel.
 //! - [`keys`]: Ed25519 key pairs and addresses.
 //! - [`crypto`]: AES-256-CTR weights encryption and Blake2b-256 [`Commitment`]s.
-//! - [`tx`], [`chain`], [`api`]: the localnet's legacy JSON transactions and API, being replaced
-//!   by the types above.
 
-pub mod api;
-pub mod chain;
 pub mod crypto;
 pub mod effects;
 #[cfg(feature = "fixtures")]
@@ -29,7 +25,6 @@ pub mod keys;
 pub mod object;
 pub mod tensor;
 pub mod transaction;
-pub mod tx;
 
 pub use crypto::{Commitment, CryptoError, EncryptionKey};
 pub use ids::{Digest, IdError, ObjectDigest, ObjectId, TxDigest};
@@ -39,4 +34,6 @@ pub use tensor::SomaTensor;
 pub use transaction::{
     Manifest, ObjectRef, SignedTransaction, TransactionData, TransactionKind, UserSignature,
 };
-pub use tx::{SignedTx, TxBody, TxKind};
+
+/// 1 SOMA = 10^9 shannons, the unit every amount on chain is counted in.
+pub const SHANNONS_PER_SOMA: u64 = 1_000_000_000;

@@ -14,8 +14,8 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     WriteMultipart,
 };
+use somatrain_protocol::Manifest;
 use somatrain_protocol::crypto::{Commitment, CommitmentHasher};
-use somatrain_protocol::tx::Manifest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[cfg(feature = "testing")]
@@ -42,6 +42,10 @@ pub enum StorageError {
         attempts: u32,
         reason: String,
     },
+    /// The store already holds other bytes under this name and will not overwrite them (the
+    /// localnet's blob host never overwrites a published name).
+    #[error("{name} is already taken in the store, by other bytes")]
+    Taken { name: String },
     #[error("cannot download {url}: {reason}")]
     Download { url: String, reason: String },
     #[error(
@@ -123,15 +127,16 @@ impl S3Config {
 /// Which store, and where its objects are publicly readable.
 #[derive(Debug, Clone)]
 pub enum Backend {
-    /// Files in a directory, readable at `public_base/NAME` (the localnet serves its own blob
-    /// directory at `NODE/v1/blobs`).
+    /// Files in a directory, readable at `public_base/NAME` (the localnet's blob host serves
+    /// its own directory at `http://HOST:BLOB_PORT/v1/blobs`).
     Dir {
         dir: PathBuf,
         public_base: String,
     },
-    /// The localnet's blob host over HTTP (`NODE/v1/blobs/NAME`).
-    Node {
-        url: String,
+    /// The localnet's blob host over HTTP: `PUT`/`GET BASE/NAME`, where BASE is the URL the
+    /// localnet prints on its `blobs` line (`http://127.0.0.1:PORT/v1/blobs`).
+    BlobHost {
+        base: String,
     },
     S3(S3Config),
 }
@@ -197,8 +202,8 @@ impl Storage {
                     object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(config)?;
                 (Arc::new(store), public_base.clone(), true)
             }
-            Backend::Node { url } => {
-                let base = format!("{}/v1/blobs", url.trim_end_matches('/'));
+            Backend::BlobHost { base } => {
+                let base = base.trim_end_matches('/').to_string();
                 let store = object_store::http::HttpBuilder::new()
                     .with_url(base.clone())
                     .with_client_options(ClientOptions::new().with_allow_http(true))
@@ -270,6 +275,27 @@ impl Storage {
                     }
                 }
                 Err(e @ StorageError::Local { .. }) => return Err(e),
+                Err(e @ StorageError::Taken { .. }) => {
+                    // Taken by these very bytes (an earlier upload of the same file) is done.
+                    let file = std::fs::File::open(path).map_err(|source| StorageError::Local {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                    let (checksum, size) = Commitment::of_reader(std::io::BufReader::new(file))
+                        .map_err(|e| StorageError::Local {
+                            path: path.to_path_buf(),
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    let manifest = Manifest {
+                        url: self.public_url(name),
+                        checksum,
+                        size,
+                    };
+                    return match verify_url(&self.http, &manifest).await {
+                        Ok(()) => Ok(manifest),
+                        Err(_) => Err(e),
+                    };
+                }
                 Err(e) => last = e.to_string(),
             }
             tracing::warn!("upload of {name}, attempt {attempt}: {last}");
@@ -294,10 +320,13 @@ impl Storage {
             path: path.to_path_buf(),
             source,
         };
-        let remote = |e: object_store::Error| StorageError::Upload {
-            name: name.into(),
-            attempts: 1,
-            reason: e.to_string(),
+        let remote = |e: object_store::Error| match e {
+            object_store::Error::AlreadyExists { .. } => StorageError::Taken { name: name.into() },
+            e => StorageError::Upload {
+                name: name.into(),
+                attempts: 1,
+                reason: e.to_string(),
+            },
         };
         let location = object_store::path::Path::from(name);
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;

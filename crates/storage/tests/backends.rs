@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use somatrain_node::{Node, NodeConfig};
-use somatrain_protocol::chain::Params;
 use somatrain_storage::testing::MotoServer;
 use somatrain_storage::{
     Backend, RetryPolicy, S3Config, Storage, StorageError, download_verified, verify_url,
@@ -118,7 +116,7 @@ async fn s3_upload_survives_server_errors_and_dropped_connections() {
         "the faults were exercised"
     );
     // Read back straight from the server, past the proxy.
-    let direct = somatrain_protocol::tx::Manifest {
+    let direct = somatrain_protocol::Manifest {
         url: format!("http://{}/flaky/w.enc", moto.addr),
         ..manifest
     };
@@ -203,19 +201,14 @@ fn s3_settings_come_from_the_quickstart_variables() {
 
 async fn localnet() -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::open(&NodeConfig {
-        data_dir: dir.path().to_path_buf(),
-        genesis: Params::default(),
-        admin_token: None,
-    })
+    let router = somatrain_node::blobs::router(
+        dir.path().join("blobs"),
+        somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
+    )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(somatrain_node::serve(
-        node,
-        listener,
-        std::future::pending(),
-    ));
+    tokio::spawn(async move { axum::serve(listener, router).await });
     (format!("http://{addr}"), dir)
 }
 
@@ -224,7 +217,10 @@ async fn the_localnet_blob_host_and_its_directory_are_backends() {
     let (url, node_dir) = localnet().await;
     let dir = tempfile::tempdir().unwrap();
     let file = pseudo_random_file(dir.path(), "w.enc", (1 << 20) + 17);
-    let over_http = Storage::open(&Backend::Node { url: url.clone() }).unwrap();
+    let over_http = Storage::open(&Backend::BlobHost {
+        base: format!("{url}/v1/blobs"),
+    })
+    .unwrap();
     let manifest = over_http.upload_file("a.enc", &file).await.unwrap();
     assert_eq!(manifest.url, format!("{url}/v1/blobs/a.enc"));
     assert_eq!(

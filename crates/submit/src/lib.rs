@@ -10,23 +10,22 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use somatrain_client::{Client, ClientError};
+use somatrain_client::chain::{ChainClient, ChainError, Executed};
+use somatrain_client::view::{ModelState, ModelView, TargetView};
 use somatrain_model::cpu::CpuModel;
 use somatrain_model::score::{Score, ScoreOptions, cosine_distance, score_data};
-use somatrain_protocol::chain::{Model, ModelStatus, Target, TargetStatus, TxRecord};
 use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
-use somatrain_protocol::tx::TxKind;
-use somatrain_protocol::{Keypair, ObjectId};
+use somatrain_protocol::{Keypair, ObjectId, SomaTensor, TransactionKind};
 use somatrain_storage::{Storage, StorageError, download_verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Network(#[from] ChainError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("model {0} has no revealed weights (status {1:?})")]
-    NotRevealed(ObjectId, ModelStatus),
+    #[error("model {0} has no revealed weights (it is {1})")]
+    NotRevealed(ObjectId, &'static str),
     #[error("weights of model {model}: {reason}")]
     Weights { model: ObjectId, reason: String },
     #[error("scoring: {0}")]
@@ -57,9 +56,9 @@ impl ModelCache {
     }
 
     /// The scorer of a revealed model (its current weights).
-    pub async fn model(&mut self, model: &Model) -> Result<&mut CpuModel, SubmitError> {
+    pub async fn model(&mut self, model: &ModelView) -> Result<&mut CpuModel, SubmitError> {
         let (Some(manifest), Some(key)) = (&model.manifest, &model.decryption_key) else {
-            return Err(SubmitError::NotRevealed(model.id, model.status));
+            return Err(SubmitError::NotRevealed(model.id, model.state.name()));
         };
         let fresh = self
             .loaded
@@ -82,10 +81,7 @@ impl ModelCache {
                 );
                 download_verified(&self.http, manifest, &encrypted).await?;
             }
-            let key = EncryptionKey::from_base58(key).map_err(|e| SubmitError::Weights {
-                model: model.id,
-                reason: format!("the revealed key is invalid: {e}"),
-            })?;
+            let key = EncryptionKey::from_bytes(key.0);
             let (id, enc) = (model.id, encrypted.clone());
             let loaded = tokio::task::spawn_blocking(move || decrypt_and_load(id, &key, &enc))
                 .await
@@ -112,7 +108,7 @@ fn decrypt_and_load(
             std::io::BufWriter::new(output),
         )
         .map_err(|e| fail(e.to_string()))?;
-        let weights = somatrain_model::io::load_file(&plain, Default::default())
+        let weights = somatrain_model::io::load_file_any_width(&plain)
             .map_err(|e| fail(format!("the decrypted weights do not load: {e}")))?;
         Ok(CpuModel::new(weights))
     })();
@@ -143,7 +139,7 @@ pub struct Evaluation {
 
 /// Picks the lowest-loss model among the target's and measures its embedding's distance.
 /// `scores` holds each model's score of the same data.
-pub fn evaluate(target: &Target, scores: &HashMap<ObjectId, Score>) -> Option<Evaluation> {
+pub fn evaluate(target: &TargetView, scores: &HashMap<ObjectId, Score>) -> Option<Evaluation> {
     let losses: Vec<(ObjectId, f32)> = target
         .model_ids
         .iter()
@@ -172,24 +168,28 @@ pub fn evaluate(target: &Target, scores: &HashMap<ObjectId, Score>) -> Option<Ev
     })
 }
 
-/// Scores `data` with every revealed model among `model_ids` (one pass per model).
+/// Scores `data` with every active model among `model_ids` (one pass per model).
 pub async fn score_with_models(
-    client: &Client,
+    chain: &ChainClient,
     cache: &mut ModelCache,
     model_ids: &[ObjectId],
     data: &[u8],
 ) -> Result<HashMap<ObjectId, Score>, SubmitError> {
+    let epoch = chain.epoch_view().await?;
     let mut scores = HashMap::new();
     for id in model_ids {
         if scores.contains_key(id) {
             continue;
         }
-        let model = client.model(id).await?;
-        if model.status != ModelStatus::Active {
-            tracing::warn!("model {id} is {:?}; skipped", model.status);
+        let Some(model) = epoch.model(id) else {
+            tracing::warn!("model {id} is not in the registry; skipped");
+            continue;
+        };
+        if model.state != ModelState::Active {
+            tracing::warn!("model {id} is {}; skipped", model.state.name());
             continue;
         }
-        let scorer = cache.model(&model).await?;
+        let scorer = cache.model(model).await?;
         let started = std::time::Instant::now();
         let score = score(scorer, data)?;
         tracing::info!(
@@ -204,21 +204,14 @@ pub async fn score_with_models(
 }
 
 /// Refuses what the chain would refuse before anything is uploaded.
-pub fn precheck(target: &Target, epoch: u64, size: u64, max_bytes: u64) -> Result<(), SubmitError> {
-    match target.status {
-        TargetStatus::Filled { fill_epoch } => {
-            return Err(SubmitError::TargetNotOpen(
-                target.id,
-                format!("filled in epoch {fill_epoch}"),
-            ));
-        }
-        TargetStatus::Open if target.generation_epoch < epoch => {
-            return Err(SubmitError::TargetNotOpen(
-                target.id,
-                format!("expired with epoch {}", target.generation_epoch),
-            ));
-        }
-        TargetStatus::Open => {}
+pub fn precheck(target: &TargetView, size: u64, max_bytes: u64) -> Result<(), SubmitError> {
+    if target.status != "open" {
+        let when = match (target.status.as_str(), target.fill_epoch) {
+            ("filled" | "claimed", Some(e)) => format!("{} in epoch {e}", target.status),
+            ("expired", _) => format!("expired with epoch {}", target.generation_epoch),
+            (other, _) => other.to_string(),
+        };
+        return Err(SubmitError::TargetNotOpen(target.id, when));
     }
     if size > max_bytes {
         return Err(SubmitError::TooLarge {
@@ -230,31 +223,31 @@ pub fn precheck(target: &Target, epoch: u64, size: u64, max_bytes: u64) -> Resul
 }
 
 /// Uploads the data (checked by reading it back) and submits it with the evaluation's model,
-/// embedding, distance and loss. The bond (size x bond per byte) is taken by the chain.
+/// embedding, distance and loss. The bond (size x bond per byte) is taken from the gas coin.
+/// An executed submission that failed (its fee paid) is returned as executed: see its status.
 pub async fn submit_hit(
-    client: &Client,
+    chain: &ChainClient,
     keypair: &Keypair,
     storage: &Storage,
     evaluation: &Evaluation,
     data: &[u8],
-) -> Result<TxRecord, SubmitError> {
+) -> Result<Executed, SubmitError> {
     let checksum = Commitment::of_bytes(data);
     let name = format!("data-{}.bin", &checksum.to_base58()[..16]);
     let manifest = storage.upload_bytes(&name, data).await?;
-    let record = client
-        .send(
-            keypair,
-            TxKind::SubmitData {
-                target_id: evaluation.target_id,
-                manifest,
-                model_id: evaluation.model_id,
-                embedding: evaluation.embedding.clone(),
-                distance: evaluation.distance,
-                loss: evaluation.loss,
-            },
-        )
+    let embedding = SomaTensor::vector(&evaluation.embedding);
+    let executed = chain
+        .sign_and_execute(keypair, |gas| TransactionKind::SubmitData {
+            target_id: evaluation.target_id,
+            data_manifest: manifest.clone(),
+            model_id: evaluation.model_id,
+            embedding: embedding.clone(),
+            distance_score: SomaTensor::scalar(evaluation.distance),
+            loss_score: SomaTensor::vector(&[evaluation.loss]),
+            bond_coin: gas[0],
+        })
         .await?;
-    Ok(record)
+    Ok(executed)
 }
 
 /// What `claim` settled (or failed to).
@@ -263,31 +256,33 @@ pub struct ClaimOutcome {
     pub target_id: ObjectId,
     pub reward_pool: u64,
     pub expired: bool,
-    pub result: Result<TxRecord, ClientError>,
+    pub result: Result<Executed, ChainError>,
 }
 
-/// Claims every claimable target in which the wallet is submitter or model owner, and (with
-/// `expired`) every expired open target, for the claimer's share.
+/// Claims every claimable target in which the wallet is the submitter or owns the winning
+/// model, and (with `expired`) every expired target, for the claimer's share.
 pub async fn claim_all(
-    client: &Client,
+    chain: &ChainClient,
     keypair: &Keypair,
     expired: bool,
 ) -> Result<Vec<ClaimOutcome>, SubmitError> {
     let me = keypair.address();
+    let epoch = chain.epoch_view().await?;
     let mut outcomes = Vec::new();
-    for target in client.targets("claimable").await? {
-        let is_expired = target.status == TargetStatus::Open;
-        let mine = target.submitter == Some(me) || target.winning_model_owner == Some(me);
+    for target in chain.target_views("claimable").await? {
+        let is_expired = target.status == "expired";
+        let owns_winner = target
+            .winning_model_id
+            .and_then(|m| epoch.model(&m))
+            .is_some_and(|m| m.owner == me);
+        let mine = target.submitter == Some(me) || owns_winner;
         if !(mine || (expired && is_expired)) {
             continue;
         }
-        let result = client
-            .send(
-                keypair,
-                TxKind::ClaimRewards {
-                    target_id: target.id,
-                },
-            )
+        let result = chain
+            .sign_and_execute(keypair, |_| TransactionKind::ClaimRewards {
+                target_id: target.id,
+            })
             .await;
         outcomes.push(ClaimOutcome {
             target_id: target.id,
@@ -299,21 +294,25 @@ pub async fn claim_all(
     Ok(outcomes)
 }
 
-/// Targets filled by `me` that are not claimable yet, with the first epoch they will be.
+/// Targets filled by `me` (or won by my model) that are not claimable yet, with the first
+/// epoch they will be.
 pub async fn pending_claims(
-    client: &Client,
+    chain: &ChainClient,
     keypair: &Keypair,
 ) -> Result<Vec<(ObjectId, u64)>, SubmitError> {
     let me = keypair.address();
-    Ok(client
-        .targets("filled")
+    let epoch = chain.epoch_view().await?;
+    Ok(chain
+        .target_views("filled")
         .await?
         .into_iter()
-        .filter(|t| t.submitter == Some(me) || t.winning_model_owner == Some(me))
-        .filter_map(|t| match t.status {
-            TargetStatus::Filled { fill_epoch } => Some((t.id, fill_epoch + 2)),
-            TargetStatus::Open => None,
+        .filter(|t| {
+            t.submitter == Some(me)
+                || t.winning_model_id
+                    .and_then(|m| epoch.model(&m))
+                    .is_some_and(|m| m.owner == me)
         })
+        .filter_map(|t| t.fill_epoch.map(|e| (t.id, e + 2)))
         .collect())
 }
 
@@ -411,15 +410,21 @@ pub fn choose_hits(
 mod tests {
     use super::*;
 
-    fn target(id: u8, embedding: Vec<f32>, models: &[u8], threshold: f32) -> Target {
-        Target::open(
-            ObjectId([id; 32]),
+    fn target(id: u8, embedding: Vec<f32>, models: &[u8], threshold: f32) -> TargetView {
+        TargetView {
+            id: ObjectId([id; 32]),
             embedding,
-            models.iter().map(|m| ObjectId([*m; 32])).collect(),
-            threshold,
-            0,
-            0,
-        )
+            model_ids: models.iter().map(|m| ObjectId([*m; 32])).collect(),
+            distance_threshold: threshold,
+            reward_pool: 0,
+            generation_epoch: 0,
+            status: "open".into(),
+            fill_epoch: None,
+            submitter: None,
+            winning_model_id: None,
+            bond_amount: 0,
+            data_url: None,
+        }
     }
 
     fn scored(loss: f32, embedding: Vec<f32>) -> Score {

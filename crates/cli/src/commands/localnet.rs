@@ -13,8 +13,8 @@ use somatrain_model::score::{ScoreOptions, cosine_distance, score_data};
 use somatrain_node::grpc::{Ports, ScoringBackend, Services};
 use somatrain_node::ledger::Params;
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_protocol::Manifest;
 use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
-use somatrain_protocol::tx::Manifest;
 use somatrain_rpc::side::{ScoreRequest, ScoreResponse, from_bits, to_bits};
 use tonic::Status;
 
@@ -94,27 +94,8 @@ impl CpuScoring {
     }
 }
 
-/// Loads weights whose head count is recorded in the file, or, for files that do not record it
-/// (the network's own files), the head count of the preset of that width.
 fn load_weights(path: &std::path::Path) -> Result<somatrain_model::weights::Weights, String> {
-    use somatrain_model::config::Preset;
-    use somatrain_model::io::{LoadOptions, load_file};
-    match load_file(path, LoadOptions::default()) {
-        Err(somatrain_model::io::WeightsError::UnknownHeads { embedding_dim }) => {
-            let preset = Preset::ALL
-                .into_iter()
-                .find(|p| p.config().embedding_dim == embedding_dim)
-                .ok_or(format!(
-                    "no preset has width {embedding_dim}, so its head count is unknown"
-                ))?;
-            let options = LoadOptions {
-                num_heads: Some(preset.config().num_heads),
-                preset: None,
-            };
-            load_file(path, options).map_err(|e| e.to_string())
-        }
-        other => other.map_err(|e| e.to_string()),
-    }
+    somatrain_model::io::load_file_any_width(path).map_err(|e| e.to_string())
 }
 
 fn load_model(path: &std::path::Path, key: Option<&str>) -> Result<CpuModel, String> {
@@ -207,6 +188,99 @@ impl ScoringBackend for CpuScoring {
     }
 }
 
+/// A localnet serving on its ports in this process.
+pub struct RunningLocalnet {
+    pub rpc: SocketAddr,
+    pub faucet: SocketAddr,
+    pub scoring: SocketAddr,
+    pub admin: SocketAddr,
+    /// The blob host's base URL (`http://ADDR/v1/blobs`), when one was asked for.
+    pub blobs: Option<String>,
+    pub served: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningLocalnet {
+    /// Our client's view of it.
+    pub fn endpoints(&self) -> somatrain_client::chain::Endpoints {
+        somatrain_client::chain::Endpoints {
+            rpc: format!("http://{}", self.rpc),
+            faucet: Some(format!("http://{}", self.faucet)),
+            scoring: Some(format!("http://{}", self.scoring)),
+            admin: Some(format!("http://{}", self.admin)),
+        }
+    }
+}
+
+/// Opens the chain in `data_dir` (created with `genesis` the first time) and serves it on
+/// `ports`, with a blob host on `blob` when given, until `shutdown` resolves.
+pub async fn start(
+    data_dir: &std::path::Path,
+    genesis: Params,
+    ports: Ports,
+    blob: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunningLocalnet> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let config = LocalnetConfig {
+        data_dir: data_dir.to_path_buf(),
+        genesis,
+    };
+    let node =
+        Localnet::open(&config, somatrain_daemon::now_ms()).context("opening the localnet")?;
+    let scorer = CpuScoring {
+        http: somatrain_client::http_client(),
+        cache_dir: data_dir.join("scoring-cache"),
+    };
+    let services = Services {
+        node,
+        scorer: Some(Arc::new(scorer)),
+    };
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} service to {addr}"))
+    };
+    let listeners = [
+        bind(ports.rpc, "fullnode").await?,
+        bind(ports.faucet, "faucet").await?,
+        bind(ports.scoring, "scoring").await?,
+        bind(ports.admin, "admin").await?,
+    ];
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<_>>()?;
+    let blobs = match blob {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let router = somatrain_node::blobs::router(
+                data_dir.join("blobs"),
+                somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
+            )?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!("blob host stopped: {e}");
+                }
+            });
+            Some(format!("http://{addr}/v1/blobs"))
+        }
+        None => None,
+    };
+    let served = tokio::spawn(async move {
+        somatrain_node::grpc::serve(services, listeners, shutdown).await?;
+        Ok(())
+    });
+    Ok(RunningLocalnet {
+        rpc: addrs[0],
+        faucet: addrs[1],
+        scoring: addrs[2],
+        admin: addrs[3],
+        blobs,
+        served,
+    })
+}
+
 pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
     if !args.bind.is_loopback() {
         if !args.allow_remote {
@@ -220,28 +294,11 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
             args.bind
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let config = LocalnetConfig {
-        data_dir: args.data_dir.clone(),
-        genesis: Params {
-            epoch_duration_ms: args.epoch_duration_ms,
-            embedding_dim: args.embedding_dim,
-            faucet_amount: args.faucet_amount,
-            ..Params::default()
-        },
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let node = Localnet::open(&config, now).context("opening the localnet")?;
-    let scorer = CpuScoring {
-        http: somatrain_client::http_client(),
-        cache_dir: args.data_dir.join("scoring-cache"),
-    };
-    let services = Services {
-        node,
-        scorer: Some(Arc::new(scorer)),
+    let genesis = Params {
+        epoch_duration_ms: args.epoch_duration_ms,
+        embedding_dim: args.embedding_dim,
+        faucet_amount: args.faucet_amount,
+        ..Params::default()
     };
     let loopback = IpAddr::from([127, 0, 0, 1]);
     let ports = Ports {
@@ -252,53 +309,33 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the {what} service to {addr}"))
-        };
-        let listeners = [
-            bind(ports.rpc, "fullnode").await?,
-            bind(ports.faucet, "faucet").await?,
-            bind(ports.scoring, "scoring").await?,
-            bind(ports.admin, "admin").await?,
-        ];
-        let addrs: Vec<SocketAddr> = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<std::io::Result<_>>()?;
         let blob = match args.blob_port {
             Some(port) => {
-                let listener = bind(SocketAddr::new(args.bind, port), "blob").await?;
-                let addr = listener.local_addr()?;
-                let router = somatrain_node::blobs::router(
-                    args.data_dir.join("blobs"),
-                    somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
-                )?;
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, router).await {
-                        tracing::error!("blob host stopped: {e}");
-                    }
-                });
-                Some(addr)
+                let addr = SocketAddr::new(args.bind, port);
+                Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the blob host to {addr}"))?,
+                )
             }
             None => None,
         };
-        // Lines scripts can wait for and parse.
-        println!("rpc http://{}", addrs[0]);
-        println!("faucet http://{}", addrs[1]);
-        println!("scoring http://{}", addrs[2]);
-        println!("admin http://{}", addrs[3]);
-        if let Some(blob) = blob {
-            println!("blobs http://{blob}/v1/blobs");
-        }
-        println!("localnet ready (data in {})", args.data_dir.display());
-        std::io::stdout().flush()?;
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        somatrain_node::grpc::serve(services, listeners, shutdown).await?;
+        let running = start(&args.data_dir, genesis, ports, blob, shutdown).await?;
+        // Lines scripts can wait for and parse.
+        println!("rpc http://{}", running.rpc);
+        println!("faucet http://{}", running.faucet);
+        println!("scoring http://{}", running.scoring);
+        println!("admin http://{}", running.admin);
+        if let Some(blobs) = &running.blobs {
+            println!("blobs {blobs}");
+        }
+        println!("localnet ready (data in {})", args.data_dir.display());
+        std::io::stdout().flush()?;
+        running.served.await??;
         Ok(())
     })
 }

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod localnet;
 pub mod model;
 pub mod net;
+pub mod network;
 pub mod publish;
 pub mod score;
 pub mod submit;

@@ -1,23 +1,24 @@
 //! `somatrain model show|stake|unstake|commission|deactivate` and `somatrain transfer`: managing
-//! a model and an account after `commit` created them. Every write is one signed transaction;
-//! the node's refusal (with its stable code) is the error.
+//! a model and an account after `commit` created them. Every write is one signed transaction
+//! paid from the wallet's richest coin; a refusal, or an executed transaction that failed (with
+//! the network's error kind), is the error.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use somatrain_client::Client;
-use somatrain_protocol::chain::Model;
-use somatrain_protocol::tx::{SHANNONS_PER_SOMA, TxKind};
-use somatrain_protocol::{Address, ObjectId};
+use somatrain_client::chain::{ChainClient, Executed};
+use somatrain_client::view::ModelView;
+use somatrain_protocol::SHANNONS_PER_SOMA;
+use somatrain_protocol::effects::ExecutionStatus;
+use somatrain_protocol::{Address, Keypair, ObjectId, ObjectType, TransactionKind};
 
-use super::net::soma;
+use super::network::{ChainOptions, soma};
 
 #[derive(Args, Clone)]
 pub struct AccountOptions {
-    /// The node's URL.
-    #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
-    node: String,
+    #[command(flatten)]
+    chain: ChainOptions,
     /// Keystore file (default: $HOME/.somatrain/keystore.json; SOMA_SECRET_KEY wins).
     #[arg(long, env = "SOMATRAIN_KEYSTORE")]
     keystore: Option<PathBuf>,
@@ -57,8 +58,8 @@ pub enum ModelCommand {
     Show {
         #[command(flatten)]
         which: ModelChoice,
-        #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
-        node: String,
+        #[command(flatten)]
+        chain: ChainOptions,
         #[arg(long)]
         json: bool,
     },
@@ -72,15 +73,16 @@ pub enum ModelCommand {
         #[arg(long)]
         amount: String,
     },
-    /// Withdraw this account's stake from a model's pool.
+    /// Withdraw this account's stake from a model's pool: every `StakedSoma` object it holds
+    /// there, or the one named (the network withdraws whole objects).
     Unstake {
         #[command(flatten)]
         which: ModelChoice,
         #[command(flatten)]
         account: AccountOptions,
-        /// SOMA to withdraw, or `all`.
+        /// One StakedSoma object to withdraw (default: all of this account's in the pool).
         #[arg(long)]
-        amount: String,
+        staked_soma: Option<String>,
     },
     /// Set the model's commission (basis points of stakers' rewards), effective next epoch.
     Commission {
@@ -145,27 +147,47 @@ pub fn parse_soma(text: &str) -> Result<u64> {
     Ok(shannons)
 }
 
-fn signer(account: &AccountOptions) -> Result<(Client, somatrain_protocol::Keypair)> {
+/// Builds a transaction kind from the gas coins chosen for it.
+type KindFor = Box<dyn Fn(&[somatrain_protocol::ObjectRef]) -> TransactionKind>;
+
+fn signer(account: &AccountOptions) -> Result<(ChainClient, Keypair)> {
     let keypair = super::wallet::load_keypair(account.keystore.as_deref())?;
-    Ok((Client::new(&account.node), keypair))
+    Ok((account.chain.client()?, keypair))
 }
 
-fn print_model(m: &Model) {
+/// The executed transaction if it succeeded, else the failure as an error.
+fn succeeded(executed: Executed) -> Result<Executed> {
+    match executed.status() {
+        ExecutionStatus::Success => Ok(executed),
+        ExecutionStatus::Failure(f) => bail!(
+            "transaction {} executed and failed ({}): {}; its fee was paid",
+            executed.digest,
+            f.kind.name(),
+            f.description
+        ),
+    }
+}
+
+async fn model_view(chain: &ChainClient, id: &ObjectId) -> Result<ModelView> {
+    chain
+        .model(id)
+        .await?
+        .with_context(|| format!("no model {id} on chain"))
+}
+
+fn print_model(m: &ModelView) {
     println!("model {}", m.id);
     println!("  owner {}", m.owner);
     println!(
-        "  status {:?} (created epoch {}{}{})",
-        m.status,
+        "  state {} (created epoch {}{}{})",
+        m.state.name(),
         m.create_epoch,
         m.activation_epoch
-            .map_or(String::new(), |e| format!(", active from epoch {e}")),
+            .map_or(String::new(), |e| format!(", pool active from epoch {e}")),
         m.deactivation_epoch
             .map_or(String::new(), |e| format!(", deactivated in epoch {e}"))
     );
     println!("  stake {} SOMA", soma(m.stake));
-    for (staker, amount) in &m.stakes {
-        println!("    {staker}: {} SOMA", soma(*amount));
-    }
     if m.next_commission_bps != m.commission_bps {
         println!(
             "  commission {} bps ({} bps from next epoch)",
@@ -184,18 +206,51 @@ fn print_model(m: &Model) {
             p.commit_epoch + 1
         );
     }
-    if m.slashed > 0 {
-        println!("  slashed {} SOMA", soma(m.slashed));
+}
+
+fn model_json(m: &ModelView) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id.to_string(),
+        "owner": m.owner.to_string(),
+        "state": m.state,
+        "create_epoch": m.create_epoch,
+        "stake": m.stake,
+        "commission_bps": m.commission_bps,
+        "next_commission_bps": m.next_commission_bps,
+        "weights_url": m.manifest.as_ref().map(|x| x.url.clone()),
+        "commit_epoch": m.pending.as_ref().map(|p| p.commit_epoch),
+        "pool_id": m.pool_id.map(|p| p.to_string()),
+    })
+}
+
+/// This account's StakedSoma objects in the pool of `model`.
+async fn stakes_in(
+    chain: &ChainClient,
+    keypair: &Keypair,
+    model: &ModelView,
+) -> Result<Vec<somatrain_protocol::ObjectRef>> {
+    let pool = model
+        .pool_id
+        .with_context(|| format!("model {} shows no staking pool", model.id))?;
+    let mut refs = Vec::new();
+    for object in chain
+        .owned_objects(&keypair.address(), Some(ObjectType::StakedSoma))
+        .await?
+    {
+        if object.staked_soma().is_ok_and(|s| s.pool_id == pool) {
+            refs.push(object.reference()?);
+        }
     }
+    Ok(refs)
 }
 
 pub fn run_model(command: ModelCommand) -> Result<()> {
     super::publish::runtime()?.block_on(async {
-        let (account, which, kind) = match command {
-            ModelCommand::Show { which, node, json } => {
-                let model = Client::new(&node).model(&which.id()?).await?;
+        let (account, model_id, kind) = match command {
+            ModelCommand::Show { which, chain, json } => {
+                let model = model_view(&chain.client()?, &which.id()?).await?;
                 if json {
-                    println!("{}", serde_json::to_string(&model)?);
+                    println!("{}", model_json(&model));
                 } else {
                     print_model(&model);
                 }
@@ -208,30 +263,50 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
             } => {
                 let model_id = which.id()?;
                 let amount = parse_soma(&amount)?;
-                (account, model_id, TxKind::AddStake { model_id, amount })
+                let kind: KindFor = Box::new(move |gas| TransactionKind::AddStakeToModel {
+                    model_id,
+                    coin_ref: gas[0],
+                    amount: Some(amount),
+                });
+                (account, model_id, kind)
             }
             ModelCommand::Unstake {
                 which,
                 account,
-                amount,
+                staked_soma,
             } => {
                 let model_id = which.id()?;
-                let amount = if amount == "all" {
-                    let (client, keypair) = signer(&account)?;
-                    let model = client.model(&model_id).await?;
-                    let staked = model.stakes.get(&keypair.address()).copied().unwrap_or(0);
-                    if staked == 0 {
-                        bail!("{} has no stake in model {model_id}", keypair.address());
-                    }
-                    staked
-                } else {
-                    parse_soma(&amount)?
-                };
-                (
-                    account,
-                    model_id,
-                    TxKind::WithdrawStake { model_id, amount },
-                )
+                let (chain, keypair) = signer(&account)?;
+                let model = model_view(&chain, &model_id).await?;
+                let mut stakes = stakes_in(&chain, &keypair, &model).await?;
+                if let Some(text) = &staked_soma {
+                    let id: ObjectId = text
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--staked-soma {text}: {e}"))?;
+                    stakes.retain(|s| s.id == id);
+                }
+                if stakes.is_empty() {
+                    bail!(
+                        "{} holds no StakedSoma in model {model_id}'s pool{}",
+                        keypair.address(),
+                        staked_soma.map_or(String::new(), |s| format!(" named {s}"))
+                    );
+                }
+                for staked in stakes {
+                    let executed = succeeded(
+                        chain
+                            .sign_and_execute(&keypair, |_| TransactionKind::WithdrawStake {
+                                staked_soma: staked,
+                            })
+                            .await?,
+                    )?;
+                    println!(
+                        "withdrew StakedSoma {} in epoch {} (transaction {})",
+                        staked.id, executed.effects.executed_epoch, executed.digest
+                    );
+                }
+                print_model(&model_view(&chain, &model_id).await?);
+                return Ok(());
             }
             ModelCommand::Commission {
                 which,
@@ -242,14 +317,11 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
                     bail!("--bps {bps} is above 10000 (100%)");
                 }
                 let model_id = which.id()?;
-                (
-                    account,
+                let kind: KindFor = Box::new(move |_| TransactionKind::SetModelCommissionRate {
                     model_id,
-                    TxKind::SetCommission {
-                        model_id,
-                        commission_bps: bps,
-                    },
-                )
+                    new_rate: bps,
+                });
+                (account, model_id, kind)
             }
             ModelCommand::Deactivate {
                 which,
@@ -260,16 +332,18 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
                     bail!("deactivating a model cannot be undone; pass --yes to do it");
                 }
                 let model_id = which.id()?;
-                (account, model_id, TxKind::DeactivateModel { model_id })
+                let kind: KindFor =
+                    Box::new(move |_| TransactionKind::DeactivateModel { model_id });
+                (account, model_id, kind)
             }
         };
-        let (client, keypair) = signer(&account)?;
-        let record = client.send(&keypair, kind).await?;
+        let (chain, keypair) = signer(&account)?;
+        let executed = succeeded(chain.sign_and_execute(&keypair, kind).await?)?;
         println!(
             "done in epoch {} (transaction {})",
-            record.epoch, record.digest
+            executed.effects.executed_epoch, executed.digest
         );
-        print_model(&client.model(&which).await?);
+        print_model(&model_view(&chain, &model_id).await?);
         Ok(())
     })
 }
@@ -281,17 +355,23 @@ pub fn run_transfer(args: TransferArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--to {}: {e}", args.to))?;
     let amount = parse_soma(&args.amount)?;
     super::publish::runtime()?.block_on(async {
-        let (client, keypair) = signer(&args.account)?;
-        let record = client
-            .send(&keypair, TxKind::Transfer { to, amount })
-            .await?;
-        let after = client.account(&keypair.address()).await?;
+        let (chain, keypair) = signer(&args.account)?;
+        let executed = succeeded(
+            chain
+                .sign_and_execute(&keypair, |gas| TransactionKind::TransferCoin {
+                    coin: gas[0],
+                    amount: Some(amount),
+                    recipient: to,
+                })
+                .await?,
+        )?;
+        let after = chain.balance(&keypair.address()).await?;
         println!(
             "sent {} SOMA to {to} in epoch {} (transaction {}); balance {} SOMA",
             soma(amount),
-            record.epoch,
-            record.digest,
-            soma(after.balance)
+            executed.effects.executed_epoch,
+            executed.digest,
+            soma(after)
         );
         Ok(())
     })

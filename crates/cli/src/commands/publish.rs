@@ -8,76 +8,39 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use somatrain_client::Client;
+use somatrain_client::chain::ChainClient;
+use somatrain_client::view::ModelState;
 use somatrain_daemon::journal::Phase;
-use somatrain_daemon::{EngineFactory, EpochAdvance, LoopConfig, Metrics, Publisher, RevealWindow};
-use somatrain_protocol::Keypair;
-use somatrain_protocol::tx::SHANNONS_PER_SOMA;
-use somatrain_storage::{Backend, S3Config, Storage};
+use somatrain_daemon::{
+    Adopt, EngineFactory, EpochAdvance, LoopConfig, Metrics, NewModel, Publisher, RevealWindow,
+    now_ms,
+};
+use somatrain_protocol::SHANNONS_PER_SOMA;
+use somatrain_protocol::{Keypair, ObjectId};
+use somatrain_storage::{Backend, Storage};
 use somatrain_train::trainer::RoundArtifacts;
 
+use super::network::{ChainOptions, StorageOptions, soma};
 use super::train::TrainingOptions;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum StorageKind {
-    /// S3 when S3_BUCKET is set, else the node's blob host.
-    Auto,
-    /// The localnet's blob host (`NODE/v1/blobs`).
-    Node,
-    /// A local directory served at --public-url.
-    Dir,
-    /// The bucket named by S3_BUCKET, S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, S3_ENDPOINT_URL, S3_PUBLIC_URL.
-    S3,
-}
-
-/// The node, the wallet and where encrypted weights are uploaded.
+/// The chain, the wallet and where encrypted weights are uploaded.
 #[derive(Args, Clone)]
 pub struct NetworkOptions {
-    /// The node's URL.
-    #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
-    pub node: String,
+    #[command(flatten)]
+    pub chain: ChainOptions,
     /// Keystore file (default: $HOME/.somatrain/keystore.json; SOMA_SECRET_KEY wins).
     #[arg(long, env = "SOMATRAIN_KEYSTORE")]
     pub keystore: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub storage: StorageKind,
-    /// With --storage dir: the directory to write into.
-    #[arg(long)]
-    pub storage_dir: Option<PathBuf>,
-    /// With --storage dir: the URL at which that directory is served.
-    #[arg(long)]
-    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageOptions,
 }
 
 impl NetworkOptions {
-    pub fn backend(&self) -> Result<Backend> {
-        let s3 = S3Config::from_env()?;
-        Ok(match (self.storage, s3) {
-            (StorageKind::Auto | StorageKind::S3, Some(s3)) => Backend::S3(s3),
-            (StorageKind::S3, None) => {
-                bail!("--storage s3 needs S3_BUCKET and its keys in the environment")
-            }
-            (StorageKind::Auto | StorageKind::Node, _) => Backend::Node {
-                url: self.node.clone(),
-            },
-            (StorageKind::Dir, _) => Backend::Dir {
-                dir: self
-                    .storage_dir
-                    .clone()
-                    .context("--storage dir needs --storage-dir")?,
-                public_base: self
-                    .public_url
-                    .clone()
-                    .context("--storage dir needs --public-url")?,
-            },
-        })
-    }
-
     fn publisher(&self, run_dir: &Path) -> Result<Publisher> {
         let keypair = super::wallet::load_keypair(self.keystore.as_deref())?;
-        let storage = Storage::open(&self.backend()?)?;
+        let storage = self.storage.open()?;
         Ok(Publisher::open(
-            Client::new(&self.node),
+            self.chain.client()?,
             keypair,
             storage,
             run_dir,
@@ -96,9 +59,34 @@ pub struct ModelOptions {
     pub commission_bps: u64,
     #[arg(long, default_value_t = 1)]
     pub architecture_version: u64,
+    /// Use this existing model of the wallet (created or active) when the journal names none.
+    #[arg(long, conflicts_with = "new_model")]
+    pub model_id: Option<String>,
+    /// Create a new model even though the wallet has unfinished (created or pending) ones.
+    #[arg(long)]
+    pub new_model: bool,
 }
 
 impl ModelOptions {
+    fn new_model(&self) -> Result<NewModel> {
+        Ok(NewModel {
+            stake: self.stake_shannons()?,
+            commission_bps: self.commission_bps,
+            architecture_version: self.architecture_version,
+        })
+    }
+
+    fn adopt(&self) -> Result<Adopt> {
+        Ok(match (&self.model_id, self.new_model) {
+            (Some(id), _) => Adopt::Model(
+                id.parse::<ObjectId>()
+                    .map_err(|e| anyhow::anyhow!("--model-id: {e}"))?,
+            ),
+            (None, true) => Adopt::CreateNew,
+            (None, false) => Adopt::Refuse,
+        })
+    }
+
     fn stake_shannons(&self) -> Result<u64> {
         if !(self.stake.is_finite() && self.stake > 0.0) {
             bail!("--stake must be a positive number of SOMA");
@@ -132,9 +120,6 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         publisher.resolve_inflight().await?;
-        let model_id = publisher
-            .ensure_model(args.model.stake_shannons()?, args.model.commission_bps, args.model.architecture_version)
-            .await?;
         if let Some(p) = &publisher.journal.pending
             && let Some(epoch) = p.commit_epoch
         {
@@ -146,10 +131,12 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
             );
         }
         if publisher.journal.pending.is_none() {
+            // Everything is read and checked before the first on-chain action.
             let round_json = args.run_dir.join("round").join("round.json");
             let artifacts: Option<RoundArtifacts> = match std::fs::read(&round_json) {
                 Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", round_json.display()))?),
-                Err(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", round_json.display())),
             };
             let weights = match (&args.weights, &artifacts) {
                 (Some(w), _) => w.clone(),
@@ -164,9 +151,12 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
             };
             let step = artifacts.as_ref().map_or(0, |a| a.step);
             let heldout = artifacts.and_then(|a| a.heldout);
+            publisher.check_round(&weights, &embedding, heldout.as_ref()).await?;
+            publisher.ensure_model(args.model.new_model()?, args.model.adopt()?).await?;
             let round = publisher.journal.rounds_revealed + 1;
             publisher.prepare(round, step, &weights, embedding, heldout).await?;
         }
+        let model_id = publisher.journal.model_id.context("the journal names no model")?;
         let epoch = publisher.commit_pending().await?;
         let pending = publisher.journal.pending.as_ref().expect("committed round");
         println!("model {model_id}");
@@ -206,11 +196,11 @@ pub fn run_reveal(args: RevealArgs) -> Result<()> {
             match publisher.reveal_window().await? {
                 RevealWindow::Open { .. } => break,
                 RevealWindow::NotYet { opens_ms } if args.wait => {
-                    let now = somatrain_protocol::chain::now_ms();
+                    let now = now_ms();
                     tokio::time::sleep(Duration::from_millis(opens_ms.saturating_sub(now) + 25).min(Duration::from_secs(2))).await;
                 }
                 RevealWindow::NotYet { opens_ms } => {
-                    let left = opens_ms.saturating_sub(somatrain_protocol::chain::now_ms()) / 1000;
+                    let left = opens_ms.saturating_sub(now_ms()) / 1000;
                     bail!("the reveal window opens with the next epoch, in {left} s (pass --wait to wait for it)");
                 }
                 RevealWindow::Missed => {
@@ -243,11 +233,9 @@ pub struct RunArgs {
     /// Stop after this many rounds are revealed in total (default: run until stopped).
     #[arg(long)]
     rounds: Option<u64>,
-    /// Advance epochs through the node's admin endpoint as soon as a commit is in (localnet).
+    /// Advance epochs through the localnet's admin service as soon as a commit is in.
     #[arg(long)]
     advance_epochs: bool,
-    #[arg(long, env = "SOMATRAIN_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
     /// Ask the node's faucet for funds when the balance cannot cover the stake (localnet).
     #[arg(long)]
     faucet: bool,
@@ -284,12 +272,9 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
     };
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
-        if let Some(token) = &args.admin_token {
-            publisher.client = publisher.client.clone().with_admin_token(token.clone());
-        }
-        let stake = args.model.stake_shannons()?;
+        let new_model = args.model.new_model()?;
         if args.faucet {
-            fund(&publisher.client, publisher.keypair(), stake).await?;
+            fund(&publisher.chain, publisher.keypair(), new_model.stake).await?;
         }
         let metrics = Arc::new(Metrics::default());
         if let Some(addr) = args.metrics_addr {
@@ -306,9 +291,8 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
             engine,
             steps_per_round: args.steps_per_round,
             rounds: args.rounds,
-            stake,
-            commission_bps: args.model.commission_bps,
-            architecture_version: args.model.architecture_version,
+            new_model,
+            adopt: args.model.adopt()?,
             advance: if args.advance_epochs {
                 EpochAdvance::Admin
             } else {
@@ -322,15 +306,15 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
     })
 }
 
-/// Tops the wallet up from the localnet faucet until it covers `stake` plus fees.
-async fn fund(client: &Client, keypair: &Keypair, stake: u64) -> Result<()> {
+/// Tops the wallet up from the faucet until it covers `stake` plus fees.
+pub async fn fund(chain: &ChainClient, keypair: &Keypair, stake: u64) -> Result<()> {
     let address = keypair.address();
     for _ in 0..100 {
-        let balance = client.account(&address).await?.balance;
+        let balance = chain.balance(&address).await?;
         if balance >= stake + SHANNONS_PER_SOMA / 10 {
             return Ok(());
         }
-        client
+        chain
             .faucet(&address)
             .await
             .context("asking the faucet for funds")?;
@@ -343,12 +327,14 @@ async fn print_loop_summary(publisher: &Publisher) -> Result<()> {
     let Some(model_id) = journal.model_id else {
         return Ok(());
     };
-    let model = publisher.client.model(&model_id).await?;
-    println!(
-        "model {model_id}: {:?}, stake {} SOMA",
-        model.status,
-        super::net::soma(model.stake)
-    );
+    match publisher.chain.model(&model_id).await? {
+        Some(model) => println!(
+            "model {model_id}: {}, stake {} SOMA",
+            model.state.name(),
+            soma(model.stake)
+        ),
+        None => println!("model {model_id}: not on chain"),
+    }
     println!(
         "rounds revealed: {} (missed reveals: {})",
         journal.rounds_revealed, journal.missed_reveals
@@ -460,7 +446,7 @@ async fn bind_cycle_port(node_dir: &Path, port: u16) -> Result<tokio::net::TcpLi
     Ok(listener)
 }
 
-/// The quickstart's localnet experience: an embedded node, a funded wallet, a few training
+/// The quickstart's localnet experience: an embedded localnet, a funded wallet, a few training
 /// steps, commit, epoch change, reveal, and the model active.
 pub fn run_cycle(args: CycleArgs) -> Result<()> {
     let settings = args.training()?.settings()?;
@@ -468,16 +454,6 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
     let run_dir = args.dir.join("run");
     std::fs::create_dir_all(&node_dir)
         .with_context(|| format!("creating {}", node_dir.display()))?;
-    let token = somatrain_protocol::EncryptionKey::generate().to_base58();
-    let node = somatrain_node::Node::open(&somatrain_node::NodeConfig {
-        data_dir: node_dir.clone(),
-        genesis: somatrain_protocol::chain::Params {
-            embedding_dim: settings.model.embedding_dim,
-            ..Default::default()
-        },
-        admin_token: Some(token.clone()),
-    })
-    .context("opening the embedded localnet")?;
     let wallet_path = args.dir.join("wallet.json");
     let keypair = match std::fs::read_to_string(&wallet_path) {
         Ok(text) => Keypair::from_secret_text(text.trim())
@@ -489,32 +465,60 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
         }
     };
     runtime()?.block_on(async move {
-        let listener = bind_cycle_port(&node_dir, args.port).await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(somatrain_node::serve(
-            node,
-            listener,
+        let blob_listener = bind_cycle_port(&node_dir, args.port).await?;
+        let any = |_| SocketAddr::from(([127, 0, 0, 1], 0));
+        let ports = somatrain_node::grpc::Ports {
+            rpc: any(0),
+            faucet: any(1),
+            scoring: any(2),
+            admin: any(3),
+        };
+        let genesis = somatrain_node::ledger::Params {
+            embedding_dim: settings.model.embedding_dim as u64,
+            ..Default::default()
+        };
+        let localnet = super::localnet::start(
+            &node_dir,
+            genesis,
+            ports,
+            Some(blob_listener),
             std::future::pending(),
-        ));
-        eprintln!("localnet at {url} (data in {})", node_dir.display());
-        let client = Client::new(&url).with_admin_token(token);
+        )
+        .await?;
+        let endpoints = localnet.endpoints();
+        let blobs = localnet
+            .blobs
+            .clone()
+            .expect("the cycle's localnet hosts blobs");
+        eprintln!(
+            "localnet at {} (blobs at {blobs}, data in {})",
+            endpoints.rpc,
+            node_dir.display()
+        );
+        let chain = ChainClient::new(endpoints)?;
         let stake = SHANNONS_PER_SOMA;
-        fund(&client, &keypair, stake).await?;
-        println!("wallet {} funded", keypair.address());
-        let storage = Storage::open(&Backend::Dir {
-            dir: node_dir.join("blobs"),
-            public_base: format!("{url}/v1/blobs"),
-        })?;
-        let mut publisher = Publisher::open(client.clone(), keypair, storage, &run_dir)?;
+        let started_with = chain.balance(&keypair.address()).await?;
+        fund(&chain, &keypair, stake).await?;
+        let funded = chain.balance(&keypair.address()).await?;
+        println!(
+            "wallet {} funded: {} SOMA",
+            keypair.address(),
+            soma(funded)
+        );
+        let storage = Storage::open(&Backend::BlobHost { base: blobs })?;
+        let mut publisher = Publisher::open(chain.clone(), keypair.clone(), storage, &run_dir)?;
         let config = LoopConfig {
             run_dir: run_dir.clone(),
             train: settings,
             engine: EngineFactory::cpu(),
             steps_per_round: args.steps_per_round,
             rounds: Some(publisher.journal.rounds_revealed + args.rounds),
-            stake,
-            commission_bps: 0,
-            architecture_version: 1,
+            new_model: NewModel {
+                stake,
+                commission_bps: 0,
+                architecture_version: 1,
+            },
+            adopt: Adopt::Refuse,
             advance: EpochAdvance::Admin,
             poll: Duration::from_millis(200),
             warn_before: Duration::from_secs(60),
@@ -526,15 +530,173 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             .journal
             .model_id
             .expect("the loop created a model");
-        let model = client.model(&model_id).await?;
-        if model.status != somatrain_protocol::chain::ModelStatus::Active {
-            bail!("model {model_id} ended {:?}, not active", model.status);
+        let model = chain
+            .model(&model_id)
+            .await?
+            .with_context(|| format!("model {model_id} is not on chain"))?;
+        if model.state != ModelState::Active {
+            bail!("model {model_id} ended {}, not active", model.state.name());
         }
         println!(
             "epoch {}: model active. Run again to train further.",
-            client.status().await?.epoch
+            chain.epoch_view().await?.epoch
+        );
+        let storage = Storage::open(&Backend::BlobHost {
+            base: localnet.blobs.clone().expect("the cycle's localnet hosts blobs"),
+        })?;
+        let corpus = if args.corpus_dirs.is_empty() {
+            vec![PathBuf::from(".")]
+        } else {
+            args.corpus_dirs.clone()
+        };
+        economy(&chain, &keypair, &storage, &args.dir.join("cache"), model_id, &corpus).await?;
+        let ended_with = chain.balance(&keypair.address()).await?;
+        println!(
+            "balance: started {} SOMA ({} after the faucet), ended {} SOMA, with {} SOMA staked in model {model_id}",
+            soma(started_with),
+            soma(funded),
+            soma(ended_with),
+            soma(chain.model(&model_id).await?.map_or(0, |m| m.stake))
         );
         debug_assert_eq!(publisher.journal.phase, Phase::Stopped);
         Ok(())
     })
+}
+
+/// Source files under `dirs` (the cycle's default corpus kinds; build and VCS folders skipped),
+/// cut into chunks of `chunk_bytes`, at most `max_chunks`, in a stable order.
+fn corpus_chunks(dirs: &[PathBuf], chunk_bytes: usize, max_chunks: usize) -> Vec<Vec<u8>> {
+    let skip = ["target", ".git", ".somatrain", "node_modules", ".venv-sdk"];
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = dirs.to_vec();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() && !skip.contains(&name.as_str()) => stack.push(path),
+                Ok(t)
+                    if t.is_file()
+                        && ["rs", "md", "py", "txt"]
+                            .iter()
+                            .any(|ext| path.extension().is_some_and(|e| e == *ext)) =>
+                {
+                    files.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    files.sort();
+    let mut chunks = Vec::new();
+    for path in files {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        for piece in bytes.chunks(chunk_bytes) {
+            if chunks.len() == max_chunks {
+                return chunks;
+            }
+            if piece.len() >= 256 {
+                chunks.push(piece.to_vec());
+            }
+        }
+    }
+    chunks
+}
+
+/// The data submitter's side of the quickstart: the next epoch's targets, the closest hit among
+/// a few chunks of the corpus (scored with the model's revealed weights, downloaded and checked
+/// like any submitter's), its submission with the bond, the epochs to the claim window, and the
+/// claim.
+async fn economy(
+    chain: &ChainClient,
+    keypair: &Keypair,
+    storage: &Storage,
+    cache_dir: &Path,
+    model_id: ObjectId,
+    corpus: &[PathBuf],
+) -> Result<()> {
+    let epoch = chain.advance_epoch().await?;
+    let targets: Vec<_> = chain
+        .target_views("open")
+        .await?
+        .into_iter()
+        .filter(|t| t.model_ids.contains(&model_id))
+        .collect();
+    println!(
+        "epoch {epoch}: {} open targets name model {model_id}",
+        targets.len()
+    );
+    let chunks = corpus_chunks(corpus, 4096, 24);
+    let mut cache = somatrain_submit::ModelCache::new(cache_dir);
+    let mut candidates = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let scores =
+            somatrain_submit::score_with_models(chain, &mut cache, &[model_id], chunk).await?;
+        for target in &targets {
+            if let Some(evaluation) = somatrain_submit::evaluate(target, &scores)
+                && evaluation.hit
+            {
+                candidates.push(somatrain_submit::Hit {
+                    chunk: i,
+                    evaluation,
+                });
+            }
+        }
+    }
+    let sizes: Vec<u64> = chunks.iter().map(|c| c.len() as u64).collect();
+    let bond_per_byte = chain.epoch_view().await?.params.submission_bond_per_byte;
+    let chosen =
+        somatrain_submit::choose_hits(candidates, &sizes, bond_per_byte, 1, SHANNONS_PER_SOMA);
+    let Some(hit) = chosen.first() else {
+        println!(
+            "none of {} corpus chunks landed within a target's threshold; nothing submitted",
+            chunks.len()
+        );
+        return Ok(());
+    };
+    let executed =
+        somatrain_submit::submit_hit(chain, keypair, storage, &hit.evaluation, &chunks[hit.chunk])
+            .await?;
+    if let somatrain_protocol::effects::ExecutionStatus::Failure(f) = executed.status() {
+        bail!(
+            "the submission {} executed and failed ({}): {}",
+            executed.digest,
+            f.kind.name(),
+            f.description
+        );
+    }
+    println!(
+        "submitted a hit to target {} (distance {:.4} within {:.4}, bond {} SOMA)",
+        hit.evaluation.target_id,
+        hit.evaluation.distance,
+        hit.evaluation.threshold,
+        soma(sizes[hit.chunk] * bond_per_byte)
+    );
+    // Claims open two epochs after the fill (the audit window).
+    chain.advance_epoch().await?;
+    let epoch = chain.advance_epoch().await?;
+    let before = chain.balance(&keypair.address()).await?;
+    let outcomes = somatrain_submit::claim_all(chain, keypair, false).await?;
+    for o in &outcomes {
+        match &o.result {
+            Ok(executed) if executed.status().is_success() => println!(
+                "epoch {epoch}: claimed target {} (reward pool {} SOMA)",
+                o.target_id,
+                soma(o.reward_pool)
+            ),
+            Ok(executed) => println!("target {}: {:?}", o.target_id, executed.status()),
+            Err(e) => println!("target {}: {e}", o.target_id),
+        }
+    }
+    let after = chain.balance(&keypair.address()).await?;
+    println!(
+        "claims paid {} SOMA (after their fees)",
+        soma(after.saturating_sub(before))
+    );
+    Ok(())
 }

@@ -5,23 +5,51 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use somatrain_client::Client;
+use somatrain_client::chain::{ChainClient, Executed};
+use somatrain_client::view::TargetView;
 use somatrain_protocol::ObjectId;
-use somatrain_protocol::chain::Target;
-use somatrain_storage::Storage;
+use somatrain_protocol::effects::ExecutionStatus;
 use somatrain_submit::{
     Hit, ModelCache, SubmitError, choose_hits, claim_all, corpus_chunks, evaluate, pending_claims,
     precheck, score_with_models, submit_hit,
 };
 
-use super::net::soma;
+use super::network::{ChainOptions, soma};
 use super::publish::NetworkOptions;
+
+/// "submitted in DIGEST", or why the executed transaction failed.
+fn outcome(executed: &Executed) -> Result<String, String> {
+    match executed.status() {
+        ExecutionStatus::Success => Ok(executed.digest.to_string()),
+        ExecutionStatus::Failure(f) => Err(format!(
+            "transaction {} executed and failed ({}): {}",
+            executed.digest,
+            f.kind.name(),
+            f.description
+        )),
+    }
+}
+
+/// A target by id: open ones are listed; others are looked for among every status.
+async fn find_target(chain: &ChainClient, id: &ObjectId) -> Result<TargetView> {
+    for status in ["open", "filled", "claimed", "expired"] {
+        if let Some(t) = chain
+            .target_views(status)
+            .await?
+            .into_iter()
+            .find(|t| t.id == *id)
+        {
+            return Ok(t);
+        }
+    }
+    bail!("no target {id} on chain")
+}
 
 #[derive(Args)]
 pub struct TargetsArgs {
-    #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
-    node: String,
-    /// open, filled, expired, claimable or all.
+    #[command(flatten)]
+    chain: ChainOptions,
+    /// open, filled, claimed, expired or claimable.
     #[arg(long, default_value = "open")]
     status: String,
     #[arg(long)]
@@ -30,8 +58,8 @@ pub struct TargetsArgs {
 
 pub fn run_targets(args: TargetsArgs) -> Result<()> {
     super::publish::runtime()?.block_on(async {
-        let client = Client::new(&args.node);
-        let targets = client.targets(&args.status).await?;
+        let chain = args.chain.client()?;
+        let targets = chain.target_views(&args.status).await?;
         if args.json {
             println!("{}", serde_json::to_string(&targets)?);
             return Ok(());
@@ -111,7 +139,7 @@ fn cache_dir(args: &SubmitArgs) -> PathBuf {
 
 pub fn run_submit(args: SubmitArgs) -> Result<()> {
     super::publish::runtime()?.block_on(async {
-        let client = Client::new(&args.network.node);
+        let client = args.network.chain.client()?;
         let mut cache = ModelCache::new(&cache_dir(&args));
         if args.auto {
             return submit_auto(&args, &client, &mut cache).await;
@@ -119,9 +147,9 @@ pub fn run_submit(args: SubmitArgs) -> Result<()> {
         let target_id = args.target.expect("clap requires --target");
         let path = args.data.clone().expect("clap requires --data");
         let data = super::read_input(&path)?;
-        let status = client.status().await?;
-        let target = client.target(&target_id).await?;
-        precheck(&target, status.epoch, data.len() as u64, status.params.max_submission_bytes)?;
+        let epoch = client.epoch_view().await?;
+        let target = find_target(&client, &target_id).await?;
+        precheck(&target, data.len() as u64, epoch.params.max_submission_data_size)?;
         let scores = score_with_models(&client, &mut cache, &target.model_ids, &data).await?;
         let mut evaluation = evaluate(&target, &scores).context("none of the target's models is active")?;
         if let Some(model) = args.model {
@@ -130,27 +158,27 @@ pub fn run_submit(args: SubmitArgs) -> Result<()> {
             }
             // Forced model: its own score, as the chain will see it.
             let forced = score_with_models(&client, &mut cache, &[model], &data).await?;
-            let forced_target = Target {
+            let forced_target = TargetView {
                 model_ids: vec![model],
                 ..target.clone()
             };
             evaluation = evaluate(&forced_target, &forced).context("the chosen model is not active")?;
         }
         let report = serde_json::json!({
-            "target_id": evaluation.target_id,
-            "model_id": evaluation.model_id,
+            "target_id": evaluation.target_id.to_string(),
+            "model_id": evaluation.model_id.to_string(),
             "loss": evaluation.loss,
             "distance": evaluation.distance,
             "threshold": evaluation.threshold,
             "hit": evaluation.hit,
-            "losses": evaluation.losses.iter().map(|(m, l)| serde_json::json!({"model_id": m, "loss": l})).collect::<Vec<_>>(),
+            "losses": evaluation.losses.iter().map(|(m, l)| serde_json::json!({"model_id": m.to_string(), "loss": l})).collect::<Vec<_>>(),
         });
         let mut submitted = None;
         if evaluation.hit && !args.dry_run {
             let keypair = super::wallet::load_keypair(args.network.keystore.as_deref())?;
-            let storage = Storage::open(&args.network.backend()?)?;
-            let record = submit_hit(&client, &keypair, &storage, &evaluation, &data).await?;
-            submitted = Some(record.digest.to_string());
+            let storage = args.network.storage.open()?;
+            let executed = submit_hit(&client, &keypair, &storage, &evaluation, &data).await?;
+            submitted = Some(outcome(&executed).map_err(anyhow::Error::msg)?);
         }
         if args.json {
             let mut report = report;
@@ -174,14 +202,18 @@ pub fn run_submit(args: SubmitArgs) -> Result<()> {
     })
 }
 
-async fn submit_auto(args: &SubmitArgs, client: &Client, cache: &mut ModelCache) -> Result<()> {
+async fn submit_auto(
+    args: &SubmitArgs,
+    client: &ChainClient,
+    cache: &mut ModelCache,
+) -> Result<()> {
     let corpus = args.corpus.as_ref().expect("clap requires --corpus");
-    let status = client.status().await?;
-    let max = status.params.max_submission_bytes as usize;
+    let epoch = client.epoch_view().await?;
+    let max = epoch.params.max_submission_data_size.min(usize::MAX as u64) as usize;
     if args.chunk_bytes == 0 || args.chunk_bytes > max {
         bail!("--chunk-bytes must be between 1 and {max}");
     }
-    let targets = client.targets("open").await?;
+    let targets = client.target_views("open").await?;
     if targets.is_empty() {
         println!("no open targets");
         return Ok(());
@@ -228,18 +260,18 @@ async fn submit_auto(args: &SubmitArgs, client: &Client, cache: &mut ModelCache)
         scanned += 1;
     }
     let sizes: Vec<u64> = chunks.iter().map(|c| c.data.len() as u64).collect();
-    let budget = (args.max_bond * somatrain_protocol::tx::SHANNONS_PER_SOMA as f64) as u64;
+    let budget = (args.max_bond * somatrain_protocol::SHANNONS_PER_SOMA as f64) as u64;
     let chosen = choose_hits(
         candidates,
         &sizes,
-        status.params.submission_bond_per_byte,
+        epoch.params.submission_bond_per_byte,
         args.max_submissions,
         budget,
     );
     let mut submitted = Vec::new();
     if !args.dry_run && !chosen.is_empty() {
         let keypair = super::wallet::load_keypair(args.network.keystore.as_deref())?;
-        let storage = Storage::open(&args.network.backend()?)?;
+        let storage = args.network.storage.open()?;
         for hit in &chosen {
             match submit_hit(
                 client,
@@ -250,9 +282,12 @@ async fn submit_auto(args: &SubmitArgs, client: &Client, cache: &mut ModelCache)
             )
             .await
             {
-                Ok(record) => submitted.push((hit, record.digest.to_string())),
-                Err(SubmitError::Client(e)) => {
-                    tracing::warn!("target {}: refused: {e}", hit.evaluation.target_id)
+                Ok(executed) => match outcome(&executed) {
+                    Ok(digest) => submitted.push((hit, digest)),
+                    Err(why) => tracing::warn!("target {}: {why}", hit.evaluation.target_id),
+                },
+                Err(SubmitError::Network(e)) => {
+                    tracing::warn!("target {}: {e}", hit.evaluation.target_id)
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -261,7 +296,7 @@ async fn submit_auto(args: &SubmitArgs, client: &Client, cache: &mut ModelCache)
     if args.json {
         let list: Vec<_> = submitted
             .iter()
-            .map(|(h, d)| serde_json::json!({"target_id": h.evaluation.target_id, "distance": h.evaluation.distance, "chunk": chunks[h.chunk].source, "offset": chunks[h.chunk].offset, "digest": d}))
+            .map(|(h, d)| serde_json::json!({"target_id": h.evaluation.target_id.to_string(), "distance": h.evaluation.distance, "chunk": chunks[h.chunk].source, "offset": chunks[h.chunk].offset, "digest": d}))
             .collect();
         println!(
             "{}",
@@ -285,8 +320,8 @@ async fn submit_auto(args: &SubmitArgs, client: &Client, cache: &mut ModelCache)
 
 #[derive(Args)]
 pub struct ClaimArgs {
-    #[arg(long, env = "SOMATRAIN_NODE", default_value = "http://127.0.0.1:9000")]
-    node: String,
+    #[command(flatten)]
+    chain: ChainOptions,
     #[arg(long, env = "SOMATRAIN_KEYSTORE")]
     keystore: Option<PathBuf>,
     /// Also settle expired open targets (anyone may; the claimer earns 0.5%).
@@ -296,14 +331,14 @@ pub struct ClaimArgs {
 
 pub fn run_claim(args: ClaimArgs) -> Result<()> {
     super::publish::runtime()?.block_on(async {
-        let client = Client::new(&args.node);
+        let client = args.chain.client()?;
         let keypair = super::wallet::load_keypair(args.keystore.as_deref())?;
-        let before = client.account(&keypair.address()).await?;
+        let before = client.balance(&keypair.address()).await?;
         let outcomes = claim_all(&client, &keypair, args.expired).await?;
         let mut claimed = 0;
         for o in &outcomes {
-            match &o.result {
-                Ok(_) => {
+            match o.result.as_ref().map(outcome) {
+                Ok(Ok(_)) => {
                     claimed += 1;
                     println!(
                         "claimed target {} (pool {} SOMA{})",
@@ -312,18 +347,20 @@ pub fn run_claim(args: ClaimArgs) -> Result<()> {
                         if o.expired { ", expired" } else { "" }
                     );
                 }
+                Ok(Err(why)) => println!("target {}: {why}", o.target_id),
                 Err(e) => println!("target {}: {e}", o.target_id),
             }
         }
         for (id, epoch) in pending_claims(&client, &keypair).await? {
             println!("target {id}: claimable from epoch {epoch}");
         }
-        let after = client.account(&keypair.address()).await?;
+        let after = client.balance(&keypair.address()).await?;
         println!(
-            "{claimed} claimed; rewards {} SOMA this time, {} SOMA in all; balance {} SOMA",
-            soma(after.rewards - before.rewards),
-            soma(after.rewards),
-            soma(after.balance)
+            "{claimed} claimed; balance {} SOMA (was {} SOMA, {}{} SOMA)",
+            soma(after),
+            soma(before),
+            if after >= before { "+" } else { "-" },
+            soma(after.abs_diff(before))
         );
         Ok(())
     })

@@ -1,68 +1,13 @@
-//! Shared by the CLI tests: the binary under test and a localnet process on a free port.
+//! Shared by the CLI tests: the binary under test, a localnet process on free ports, the
+//! official SDK's Python, and what a wallet has sent.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-pub const TOKEN: &str = "cli-test-admin-token";
-
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_somatrain"))
-}
-
-/// `somatrain localnet` as a child process; killed (SIGKILL) when dropped.
-pub struct Localnet {
-    child: Child,
-    pub url: String,
-    pub dir: PathBuf,
-}
-
-impl Localnet {
-    /// Starts a node on `dir` with `extra` flags and the admin token [`TOKEN`], and waits for
-    /// the address it prints.
-    pub fn start(dir: &Path, extra: &[&str]) -> Localnet {
-        let mut child = bin()
-            .args([
-                "localnet-json",
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "--port",
-                "0",
-            ])
-            .args(extra)
-            .env("SOMATRAIN_ADMIN_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("the node prints its address")
-            .to_string();
-        Localnet {
-            child,
-            url,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Localnet {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// `somatrain localnet` (the gRPC node) as a child process on free ports; SIGKILLed when
@@ -74,6 +19,7 @@ pub struct GrpcLocalnet {
     pub scoring: String,
     pub admin: String,
     pub blobs: String,
+    pub dir: PathBuf,
 }
 
 impl GrpcLocalnet {
@@ -134,8 +80,43 @@ impl GrpcLocalnet {
             scoring: url("scoring"),
             admin: url("admin"),
             blobs: url("blobs"),
+            dir: dir.to_path_buf(),
             child,
         }
+    }
+
+    /// `--network RPC --faucet-url F --admin-url A --blob-url B`: what a command needs to use
+    /// this localnet.
+    pub fn args(&self) -> Vec<String> {
+        [
+            ("--network", &self.rpc),
+            ("--faucet-url", &self.faucet),
+            ("--admin-url", &self.admin),
+            ("--blob-url", &self.blobs),
+        ]
+        .iter()
+        .flat_map(|(flag, url)| [flag.to_string(), url.to_string()])
+        .collect()
+    }
+
+    /// As [`GrpcLocalnet::args`], for commands that upload nothing.
+    pub fn chain_args(&self) -> Vec<String> {
+        let mut args = self.args();
+        args.truncate(6);
+        args
+    }
+
+    pub fn endpoints(&self) -> somatrain_client::chain::Endpoints {
+        somatrain_client::chain::Endpoints {
+            rpc: self.rpc.clone(),
+            faucet: Some(self.faucet.clone()),
+            scoring: Some(self.scoring.clone()),
+            admin: Some(self.admin.clone()),
+        }
+    }
+
+    pub fn client(&self) -> somatrain_client::chain::ChainClient {
+        somatrain_client::chain::ChainClient::new(self.endpoints()).unwrap()
     }
 
     /// SIGKILL, then reap.
@@ -202,4 +183,78 @@ pub fn run_sdk_script(script: &str, args: &[&str], deadline: std::time::Duration
         Some(s) => panic!("{script} failed ({s}):\n{out}\n{err}"),
         None => panic!("{script} ran past {deadline:?}:\n{out}\n{err}"),
     }
+}
+
+/// Every transaction `sender` has executed, in checkpoint order: its kind's name and whether it
+/// succeeded. Read from the chain's checkpoints, not from anything the command under test wrote.
+pub async fn sent_by(
+    chain: &somatrain_client::chain::ChainClient,
+    sender: &somatrain_protocol::Address,
+) -> Vec<(String, bool)> {
+    let mut sent = Vec::new();
+    let mut sequence = 0;
+    while let Some(digests) = chain.checkpoint_transactions(sequence).await.unwrap() {
+        for digest in digests {
+            let executed = chain
+                .transaction(&digest)
+                .await
+                .unwrap()
+                .expect("a checkpoint's transaction can be looked up");
+            // Epoch changes and faucet grants are the system's, and carry no signed data.
+            let Some(data) = executed.transaction.clone() else {
+                continue;
+            };
+            if data.sender == *sender {
+                let ok = matches!(
+                    executed.status(),
+                    somatrain_protocol::effects::ExecutionStatus::Success
+                );
+                sent.push((data.kind.name().to_string(), ok));
+            }
+        }
+        sequence += 1;
+    }
+    sent
+}
+
+/// Polls `check` every 50 ms until it returns Some, failing with `what` after `limit`.
+pub fn wait_until<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The fees `sender` paid for its executed transactions of `kind`, from their effects.
+pub async fn sent_fees(
+    chain: &somatrain_client::chain::ChainClient,
+    sender: &somatrain_protocol::Keypair,
+    kind: &str,
+) -> u64 {
+    let mut fees = 0;
+    let mut sequence = 0;
+    while let Some(digests) = chain.checkpoint_transactions(sequence).await.unwrap() {
+        for digest in digests {
+            let executed = chain.transaction(&digest).await.unwrap().unwrap();
+            if let Some(data) = &executed.transaction
+                && data.sender == sender.address()
+                && data.kind.name() == kind
+            {
+                fees += executed.effects.fee.total_fee;
+            }
+        }
+        sequence += 1;
+    }
+    fees
 }

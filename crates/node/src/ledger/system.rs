@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use somatrain_protocol::{Address, Commitment, Digest, Manifest, ObjectId};
 
-pub const SHANNONS_PER_SOMA: u64 = 1_000_000_000;
+pub use somatrain_protocol::SHANNONS_PER_SOMA;
 /// Total supply: 10 million SOMA. On a localnet half starts in the faucet, half in emissions.
 pub const TOTAL_SUPPLY: u64 = 10_000_000 * SHANNONS_PER_SOMA;
 pub const BPS_DENOMINATOR: u64 = 10_000;

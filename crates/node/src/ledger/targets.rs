@@ -150,3 +150,106 @@ pub fn advance_epoch(params: &Params, state: &mut TargetState) {
     state.hits_this_epoch = 0;
     state.reward_per_target = reward_per_target(params);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::system::StakingPool;
+    use somatrain_protocol::Address;
+
+    fn model(id: u8, embedding: Vec<f32>, stake: u64) -> Model {
+        Model {
+            id: ObjectId([id; 32]),
+            owner: Address([id; 32]),
+            architecture_version: 1,
+            state: ModelState::Active,
+            create_epoch: 0,
+            pending: None,
+            manifest: None,
+            weights_commitment: None,
+            embedding_commitment: None,
+            decryption_key_commitment: None,
+            decryption_key: None,
+            embedding: Some(embedding),
+            commission_rate: 0,
+            next_epoch_commission_rate: 0,
+            staking_pool: StakingPool {
+                id: ObjectId([id + 100; 32]),
+                activation_epoch: Some(0),
+                deactivation_epoch: None,
+                soma_balance: stake,
+                pool_token_balance: stake,
+            },
+            commit_window_missed: false,
+        }
+    }
+
+    /// The network's `test_stake_weighting`: two orthogonal models with stakes 100 and 1000, both
+    /// at cosine distance 1 from the target: shares 0.240/0.760, scores 4.16/1.32, the
+    /// high-stake model first.
+    #[test]
+    fn stake_weighting_matches_the_worked_example() {
+        let low = model(1, vec![1.0, 0.0, 0.0], 100);
+        let high = model(2, vec![0.0, 1.0, 0.0], 1000);
+        let target = [0.0f32, 0.0, 1.0];
+        let ranked = rank_models(&target, [&low, &high].into_iter());
+        assert_eq!(ranked[0].0, high.id);
+        assert!((ranked[0].1 - 1.32).abs() < 0.005, "{ranked:?}");
+        assert!((ranked[1].1 - 4.16).abs() < 0.005, "{ranked:?}");
+    }
+
+    /// With equal stakes the nearest direction wins; inactive models are never picked.
+    #[test]
+    fn nearest_models_first_and_only_active_ones() {
+        let a = model(1, vec![1.0, 0.0, 0.0], 1000);
+        let b = model(2, vec![0.9, 0.1, 0.0], 1000);
+        let mut c = model(3, vec![1.0, 0.0, 0.0], 1000);
+        c.state = ModelState::Inactive;
+        let far = model(4, vec![-1.0, 0.0, 0.0], 1000);
+        let ranked: Vec<ObjectId> = rank_models(&[1.0, 0.0, 0.0], [&a, &b, &c, &far].into_iter())
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ranked, vec![a.id, b.id, far.id]);
+    }
+
+    /// Protocol version 5's steps from the reference: 1.05 moves to about 1.10 after an epoch
+    /// with too few hits, and to 1.0 after one with too many; no hits at all leaves it.
+    #[test]
+    fn difficulty_steps_follow_the_z_rule() {
+        let params = Params::default();
+        let state = |hits| TargetState {
+            distance_threshold: 1.05,
+            targets_generated_this_epoch: 9,
+            hits_this_epoch: hits,
+            hits_ema: 0,
+            reward_per_target: 0,
+        };
+        let mut few = state(5);
+        advance_epoch(&params, &mut few);
+        assert!(
+            (few.distance_threshold - 1.10).abs() < 1e-3,
+            "{}",
+            few.distance_threshold
+        );
+        assert_eq!(
+            (
+                few.hits_ema,
+                few.hits_this_epoch,
+                few.targets_generated_this_epoch
+            ),
+            (5, 0, 0)
+        );
+        assert_eq!(few.reward_per_target, 1_370_000_000_000 * 8 / 10 / 86_400);
+        let mut many = state(100_000);
+        advance_epoch(&params, &mut many);
+        assert!(
+            (many.distance_threshold - 1.0).abs() < 1e-4,
+            "{}",
+            many.distance_threshold
+        );
+        let mut none = state(0);
+        advance_epoch(&params, &mut none);
+        assert_eq!(none.distance_threshold, 1.05);
+    }
+}
