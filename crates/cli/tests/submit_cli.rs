@@ -499,3 +499,103 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         "the claimer's share exceeds nothing: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
+    let w = world(true).await;
+    let targets = w.client.target_views("open").await.unwrap();
+    let data = sources().join("checkpoint.rs");
+    let bytes = std::fs::read(&data).unwrap();
+    let embedding = embedding_of(&w.weights, &data);
+    let reachable: Vec<(f64, &TargetView)> = targets
+        .iter()
+        .map(|t| (cosine_distance(&embedding, &t.embedding), t))
+        .filter(|(d, t)| *d <= t.distance_threshold as f64 - 1e-4)
+        .collect();
+    assert!(reachable.len() >= 2);
+    let score = ok(bin()
+        .args([
+            "score",
+            "--weights",
+            w.weights.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let loss = serde_json::from_str::<serde_json::Value>(score.trim()).unwrap()["models"][0]["loss"]
+        .as_f64()
+        .unwrap() as f32;
+    let submitter = Keypair::generate();
+    w.client.faucet(&submitter.address()).await.unwrap();
+    let url = format!("{}/claim.bin", w.net.blobs);
+    let put = somatrain_client::http_client()
+        .put(&url)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    let manifest = somatrain_protocol::Manifest {
+        url,
+        checksum: somatrain_protocol::Commitment::of_bytes(&bytes),
+        size: bytes.len() as u64,
+    };
+    let claim = |target: &TargetView, distance: f64, loss: f32, embedding: Vec<f32>| {
+        let (manifest, target_id, model_id) = (manifest.clone(), target.id, target.model_ids[0]);
+        move |gas: &[somatrain_protocol::ObjectRef]| TransactionKind::SubmitData {
+            target_id,
+            data_manifest: manifest.clone(),
+            model_id,
+            embedding: somatrain_protocol::SomaTensor::vector(&embedding),
+            distance_score: somatrain_protocol::SomaTensor::scalar(distance as f32),
+            loss_score: somatrain_protocol::SomaTensor::vector(&[loss]),
+            bond_coin: gas[0],
+        }
+    };
+    let (d, t) = reachable[0];
+    let before = balance(&w.client, &submitter).await;
+    // An inflated loss, and an embedding that is not the model's: both refused before
+    // execution, so nothing is paid.
+    let refused = |e: somatrain_client::chain::ChainError| {
+        assert!(
+            e.is_malformed() && e.to_string().contains("verification failed"),
+            "{e}"
+        );
+    };
+    refused(
+        w.client
+            .sign_and_execute(&submitter, claim(t, d, loss * 1.1, embedding.clone()))
+            .await
+            .unwrap_err(),
+    );
+    let mut other = embedding.clone();
+    other.reverse();
+    refused(
+        w.client
+            .sign_and_execute(&submitter, claim(t, d, loss, other))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(balance(&w.client, &submitter).await, before);
+    // The true values (from `score` and `embed`) are accepted, and so is `submit` itself.
+    w.client
+        .sign_and_execute(&submitter, claim(t, d, loss, embedding.clone()))
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let report = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &reachable[1].1.id.to_string(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(report.contains("\"submitted\":\""), "{report}");
+}

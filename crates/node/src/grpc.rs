@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use somatrain_protocol::object::TargetStatus;
-use somatrain_protocol::{Address, Object, ObjectId, ObjectType, SignedTransaction, TxDigest};
+use somatrain_protocol::{
+    Address, Object, ObjectId, ObjectType, SignedTransaction, TransactionKind, TxDigest,
+};
 use somatrain_rpc::convert::{self, FieldError};
 use somatrain_rpc::proto::{
     self, ledger_service_server::LedgerService, state_service_server::StateService,
@@ -22,7 +24,7 @@ use somatrain_rpc::proto::{
 };
 use somatrain_rpc::side::{
     AdvanceEpochRequest, AdvanceEpochResponse, FaucetCoin, FaucetRequest, FaucetResponse,
-    HealthRequest, HealthResponse, ScoreRequest, ScoreResponse,
+    HealthRequest, HealthResponse, ScoreManifest, ScoreRequest, ScoreResponse, from_bits, to_bits,
 };
 use somatrain_rpc::{MAX_MESSAGE_BYTES, admin, faucet, scoring};
 use tonic::{Request, Response, Status};
@@ -59,6 +61,10 @@ pub trait ScoringBackend: Send + Sync + 'static {
 pub struct Services {
     pub node: Arc<Localnet>,
     pub scorer: Option<Arc<dyn ScoringBackend>>,
+    /// Re-score every `SubmitData` with the scorer before it executes, and refuse one whose
+    /// claimed model, loss, embedding or distance disagree (`--verify-submissions`). The public
+    /// network does not do this; it is for testing submitters.
+    pub verify_submissions: bool,
 }
 
 impl Services {
@@ -341,6 +347,117 @@ fn page_token_id(token: Option<&[u8]>) -> Result<Option<ObjectId>, Status> {
         .transpose()
 }
 
+/// How far a submission's claims may be from the scorer's own numbers.
+const VERIFY_RELATIVE_LOSS: f32 = 1e-4;
+const VERIFY_DISTANCE: f32 = 1e-4;
+
+fn verification_failed(why: String) -> Status {
+    Status::invalid_argument(format!("verification failed: {why}"))
+}
+
+impl Services {
+    /// Scores a `SubmitData`'s data with the target's revealed models and checks what it claims:
+    /// the claimed model has the lowest loss, and the loss, embedding and distance are the
+    /// scorer's. Other kinds, and submissions the chain will refuse anyway (no such target, no
+    /// revealed model), pass through to execution.
+    async fn verify_submission(&self, kind: &TransactionKind) -> Result<(), Status> {
+        let TransactionKind::SubmitData {
+            target_id,
+            data_manifest,
+            model_id,
+            embedding,
+            distance_score,
+            loss_score,
+            ..
+        } = kind
+        else {
+            return Ok(());
+        };
+        let scorer = self.scorer.clone().ok_or_else(|| {
+            Status::unavailable("this node verifies submissions but has no scorer")
+        })?;
+        let found = self.node.read(|l| {
+            let target = l.object(target_id)?.target().ok()?;
+            let models: Vec<(ObjectId, ScoreManifest)> = target
+                .model_ids
+                .iter()
+                .filter_map(|id| {
+                    let m = l.system.models.get(id)?;
+                    let (manifest, key) = (m.manifest.as_ref()?, m.decryption_key?);
+                    Some((
+                        *id,
+                        ScoreManifest {
+                            url: manifest.url.clone(),
+                            checksum: manifest.checksum.to_base58(),
+                            size: manifest.size,
+                            decryption_key: Some(
+                                somatrain_protocol::EncryptionKey::from_bytes(key.0).to_base58(),
+                            ),
+                        },
+                    ))
+                })
+                .collect();
+            Some((target.embedding.values().ok()?, models))
+        });
+        let Some((target_embedding, models)) = found.filter(|(_, m)| !m.is_empty()) else {
+            return Ok(());
+        };
+        let request = ScoreRequest {
+            data_url: data_manifest.url.clone(),
+            data_checksum: data_manifest.checksum.to_base58(),
+            data_size: data_manifest.size,
+            model_manifests: models.iter().map(|(_, m)| m.clone()).collect(),
+            target_embedding: to_bits(&target_embedding),
+            seed: 0,
+        };
+        let scored = scorer.score(request).await.map_err(|e| {
+            verification_failed(format!("the data could not be scored: {}", e.message()))
+        })?;
+        let winner = models
+            .get(scored.winner as usize)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| Status::internal("the scorer named no model"))?;
+        if winner != *model_id {
+            return Err(verification_failed(format!(
+                "model {winner} has the lowest loss on this data, not {model_id}"
+            )));
+        }
+        let losses = from_bits(&scored.loss_score);
+        let true_loss = losses[scored.winner as usize];
+        let claimed_loss = loss_score.values().ok().and_then(|v| v.first().copied());
+        if !claimed_loss.is_some_and(|l| {
+            (l - true_loss).abs() <= VERIFY_RELATIVE_LOSS * true_loss.abs().max(1.0)
+        }) {
+            return Err(verification_failed(format!(
+                "the claimed loss {claimed_loss:?} is not the model's {true_loss}"
+            )));
+        }
+        let true_embedding = from_bits(&scored.embedding);
+        let claimed = embedding.values().unwrap_or_default();
+        let apart = if claimed.len() == true_embedding.len() {
+            crate::ledger::targets::cosine_distance(&claimed, &true_embedding) as f32
+        } else {
+            f32::INFINITY
+        };
+        if apart.is_nan() || apart > VERIFY_DISTANCE {
+            return Err(verification_failed(format!(
+                "the claimed embedding is not the model's (cosine distance {apart})"
+            )));
+        }
+        let true_distance = from_bits(&scored.distance)[scored.winner as usize];
+        let claimed_distance = distance_score
+            .values()
+            .ok()
+            .and_then(|v| v.first().copied());
+        if !claimed_distance.is_some_and(|d| (d - true_distance).abs() <= VERIFY_DISTANCE) {
+            return Err(verification_failed(format!(
+                "the claimed distance {claimed_distance:?} is not the model's {true_distance}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 // ---- Fullnode services ------------------------------------------------------------------------
 
 #[tonic::async_trait]
@@ -619,6 +736,9 @@ impl TransactionExecutionService for Services {
     ) -> Result<Response<proto::ExecuteTransactionResponse>, Status> {
         let request = request.into_inner();
         let signed = signed_from_proto(request.transaction.as_ref(), &request.signatures)?;
+        if self.verify_submissions {
+            self.verify_submission(&signed.data.kind).await?;
+        }
         let record = self
             .node
             .submit_queued(signed)

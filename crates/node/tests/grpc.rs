@@ -47,7 +47,11 @@ async fn start() -> Net {
     let listeners: [tokio::net::TcpListener; 4] = listeners.try_into().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(serve(
-        Services { node, scorer: None },
+        Services {
+            node,
+            scorer: None,
+            verify_submissions: false,
+        },
         listeners,
         async move {
             let _ = stopped.await;

@@ -471,6 +471,7 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
         let services = Services {
             node: node.clone(),
             scorer: None,
+            verify_submissions: false,
         };
         tokio::spawn(serve(services, listeners, std::future::pending()));
         // A few connections, as a few client processes would open.

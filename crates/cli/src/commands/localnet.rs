@@ -52,6 +52,11 @@ pub struct LocalnetArgs {
     /// Allow a non-loopback `--bind` (the localnet has no authentication).
     #[arg(long)]
     allow_remote: bool,
+    /// Re-score every data submission with this project's scorer before it executes (data and
+    /// weights downloaded and checked) and refuse one whose claimed model, loss, embedding or
+    /// distance disagree. The public network does not; this is for testing submitters.
+    #[arg(long)]
+    verify_submissions: bool,
 }
 
 /// Scores with this project's CPU scorer: downloads the data and every model's weights (size
@@ -216,6 +221,7 @@ impl RunningLocalnet {
 pub async fn start(
     data_dir: &std::path::Path,
     genesis: Params,
+    verify_submissions: bool,
     ports: Ports,
     blob: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -235,6 +241,7 @@ pub async fn start(
     let services = Services {
         node,
         scorer: Some(Arc::new(scorer)),
+        verify_submissions,
     };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
@@ -324,7 +331,15 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        let running = start(&args.data_dir, genesis, ports, blob, shutdown).await?;
+        let running = start(
+            &args.data_dir,
+            genesis,
+            args.verify_submissions,
+            ports,
+            blob,
+            shutdown,
+        )
+        .await?;
         // Lines scripts can wait for and parse.
         println!("rpc http://{}", running.rpc);
         println!("faucet http://{}", running.faucet);

@@ -480,6 +480,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
         let localnet = super::localnet::start(
             &node_dir,
             genesis,
+            false,
             ports,
             Some(blob_listener),
             std::future::pending(),
