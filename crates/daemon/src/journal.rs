@@ -228,12 +228,4 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     somatrain_model::io::finish_atomic(&tmp, path)
 }
 
-/// Creates `dir` (and its parents) readable only by its owner: unpublished weights live there.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
+pub use somatrain_model::io::create_private_dir;

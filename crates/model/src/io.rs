@@ -372,8 +372,14 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Syncs the finished temporary file, renames it over `path` and syncs the directory.
+/// Makes the finished temporary file readable by its owner only (0600: unpublished weights,
+/// optimizer state and keys must not be world-readable), syncs it, renames it over `path` and
+/// syncs the directory.
 pub fn finish_atomic(tmp: &Path, path: &Path) -> io::Result<()> {
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o600))?;
+    }
     File::open(tmp)?.sync_all()?;
     fs::rename(tmp, path)?;
     if let Some(dir) = path.parent() {
@@ -385,4 +391,15 @@ pub fn finish_atomic(tmp: &Path, path: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only (0700), and tightens it to
+/// 0700 if it already existed: run directories hold weights before they are published.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }

@@ -116,7 +116,7 @@ pub fn save(
     corpus: &Position,
     last_loss: f32,
 ) -> Result<PathBuf, CheckpointError> {
-    fs::create_dir_all(root).map_err(io_err(root))?;
+    somatrain_model::io::create_private_dir(root).map_err(io_err(root))?;
     // Leftovers of a save that was killed half-way.
     if let Ok(entries) = fs::read_dir(root) {
         for e in entries.filter_map(|e| e.ok()) {
@@ -128,7 +128,7 @@ pub fn save(
     let step = adam.step;
     let final_dir = root.join(dir_name(step));
     let tmp = root.join(format!(".tmp-{}-{}", dir_name(step), std::process::id()));
-    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    somatrain_model::io::create_private_dir(&tmp).map_err(io_err(&tmp))?;
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: tmp.clone(),
         reason,
@@ -185,7 +185,14 @@ pub fn save(
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut file = File::create(path).map_err(io_err(path))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
     file.write_all(bytes).map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))
 }

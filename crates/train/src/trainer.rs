@@ -350,7 +350,16 @@ pub fn run_with(
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<RunSummary, TrainError> {
     settings.validate().map_err(TrainError::Settings)?;
-    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
+    {
+        // A new run directory is private; an existing one (the user's) keeps its mode, since
+        // what needs privacy lives in `checkpoints/`, `round/` and `publish/`, each 0700.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir)
+            .map_err(io_err(run_dir))?;
+    }
     let settings_path = run_dir.join("settings.json");
     if settings_path.exists() {
         let text = std::fs::read_to_string(&settings_path).map_err(io_err(&settings_path))?;
@@ -524,7 +533,7 @@ fn write_round(
     engine: &dyn GradientEngine,
 ) -> Result<RoundArtifacts, TrainError> {
     let round_dir = run_dir.join("round");
-    std::fs::create_dir_all(&round_dir).map_err(io_err(&round_dir))?;
+    somatrain_model::io::create_private_dir(&round_dir).map_err(io_err(&round_dir))?;
     let weights_path = round_dir.join("weights.safetensors");
     let mut scorer = match engine.scorer(weights) {
         Some(device) => RoundScorer::Device(device),

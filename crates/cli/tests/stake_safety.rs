@@ -1,0 +1,188 @@
+//! Nothing a user types, and no broken round, puts the stake at risk: against a localnet
+//! process, each of these ends with an error and nothing sent by the wallet (read from the
+//! chain's checkpoints): a run with a refused setting, a commit with a damaged `round.json`,
+//! weights holding a NaN, an embedding of the wrong length; and a lost journal with a pending
+//! model on chain stops `commit` naming that model. Unpublished files are private.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use somatrain_protocol::Keypair;
+
+mod common;
+use common::{GrpcLocalnet, bin, sent_by};
+
+fn sources() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
+}
+
+fn train(run: &Path) {
+    let out = bin()
+        .args([
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--preset",
+            "tiny",
+        ])
+        .args(["--corpus-dir", sources().to_str().unwrap()])
+        .args([
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--accumulation",
+            "1",
+        ])
+        .args(["--steps", "2", "--heldout-bytes", "2048"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn as_wallet(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .args(net.args())
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .env_remove("S3_BUCKET")
+        .output()
+        .unwrap()
+}
+
+fn failed_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_reaches_the_chain_until_every_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = GrpcLocalnet::start(&dir.path().join("node"), &["--embedding-dim", "16"]);
+    let chain = net.client();
+    let kp = Keypair::generate();
+    chain.faucet(&kp.address()).await.unwrap();
+    let funded = chain.balance(&kp.address()).await.unwrap();
+
+    // A refused setting: `run` stops before training, funding or creating anything.
+    let run_dir = dir.path().join("refused");
+    let out = as_wallet(
+        &net,
+        &kp,
+        &[
+            "run",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--corpus-dir",
+            sources().to_str().unwrap(),
+            "--lr",
+            "NaN",
+            "--rounds",
+            "1",
+        ],
+    );
+    failed_with(&out, "--lr");
+    assert!(!run_dir.join("settings.json").exists());
+
+    let run = dir.path().join("run");
+    train(&run);
+    let round_json = run.join("round/round.json");
+    let good_round = std::fs::read(&round_json).unwrap();
+
+    // A damaged round.json: commit creates nothing.
+    std::fs::write(&round_json, b"{ not json").unwrap();
+    let out = as_wallet(&net, &kp, &["commit", "--run-dir", run.to_str().unwrap()]);
+    failed_with(&out, "round.json");
+    std::fs::write(&round_json, &good_round).unwrap();
+
+    // Weights holding a NaN: refused naming the tensor.
+    let round: serde_json::Value = serde_json::from_slice(&good_round).unwrap();
+    let weights_path = PathBuf::from(round["weights"].as_str().unwrap());
+    let mut weights = somatrain_model::io::load_file(&weights_path, Default::default()).unwrap();
+    weights.tensors_mut()[3].1[7] = f32::NAN;
+    let nan_weights = dir.path().join("nan.safetensors");
+    somatrain_model::io::save_file(&weights, &nan_weights).unwrap();
+    let out = as_wallet(
+        &net,
+        &kp,
+        &[
+            "commit",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--weights",
+            nan_weights.to_str().unwrap(),
+        ],
+    );
+    failed_with(&out, "is not publishable weights");
+    failed_with(&out, "non-finite");
+
+    // An embedding of the wrong length for this chain.
+    let short = dir.path().join("short.json");
+    std::fs::write(&short, "[0.1, 0.2, 0.3]").unwrap();
+    let out = as_wallet(
+        &net,
+        &kp,
+        &[
+            "commit",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--embedding",
+            short.to_str().unwrap(),
+        ],
+    );
+    failed_with(&out, "this chain takes 16");
+
+    assert!(
+        sent_by(&chain, &kp.address()).await.is_empty(),
+        "nothing was sent"
+    );
+    assert_eq!(chain.balance(&kp.address()).await.unwrap(), funded);
+
+    // A good commit: unpublished weights and the journal are private.
+    let out = as_wallet(&net, &kp, &["commit", "--run-dir", run.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for private_dir in ["round", "checkpoints", "publish"] {
+        assert_eq!(mode(&run.join(private_dir)), 0o700, "{private_dir}");
+    }
+    assert_eq!(mode(&run.join("round/weights.safetensors")), 0o600);
+    assert_eq!(mode(&run.join("journal.json")), 0o600);
+    for entry in std::fs::read_dir(run.join("publish")).unwrap() {
+        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+    }
+    let model_id = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(run.join("journal.json")).unwrap(),
+    )
+    .unwrap()["model_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The journal is lost: a second commit stops, naming the pending model, instead of
+    // creating another one.
+    std::fs::remove_file(run.join("journal.json")).unwrap();
+    let out = as_wallet(&net, &kp, &["commit", "--run-dir", run.to_str().unwrap()]);
+    failed_with(&out, &model_id);
+    failed_with(&out, "--new-model");
+    let sent: Vec<String> = sent_by(&chain, &kp.address())
+        .await
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert_eq!(sent, ["CreateModel", "CommitModel"]);
+}
