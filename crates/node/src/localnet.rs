@@ -20,7 +20,7 @@ use somatrain_store::{Batch, Store, StoreError, Table};
 use tokio::sync::broadcast;
 
 use crate::ledger::execute::{Executed, Refusal};
-use crate::ledger::{Changes, Ledger, Params, SystemState, epoch, execute};
+use crate::ledger::{Changes, Ledger, Params, SystemState, UndoLog, epoch, execute};
 
 #[derive(Debug, Clone)]
 pub struct LocalnetConfig {
@@ -91,6 +91,31 @@ const SYSTEM_KEY: &str = "object_chain";
 struct Inner {
     ledger: Ledger,
     store: Store,
+    /// A disk write failed and the store has not been reopened since (memory holds exactly
+    /// what is durable: a failed batch is rolled back).
+    needs_reopen: bool,
+}
+
+impl Inner {
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        self.store.reopen()?;
+        self.needs_reopen = false;
+        tracing::info!("the store is writable again");
+        Ok(())
+    }
+
+    /// Before a write: a store that failed is reopened first, so a disk that fills up and then
+    /// frees space is recovered from without a restart.
+    fn ready(&mut self) -> Result<(), LocalnetError> {
+        if self.needs_reopen {
+            self.reopen().map_err(|e| {
+                LocalnetError::Store(StoreError::Db(format!(
+                    "the store is not writable yet: {e}"
+                )))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<TransactionRecord, LocalnetError>>;
@@ -115,7 +140,17 @@ pub struct Localnet {
 impl Localnet {
     /// Opens the data directory, creating genesis on first use.
     pub fn open(config: &LocalnetConfig, now_ms: u64) -> Result<Arc<Localnet>, LocalnetError> {
-        let store = Store::open(&config.data_dir)?;
+        Self::open_with(config, now_ms, somatrain_store::file_backend())
+    }
+
+    /// As [`Localnet::open`], with the database on the storage `backend` makes (tests use one
+    /// that fails like a full disk).
+    pub fn open_with(
+        config: &LocalnetConfig,
+        now_ms: u64,
+        backend: somatrain_store::BackendFactory,
+    ) -> Result<Arc<Localnet>, LocalnetError> {
+        let store = Store::open_with(&config.data_dir, backend)?;
         let chain_id = match store.get::<Digest>(Table::System, CHAIN_ID_KEY)? {
             Some(id) => id,
             None => {
@@ -139,7 +174,11 @@ impl Localnet {
         }
         let (checkpoints, _) = broadcast::channel(1024);
         Ok(Arc::new(Localnet {
-            inner: Mutex::new(Inner { ledger, store }),
+            inner: Mutex::new(Inner {
+                ledger,
+                store,
+                needs_reopen: false,
+            }),
             queue: Mutex::new(Vec::new()),
             queued: std::sync::Condvar::new(),
             checkpoints,
@@ -242,7 +281,18 @@ impl Localnet {
     }
 
     fn execute_batch(&self, inner: &mut Inner, queued: Vec<Queued>, now_ms: u64) {
+        if let Err(e) = inner.ready() {
+            let message = e.to_string();
+            for q in queued {
+                let _ = q
+                    .reply
+                    .send(Err(LocalnetError::Store(StoreError::Db(message.clone()))));
+            }
+            return;
+        }
         let sequence = inner.ledger.system.checkpoint_height;
+        let system_before = inner.ledger.system.clone();
+        let mut undo = UndoLog::default();
         let mut batch = Batch::default();
         let mut records: Vec<TransactionRecord> = Vec::new();
         let mut results: Vec<Result<TransactionRecord, LocalnetError>> = Vec::new();
@@ -266,7 +316,7 @@ impl Localnet {
                             now_ms,
                         );
                         stage(&mut batch, &executed.changes, &record);
-                        inner.ledger.apply(executed.changes);
+                        inner.ledger.apply_logged(executed.changes, &mut undo);
                         seen.insert(q.digest, record.clone());
                         records.push(record.clone());
                         Ok(record)
@@ -284,7 +334,8 @@ impl Localnet {
         if !batch.is_empty()
             && let Err(e) = inner.store.commit(batch)
         {
-            reload_after_failed_commit(inner, &e);
+            inner.ledger.roll_back(undo, system_before);
+            after_failed_commit(inner, &e);
             let message = e.to_string();
             results = queued
                 .iter()
@@ -338,6 +389,7 @@ impl Localnet {
         now_ms: u64,
     ) -> Result<TransactionRecord, LocalnetError> {
         let mut inner = self.inner.lock().expect("node lock");
+        inner.ready()?;
         let n = self
             .faucet_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -355,7 +407,9 @@ impl Localnet {
         let record = record_of(executed_parts(&executed), None, sequence, now_ms);
         let mut batch = Batch::default();
         stage(&mut batch, &executed.changes, &record);
-        inner.ledger.apply(executed.changes);
+        let system_before = inner.ledger.system.clone();
+        let mut undo = UndoLog::default();
+        inner.ledger.apply_logged(executed.changes, &mut undo);
         let checkpoint = self.seal(
             &mut inner,
             &mut batch,
@@ -364,7 +418,8 @@ impl Localnet {
             now_ms,
         );
         if let Err(e) = inner.store.commit(batch) {
-            reload_after_failed_commit(&mut inner, &e);
+            inner.ledger.roll_back(undo, system_before);
+            after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
         let _ = self.checkpoints.send(Arc::new(checkpoint));
@@ -374,13 +429,17 @@ impl Localnet {
     /// Closes the current epoch now; returns the new epoch.
     pub fn advance_epoch(&self, now_ms: u64) -> Result<u64, LocalnetError> {
         let mut inner = self.inner.lock().expect("node lock");
+        inner.ready()?;
         let changes = epoch::advance_epoch(&inner.ledger, now_ms);
         let mut batch = Batch::default();
         stage_changes(&mut batch, &changes);
-        inner.ledger.apply(changes);
+        let system_before = inner.ledger.system.clone();
+        let mut undo = UndoLog::default();
+        inner.ledger.apply_logged(changes, &mut undo);
         batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
         if let Err(e) = inner.store.commit(batch) {
-            reload_after_failed_commit(&mut inner, &e);
+            inner.ledger.roll_back(undo, system_before);
+            after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
         tracing::info!("epoch {} started", inner.ledger.system.epoch);
@@ -486,12 +545,14 @@ fn stage(batch: &mut Batch, changes: &Changes, record: &TransactionRecord) {
     batch.put(Table::Transactions, record.digest.to_string(), record);
 }
 
-/// Memory ran ahead of the disk: go back to what is durable.
-fn reload_after_failed_commit(inner: &mut Inner, error: &StoreError) {
-    tracing::error!("commit failed, reloading state from disk: {error}");
-    match load_ledger(&inner.store) {
-        Ok(ledger) => inner.ledger = ledger,
-        Err(reload) => panic!("state cannot be reloaded after a failed commit: {reload}"),
+/// A batch did not reach the disk (its changes are already rolled back in memory). redb
+/// refuses every later write until the database is reopened: try now, and again before each
+/// later write until it works.
+fn after_failed_commit(inner: &mut Inner, error: &StoreError) {
+    tracing::error!("a disk write failed; nothing of it was kept: {error}");
+    inner.needs_reopen = true;
+    if let Err(e) = inner.reopen() {
+        tracing::error!("the store cannot be reopened yet ({e}); retrying with the next write");
     }
 }
 

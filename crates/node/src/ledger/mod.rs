@@ -19,6 +19,13 @@ use somatrain_protocol::{Address, Object, ObjectId, ObjectType, Owner};
 
 pub use system::{Model, ModelState, Params, SystemState};
 
+/// What a batch of changes overwrote, for [`Ledger::roll_back`].
+#[derive(Debug, Default)]
+pub struct UndoLog {
+    system: Option<SystemState>,
+    objects: Vec<(ObjectId, Option<Object>)>,
+}
+
 /// Everything the chain holds.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -79,6 +86,37 @@ impl Ledger {
         for object in changes.written.into_values() {
             self.put(object);
         }
+    }
+
+    /// As [`Ledger::apply`], recording in `log` what each touched object was before, so that
+    /// [`Ledger::roll_back`] can undo a batch whose disk write failed (cheaper than a copy of
+    /// the whole ledger before every write).
+    pub fn apply_logged(&mut self, changes: Changes, log: &mut UndoLog) {
+        if let Some(system) = changes.system {
+            let before = std::mem::replace(&mut self.system, system);
+            log.system.get_or_insert(before);
+        }
+        for id in changes.deleted.iter().chain(changes.written.keys()) {
+            log.objects.push((*id, self.objects.get(id).cloned()));
+        }
+        for id in &changes.deleted {
+            self.remove(id);
+        }
+        for object in changes.written.into_values() {
+            self.put(object);
+        }
+    }
+
+    /// Puts back everything `log` recorded, newest first, and the system state as it was
+    /// before the first logged change (or `system`, when given: the state before the batch).
+    pub fn roll_back(&mut self, log: UndoLog, system: SystemState) {
+        for (id, before) in log.objects.into_iter().rev() {
+            match before {
+                Some(object) => self.put(object),
+                None => self.remove(&id),
+            }
+        }
+        self.system = system;
     }
 
     pub fn object(&self, id: &ObjectId) -> Option<&Object> {
