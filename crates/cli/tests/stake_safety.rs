@@ -186,3 +186,88 @@ async fn nothing_reaches_the_chain_until_every_check_passes() {
         .collect();
     assert_eq!(sent, ["CreateModel", "CommitModel"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_does_not_improve_enough_is_trained_on_not_committed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let net = GrpcLocalnet::start(&dir.path().join("node"), &["--embedding-dim", "16"]);
+    let chain = net.client();
+    let kp = Keypair::generate();
+    let run = dir.path().join("run");
+    let mut child = bin()
+        .args([
+            "run",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--preset",
+            "tiny",
+        ])
+        .args(["--corpus-dir", sources().join("../..").to_str().unwrap()])
+        .args(["--include", "**/*.rs", "--heldout-per-mille", "200"])
+        .args([
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--accumulation",
+            "1",
+        ])
+        .args([
+            "--heldout-bytes",
+            "2048",
+            "--steps-per-round",
+            "2",
+            "--rounds",
+            "2",
+        ])
+        // No round can be 100 nats better than the last: the second is never committed.
+        .args([
+            "--min-improvement",
+            "100",
+            "--faucet",
+            "--advance-epochs",
+            "--poll-ms",
+            "100",
+        ])
+        .args(net.args())
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .env_remove("S3_BUCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut refusals = 0;
+    let mut seen = String::new();
+    while refusals < 2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no second refusal within 120 s:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("is not 100 below the last revealed round's") {
+            refusals += 1;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let sent: Vec<String> = sent_by(&chain, &kp.address())
+        .await
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert_eq!(
+        sent,
+        ["CreateModel", "CommitModel", "RevealModel"],
+        "{seen}"
+    );
+}

@@ -68,21 +68,27 @@ pub struct LoopConfig {
     pub poll: Duration,
     /// Warn when the reveal has not landed this long before its deadline.
     pub warn_before: Duration,
+    /// Commit a round only if its held-out loss is at least this much below the last revealed
+    /// round's; otherwise train another `steps_per_round` steps and look again.
+    pub min_improvement: Option<f32>,
 }
 
 type Training = JoinHandle<Result<RunSummary, TrainError>>;
 
-fn start_training(config: &LoopConfig, round: u64, metrics: Arc<Metrics>) -> Training {
+fn start_training(
+    config: &LoopConfig,
+    round: u64,
+    extra_steps: u64,
+    metrics: Arc<Metrics>,
+) -> Training {
     let (run_dir, settings, engine) = (
         config.run_dir.clone(),
         config.train.clone(),
         config.engine.clone(),
     );
-    let until = Until::Step(round * config.steps_per_round);
-    tracing::info!(
-        "training round {round} (until step {})",
-        round * config.steps_per_round
-    );
+    let until_step = round * config.steps_per_round + extra_steps;
+    let until = Until::Step(until_step);
+    tracing::info!("training round {round} (until step {until_step})");
     tokio::task::spawn_blocking(move || {
         let mut engine = (engine.0)().map_err(TrainError::Settings)?;
         somatrain_train::run_with(&run_dir, &settings, until, engine.as_mut(), &mut |log| {
@@ -117,7 +123,8 @@ pub async fn run(
     }
     metrics.observe_journal(&publisher.journal);
     let mut training: Option<Training> = None;
-    let result = drive(publisher, config, &metrics, &mut training).await;
+    let mut extra_steps = 0;
+    let result = drive(publisher, config, &metrics, &mut training, &mut extra_steps).await;
     if let Some(handle) = training {
         // Let a round in progress reach its checkpoint rather than tearing it mid-write.
         let _ = handle.await;
@@ -131,6 +138,7 @@ async fn drive(
     config: &LoopConfig,
     metrics: &Arc<Metrics>,
     training: &mut Option<Training>,
+    extra_steps: &mut u64,
 ) -> Result<(), DaemonError> {
     let wanted = |round: u64| config.rounds.is_none_or(|n| round <= n);
     loop {
@@ -150,7 +158,7 @@ async fn drive(
             }
             let next = pending.round + 1;
             if training.is_none() && wanted(next) {
-                *training = Some(start_training(config, next, metrics.clone()));
+                *training = Some(start_training(config, next, *extra_steps, metrics.clone()));
             }
             match wait_for_window(publisher, config).await? {
                 RevealWindow::Open { .. } => {
@@ -176,7 +184,7 @@ async fn drive(
         publisher.set_phase(Phase::Training)?;
         let handle = match training.take() {
             Some(handle) => handle,
-            None => start_training(config, round, metrics.clone()),
+            None => start_training(config, round, *extra_steps, metrics.clone()),
         };
         let summary = finish_training(handle).await?;
         pause_point("trained");
@@ -187,6 +195,34 @@ async fn drive(
                 h.loss,
                 h.bits_per_byte
             );
+        }
+        if config.min_improvement.is_some() && summary.round.heldout.is_none() {
+            return Err(DaemonError::Usage(
+                "--min-improvement compares held-out losses, but this round has no held-out \
+                 score (the corpus has no held-out documents: raise --heldout-per-mille or give \
+                 more documents)"
+                    .into(),
+            ));
+        }
+        if let (Some(min), Some(last), Some(new)) = (
+            config.min_improvement,
+            publisher
+                .journal
+                .last_revealed
+                .as_ref()
+                .and_then(|r| r.heldout.as_ref()),
+            summary.round.heldout.as_ref(),
+        ) && new.loss > last.loss - min
+        {
+            tracing::info!(
+                "round {round}: held-out loss {:.4} is not {min} below the last revealed round's \
+                 {:.4}; training {} more steps instead of committing",
+                new.loss,
+                last.loss,
+                config.steps_per_round
+            );
+            *extra_steps += config.steps_per_round;
+            continue;
         }
         publisher
             .check_round(

@@ -245,6 +245,10 @@ pub struct RunArgs {
     /// Warn when the reveal has not landed this many seconds before its deadline.
     #[arg(long, default_value_t = 600)]
     warn_before_s: u64,
+    /// Commit a round only if its held-out loss is at least this much below the last revealed
+    /// round's; otherwise keep training (needs held-out data).
+    #[arg(long)]
+    min_improvement: Option<f32>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -300,6 +304,12 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
             },
             poll: Duration::from_millis(args.poll_ms.max(10)),
             warn_before: Duration::from_secs(args.warn_before_s),
+            min_improvement: match args.min_improvement {
+                Some(x) if !(x.is_finite() && x >= 0.0) => {
+                    bail!("--min-improvement {x}: give a finite loss difference >= 0")
+                }
+                other => other,
+            },
         };
         somatrain_daemon::run_loop::run(&mut publisher, &config, metrics).await?;
         print_loop_summary(&publisher).await
@@ -523,6 +533,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             advance: EpochAdvance::Admin,
             poll: Duration::from_millis(200),
             warn_before: Duration::from_secs(60),
+            min_improvement: None,
         };
         somatrain_daemon::run_loop::run(&mut publisher, &config, Arc::new(Metrics::default()))
             .await?;
