@@ -63,6 +63,7 @@ fn encrypt_decrypt_and_commit_match_the_sdk() {
         );
         let out = somatrain(&[
             "decrypt",
+            "--raw",
             "--key",
             key,
             enc.to_str().unwrap(),
@@ -104,6 +105,7 @@ fn generated_key_goes_to_stdout_and_round_trips() {
     let back = tmp.path().join("w.back");
     let out = somatrain(&[
         "decrypt",
+        "--raw",
         "--key",
         &key,
         enc.to_str().unwrap(),

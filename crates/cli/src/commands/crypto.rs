@@ -19,6 +19,9 @@ pub struct EncryptArgs {
     key: Option<String>,
     input: PathBuf,
     output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -28,6 +31,13 @@ pub struct DecryptArgs {
     key: String,
     input: PathBuf,
     output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Write the decrypted bytes whatever they are (by default they must form a safetensors
+    /// file, which catches a wrong key).
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Args)]
@@ -56,8 +66,13 @@ pub fn parse_key(spec: &str) -> Result<EncryptionKey> {
 fn transform(
     input: &Path,
     output: &Path,
+    force: bool,
+    check: impl FnOnce(&Path) -> Result<()>,
     run: impl FnOnce(BufReader<File>, &mut BufWriter<File>) -> Result<Commitment>,
 ) -> Result<(Commitment, u64)> {
+    if output.exists() && !force {
+        bail!("{} exists; pass --force to replace it", output.display());
+    }
     let reader = BufReader::with_capacity(
         1 << 20,
         File::open(input).with_context(|| format!("opening {}", input.display()))?,
@@ -69,7 +84,9 @@ fn transform(
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let len = file.metadata()?.len();
-        somatrain_model::io::finish_atomic(&tmp, output)?;
+        check(&tmp)?;
+        somatrain_model::io::finish_atomic(&tmp, output)
+            .with_context(|| format!("writing {}", output.display()))?;
         Ok((c, len))
     });
     if result.is_err() {
@@ -83,9 +100,13 @@ pub fn run_encrypt(args: EncryptArgs) -> Result<()> {
         Some(spec) => (parse_key(spec)?, false),
         None => (EncryptionKey::generate(), true),
     };
-    let (commitment, len) = transform(&args.input, &args.output, |r, w| {
-        Ok(encrypt_stream(&key, r, w)?.output_commitment)
-    })?;
+    let (commitment, len) = transform(
+        &args.input,
+        &args.output,
+        args.force,
+        |_| Ok(()),
+        |r, w| Ok(encrypt_stream(&key, r, w)?.output_commitment),
+    )?;
     eprintln!("encrypted {len} bytes; checksum (Blake2b-256 of the encrypted file): {commitment}");
     eprintln!("key commitment: {}", key.commitment());
     if generated {
@@ -97,10 +118,46 @@ pub fn run_encrypt(args: EncryptArgs) -> Result<()> {
 
 pub fn run_decrypt(args: DecryptArgs) -> Result<()> {
     let key = parse_key(&args.key)?;
-    let (commitment, len) = transform(&args.input, &args.output, |r, w| {
-        Ok(decrypt_stream(&key, r, w)?.output_commitment)
-    })?;
+    let raw = args.raw;
+    let (commitment, len) = transform(
+        &args.input,
+        &args.output,
+        args.force,
+        |plain| {
+            if raw {
+                Ok(())
+            } else {
+                safetensors_header(plain)
+            }
+        },
+        |r, w| Ok(decrypt_stream(&key, r, w)?.output_commitment),
+    )?;
     eprintln!("decrypted {len} bytes; Blake2b-256 of the plaintext: {commitment}");
+    Ok(())
+}
+
+/// The decrypted file starts like a safetensors file: an 8-byte header length that fits the
+/// file, then a JSON object. Decrypting with a wrong key gives random bytes, which fail this.
+fn safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let wrong = || {
+        anyhow::anyhow!(
+            "the decrypted bytes are not a safetensors file: most likely a wrong key (pass --raw to \
+             keep them anyway)"
+        )
+    };
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut size = [0u8; 8];
+    file.read_exact(&mut size).map_err(|_| wrong())?;
+    let header_len = u64::from_le_bytes(size);
+    if header_len < 2 || header_len > len - 8 || header_len > 100 << 20 {
+        return Err(wrong());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|_| wrong())?;
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header)
+        .map_err(|_| wrong())?;
     Ok(())
 }
 

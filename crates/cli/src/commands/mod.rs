@@ -140,15 +140,32 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Reads a whole input file, or standard input for `-`.
-pub fn read_input(path: &Path) -> Result<Vec<u8>> {
-    if path == Path::new("-") {
-        let mut data = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut data)
-            .context("reading data from standard input")?;
-        Ok(data)
+/// The most data `score`, `eval` and `embed` read (1 GiB): enough for any evaluation, and a
+/// clear error instead of an unbounded read from something like `/dev/zero`.
+pub const MAX_DATA_BYTES: u64 = 1 << 30;
+
+/// Reads a whole input file, or standard input for `-`, refusing more than `max_bytes`.
+pub fn read_input(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    let name = if path == Path::new("-") {
+        "standard input".to_string()
     } else {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        path.display().to_string()
+    };
+    if path != Path::new("-") && path.is_dir() {
+        anyhow::bail!("{name} is a directory, not a data file");
     }
+    let reader: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("reading {name}"))?)
+    };
+    let mut data = Vec::new();
+    reader
+        .take(max_bytes.saturating_add(1))
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {name}"))?;
+    if data.len() as u64 > max_bytes {
+        anyhow::bail!("{name} holds more than {max_bytes} bytes, the most this command reads");
+    }
+    Ok(data)
 }

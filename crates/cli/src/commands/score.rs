@@ -112,6 +112,12 @@ fn sources(args: &ScoreArgs, matches: &ArgMatches) -> Result<Vec<Source>> {
 }
 
 fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weights> {
+    if source.path().is_dir() {
+        bail!(
+            "{} is a directory, not a weights file",
+            source.path().display()
+        );
+    }
     match source {
         Source::Plain(path) => {
             load_file(path, options).with_context(|| format!("loading {}", path.display()))
@@ -134,13 +140,40 @@ fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weight
 fn read_embedding(path: &Path) -> Result<Vec<f32>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON array of numbers", path.display()))
+    let values: Vec<f32> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON array of numbers", path.display()))?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!("{}: value {i} is not finite", path.display());
+    }
+    if values.iter().all(|v| *v == 0.0) {
+        bail!(
+            "{}: a zero (or empty) vector has no direction, so no cosine distance",
+            path.display()
+        );
+    }
+    Ok(values)
 }
 
+/// Longest sequence and largest batch `score` accepts: far past the network's 1024 x 16, and
+/// small enough that a typo cannot ask for terabytes of activations.
+const MAX_SEQ_LEN_LIMIT: usize = 65_536;
+const MAX_BATCH_LIMIT: usize = 4_096;
+
 pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
+    if !(1..=MAX_SEQ_LEN_LIMIT).contains(&args.max_seq_len) {
+        bail!(
+            "--max-seq-len {} is out of range: 1 to {MAX_SEQ_LEN_LIMIT} (the network uses 1024)",
+            args.max_seq_len
+        );
+    }
+    if !(1..=MAX_BATCH_LIMIT).contains(&args.batch_size) {
+        bail!(
+            "--batch-size {} is out of range: 1 to {MAX_BATCH_LIMIT} (the network uses 16)",
+            args.batch_size
+        );
+    }
     let sources = sources(&args, matches)?;
-    let data = read_input(&args.data)?;
+    let data = read_input(&args.data, super::MAX_DATA_BYTES)?;
     if data.is_empty() {
         bail!("the data is empty: nothing to score");
     }

@@ -146,8 +146,11 @@ pub fn run_submit(args: SubmitArgs) -> Result<()> {
         }
         let target_id = args.target.expect("clap requires --target");
         let path = args.data.clone().expect("clap requires --data");
-        let data = super::read_input(&path)?;
         let epoch = client.epoch_view().await?;
+        let max = epoch.params.max_submission_data_size;
+        let data = super::read_input(&path, max).with_context(|| {
+            format!("submissions hold at most {max} bytes")
+        })?;
         let target = find_target(&client, &target_id).await?;
         precheck(&target, data.len() as u64, epoch.params.max_submission_data_size)?;
         let scores = score_with_models(&client, &mut cache, &target.model_ids, &data).await?;

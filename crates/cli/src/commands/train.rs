@@ -294,6 +294,9 @@ fn load_model(
     num_heads: Option<usize>,
     preset: Option<Preset>,
 ) -> Result<CpuModel> {
+    if weights.is_dir() {
+        bail!("{} is a directory, not a weights file", weights.display());
+    }
     let w = load_file(weights, LoadOptions { num_heads, preset })
         .with_context(|| format!("loading {}", weights.display()))?;
     Ok(CpuModel::new(w))
@@ -302,7 +305,7 @@ fn load_model(
 fn read_all(paths: &[PathBuf]) -> Result<Vec<u8>> {
     let mut data = Vec::new();
     for p in paths {
-        data.extend(read_input(p)?);
+        data.extend(read_input(p, super::MAX_DATA_BYTES)?);
     }
     if data.is_empty() {
         bail!("the data is empty");

@@ -70,6 +70,18 @@ pub fn load_keypair(keystore: Option<&Path>) -> Result<Keypair> {
     let path = keystore
         .map(Path::to_path_buf)
         .unwrap_or_else(default_keystore);
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} is readable by others (mode {mode:o}): anyone on this machine could take the \
+                 key. Fix it with `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "no key: set SOMA_SECRET_KEY or run `somatrain wallet new` ({})",
