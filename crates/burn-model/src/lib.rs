@@ -8,6 +8,8 @@
 //! The hand-written CPU kernels in `somatrain-model` stay the fast CPU path; this crate is the
 //! GPU path and a second, independent implementation of the forward pass.
 
+#![forbid(unsafe_code)]
+
 pub mod train;
 
 use burn::tensor::activation::{gelu, softmax};

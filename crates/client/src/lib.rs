@@ -8,6 +8,8 @@
 //! Owns request building, coin selection, waiting for checkpoints and the mapping of answers to
 //! refused / unavailable / executed-but-failed. It never touches the disk.
 
+#![forbid(unsafe_code)]
+
 pub mod chain;
 pub mod view;
 

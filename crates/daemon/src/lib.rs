@@ -5,6 +5,8 @@
 //! ([`metrics`]). It drives the trainer, the storage and the node's client; it does not
 //! implement any of them, and it never logs a secret (keys live only in the 0600 journal).
 
+#![forbid(unsafe_code)]
+
 pub mod journal;
 pub mod metrics;
 pub mod publisher;

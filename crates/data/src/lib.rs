@@ -10,6 +10,8 @@
 //! - [`sequences`]: the chunks of one document, in order.
 //! - [`Batch`] and [`batches`]: consecutive sequences stacked `batch_size` at a time.
 
+#![forbid(unsafe_code)]
+
 /// Token ids 0..=255 are bytes.
 pub const PAD: u32 = 256;
 pub const EOS: u32 = 257;

@@ -11,6 +11,8 @@
 //! It depends only on the protocol types, the rpc crate and the store: it never trains or scores
 //! a model itself, and it never depends on the client.
 
+#![forbid(unsafe_code)]
+
 pub mod blobs;
 pub mod grpc;
 pub mod ledger;

@@ -5,6 +5,8 @@
 //! `rand` and `rand_distr` are pinned to exact versions in the workspace: `StdRng` (ChaCha12,
 //! seeded through PCG32) is documented as not portable across `rand` releases.
 
+#![forbid(unsafe_code)]
+
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};

@@ -15,6 +15,8 @@
 //! - [`keys`]: Ed25519 key pairs and addresses.
 //! - [`crypto`]: AES-256-CTR weights encryption and Blake2b-256 [`Commitment`]s.
 
+#![forbid(unsafe_code)]
+
 pub mod crypto;
 pub mod effects;
 #[cfg(feature = "fixtures")]

@@ -12,6 +12,8 @@
 //! - [`convert`]: protobuf ↔ protocol, naming the offending field on failure.
 //! - [`codec::ProtoCodec`]: prost, with malformed messages refused as INVALID_ARGUMENT.
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod convert;
 pub mod side;

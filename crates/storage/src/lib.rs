@@ -5,6 +5,8 @@
 //! and the read-back check of a public URL against a [`Manifest`]. It knows nothing of keys,
 //! commitments of embeddings or the chain: callers hand it files that are already encrypted.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,8 @@
 //! `kill -9`) the node finds either all of a transaction's effects or none. It knows nothing of
 //! what the values mean; the node decides that.
 
+#![forbid(unsafe_code)]
+
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

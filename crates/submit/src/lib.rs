@@ -6,6 +6,8 @@
 //! kept in memory across targets) and the choice of hits. It uses the model crate's scorer, the
 //! storage crate's uploads and the client's transactions; it never touches the chain directly.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,8 @@
 //! The math of a step lives in `somatrain-model` (`cpu::train`); this crate never touches the
 //! network or the chain.
 
+#![forbid(unsafe_code)]
+
 pub mod checkpoint;
 pub mod corpus;
 pub mod optim;

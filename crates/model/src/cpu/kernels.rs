@@ -15,17 +15,157 @@ const ROWS_PER_TASK: usize = 16;
 /// Query rows per attention tile.
 const QUERY_BLOCK: usize = 128;
 
-/// A raw pointer that tasks writing disjoint regions may share.
+/// A buffer that tasks writing disjoint regions may share: its pointer and length.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used by tasks that write provably disjoint index ranges.
+struct SharedMut(*mut f32, usize);
+// SAFETY: only used by tasks that write provably disjoint index ranges of one live buffer.
 unsafe impl Send for SharedMut {}
+// SAFETY: as for `Send`: concurrent tasks never touch the same element.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
+    fn new(buffer: &mut [f32]) -> Self {
+        SharedMut(buffer.as_mut_ptr(), buffer.len())
+    }
+
     /// A method (not field access) so closures capture the whole `Send` wrapper.
     fn get(self) -> *mut f32 {
         self.0
+    }
+
+    fn len(self) -> usize {
+        self.1
+    }
+}
+
+/// Where a matrix sits in a buffer: element `(i, j)` at
+/// `offset + i * row_stride + j * col_stride`.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl Layout {
+    /// One past the last element the layout addresses (its offset when it is empty).
+    fn end(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return self.offset;
+        }
+        self.offset + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+    }
+}
+
+/// Checks that `dst = lhs . rhs` is a well-formed product and that every layout stays inside
+/// its buffer; panics (like slice indexing) when one does not.
+fn check_product(
+    dst: Layout,
+    dst_len: usize,
+    lhs: Layout,
+    lhs_len: usize,
+    rhs: Layout,
+    rhs_len: usize,
+) {
+    assert!(
+        dst.rows == lhs.rows && lhs.cols == rhs.rows && rhs.cols == dst.cols,
+        "product shapes disagree: {dst:?} = {lhs:?} . {rhs:?}"
+    );
+    assert!(
+        dst.end() <= dst_len,
+        "product output {dst:?} overruns {dst_len} elements"
+    );
+    assert!(
+        lhs.end() <= lhs_len,
+        "product input {lhs:?} overruns {lhs_len} elements"
+    );
+    assert!(
+        rhs.end() <= rhs_len,
+        "product input {rhs:?} overruns {rhs_len} elements"
+    );
+}
+
+/// `dst = lhs . rhs` (or `dst += lhs . rhs` when `accumulate`), every layout checked against
+/// its slice first. The one safe door to `gemm` for buffers a task owns.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    dst: &mut [f32],
+    d: Layout,
+    lhs: &[f32],
+    l: Layout,
+    rhs: &[f32],
+    r: Layout,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    check_product(d, dst.len(), l, lhs.len(), r, rhs.len());
+    // SAFETY: every element the three layouts address lies inside its slice (checked above),
+    // and `dst` is borrowed mutably, so nothing else reads or writes it during the call.
+    unsafe { raw_product(dst.as_mut_ptr(), d, lhs, l, rhs, r, accumulate, parallelism) }
+}
+
+/// As [`product`], writing into a buffer shared by parallel tasks.
+///
+/// # Safety
+/// `dst` must come from [`SharedMut::new`] over a buffer that outlives the call, and no other
+/// thread may read or write the elements `d` addresses while it runs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_shared(
+    dst: SharedMut,
+    d: Layout,
+    lhs: &[f32],
+    l: Layout,
+    rhs: &[f32],
+    r: Layout,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    check_product(d, dst.len(), l, lhs.len(), r, rhs.len());
+    // SAFETY: bounds checked above; exclusivity of the addressed elements is the caller's
+    // contract.
+    unsafe { raw_product(dst.get(), d, lhs, l, rhs, r, accumulate, parallelism) }
+}
+
+/// # Safety
+/// The layouts were checked by [`check_product`] against the buffers, and no other thread
+/// touches the elements of `dst` that `d` addresses.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_product(
+    dst: *mut f32,
+    d: Layout,
+    lhs: &[f32],
+    l: Layout,
+    rhs: &[f32],
+    r: Layout,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    // SAFETY: the offsets are inside the buffers (checked), strides fit isize because the
+    // extents fit in allocations, and gemm reads/writes only the addressed elements.
+    unsafe {
+        gemm::gemm(
+            d.rows,
+            d.cols,
+            l.cols,
+            dst.add(d.offset),
+            d.col_stride as isize,
+            d.row_stride as isize,
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            l.col_stride as isize,
+            l.row_stride as isize,
+            rhs.as_ptr().add(r.offset),
+            r.col_stride as isize,
+            r.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
@@ -38,30 +178,34 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize) {
     for row in out.chunks_exact_mut(d_out) {
         row.copy_from_slice(b);
     }
-    // SAFETY: the shapes were checked above; strides describe contiguous row-major buffers.
-    unsafe {
-        gemm::gemm(
+    product(
+        out,
+        Layout {
+            offset: 0,
             rows,
-            d_out,
-            d_in,
-            out.as_mut_ptr(),
-            1,
-            d_out as isize,
-            true,
-            x.as_ptr(),
-            1,
-            d_in as isize,
-            w.as_ptr(),
-            1,
-            d_out as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        x,
+        Layout {
+            offset: 0,
+            rows,
+            cols: d_in,
+            row_stride: d_in,
+            col_stride: 1,
+        },
+        w,
+        Layout {
+            offset: 0,
+            rows: d_in,
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        true,
+        Parallelism::Rayon(0),
+    );
 }
 
 /// `out = x @ m` without bias (`m` is `[in, out]`), written over `out`.
@@ -69,30 +213,34 @@ pub fn matmul(x: &[f32], m: &[f32], out: &mut [f32], rows: usize, d_in: usize, d
     assert_eq!(x.len(), rows * d_in);
     assert_eq!(m.len(), d_in * d_out);
     assert_eq!(out.len(), rows * d_out);
-    // SAFETY: shapes checked above.
-    unsafe {
-        gemm::gemm(
+    product(
+        out,
+        Layout {
+            offset: 0,
             rows,
-            d_out,
-            d_in,
-            out.as_mut_ptr(),
-            1,
-            d_out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            d_in as isize,
-            m.as_ptr(),
-            1,
-            d_out as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        x,
+        Layout {
+            offset: 0,
+            rows,
+            cols: d_in,
+            row_stride: d_in,
+            col_stride: 1,
+        },
+        m,
+        Layout {
+            offset: 0,
+            rows: d_in,
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        false,
+        Parallelism::Rayon(0),
+    );
 }
 
 /// LayerNorm over the last axis: `((x - mean) / sqrt(var + eps)) * gamma + beta`, biased
@@ -411,15 +559,18 @@ pub fn causal_attention(
         head_dim,
     } = shape;
     let width = heads * head_dim;
-    assert_eq!(q.len(), batch * seq * width);
-    assert_eq!(ctx.len(), q.len());
+    let n = batch * seq * width;
+    assert!(
+        q.len() == n && k.len() == n && v.len() == n && ctx.len() == n,
+        "attention buffers must each hold batch * seq * width = {n} values"
+    );
     let scale = (head_dim as f32).sqrt();
     let blocks = seq.div_ceil(QUERY_BLOCK);
-    let out = SharedMut(ctx.as_mut_ptr());
+    let out = SharedMut::new(ctx);
     let (probs_out, dropout) = match record {
         Some(r) => {
             assert_eq!(r.probs.len(), batch * heads * seq * seq);
-            (Some(SharedMut(r.probs.as_mut_ptr())), r.dropout)
+            (Some(SharedMut::new(r.probs)), r.dropout)
         }
         None => (None, None),
     };
@@ -438,37 +589,44 @@ pub fn causal_attention(
             scores.resize(rows * keys, 0.0);
             // SAFETY: the reads stay within q/k/v (row < batch*seq, col < width) and the write goes
             // to rows q0..q0+rows of sequence b, columns of `head`: a region no other task touches.
-            unsafe {
-                gemm::gemm(
+            product(
+                scores,
+                Layout {
+                    offset: 0,
                     rows,
-                    keys,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    keys as isize,
-                    false,
-                    q.as_ptr().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    k.as_ptr().add(base),
-                    width as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+                    cols: keys,
+                    row_stride: keys,
+                    col_stride: 1,
+                },
+                q,
+                Layout {
+                    offset: base + q0 * width,
+                    rows,
+                    cols: head_dim,
+                    row_stride: width,
+                    col_stride: 1,
+                },
+                k,
+                Layout {
+                    offset: base,
+                    rows: head_dim,
+                    cols: keys,
+                    row_stride: 1,
+                    col_stride: width,
+                },
+                false,
+                Parallelism::None,
+            );
             softmax_tile(scores, keys, q0, scale);
             if let Some(probs) = probs_out {
                 let plane = (b * heads + head) * seq * seq;
                 for r in 0..rows {
-                    // SAFETY: row q0 + r of plane (b, head) belongs to this task alone.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(probs.get().add(plane + (q0 + r) * seq), seq)
-                    };
+                    let start = plane + (q0 + r) * seq;
+                    assert!(start + seq <= probs.len(), "probability row out of bounds");
+                    // SAFETY: inside the buffer (checked above), and row q0 + r of plane
+                    // (b, head) belongs to this task alone.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(probs.get().add(start), seq) };
                     dst[..keys].copy_from_slice(&scores[r * keys..(r + 1) * keys]);
                     dst[keys..].fill(0.0);
                 }
@@ -482,25 +640,34 @@ pub fn causal_attention(
                     }
                 }
             }
+            // SAFETY: rows q0..q0+rows of sequence b, in head `head`'s columns of `ctx`, belong
+            // to this task alone (tasks split by batch, head and query block).
             unsafe {
-                gemm::gemm(
-                    rows,
-                    head_dim,
-                    keys,
-                    out.get().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    keys as isize,
-                    v.as_ptr().add(base),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
+                product_shared(
+                    out,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    scores,
+                    Layout {
+                        offset: 0,
+                        rows,
+                        cols: keys,
+                        row_stride: keys,
+                        col_stride: 1,
+                    },
+                    v,
+                    Layout {
+                        offset: base,
+                        rows: keys,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
                     false,
                     Parallelism::None,
                 );
@@ -656,55 +823,64 @@ pub fn linear_backward(
     assert_eq!(x.len(), rows * d_in);
     assert_eq!(dy.len(), rows * d_out);
     assert_eq!(dw.len(), w.len());
-    // SAFETY (both calls): shapes checked above; strides read x and w transposed in place.
-    unsafe {
-        gemm::gemm(
-            d_in,
-            d_out,
+    product(
+        dw,
+        Layout {
+            offset: 0,
+            rows: d_in,
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        x,
+        Layout {
+            offset: 0,
+            rows: d_in,
+            cols: rows,
+            row_stride: 1,
+            col_stride: d_in,
+        },
+        dy,
+        Layout {
+            offset: 0,
             rows,
-            dw.as_mut_ptr(),
-            1,
-            d_out as isize,
-            true,
-            x.as_ptr(),
-            d_in as isize,
-            1,
-            dy.as_ptr(),
-            1,
-            d_out as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
+            cols: d_out,
+            row_stride: d_out,
+            col_stride: 1,
+        },
+        true,
+        Parallelism::Rayon(0),
+    );
     if let Some((dx, accumulate)) = dx {
         assert_eq!(dx.len(), rows * d_in);
-        unsafe {
-            gemm::gemm(
+        product(
+            dx,
+            Layout {
+                offset: 0,
                 rows,
-                d_in,
-                d_out,
-                dx.as_mut_ptr(),
-                1,
-                d_in as isize,
-                accumulate,
-                dy.as_ptr(),
-                1,
-                d_out as isize,
-                w.as_ptr(),
-                d_out as isize,
-                1,
-                if accumulate { 1.0 } else { 0.0 },
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(0),
-            );
-        }
+                cols: d_in,
+                row_stride: d_in,
+                col_stride: 1,
+            },
+            dy,
+            Layout {
+                offset: 0,
+                rows,
+                cols: d_out,
+                row_stride: d_out,
+                col_stride: 1,
+            },
+            w,
+            Layout {
+                offset: 0,
+                rows: d_out,
+                cols: d_in,
+                row_stride: 1,
+                col_stride: d_out,
+            },
+            accumulate,
+            Parallelism::Rayon(0),
+        );
     }
     column_sums_into(dy, rows, db);
 }
@@ -785,13 +961,29 @@ pub fn causal_attention_backward(
         head_dim,
     } = shape;
     let width = heads * head_dim;
+    let n = batch * seq * width;
+    assert!(
+        [
+            q.len(),
+            k.len(),
+            v.len(),
+            dctx.len(),
+            dq.len(),
+            dk.len(),
+            dv.len()
+        ]
+        .iter()
+        .all(|len| *len == n),
+        "attention buffers must each hold batch * seq * width = {n} values"
+    );
+    assert_eq!(
+        probs.len(),
+        batch * heads * seq * seq,
+        "attention probabilities"
+    );
     let scale = (head_dim as f32).sqrt();
     let blocks = seq.div_ceil(QUERY_BLOCK);
-    let (dq_p, dk_p, dv_p) = (
-        SharedMut(dq.as_mut_ptr()),
-        SharedMut(dk.as_mut_ptr()),
-        SharedMut(dv.as_mut_ptr()),
-    );
+    let (dq_p, dk_p, dv_p) = (SharedMut::new(dq), SharedMut::new(dk), SharedMut::new(dv));
     (0..batch * heads).into_par_iter().for_each(|task| {
         let (b, head) = (task / heads, task % heads);
         let base = b * seq * width + head * head_dim;
@@ -820,71 +1012,92 @@ pub fn causal_attention_backward(
             // in head `head`'s columns, which belong to this task alone.
             unsafe {
                 // dPd = dctx_tile V^T            [rows, keys]
-                gemm::gemm(
-                    rows,
-                    keys,
-                    head_dim,
-                    dp.as_mut_ptr(),
-                    1,
-                    keys as isize,
-                    false,
-                    dctx.as_ptr().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    v.as_ptr().add(base),
-                    width as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
+                product(
+                    &mut dp,
+                    Layout {
+                        offset: 0,
+                        rows,
+                        cols: keys,
+                        row_stride: keys,
+                        col_stride: 1,
+                    },
+                    dctx,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    v,
+                    Layout {
+                        offset: base,
+                        rows: head_dim,
+                        cols: keys,
+                        row_stride: 1,
+                        col_stride: width,
+                    },
                     false,
                     Parallelism::None,
                 );
                 // dV[0..keys] += Pd^T dctx_tile  [keys, hd]
                 let dv_rows = if first { keys } else { q0 };
                 if !first {
-                    gemm::gemm(
-                        dv_rows,
-                        head_dim,
-                        rows,
-                        dv_p.get().add(base),
-                        1,
-                        width as isize,
+                    product_shared(
+                        dv_p,
+                        Layout {
+                            offset: base,
+                            rows: dv_rows,
+                            cols: head_dim,
+                            row_stride: width,
+                            col_stride: 1,
+                        },
+                        &pd,
+                        Layout {
+                            offset: 0,
+                            rows: dv_rows,
+                            cols: rows,
+                            row_stride: 1,
+                            col_stride: keys,
+                        },
+                        dctx,
+                        Layout {
+                            offset: base + q0 * width,
+                            rows,
+                            cols: head_dim,
+                            row_stride: width,
+                            col_stride: 1,
+                        },
                         true,
-                        pd.as_ptr(),
-                        keys as isize,
-                        1,
-                        dctx.as_ptr().add(base + q0 * width),
-                        1,
-                        width as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }
                 // Rows q0..keys of dV are first touched by this tile: write them.
-                gemm::gemm(
-                    rows,
-                    head_dim,
-                    rows,
-                    dv_p.get().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    false,
-                    pd.as_ptr().add(q0),
-                    keys as isize,
-                    1,
-                    dctx.as_ptr().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
+                product_shared(
+                    dv_p,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    &pd,
+                    Layout {
+                        offset: q0,
+                        rows,
+                        cols: rows,
+                        row_stride: 1,
+                        col_stride: keys,
+                    },
+                    dctx,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
                     false,
                     Parallelism::None,
                 );
@@ -906,71 +1119,94 @@ pub fn causal_attention_backward(
                 }
                 d_row[i + 1..].fill(0.0);
             }
+            // SAFETY: dQ and dK rows of sequence b in head `head`'s columns belong to this task
+            // alone (tasks split by batch and head).
             unsafe {
                 // dQ_tile = dS K[0..keys]        [rows, hd]
-                gemm::gemm(
-                    rows,
-                    head_dim,
-                    keys,
-                    dq_p.get().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    false,
-                    dp.as_ptr(),
-                    1,
-                    keys as isize,
-                    k.as_ptr().add(base),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
+                product_shared(
+                    dq_p,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    &dp,
+                    Layout {
+                        offset: 0,
+                        rows,
+                        cols: keys,
+                        row_stride: keys,
+                        col_stride: 1,
+                    },
+                    k,
+                    Layout {
+                        offset: base,
+                        rows: keys,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
                     false,
                     Parallelism::None,
                 );
                 // dK[0..q0] += dS[:, 0..q0]^T Q_tile; rows q0..keys are written fresh.
                 if !first {
-                    gemm::gemm(
-                        q0,
-                        head_dim,
-                        rows,
-                        dk_p.get().add(base),
-                        1,
-                        width as isize,
+                    product_shared(
+                        dk_p,
+                        Layout {
+                            offset: base,
+                            rows: q0,
+                            cols: head_dim,
+                            row_stride: width,
+                            col_stride: 1,
+                        },
+                        &dp,
+                        Layout {
+                            offset: 0,
+                            rows: q0,
+                            cols: rows,
+                            row_stride: 1,
+                            col_stride: keys,
+                        },
+                        q,
+                        Layout {
+                            offset: base + q0 * width,
+                            rows,
+                            cols: head_dim,
+                            row_stride: width,
+                            col_stride: 1,
+                        },
                         true,
-                        dp.as_ptr(),
-                        keys as isize,
-                        1,
-                        q.as_ptr().add(base + q0 * width),
-                        1,
-                        width as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }
-                gemm::gemm(
-                    rows,
-                    head_dim,
-                    rows,
-                    dk_p.get().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    false,
-                    dp.as_ptr().add(q0),
-                    keys as isize,
-                    1,
-                    q.as_ptr().add(base + q0 * width),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
+                product_shared(
+                    dk_p,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    &dp,
+                    Layout {
+                        offset: q0,
+                        rows,
+                        cols: rows,
+                        row_stride: 1,
+                        col_stride: keys,
+                    },
+                    q,
+                    Layout {
+                        offset: base + q0 * width,
+                        rows,
+                        cols: head_dim,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
                     false,
                     Parallelism::None,
                 );
@@ -982,6 +1218,48 @@ pub fn causal_attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn products_refuse_short_buffers() {
+        let x = vec![1.0f32; 6];
+        let m = vec![1.0f32; 6];
+        let mut out = vec![0.0f32; 4];
+        matmul(&x, &m, &mut out, 2, 3, 2);
+        assert_eq!(out, vec![3.0; 4]);
+        let layout = |rows, cols| Layout {
+            offset: 0,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        };
+        // An output one element short, an input one short, disagreeing shapes: each refused.
+        for (d, l, r, dst_len) in [
+            (layout(2, 2), layout(2, 3), layout(3, 2), 3),
+            (layout(2, 2), layout(2, 4), layout(4, 2), 4),
+            (layout(2, 2), layout(2, 3), layout(2, 2), 4),
+        ] {
+            let mut dst = vec![0.0f32; dst_len];
+            let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                product(&mut dst, d, &x, l, &m, r, false, Parallelism::None)
+            }));
+            assert!(refused.is_err(), "{d:?} = {l:?} . {r:?} into {dst_len}");
+        }
+        // Attention with a short key buffer is refused before anything runs.
+        let shape = AttentionShape {
+            batch: 1,
+            seq: 2,
+            heads: 1,
+            head_dim: 2,
+        };
+        let q = vec![0.0f32; 4];
+        let short = vec![0.0f32; 3];
+        let mut ctx = vec![0.0f32; 4];
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            causal_attention(&q, &short, &q, &mut ctx, shape, None)
+        }));
+        assert!(refused.is_err());
+    }
 
     /// The scorer's f32 timescales for head dim 256, as IEEE-754 bits, from the reference
     /// research notes (checked there against 50-digit arithmetic).
