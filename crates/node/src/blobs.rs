@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_BLOB_BYTES: u64 = 6 * 1024 * 1024 * 1024;
 struct Host {
     dir: PathBuf,
     max_bytes: u64,
+    /// How long an upload may go without data.
+    idle: std::time::Duration,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -43,13 +45,29 @@ fn valid_name(name: &str) -> bool {
 
 /// The blob host over `dir` (created if missing).
 pub fn router(dir: PathBuf, max_bytes: u64) -> std::io::Result<Router> {
+    router_with_idle(dir, max_bytes, BODY_IDLE_TIMEOUT)
+}
+
+/// As [`router`], abandoning an upload after `idle` without data.
+pub fn router_with_idle(
+    dir: PathBuf,
+    max_bytes: u64,
+    idle: std::time::Duration,
+) -> std::io::Result<Router> {
     std::fs::create_dir_all(&dir)?;
-    let host = Arc::new(Host { dir, max_bytes });
+    let host = Arc::new(Host {
+        dir,
+        max_bytes,
+        idle,
+    });
     Ok(Router::new()
         .route("/v1/blobs/{name}", put(put_blob).get(get_blob))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(host))
 }
+
+/// The longest an upload may go without sending a byte.
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn put_blob(
     State(host): State<Arc<Host>>,
@@ -75,7 +93,19 @@ async fn put_blob(
         let mut stream = request.into_body().into_data_stream();
         let mut hasher = CommitmentHasher::default();
         let mut size = 0u64;
-        while let Some(chunk) = stream.next().await {
+        loop {
+            // A client that stops sending holds a temporary file and a task: give up on it.
+            let next = tokio::time::timeout(host.idle, stream.next())
+                .await
+                .map_err(|_| {
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("no upload data for {:?}; upload abandoned", host.idle),
+                    )
+                })?;
+            let Some(chunk) = next else {
+                break;
+            };
             let chunk =
                 chunk.map_err(|e| (StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
             size += chunk.len() as u64;
