@@ -50,6 +50,28 @@ struct Layout {
 }
 
 impl Layout {
+    /// A row-major matrix at `offset` whose rows are `row_stride` apart.
+    fn rows_at(offset: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
+        Layout {
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// A matrix read transposed in place: element `(i, j)` at `offset + i + j * col_stride`.
+    fn columns_at(offset: usize, rows: usize, cols: usize, col_stride: usize) -> Self {
+        Layout {
+            offset,
+            rows,
+            cols,
+            row_stride: 1,
+            col_stride,
+        }
+    }
+
     /// One past the last element the layout addresses (its offset when it is empty).
     fn end(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
@@ -180,29 +202,11 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize) {
     }
     product(
         out,
-        Layout {
-            offset: 0,
-            rows,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, rows, d_out, d_out),
         x,
-        Layout {
-            offset: 0,
-            rows,
-            cols: d_in,
-            row_stride: d_in,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, rows, d_in, d_in),
         w,
-        Layout {
-            offset: 0,
-            rows: d_in,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, d_in, d_out, d_out),
         true,
         Parallelism::Rayon(0),
     );
@@ -215,29 +219,11 @@ pub fn matmul(x: &[f32], m: &[f32], out: &mut [f32], rows: usize, d_in: usize, d
     assert_eq!(out.len(), rows * d_out);
     product(
         out,
-        Layout {
-            offset: 0,
-            rows,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, rows, d_out, d_out),
         x,
-        Layout {
-            offset: 0,
-            rows,
-            cols: d_in,
-            row_stride: d_in,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, rows, d_in, d_in),
         m,
-        Layout {
-            offset: 0,
-            rows: d_in,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, d_in, d_out, d_out),
         false,
         Parallelism::Rayon(0),
     );
@@ -591,29 +577,11 @@ pub fn causal_attention(
             // to rows q0..q0+rows of sequence b, columns of `head`: a region no other task touches.
             product(
                 scores,
-                Layout {
-                    offset: 0,
-                    rows,
-                    cols: keys,
-                    row_stride: keys,
-                    col_stride: 1,
-                },
+                Layout::rows_at(0, rows, keys, keys),
                 q,
-                Layout {
-                    offset: base + q0 * width,
-                    rows,
-                    cols: head_dim,
-                    row_stride: width,
-                    col_stride: 1,
-                },
+                Layout::rows_at(base + q0 * width, rows, head_dim, width),
                 k,
-                Layout {
-                    offset: base,
-                    rows: head_dim,
-                    cols: keys,
-                    row_stride: 1,
-                    col_stride: width,
-                },
+                Layout::columns_at(base, head_dim, keys, width),
                 false,
                 Parallelism::None,
             );
@@ -645,29 +613,11 @@ pub fn causal_attention(
             unsafe {
                 product_shared(
                     out,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     scores,
-                    Layout {
-                        offset: 0,
-                        rows,
-                        cols: keys,
-                        row_stride: keys,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(0, rows, keys, keys),
                     v,
-                    Layout {
-                        offset: base,
-                        rows: keys,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base, keys, head_dim, width),
                     false,
                     Parallelism::None,
                 );
@@ -825,29 +775,11 @@ pub fn linear_backward(
     assert_eq!(dw.len(), w.len());
     product(
         dw,
-        Layout {
-            offset: 0,
-            rows: d_in,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, d_in, d_out, d_out),
         x,
-        Layout {
-            offset: 0,
-            rows: d_in,
-            cols: rows,
-            row_stride: 1,
-            col_stride: d_in,
-        },
+        Layout::columns_at(0, d_in, rows, d_in),
         dy,
-        Layout {
-            offset: 0,
-            rows,
-            cols: d_out,
-            row_stride: d_out,
-            col_stride: 1,
-        },
+        Layout::rows_at(0, rows, d_out, d_out),
         true,
         Parallelism::Rayon(0),
     );
@@ -855,29 +787,11 @@ pub fn linear_backward(
         assert_eq!(dx.len(), rows * d_in);
         product(
             dx,
-            Layout {
-                offset: 0,
-                rows,
-                cols: d_in,
-                row_stride: d_in,
-                col_stride: 1,
-            },
+            Layout::rows_at(0, rows, d_in, d_in),
             dy,
-            Layout {
-                offset: 0,
-                rows,
-                cols: d_out,
-                row_stride: d_out,
-                col_stride: 1,
-            },
+            Layout::rows_at(0, rows, d_out, d_out),
             w,
-            Layout {
-                offset: 0,
-                rows: d_out,
-                cols: d_in,
-                row_stride: 1,
-                col_stride: d_out,
-            },
+            Layout::columns_at(0, d_out, d_in, d_out),
             accumulate,
             Parallelism::Rayon(0),
         );
@@ -1014,29 +928,11 @@ pub fn causal_attention_backward(
                 // dPd = dctx_tile V^T            [rows, keys]
                 product(
                     &mut dp,
-                    Layout {
-                        offset: 0,
-                        rows,
-                        cols: keys,
-                        row_stride: keys,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(0, rows, keys, keys),
                     dctx,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     v,
-                    Layout {
-                        offset: base,
-                        rows: head_dim,
-                        cols: keys,
-                        row_stride: 1,
-                        col_stride: width,
-                    },
+                    Layout::columns_at(base, head_dim, keys, width),
                     false,
                     Parallelism::None,
                 );
@@ -1045,29 +941,11 @@ pub fn causal_attention_backward(
                 if !first {
                     product_shared(
                         dv_p,
-                        Layout {
-                            offset: base,
-                            rows: dv_rows,
-                            cols: head_dim,
-                            row_stride: width,
-                            col_stride: 1,
-                        },
+                        Layout::rows_at(base, dv_rows, head_dim, width),
                         &pd,
-                        Layout {
-                            offset: 0,
-                            rows: dv_rows,
-                            cols: rows,
-                            row_stride: 1,
-                            col_stride: keys,
-                        },
+                        Layout::columns_at(0, dv_rows, rows, keys),
                         dctx,
-                        Layout {
-                            offset: base + q0 * width,
-                            rows,
-                            cols: head_dim,
-                            row_stride: width,
-                            col_stride: 1,
-                        },
+                        Layout::rows_at(base + q0 * width, rows, head_dim, width),
                         true,
                         Parallelism::None,
                     );
@@ -1075,29 +953,11 @@ pub fn causal_attention_backward(
                 // Rows q0..keys of dV are first touched by this tile: write them.
                 product_shared(
                     dv_p,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     &pd,
-                    Layout {
-                        offset: q0,
-                        rows,
-                        cols: rows,
-                        row_stride: 1,
-                        col_stride: keys,
-                    },
+                    Layout::columns_at(q0, rows, rows, keys),
                     dctx,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     false,
                     Parallelism::None,
                 );
@@ -1125,29 +985,11 @@ pub fn causal_attention_backward(
                 // dQ_tile = dS K[0..keys]        [rows, hd]
                 product_shared(
                     dq_p,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     &dp,
-                    Layout {
-                        offset: 0,
-                        rows,
-                        cols: keys,
-                        row_stride: keys,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(0, rows, keys, keys),
                     k,
-                    Layout {
-                        offset: base,
-                        rows: keys,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base, keys, head_dim, width),
                     false,
                     Parallelism::None,
                 );
@@ -1155,58 +997,22 @@ pub fn causal_attention_backward(
                 if !first {
                     product_shared(
                         dk_p,
-                        Layout {
-                            offset: base,
-                            rows: q0,
-                            cols: head_dim,
-                            row_stride: width,
-                            col_stride: 1,
-                        },
+                        Layout::rows_at(base, q0, head_dim, width),
                         &dp,
-                        Layout {
-                            offset: 0,
-                            rows: q0,
-                            cols: rows,
-                            row_stride: 1,
-                            col_stride: keys,
-                        },
+                        Layout::columns_at(0, q0, rows, keys),
                         q,
-                        Layout {
-                            offset: base + q0 * width,
-                            rows,
-                            cols: head_dim,
-                            row_stride: width,
-                            col_stride: 1,
-                        },
+                        Layout::rows_at(base + q0 * width, rows, head_dim, width),
                         true,
                         Parallelism::None,
                     );
                 }
                 product_shared(
                     dk_p,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     &dp,
-                    Layout {
-                        offset: q0,
-                        rows,
-                        cols: rows,
-                        row_stride: 1,
-                        col_stride: keys,
-                    },
+                    Layout::columns_at(q0, rows, rows, keys),
                     q,
-                    Layout {
-                        offset: base + q0 * width,
-                        rows,
-                        cols: head_dim,
-                        row_stride: width,
-                        col_stride: 1,
-                    },
+                    Layout::rows_at(base + q0 * width, rows, head_dim, width),
                     false,
                     Parallelism::None,
                 );
@@ -1226,13 +1032,7 @@ mod tests {
         let mut out = vec![0.0f32; 4];
         matmul(&x, &m, &mut out, 2, 3, 2);
         assert_eq!(out, vec![3.0; 4]);
-        let layout = |rows, cols| Layout {
-            offset: 0,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        };
+        let layout = |rows, cols| Layout::rows_at(0, rows, cols, cols);
         // An output one element short, an input one short, disagreeing shapes: each refused.
         for (d, l, r, dst_len) in [
             (layout(2, 2), layout(2, 3), layout(3, 2), 3),
