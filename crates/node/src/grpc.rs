@@ -954,6 +954,16 @@ pub fn routers(services: Services) -> [tonic::service::Routes; 4] {
 }
 
 /// Serves every service on its listener and runs the epoch clock, until `shutdown` resolves.
+/// The listener's connections, each closed after `idle` without a byte from the peer.
+pub fn idle_connections(
+    listener: tokio::net::TcpListener,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = std::io::Result<crate::idle::IdleTimeout>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(move |c| c.map(|stream| crate::idle::IdleTimeout::new(stream, idle)))
+}
+
 pub async fn serve(
     services: Services,
     listeners: [tokio::net::TcpListener; 4],
@@ -974,7 +984,7 @@ pub async fn serve(
     let mut tasks = Vec::new();
     for (routes, listener) in routers(services).into_iter().zip(listeners) {
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = idle_connections(listener, crate::idle::CONNECTION_IDLE_TIMEOUT);
         tasks.push(tokio::spawn(
             server()
                 .add_routes(routes)

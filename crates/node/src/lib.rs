@@ -7,6 +7,7 @@
 //! - [`grpc`]: the `soma.rpc` services and the BCS side services (faucet, admin, scoring through
 //!   the [`grpc::ScoringBackend`] trait the binary implements with its scorer).
 //! - [`blobs`]: the HTTP blob host.
+//! - [`idle`]: connections closed after a while without traffic.
 //!
 //! It depends only on the protocol types, the rpc crate and the store: it never trains or scores
 //! a model itself, and it never depends on the client.
@@ -15,5 +16,6 @@
 
 pub mod blobs;
 pub mod grpc;
+pub mod idle;
 pub mod ledger;
 pub mod localnet;
