@@ -16,6 +16,10 @@ async fn a_stalled_upload_is_abandoned_and_leaves_nothing() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let listener = somatrain_node::idle::IdleListener {
+        inner: listener,
+        idle: Duration::from_millis(600),
+    };
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     let started = Instant::now();
@@ -61,4 +65,19 @@ async fn a_stalled_upload_is_abandoned_and_leaves_nothing() {
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(std::fs::read(dir.path().join("ok.bin")).unwrap(), b"fine");
+    // A connection that never sends a request is closed after the connection idle limit.
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        (n, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed.0, 0, "closed without an answer");
+    assert!(closed.1 < Duration::from_secs(5), "{:?}", closed.1);
 }

@@ -265,6 +265,10 @@ pub async fn start(
                 data_dir.join("blobs"),
                 somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
             )?;
+            let listener = somatrain_node::idle::IdleListener {
+                inner: listener,
+                idle: somatrain_node::idle::CONNECTION_IDLE_TIMEOUT,
+            };
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
                     tracing::error!("blob host stopped: {e}");
