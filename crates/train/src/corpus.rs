@@ -155,7 +155,17 @@ fn walk<'a>(
     walkdir::WalkDir::new(dir)
         .sort_by_file_name()
         .into_iter()
-        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| match entry {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                // Say so rather than train on less than the user thinks.
+                tracing::warn!(
+                    "{}: cannot be read ({e}); skipped",
+                    e.path().unwrap_or(dir).display()
+                );
+                None
+            }
+        })
         .filter(|entry| entry.file_type().is_file())
         .filter_map(move |entry| {
             let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
@@ -210,6 +220,7 @@ fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
                         ),
                     });
                 }
+                std::fs::read_dir(path).map_err(io_err(path))?;
                 units.extend(
                     walk(path, include.as_ref(), exclude.as_ref())
                         .map(|(file, identity)| Unit::Document(file, identity)),
