@@ -66,6 +66,50 @@ pub fn router_with_idle(
         .with_state(host))
 }
 
+/// The longest a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `router` on `listener` until the task is dropped: HTTP/1 and HTTP/2, request headers
+/// within [`HEADER_READ_TIMEOUT`], and every connection closed after `idle` without a byte from
+/// the peer. (`axum::serve` sets no header timeout.)
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, idle: std::time::Duration) {
+    serve_with(listener, router, idle, HEADER_READ_TIMEOUT).await
+}
+
+/// As [`serve`], with another header timeout.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    idle: std::time::Duration,
+    header_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("blob host: accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let io = TokioIo::new(crate::idle::IdleTimeout::new(stream, idle));
+            if let Err(e) = builder.serve_connection(io, service).await {
+                tracing::debug!("blob host connection ended: {e}");
+            }
+        });
+    }
+}
+
 /// The longest an upload may go without sending a byte.
 pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 

@@ -81,31 +81,3 @@ impl tonic::transport::server::Connected for IdleTimeout {
         self.inner.connect_info()
     }
 }
-
-/// A TCP listener for axum whose connections close after `idle` without a byte from the peer.
-pub struct IdleListener {
-    pub inner: tokio::net::TcpListener,
-    pub idle: Duration,
-}
-
-impl axum::serve::Listener for IdleListener {
-    type Io = IdleTimeout;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => return (IdleTimeout::new(stream, self.idle), addr),
-                // Out of file descriptors and the like: wait rather than spin.
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}

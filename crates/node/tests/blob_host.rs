@@ -16,11 +16,12 @@ async fn a_stalled_upload_is_abandoned_and_leaves_nothing() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let listener = somatrain_node::idle::IdleListener {
-        inner: listener,
-        idle: Duration::from_millis(600),
-    };
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(somatrain_node::blobs::serve_with(
+        listener,
+        router,
+        Duration::from_millis(600),
+        Duration::from_millis(800),
+    ));
 
     let started = Instant::now();
     let answer = tokio::task::spawn_blocking(move || {
@@ -80,4 +81,27 @@ async fn a_stalled_upload_is_abandoned_and_leaves_nothing() {
     .unwrap();
     assert_eq!(closed.0, 0, "closed without an answer");
     assert!(closed.1 < Duration::from_secs(5), "{:?}", closed.1);
+    // A client that trickles its headers (never idle) is cut off at the header timeout.
+    let cut = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        let started = Instant::now();
+        write!(stream, "PUT /v1/blobs/slow.bin HTTP/1.1\r\n").unwrap();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if stream.write_all(b"X").is_err() {
+                return started.elapsed();
+            }
+        }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => started.elapsed(),
+            Ok(_) => panic!("answered a request whose headers never ended"),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(cut < Duration::from_secs(5), "cut off after {cut:?}");
 }

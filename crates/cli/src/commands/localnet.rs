@@ -265,15 +265,11 @@ pub async fn start(
                 data_dir.join("blobs"),
                 somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
             )?;
-            let listener = somatrain_node::idle::IdleListener {
-                inner: listener,
-                idle: somatrain_node::idle::CONNECTION_IDLE_TIMEOUT,
-            };
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router).await {
-                    tracing::error!("blob host stopped: {e}");
-                }
-            });
+            tokio::spawn(somatrain_node::blobs::serve(
+                listener,
+                router,
+                somatrain_node::idle::CONNECTION_IDLE_TIMEOUT,
+            ));
             Some(format!("http://{addr}/v1/blobs"))
         }
         None => None,
