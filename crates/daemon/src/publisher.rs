@@ -321,16 +321,10 @@ impl Publisher {
 
     /// Models of this wallet that are still created or pending on chain.
     pub async fn unfinished_models(&self) -> Result<Vec<ModelView>, DaemonError> {
-        let me = self.keypair.address();
-        Ok(self
-            .chain
-            .epoch_view()
-            .await?
-            .models
+        let view = self.chain.epoch_view().await?;
+        Ok(unfinished(&view, &self.keypair.address())
             .into_iter()
-            .filter(|m| {
-                m.owner == me && matches!(m.state, ModelState::Created | ModelState::Pending)
-            })
+            .cloned()
             .collect())
     }
 
@@ -369,16 +363,9 @@ impl Publisher {
                 return Ok(id);
             }
             Adopt::Refuse => {
-                let unfinished: Vec<&ModelView> = view
-                    .models
-                    .iter()
-                    .filter(|m| {
-                        m.owner == me
-                            && matches!(m.state, ModelState::Created | ModelState::Pending)
-                    })
-                    .collect();
-                if !unfinished.is_empty() {
-                    let list: Vec<String> = unfinished
+                let found = unfinished(&view, &me);
+                if !found.is_empty() {
+                    let list: Vec<String> = found
                         .iter()
                         .map(|m| match &m.pending {
                             Some(p) => format!(
@@ -731,6 +718,16 @@ impl Publisher {
             .reveal_deadline_ms
             .map(|d| d.saturating_sub(now_ms()))
     }
+}
+
+/// The models `owner` has on chain that are still created or pending.
+fn unfinished<'a>(view: &'a EpochView, owner: &somatrain_protocol::Address) -> Vec<&'a ModelView> {
+    view.models
+        .iter()
+        .filter(|m| {
+            m.owner == *owner && matches!(m.state, ModelState::Created | ModelState::Pending)
+        })
+        .collect()
 }
 
 /// When the reveal window of a commit in `commit_epoch` opens: the end of that epoch, as far as

@@ -24,13 +24,18 @@ async fn silence_closes_a_connection_and_traffic_keeps_it() {
     let mut got = 0;
     let mut buf = [0u8; 16];
     let started = Instant::now();
-    let error = loop {
-        match server.read(&mut buf).await {
-            Ok(0) => panic!("the client closed the connection"),
-            Ok(n) => got += n,
-            Err(e) => break e,
+    // A deadline of its own, so that a timeout that never fires fails instead of hanging.
+    let error = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match server.read(&mut buf).await {
+                Ok(0) => panic!("the client closed the connection"),
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
         }
-    };
+    })
+    .await
+    .expect("the idle connection was not closed within 10 s");
     assert_eq!(got, 6, "every byte arrived before the timeout");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
     let elapsed = started.elapsed();

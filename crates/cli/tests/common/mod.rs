@@ -185,12 +185,15 @@ pub fn run_sdk_script(script: &str, args: &[&str], deadline: std::time::Duration
     }
 }
 
-/// Every transaction `sender` has executed, in checkpoint order: its kind's name and whether it
-/// succeeded. Read from the chain's checkpoints, not from anything the command under test wrote.
-pub async fn sent_by(
+/// Every transaction `sender` has executed, in checkpoint order, with its data. Read from the
+/// chain's checkpoints, not from anything the command under test wrote.
+pub async fn executed_by(
     chain: &somatrain_client::chain::ChainClient,
     sender: &somatrain_protocol::Address,
-) -> Vec<(String, bool)> {
+) -> Vec<(
+    somatrain_protocol::TransactionData,
+    somatrain_client::chain::Executed,
+)> {
     let mut sent = Vec::new();
     let mut sequence = 0;
     while let Some(digests) = chain.checkpoint_transactions(sequence).await.unwrap() {
@@ -201,20 +204,33 @@ pub async fn sent_by(
                 .unwrap()
                 .expect("a checkpoint's transaction can be looked up");
             // Epoch changes and faucet grants are the system's, and carry no signed data.
-            let Some(data) = executed.transaction.clone() else {
-                continue;
-            };
-            if data.sender == *sender {
-                let ok = matches!(
-                    executed.status(),
-                    somatrain_protocol::effects::ExecutionStatus::Success
-                );
-                sent.push((data.kind.name().to_string(), ok));
+            if let Some(data) = executed.transaction.clone()
+                && data.sender == *sender
+            {
+                sent.push((data, executed));
             }
         }
         sequence += 1;
     }
     sent
+}
+
+/// What `sender` has executed: each kind's name and whether it succeeded.
+pub async fn sent_by(
+    chain: &somatrain_client::chain::ChainClient,
+    sender: &somatrain_protocol::Address,
+) -> Vec<(String, bool)> {
+    executed_by(chain, sender)
+        .await
+        .into_iter()
+        .map(|(data, executed)| {
+            let ok = matches!(
+                executed.status(),
+                somatrain_protocol::effects::ExecutionStatus::Success
+            );
+            (data.kind.name().to_string(), ok)
+        })
+        .collect()
 }
 
 /// Polls `check` every 50 ms until it returns Some, failing with `what` after `limit`.
@@ -242,19 +258,10 @@ pub async fn sent_fees(
     sender: &somatrain_protocol::Keypair,
     kind: &str,
 ) -> u64 {
-    let mut fees = 0;
-    let mut sequence = 0;
-    while let Some(digests) = chain.checkpoint_transactions(sequence).await.unwrap() {
-        for digest in digests {
-            let executed = chain.transaction(&digest).await.unwrap().unwrap();
-            if let Some(data) = &executed.transaction
-                && data.sender == sender.address()
-                && data.kind.name() == kind
-            {
-                fees += executed.effects.fee.total_fee;
-            }
-        }
-        sequence += 1;
-    }
-    fees
+    executed_by(chain, &sender.address())
+        .await
+        .iter()
+        .filter(|(data, _)| data.kind.name() == kind)
+        .map(|(_, executed)| executed.effects.fee.total_fee)
+        .sum()
 }

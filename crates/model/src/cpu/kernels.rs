@@ -122,10 +122,20 @@ fn product(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    check_product(d, dst.len(), l, lhs.len(), r, rhs.len());
-    // SAFETY: every element the three layouts address lies inside its slice (checked above),
-    // and `dst` is borrowed mutably, so nothing else reads or writes it during the call.
-    unsafe { raw_product(dst.as_mut_ptr(), d, lhs, l, rhs, r, accumulate, parallelism) }
+    // SAFETY: `dst` is borrowed mutably, so no other thread touches it during the call;
+    // `product_shared` checks every layout against its buffer.
+    unsafe {
+        product_shared(
+            SharedMut::new(dst),
+            d,
+            lhs,
+            l,
+            rhs,
+            r,
+            accumulate,
+            parallelism,
+        )
+    }
 }
 
 /// As [`product`], writing into a buffer shared by parallel tasks.
@@ -145,25 +155,6 @@ unsafe fn product_shared(
     parallelism: Parallelism,
 ) {
     check_product(d, dst.len(), l, lhs.len(), r, rhs.len());
-    // SAFETY: bounds checked above; exclusivity of the addressed elements is the caller's
-    // contract.
-    unsafe { raw_product(dst.get(), d, lhs, l, rhs, r, accumulate, parallelism) }
-}
-
-/// # Safety
-/// The layouts were checked by [`check_product`] against the buffers, and no other thread
-/// touches the elements of `dst` that `d` addresses.
-#[allow(clippy::too_many_arguments)]
-unsafe fn raw_product(
-    dst: *mut f32,
-    d: Layout,
-    lhs: &[f32],
-    l: Layout,
-    rhs: &[f32],
-    r: Layout,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
     // SAFETY: the offsets are inside the buffers (checked), strides fit isize because the
     // extents fit in allocations, and gemm reads/writes only the addressed elements.
     unsafe {
@@ -171,7 +162,7 @@ unsafe fn raw_product(
             d.rows,
             d.cols,
             l.cols,
-            dst.add(d.offset),
+            dst.get().add(d.offset),
             d.col_stride as isize,
             d.row_stride as isize,
             accumulate,
