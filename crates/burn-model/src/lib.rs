@@ -14,13 +14,13 @@ pub mod train;
 
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{embedding, layer_norm, linear};
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, IntDType, Tensor, TensorData};
 
 /// burn's device handle, for callers that do not depend on burn themselves.
 pub use burn::tensor::Device;
 use somatrain_data::Batch;
 use somatrain_model::config::{LAYER_NORM_EPS, MASK_FILL, SIGREG_COEFFICIENT, SIGREG_SLICES};
-use somatrain_model::cpu::kernels::{rope_tables, rope_timescales};
+use somatrain_model::cpu::kernels::{Dropout, HashStep, rope_tables, rope_timescales};
 use somatrain_model::cpu::train::{
     SITE_ATTENTION, SITE_ATTENTION_OUT, SITE_FFN_ACT, SITE_FFN_OUT, TrainOptions, TrainPass,
 };
@@ -274,7 +274,8 @@ impl BurnModel {
     }
 
     /// [`forward`](Self::forward) with the training pass's dropout: the masks are the CPU
-    /// path's own (same counter-based hash, same sites and element order), drawn on the host.
+    /// path's own (same counter-based hash, same sites and element order), drawn on the device
+    /// from the site's key; see [`dropped_on_device`].
     pub fn forward_with_dropout(
         &self,
         tokens: &[u32],
@@ -283,16 +284,6 @@ impl BurnModel {
         seq: usize,
         dropout: Option<&TrainOptions>,
     ) -> (Tensor<3>, Tensor<3>) {
-        // Uploaded as booleans (dropped or not), a quarter of the bytes of f32 scales; the
-        // device zeroes the dropped elements and scales the rest, as the CPU path multiplies.
-        let drop_mask = |layer: usize, site: u64, dims: Vec<usize>| -> Option<(TensorData, f32)> {
-            let drop = TrainPass::dropout(dropout?, layer, site)?;
-            let count: usize = dims.iter().product();
-            Some((
-                TensorData::new(drop.dropped(count), dims),
-                drop.keep_scale(),
-            ))
-        };
         let c = &self.config;
         let (heads, hd) = (c.num_heads, c.head_dim());
         let half = hd / 2;
@@ -308,7 +299,6 @@ impl BurnModel {
             .expand([batch, heads, seq, seq]);
         let scale = (hd as f32).sqrt();
 
-        let (d, f) = (c.embedding_dim, c.pwff_hidden_dim);
         let mut x = embedding(self.embedding.clone(), ids); // [B, T, D]
         for (index, l) in self.layers.iter().enumerate() {
             let h = layer_norm(
@@ -322,39 +312,24 @@ impl BurnModel {
             let k = rope(split(self.lin(h.clone(), &l.key)), &cos, &sin, half);
             let v = split(self.lin(h, &l.value)); // [B, H, T, h]
             let scores = self.matmul(q, k.swap_dims(2, 3)).div_scalar(scale);
-            let mut weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
-            if let Some((m, keep)) = drop_mask(index, SITE_ATTENTION, vec![batch, heads, seq, seq])
-            {
-                let dropped = Tensor::<4, Bool>::from_data(m, &self.device);
-                weights = weights.mask_fill(dropped, 0.0).mul_scalar(keep);
-            }
+            let weights = softmax(scores.mask_fill(mask.clone(), MASK_FILL), 3);
+            let weights = apply_dropout(weights, dropout, index, SITE_ATTENTION);
             let ctx = self
                 .matmul(weights, v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, heads * hd]);
-            let mut delta = self.lin(ctx, &l.output);
-            if let Some((m, keep)) = drop_mask(index, SITE_ATTENTION_OUT, vec![batch, seq, d]) {
-                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
-                delta = delta.mask_fill(dropped, 0.0).mul_scalar(keep);
-            }
-            x = x + delta;
+            let delta = self.lin(ctx, &l.output);
+            x = x + apply_dropout(delta, dropout, index, SITE_ATTENTION_OUT);
             let h = layer_norm(
                 x.clone(),
                 l.norm_2.0.clone(),
                 Some(l.norm_2.1.clone()),
                 eps(),
             );
-            let mut act = gelu(self.lin(h, &l.inner));
-            if let Some((m, keep)) = drop_mask(index, SITE_FFN_ACT, vec![batch, seq, f]) {
-                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
-                act = act.mask_fill(dropped, 0.0).mul_scalar(keep);
-            }
-            let mut delta = self.lin(act, &l.outer);
-            if let Some((m, keep)) = drop_mask(index, SITE_FFN_OUT, vec![batch, seq, d]) {
-                let dropped = Tensor::<3, Bool>::from_data(m, &self.device);
-                delta = delta.mask_fill(dropped, 0.0).mul_scalar(keep);
-            }
-            x = x + delta;
+            let act = gelu(self.lin(h, &l.inner));
+            let act = apply_dropout(act, dropout, index, SITE_FFN_ACT);
+            let delta = self.lin(act, &l.outer);
+            x = x + apply_dropout(delta, dropout, index, SITE_FFN_OUT);
         }
         let reps = layer_norm(
             x,
@@ -392,40 +367,51 @@ impl BurnModel {
         visit(One(&self.predictor.1));
     }
 
-    fn map_parameters(
-        &mut self,
-        one: impl Fn(Tensor<1>) -> Tensor<1>,
-        two: impl Fn(Tensor<2>) -> Tensor<2>,
-    ) {
-        let pair = |(w, b): &mut (Tensor<2>, Tensor<1>)| {
-            *w = two(w.clone());
-            *b = one(b.clone());
+    /// Replaces every parameter by `f` of it, in the order of [`Weights::tensors`] (the
+    /// order of [`visit_parameters`](Self::visit_parameters)).
+    fn map_parameters(&mut self, mut f: impl FnMut(ParamTensor) -> ParamTensor) {
+        let mut apply = |p: ParamMut<'_>| match p {
+            ParamMut::One(t) => match f(ParamTensor::One(t.clone())) {
+                ParamTensor::One(new) => *t = new,
+                ParamTensor::Two(_) => unreachable!("a parameter keeps its rank"),
+            },
+            ParamMut::Two(t) => match f(ParamTensor::Two(t.clone())) {
+                ParamTensor::Two(new) => *t = new,
+                ParamTensor::One(_) => unreachable!("a parameter keeps its rank"),
+            },
         };
-        self.embedding = two(self.embedding.clone());
+        apply(ParamMut::Two(&mut self.embedding));
         for l in &mut self.layers {
-            for t in [
-                &mut l.norm_1.0,
-                &mut l.norm_1.1,
-                &mut l.norm_2.0,
-                &mut l.norm_2.1,
-            ] {
-                *t = one(t.clone());
+            apply(ParamMut::One(&mut l.norm_1.0));
+            apply(ParamMut::One(&mut l.norm_1.1));
+            for (w, b) in [&mut l.query, &mut l.key, &mut l.value, &mut l.output] {
+                apply(ParamMut::Two(w));
+                apply(ParamMut::One(b));
             }
-            for p in [
-                &mut l.query,
-                &mut l.key,
-                &mut l.value,
-                &mut l.output,
-                &mut l.inner,
-                &mut l.outer,
-            ] {
-                pair(p);
+            apply(ParamMut::One(&mut l.norm_2.0));
+            apply(ParamMut::One(&mut l.norm_2.1));
+            for (w, b) in [&mut l.inner, &mut l.outer] {
+                apply(ParamMut::Two(w));
+                apply(ParamMut::One(b));
             }
         }
-        self.final_norm.0 = one(self.final_norm.0.clone());
-        self.final_norm.1 = one(self.final_norm.1.clone());
-        pair(&mut self.predictor);
+        apply(ParamMut::One(&mut self.final_norm.0));
+        apply(ParamMut::One(&mut self.final_norm.1));
+        apply(ParamMut::Two(&mut self.predictor.0));
+        apply(ParamMut::One(&mut self.predictor.1));
     }
+}
+
+/// One parameter (or its gradient, or an optimizer moment) on the device, of either rank.
+#[derive(Clone)]
+pub(crate) enum ParamTensor {
+    One(Tensor<1>),
+    Two(Tensor<2>),
+}
+
+enum ParamMut<'a> {
+    One(&'a mut Tensor<1>),
+    Two(&'a mut Tensor<2>),
 }
 
 fn eps() -> f64 {
@@ -457,6 +443,56 @@ impl BurnModel {
             a.matmul(b)
         }
     }
+}
+
+/// `x` with the training pass's dropout of `site` in `layer` (none when `options` has none):
+/// dropped elements zeroed, the rest scaled by `1 / (1 - rate)`, as the CPU path multiplies.
+fn apply_dropout<const D: usize>(
+    x: Tensor<D>,
+    options: Option<&TrainOptions>,
+    layer: usize,
+    site: u64,
+) -> Tensor<D> {
+    match options.and_then(|o| TrainPass::dropout(o, layer, site)) {
+        Some(drop) => {
+            let dropped = dropped_on_device(&drop, x.dims(), &x.device());
+            x.mask_fill(dropped, 0.0).mul_scalar(drop.keep_scale())
+        }
+        None => x,
+    }
+}
+
+/// The CPU path's dropout mask ([`Dropout::drops`]) of a site shaped `dims`, computed on
+/// `device` with integer tensor ops on `u32`: true where an element is dropped. Only scalars
+/// (the key's two halves, the threshold) come from the host; the element indices are the
+/// row-major positions the CPU path uses.
+///
+/// # Panics
+/// When the site has 2^31 elements or more (int tensors may be 32-bit; a V1 attention site of
+/// a 2 x 1024 micro-batch has 2^25).
+pub fn dropped_on_device<const D: usize>(
+    drop: &Dropout,
+    dims: [usize; D],
+    device: &Device,
+) -> Tensor<D, Bool> {
+    let count: usize = dims.iter().product();
+    assert!(
+        count < 1 << 31,
+        "a dropout site of {count} elements is past the device's 2^31 index range"
+    );
+    let (low, high) = (drop.key as u32, (drop.key >> 32) as u32);
+    let mut x = Tensor::<1, Int>::arange(0..count as i64, device).cast(IntDType::U32);
+    for step in Dropout::HASH_STEPS {
+        x = match step {
+            HashStep::XorKeyLow => x.bitwise_xor_scalar(low),
+            HashStep::AddKeyHigh => x.add_scalar(high),
+            HashStep::XorShift(n) => x.clone().bitwise_xor(x.bitwise_right_shift_scalar(n)),
+            HashStep::Multiply(c) => x.mul_scalar(c),
+        };
+    }
+    x.bitwise_right_shift_scalar(8u32)
+        .lower_elem(drop.threshold())
+        .reshape(dims)
 }
 
 /// Half-split RoPE on `[B, H, T, h]` with tables `[B, 1, T, h/2]`.

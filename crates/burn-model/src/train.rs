@@ -1,9 +1,8 @@
-//! The training loss on a burn device and its gradients by burn's autodiff: the GPU path of
-//! training. The loss is the network's, computed entirely on the device (PAD-inclusive
-//! cross-entropy plus SIGReg over the same random unit projections as the CPU path), so only
-//! the scalar loss and the gradients come back to the host. Dropout uses the CPU path's masks,
-//! drawn on the host in parallel and uploaded as booleans (exact and resumable; still costly at
-//! V1 size: about 1 G mask elements per micro-batch).
+//! Training on a burn device, the GPU path: the network's loss computed entirely there
+//! (PAD-inclusive cross-entropy plus SIGReg over the same random unit projections as the CPU
+//! path), its gradients by burn's autodiff, the dropout masks drawn there with the CPU path's
+//! hash, and AdamW there ([`BurnEngine`]). Per micro-batch only the batch goes up and three loss
+//! scalars come back; weights and moments come back for checkpoints and rounds.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -13,10 +12,11 @@ use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
 use somatrain_model::loss::SigRegGrid;
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
-use somatrain_train::trainer::DeviceMemory;
+use somatrain_train::optim::{AdamState, OptimConfig, StepStats};
+use somatrain_train::trainer::{DeviceMemory, first_nonfinite};
 use somatrain_train::{GradientEngine, TrainError};
 
-use crate::{BurnModel, Parameter, t2};
+use crate::{BurnModel, ParamTensor, Parameter, t2};
 
 fn backend(e: impl std::fmt::Debug) -> ScoreError {
     ScoreError::Backend(format!("{e:?}"))
@@ -26,7 +26,7 @@ impl BurnModel {
     /// A model whose every parameter tracks gradients, on `device` with autodiff enabled.
     pub fn trainable(weights: &Weights, device: Device) -> Self {
         let mut model = BurnModel::new(weights, device.autodiff());
-        model.map_parameters(|t| t.require_grad(), |t| t.require_grad());
+        model.map_parameters(ParamTensor::leaf);
         model
     }
 
@@ -52,7 +52,7 @@ impl BurnModel {
         batch: &Batch,
         noise: &[f32],
         options: &TrainOptions,
-    ) -> Result<(BatchOutput, Vec<DeviceGrad>), ScoreError> {
+    ) -> Result<(BatchOutput, Vec<ParamTensor>), ScoreError> {
         let (sigreg_coefficient, grad_scale) = (options.sigreg_coefficient, options.grad_scale);
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
@@ -108,8 +108,8 @@ impl BurnModel {
         let mut missing = None;
         self.visit_parameters(|p| {
             let grad = match p {
-                Parameter::One(t) => t.grad(&gradients).map(DeviceGrad::One),
-                Parameter::Two(t) => t.grad(&gradients).map(DeviceGrad::Two),
+                Parameter::One(t) => t.grad(&gradients).map(ParamTensor::One),
+                Parameter::Two(t) => t.grad(&gradients).map(ParamTensor::Two),
             };
             match grad {
                 Some(g) => found.push(g),
@@ -126,28 +126,46 @@ impl BurnModel {
     }
 }
 
-/// One parameter's gradient, still on the device.
-enum DeviceGrad {
-    One(Tensor<1>),
-    Two(Tensor<2>),
-}
+impl ParamTensor {
+    /// A parameter the next backward pass differentiates by.
+    fn leaf(self) -> ParamTensor {
+        match self {
+            ParamTensor::One(t) => ParamTensor::One(t.autodiff().require_grad()),
+            ParamTensor::Two(t) => ParamTensor::Two(t.autodiff().require_grad()),
+        }
+    }
 
-impl DeviceGrad {
-    fn add(self, other: DeviceGrad) -> DeviceGrad {
+    /// The values as a flat vector on the device, without autodiff.
+    fn flat(self) -> Tensor<1> {
+        match self {
+            ParamTensor::One(t) => t.inner(),
+            ParamTensor::Two(t) => t.inner().flatten(0, 1),
+        }
+    }
+
+    /// `flat` given this tensor's rank and shape back.
+    fn shaped_like(&self, flat: Tensor<1>) -> ParamTensor {
+        match self {
+            ParamTensor::One(_) => ParamTensor::One(flat),
+            ParamTensor::Two(t) => ParamTensor::Two(flat.reshape(t.dims())),
+        }
+    }
+
+    fn add(self, other: ParamTensor) -> ParamTensor {
         match (self, other) {
-            (DeviceGrad::One(a), DeviceGrad::One(b)) => DeviceGrad::One(a + b),
-            (DeviceGrad::Two(a), DeviceGrad::Two(b)) => DeviceGrad::Two(a + b),
+            (ParamTensor::One(a), ParamTensor::One(b)) => ParamTensor::One(a + b),
+            (ParamTensor::Two(a), ParamTensor::Two(b)) => ParamTensor::Two(a + b),
             _ => unreachable!("gradients are summed parameter by parameter"),
         }
     }
 }
 
 /// Downloads device gradients (in [`Weights::tensors`] order) and adds them into `grads`.
-fn add_to_host(device_grads: Vec<DeviceGrad>, grads: &mut Weights) -> Result<(), ScoreError> {
+fn add_to_host(device_grads: Vec<ParamTensor>, grads: &mut Weights) -> Result<(), ScoreError> {
     for ((_, dest), grad) in grads.tensors_mut().into_iter().zip(device_grads) {
         let data = match grad {
-            DeviceGrad::One(t) => t.into_data(),
-            DeviceGrad::Two(t) => t.into_data(),
+            ParamTensor::One(t) => t.into_data(),
+            ParamTensor::Two(t) => t.into_data(),
         };
         let values: Vec<f32> = data.try_to_vec().map_err(backend)?;
         for (d, g) in dest.iter_mut().zip(&values) {
@@ -157,14 +175,24 @@ fn add_to_host(device_grads: Vec<DeviceGrad>, grads: &mut Weights) -> Result<(),
     Ok(())
 }
 
-/// A [`GradientEngine`] on a burn device: weights go up once per optimizer step, the
-/// micro-batches' gradients are summed on the device, and the sum comes back once per step
-/// (for V1, 4.8 GB each way per step, instead of 4.8 GB down per micro-batch).
+/// A [`GradientEngine`] on a burn device that also runs the optimizer there: the weights go up
+/// once when a run starts, the micro-batches' gradients are summed on the device, and AdamW
+/// (f32 master weights and moments, the schedule, clipping by global norm, weight decay) updates
+/// them in place. Weights and moments come back only for a checkpoint or the round's artifacts
+/// ([`GradientEngine::sync_to_host`]); per step, two scalars do (the gradient norm and a
+/// finiteness check).
 pub struct BurnEngine {
     device: Device,
     bf16_matmuls: bool,
+    /// The model, and the host weights' version it was loaded from while the host still owns
+    /// the weights.
     loaded: Option<(u64, BurnModel)>,
-    accumulated: Option<Vec<DeviceGrad>>,
+    /// Adam's moments, flat, in [`Weights::tensors`] order; present once the device owns the
+    /// optimizer state (after its first step in a run).
+    moments: Option<Vec<(Tensor<1>, Tensor<1>)>>,
+    accumulated: Option<Vec<ParamTensor>>,
+    /// The sum of every weight after the last step, read back as the finiteness check.
+    finite_sum: Option<Tensor<1>>,
     peak_bytes_reserved: u64,
 }
 
@@ -174,7 +202,9 @@ impl BurnEngine {
             device,
             bf16_matmuls: false,
             loaded: None,
+            moments: None,
             accumulated: None,
+            finite_sum: None,
             peak_bytes_reserved: 0,
         }
     }
@@ -188,11 +218,81 @@ impl BurnEngine {
         self.bf16_matmuls = on;
         Ok(self)
     }
+
+    /// Adds gradients computed elsewhere (on the host, by another engine) to those summed on
+    /// the device for the next optimizer step.
+    pub fn add_gradients(&mut self, grads: &Weights) {
+        let uploaded: Vec<ParamTensor> = grads
+            .tensors()
+            .into_iter()
+            .zip(Weights::specs(&grads.config))
+            .map(|((_, g), spec)| {
+                let flat =
+                    Tensor::<1>::from_data(TensorData::new(g.to_vec(), [g.len()]), &self.device);
+                match spec.shape.as_slice() {
+                    [rows, cols] => ParamTensor::Two(flat.reshape([*rows, *cols])),
+                    _ => ParamTensor::One(flat),
+                }
+            })
+            .collect();
+        self.accumulated = Some(match self.accumulated.take() {
+            None => uploaded,
+            Some(sum) => sum
+                .into_iter()
+                .zip(uploaded)
+                .map(|(a, b)| a.add(b))
+                .collect(),
+        });
+    }
+
+    fn model(&self) -> Result<&BurnModel, TrainError> {
+        self.loaded
+            .as_ref()
+            .map(|(_, m)| m)
+            .ok_or_else(|| TrainError::Settings("no weights are on the device yet".into()))
+    }
+
+    fn parameters(&self) -> Result<Vec<ParamTensor>, TrainError> {
+        let mut out = Vec::new();
+        self.model()?.visit_parameters(|p| {
+            out.push(match p {
+                Parameter::One(t) => ParamTensor::One(t.clone()),
+                Parameter::Two(t) => ParamTensor::Two(t.clone()),
+            })
+        });
+        Ok(out)
+    }
+}
+
+fn to_host(t: Tensor<1>, dest: &mut [f32]) -> Result<(), ScoreError> {
+    let values: Vec<f32> = t.into_data().try_to_vec().map_err(backend)?;
+    if values.len() != dest.len() {
+        return Err(ScoreError::Backend(format!(
+            "the device returned {} values for a tensor of {}",
+            values.len(),
+            dest.len()
+        )));
+    }
+    dest.copy_from_slice(&values);
+    Ok(())
+}
+
+fn scalar(t: Tensor<1>) -> Result<f32, ScoreError> {
+    let v: Vec<f32> = t.into_data().try_to_vec().map_err(backend)?;
+    v.first()
+        .copied()
+        .ok_or_else(|| ScoreError::Backend("the device returned an empty scalar".into()))
 }
 
 impl GradientEngine for BurnEngine {
     fn scorer(&self, weights: &Weights) -> Option<Box<dyn BatchScorer>> {
         Some(Box::new(BurnModel::new(weights, self.device.clone())))
+    }
+
+    fn start_run(&mut self) {
+        self.loaded = None;
+        self.moments = None;
+        self.accumulated = None;
     }
 
     fn loss_and_grad(
@@ -202,10 +302,13 @@ impl GradientEngine for BurnEngine {
         batch: &Batch,
         noise: &[f32],
         options: TrainOptions,
-        // The gradients stay on the device; `flush_gradients` hands their sum over.
+        // The gradients stay on the device; `optimizer_step` uses them there.
         _grads: &mut Weights,
     ) -> Result<BatchOutput, TrainError> {
-        if self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
+        // Once the device owns the optimizer state its weights are the current ones; until
+        // then the host's are, and a new version is uploaded.
+        let host_owns = self.moments.is_none();
+        if host_owns && self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
             if self.accumulated.take().is_some() {
                 return Err(TrainError::Settings(
                     "the weights changed while gradients of the previous ones were held on the \
@@ -237,6 +340,138 @@ impl GradientEngine for BurnEngine {
     fn flush_gradients(&mut self, grads: &mut Weights) -> Result<(), TrainError> {
         if let Some(sum) = self.accumulated.take() {
             add_to_host(sum, grads)?;
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(
+        &mut self,
+        config: &OptimConfig,
+        weights: &mut Weights,
+        adam: &mut AdamState,
+        _grads: &mut Weights,
+    ) -> Result<StepStats, TrainError> {
+        let grads: Vec<Tensor<1>> = self
+            .accumulated
+            .take()
+            .ok_or_else(|| TrainError::Settings("an optimizer step without gradients".into()))?
+            .into_iter()
+            .map(ParamTensor::flat)
+            .collect();
+        if self.loaded.is_none() {
+            // Gradients added from elsewhere, with no micro-batch run here: the host's weights
+            // are the current ones.
+            let model = BurnModel::trainable(weights, self.device.clone())
+                .with_bf16_matmuls(self.bf16_matmuls);
+            self.loaded = Some((u64::MAX, model));
+        }
+        let params = self.parameters()?;
+        // The moments go up from the host the first time (a fresh run or a resumed one).
+        let moments = match self.moments.take() {
+            Some(m) => m,
+            None => adam
+                .m
+                .tensors()
+                .into_iter()
+                .zip(adam.v.tensors())
+                .map(|((_, m), (_, v))| {
+                    (
+                        Tensor::<1>::from_data(
+                            TensorData::new(m.to_vec(), [m.len()]),
+                            &self.device,
+                        ),
+                        Tensor::<1>::from_data(
+                            TensorData::new(v.to_vec(), [v.len()]),
+                            &self.device,
+                        ),
+                    )
+                })
+                .collect(),
+        };
+        // Global norm over every gradient, then the clip as a device-side factor (no host
+        // round trip before the update).
+        let squares = grads
+            .iter()
+            .map(|g| (g.clone() * g.clone()).sum())
+            .reduce(|a, b| a + b)
+            .expect("a model has parameters");
+        let norm = squares.sqrt();
+        let clip = config
+            .grad_clip
+            .map(|max| norm.clone().recip().mul_scalar(max).clamp_max(1.0));
+        let lr = config.lr_at(adam.step);
+        adam.step += 1;
+        let t = adam.step as i32;
+        let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2 = 1.0 - b2.powi(t);
+        let mut new_moments = Vec::with_capacity(moments.len());
+        let mut new_params = Vec::with_capacity(params.len());
+        let mut total: Option<Tensor<1>> = None;
+        for ((param, g), (m, v)) in params.iter().zip(grads).zip(moments) {
+            let g = match &clip {
+                Some(factor) => g * factor.clone(),
+                None => g,
+            };
+            let m = m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+            let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(1.0 - b2);
+            let update =
+                m.clone().div_scalar(bias1) / (v.clone().div_scalar(bias2).sqrt().add_scalar(eps));
+            let w = param.clone().flat();
+            let w = w.clone() - (update + w.mul_scalar(wd)).mul_scalar(lr);
+            let sum = w.clone().sum();
+            total = Some(match total {
+                Some(t) => t + sum,
+                None => sum,
+            });
+            new_params.push(param.shaped_like(w));
+            new_moments.push((m, v));
+        }
+        let mut fresh = new_params.into_iter();
+        let (version, model) = self.loaded.as_mut().expect("parameters() checked");
+        model.map_parameters(|_| fresh.next().expect("one value per parameter").leaf());
+        // The host's weights are stale from here; this version is never uploaded again.
+        *version = u64::MAX;
+        self.moments = Some(new_moments);
+        self.finite_sum = total;
+        let grad_norm = scalar(norm)?;
+        Ok(StepStats { lr, grad_norm })
+    }
+
+    fn first_nonfinite_parameter(
+        &mut self,
+        weights: &Weights,
+    ) -> Result<Option<String>, TrainError> {
+        // One scalar per step: the sum of every weight is finite unless some weight is not
+        // (or they are too large to sum, which is divergence too). Only then are they read.
+        if let Some(sum) = self.finite_sum.take()
+            && scalar(sum)?.is_finite()
+        {
+            return Ok(None);
+        }
+        let mut host = weights.clone();
+        let mut adam = AdamState::new(weights);
+        self.sync_to_host(&mut host, &mut adam)?;
+        Ok(first_nonfinite(&host).or_else(|| Some("(the sum of all weights)".into())))
+    }
+
+    fn sync_to_host(
+        &mut self,
+        weights: &mut Weights,
+        adam: &mut AdamState,
+    ) -> Result<(), TrainError> {
+        let Some(moments) = &self.moments else {
+            return Ok(()); // the host owns the state
+        };
+        let params = self.parameters()?;
+        let dests = weights.tensors_mut().into_iter();
+        for (param, (_, dest)) in params.into_iter().zip(dests) {
+            to_host(param.flat(), dest)?;
+        }
+        let dests = adam.m.tensors_mut().into_iter().zip(adam.v.tensors_mut());
+        for ((m, v), ((_, dm), (_, dv))) in moments.iter().zip(dests) {
+            to_host(m.clone(), dm)?;
+            to_host(v.clone(), dv)?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use crate::checkpoint;
 use crate::corpus::{
     CorpusConfig, CorpusStats, Position, Split, TrainStream, heldout_sample, sample,
 };
-use crate::optim::{AdamState, OptimConfig};
+use crate::optim::{AdamState, OptimConfig, StepStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -312,6 +312,54 @@ pub trait GradientEngine {
     fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
+
+    /// Forgets whatever the engine holds of an earlier run: from here the host's `weights` and
+    /// `adam` are the state. Called when a run starts.
+    fn start_run(&mut self) {}
+
+    /// One AdamW step from the gradients of this step's micro-batches: clipped by global
+    /// norm, with the schedule's rate for `adam.step`, then `adam.step` advanced. The default
+    /// runs it on the host; an engine with its own optimizer keeps weights and moments where
+    /// they are, and `weights` and `adam`'s moments go stale until [`sync_to_host`].
+    ///
+    /// [`sync_to_host`]: GradientEngine::sync_to_host
+    fn optimizer_step(
+        &mut self,
+        config: &OptimConfig,
+        weights: &mut Weights,
+        adam: &mut AdamState,
+        grads: &mut Weights,
+    ) -> Result<StepStats, TrainError> {
+        self.flush_gradients(grads)?;
+        Ok(adam.update(config, weights, grads))
+    }
+
+    /// The name of a parameter holding a non-finite value after the last step, if any.
+    fn first_nonfinite_parameter(
+        &mut self,
+        weights: &Weights,
+    ) -> Result<Option<String>, TrainError> {
+        Ok(first_nonfinite(weights))
+    }
+
+    /// Makes `weights` and `adam` current: an engine with its own optimizer copies its weights
+    /// and moments back. Called before a checkpoint or the round's artifacts are written.
+    fn sync_to_host(
+        &mut self,
+        _weights: &mut Weights,
+        _adam: &mut AdamState,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// The first tensor of `weights` holding a NaN or an infinity.
+pub fn first_nonfinite(weights: &Weights) -> Option<String> {
+    weights
+        .tensors()
+        .into_iter()
+        .find(|(_, t)| t.iter().any(|v| !v.is_finite()))
+        .map(|(name, _)| name.to_string())
 }
 
 impl GradientEngine for TrainPass {
@@ -406,6 +454,7 @@ pub fn run_with(
             (weights, adam, Position::default(), None, f32::NAN)
         }
     };
+    engine.start_run();
     let start_step = adam.step;
     let until_step = match until {
         Until::MoreSteps(n) => start_step + n,
@@ -443,7 +492,6 @@ pub fn run_with(
             targets += non_pad;
             window_tokens += batch.token_count() as u64;
         }
-        engine.flush_gradients(&mut grads)?;
         let step_loss = (loss_sum / settings.accumulation as f64) as f32;
         if !step_loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -451,18 +499,14 @@ pub fn run_with(
                 what: format!("the loss is {step_loss}"),
             });
         }
-        let stats = adam.update(&settings.optim, &mut weights, &mut grads);
+        let stats = engine.optimizer_step(&settings.optim, &mut weights, &mut adam, &mut grads)?;
         if !stats.grad_norm.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
                 what: format!("the gradient norm is {}", stats.grad_norm),
             });
         }
-        if let Some((name, _)) = weights
-            .tensors()
-            .into_iter()
-            .find(|(_, t)| t.iter().any(|v| !v.is_finite()))
-        {
+        if let Some(name) = engine.first_nonfinite_parameter(&weights)? {
             return Err(TrainError::Diverged {
                 step: step + 1,
                 what: format!("tensor {name} holds a non-finite value after the update"),
@@ -507,10 +551,12 @@ pub fn run_with(
             window_tokens = 0;
         }
         if adam.step % settings.checkpoint_every.max(1) == 0 || adam.step == until_step {
+            engine.sync_to_host(&mut weights, &mut adam)?;
             let dir = checkpoint::save(&ckpt_root, &weights, &adam, &stream.position(), last_loss)?;
             checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
         }
     }
+    engine.sync_to_host(&mut weights, &mut adam)?;
     let round = write_round(run_dir, settings, &weights, adam.step, &*engine)?;
     Ok(RunSummary {
         start_step,

@@ -435,25 +435,86 @@ pub struct AttentionRecord<'a> {
     pub dropout: Option<Dropout>,
 }
 
-/// Inverted dropout with a counter-based mask: element `i` is kept when a hash of `(key, i)`
-/// falls above `rate`, and scaled by `1 / (1 - rate)`. The mask is a pure function of the key,
-/// so the backward pass and a resumed run regenerate it exactly instead of storing it.
+/// Inverted dropout with a counter-based mask: element `i` is dropped when the top 24 bits of a
+/// keyed 32-bit hash of `i` fall below `rate * 2^24`, and kept elements are scaled by
+/// `1 / (1 - rate)`. The mask is a pure function of the key, so the backward pass and a resumed
+/// run regenerate it exactly instead of storing it.
+///
+/// The hash uses only what a device computes exactly with integer tensor ops on `u32`:
+/// xor, logical right shifts, wrapping additions, and wrapping products by constants below
+/// 2^31 (a backend that widens `u32` to `i64` for a product cannot overflow). The GPU path
+/// (`somatrain-burn`) draws the same bits on the device from [`Dropout::HASH_STEPS`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     pub rate: f32,
     pub key: u64,
 }
 
+/// One step of [`Dropout`]'s hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashStep {
+    /// `x ^= low 32 bits of the key`
+    XorKeyLow,
+    /// `x = x + high 32 bits of the key`, wrapping
+    AddKeyHigh,
+    /// `x ^= x >> n`
+    XorShift(u32),
+    /// `x = x * c`, wrapping; `c < 2^31`
+    Multiply(u32),
+}
+
 impl Dropout {
+    /// The hash of an element index, step by step (two 32-bit finalisers of Wellons'
+    /// hash-prospector family, keyed before the first and between the two).
+    pub const HASH_STEPS: [HashStep; 10] = [
+        HashStep::XorKeyLow,
+        HashStep::XorShift(16),
+        HashStep::Multiply(0x7feb_352d),
+        HashStep::XorShift(15),
+        HashStep::AddKeyHigh,
+        HashStep::XorShift(15),
+        HashStep::Multiply(0x2c1b_3c6d),
+        HashStep::XorShift(12),
+        HashStep::Multiply(0x297a_2d39),
+        HashStep::XorShift(15),
+    ];
+
+    /// The most elements one dropout site may have: indices are 32-bit.
+    pub const MAX_ELEMENTS: u64 = 1 << 32;
+
+    /// The 32-bit hash of element `index` under this key.
+    #[inline(always)]
+    pub fn bits(&self, index: u32) -> u32 {
+        let (low, high) = (self.key as u32, (self.key >> 32) as u32);
+        let mut x = index;
+        for step in Self::HASH_STEPS {
+            x = match step {
+                HashStep::XorKeyLow => x ^ low,
+                HashStep::AddKeyHigh => x.wrapping_add(high),
+                HashStep::XorShift(n) => x ^ (x >> n),
+                HashStep::Multiply(c) => x.wrapping_mul(c),
+            };
+        }
+        x
+    }
+
+    /// Elements whose `bits >> 8` is below this are dropped: `uniform < rate` with
+    /// `uniform = (bits >> 8) / 2^24`, compared exactly in integers.
+    #[inline(always)]
+    pub fn threshold(&self) -> u32 {
+        ((self.rate as f64) * (1u64 << 24) as f64)
+            .ceil()
+            .clamp(0.0, (1u64 << 24) as f64) as u32
+    }
+
     /// Whether element `index` is dropped.
     #[inline(always)]
     pub fn drops(&self, index: u64) -> bool {
-        let mut z = self.key ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-        uniform < self.rate
+        debug_assert!(
+            index < Self::MAX_ELEMENTS,
+            "dropout index {index} past 2^32"
+        );
+        (self.bits(index as u32) >> 8) < self.threshold()
     }
 
     /// What a kept element is multiplied by.
@@ -1015,6 +1076,48 @@ pub fn causal_attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mask drops the asked-for share, independently of the key, and keys give unrelated
+    /// masks.
+    #[test]
+    fn dropout_masks_drop_their_rate_and_differ_by_key() {
+        let count = 1 << 20;
+        for rate in [0.1f32, 0.5] {
+            let a = Dropout { rate, key: 7 }.dropped(count);
+            let b = Dropout { rate, key: 8 }.dropped(count);
+            let share = |m: &[bool]| m.iter().filter(|&&d| d).count() as f64 / count as f64;
+            // 1 M Bernoulli draws: the standard deviation of the share is under 5e-4.
+            assert!(
+                (share(&a) - rate as f64).abs() < 3e-3,
+                "{rate}: {}",
+                share(&a)
+            );
+            let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count() as f64;
+            let expected = (rate as f64) * (rate as f64);
+            assert!(
+                (both / count as f64 - expected).abs() < 3e-3,
+                "{rate}: overlap {both}"
+            );
+        }
+        assert!(
+            Dropout { rate: 0.0, key: 1 }
+                .dropped(4096)
+                .iter()
+                .all(|d| !d)
+        );
+        assert_eq!(Dropout { rate: 0.5, key: 1 }.threshold(), 1 << 23);
+        // Neighbouring indices and the key's two halves all matter.
+        let d = Dropout {
+            rate: 0.5,
+            key: 0x1234_5678_9abc_def0,
+        };
+        let e = Dropout {
+            rate: 0.5,
+            key: 0x1234_5679_9abc_def0,
+        };
+        assert_ne!(d.bits(0), d.bits(1));
+        assert_ne!(d.bits(0), e.bits(0));
+    }
 
     #[test]
     fn products_refuse_short_buffers() {
