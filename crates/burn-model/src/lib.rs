@@ -10,11 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod libraries;
 pub mod train;
+pub mod transfer;
 
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{embedding, layer_norm, linear};
-use burn::tensor::{Bool, DType, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, IntDType, Tensor};
 
 /// burn's device handle, for callers that do not depend on burn themselves.
 pub use burn::tensor::Device;
@@ -27,6 +29,8 @@ use somatrain_model::cpu::train::{
 use somatrain_model::loss::{cross_entropy_sum, sigreg_mean};
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
 use somatrain_model::{ModelConfig, Weights};
+use std::sync::{Arc, Mutex};
+use transfer::Link;
 
 /// Which burn device to run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,11 +49,11 @@ pub enum BurnDevice {
 pub enum DeviceError {
     #[error("this build has no CUDA support; rebuild with `cargo build --release --features cuda`")]
     NoCudaFeature,
-    #[error("no usable CUDA device (is the NVIDIA driver installed?): {0}")]
+    #[error("no usable CUDA device: {0}")]
     NoCudaDriver(String),
     #[error("this build has no wgpu support; rebuild with `--features wgpu`")]
     NoWgpuFeature,
-    #[error("no usable wgpu adapter (is a Vulkan driver installed?): {0}")]
+    #[error("no usable wgpu adapter: {0}")]
     NoWgpuAdapter(String),
     #[error("this device cannot multiply in bf16; train without --bf16")]
     NoBf16,
@@ -87,9 +91,7 @@ pub fn matmul_peak_gflops(device: &Device, bf16: bool) -> Result<f64, ScoreError
             });
         }
         if let Some(t) = total {
-            t.into_data()
-                .try_to_vec::<f32>()
-                .map_err(|e| ScoreError::Backend(format!("{e:?}")))?;
+            Link::new(device.clone()).read(t)?;
         }
         Ok(start.elapsed().as_secs_f64())
     };
@@ -137,6 +139,7 @@ fn open_cuda(_index: usize) -> Result<Device, DeviceError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize) -> Result<Device, DeviceError> {
+    libraries::check_cuda(&libraries::loader_directories()).map_err(DeviceError::NoCudaDriver)?;
     probe(move || Device::cuda(index), "the CUDA backend").map_err(DeviceError::NoCudaDriver)
 }
 
@@ -147,6 +150,14 @@ fn open_wgpu() -> Result<Device, DeviceError> {
 
 #[cfg(feature = "wgpu")]
 fn open_wgpu() -> Result<Device, DeviceError> {
+    // Only Linux's loader layout is known here; elsewhere the probe's own error stands.
+    if cfg!(target_os = "linux") {
+        libraries::check_vulkan(
+            &libraries::loader_directories(),
+            &libraries::vulkan_icd_directories(),
+        )
+        .map_err(DeviceError::NoWgpuAdapter)?;
+    }
     probe(
         || Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
         "the wgpu backend",
@@ -163,12 +174,9 @@ fn probe(
 ) -> Result<Device, String> {
     let probe = std::panic::catch_unwind(move || {
         let device = make();
-        let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &device);
-        let sum: Vec<f32> = t
-            .sum()
-            .into_data()
-            .try_to_vec()
-            .map_err(|e| format!("{e:?}"))?;
+        let link = Link::new(device.clone());
+        let t = link.floats(&[1.0, 2.0], [2]);
+        let sum = link.read(t.sum()).map_err(|e| e.to_string())?;
         if sum != [3.0] {
             return Err(format!("probe sum gave {sum:?}"));
         }
@@ -205,6 +213,14 @@ struct LayerTensors {
 pub struct BurnModel {
     config: ModelConfig,
     device: Device,
+    /// Where every transfer goes through (shared with the engine that made this model).
+    link: Arc<Link>,
+    /// RoPE rows for positions `0..rows`, uploaded once and gathered by position.
+    rope: Mutex<Option<RopeTable>>,
+    /// The last SIGReg projection matrix uploaded, with its host copy: one upload per step.
+    noise: Mutex<Option<(Vec<f32>, Tensor<2>)>>,
+    /// SIGReg's quadrature (points, target characteristic function, weights) without t = 0.
+    sigreg_grid: [Tensor<1>; 3],
     /// Mixed precision: matrix products in bf16 (weights cast from their f32 masters, results
     /// cast back), everything else (LayerNorm, softmax, GELU, the loss) in f32.
     bf16_matmuls: bool,
@@ -215,16 +231,28 @@ pub struct BurnModel {
     predictor: (Tensor<2>, Tensor<1>),
 }
 
-fn t1(data: &[f32], device: &Device) -> Tensor<1> {
-    Tensor::from_data(TensorData::new(data.to_vec(), [data.len()]), device)
+/// Cached RoPE tables `[rows, head_dim / 2]` for positions `0..rows`.
+struct RopeTable {
+    rows: usize,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
 }
 
-fn t2(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
-}
+/// Positions below this are served from the cached table (for V1, head_dim 128: 64 MiB of
+/// cos and sin); a batch with a later position uploads its own tables.
+const ROPE_CACHE_POSITIONS: usize = 1 << 17;
 
 impl BurnModel {
     pub fn new(weights: &Weights, device: Device) -> Self {
+        Self::with_link(weights, Link::new(device))
+    }
+
+    /// The model on `link`'s device, its uploads counted there.
+    pub fn with_link(weights: &Weights, link: Arc<Link>) -> Self {
+        let device = link.device().clone();
+        let t1 = |data: &[f32], _: &Device| link.floats(data, [data.len()]);
+        let t2 =
+            |data: &[f32], rows: usize, cols: usize, _: &Device| link.floats(data, [rows, cols]);
         let c = weights.config;
         let (d, f, v) = (c.embedding_dim, c.pwff_hidden_dim, c.vocab_size);
         let layers = weights
@@ -255,6 +283,13 @@ impl BurnModel {
                 t2(&weights.predictor_w, d, v, &device),
                 t1(&weights.predictor_b, &device),
             ),
+            rope: Mutex::new(None),
+            noise: Mutex::new(None),
+            sigreg_grid: {
+                let grid = somatrain_model::loss::SigRegGrid::new();
+                [&grid.t, &grid.phi, &grid.weight].map(|v| t1(&v[1..], &device))
+            },
+            link: link.clone(),
             device,
         }
     }
@@ -288,11 +323,8 @@ impl BurnModel {
         let (heads, hd) = (c.num_heads, c.head_dim());
         let half = hd / 2;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &self.device);
-        // RoPE tables come from the same exact routine as the CPU path: [B, 1, T, h/2].
-        let (cos, sin) = rope_tables(positions, &self.timescales);
-        let cos = Tensor::<4>::from_data(TensorData::new(cos, [batch, 1, seq, half]), &self.device);
-        let sin = Tensor::<4>::from_data(TensorData::new(sin, [batch, 1, seq, half]), &self.device);
+        let ids = self.link.ints(ids, [batch, seq]);
+        let (cos, sin) = self.rope_rows(positions, batch, seq);
         // true above the diagonal: key j > query i is masked.
         let mask = Tensor::<2, Bool>::tril_mask([seq, seq], 0, &self.device)
             .reshape([1, 1, seq, seq])
@@ -339,6 +371,69 @@ impl BurnModel {
         );
         let logits = self.lin(reps.clone(), &self.predictor);
         (reps, logits)
+    }
+}
+
+impl BurnModel {
+    /// RoPE tables `[B, 1, T, h/2]` for `positions`, from the same exact routine as the CPU
+    /// path: gathered on the device from a table of rows computed on the host once per
+    /// position (grown as later positions appear), so a batch sends only its positions.
+    fn rope_rows(&self, positions: &[u32], batch: usize, seq: usize) -> (Tensor<4>, Tensor<4>) {
+        let half = self.timescales.len();
+        let needed = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        if needed > ROPE_CACHE_POSITIONS {
+            let (cos, sin) = rope_tables(positions, &self.timescales);
+            return (
+                self.link.floats(&cos, [batch, 1, seq, half]),
+                self.link.floats(&sin, [batch, 1, seq, half]),
+            );
+        }
+        let mut cache = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        let have = cache.as_ref().map_or(0, |t| t.rows);
+        if needed > have {
+            let rows = needed.next_power_of_two().clamp(1024, ROPE_CACHE_POSITIONS);
+            let fresh: Vec<u32> = (have as u32..rows as u32).collect();
+            let (cos, sin) = rope_tables(&fresh, &self.timescales);
+            let cos = self.link.floats(&cos, [fresh.len(), half]);
+            let sin = self.link.floats(&sin, [fresh.len(), half]);
+            *cache = Some(match cache.take() {
+                Some(old) => RopeTable {
+                    rows,
+                    cos: Tensor::cat(vec![old.cos, cos], 0),
+                    sin: Tensor::cat(vec![old.sin, sin], 0),
+                },
+                None => RopeTable { rows, cos, sin },
+            });
+        }
+        let table = cache.as_ref().expect("filled above");
+        let index: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let index = self.link.ints(index, [positions.len()]);
+        let gather = |t: &Tensor<2>| {
+            t.clone()
+                .select(0, index.clone())
+                .reshape([batch, 1, seq, half])
+        };
+        (gather(&table.cos), gather(&table.sin))
+    }
+
+    /// The SIGReg projection matrix `[D, SLICES]` on the device; uploaded only when it differs
+    /// from the last one (the trainer uses one per optimizer step).
+    fn projections(&self, noise: &[f32]) -> Tensor<2> {
+        let mut cache = self.noise.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((host, device)) = cache.as_ref()
+            && host.as_slice() == noise
+        {
+            return device.clone();
+        }
+        let d = self.config.embedding_dim;
+        let device = self.link.floats(noise, [d, SIGREG_SLICES]);
+        *cache = Some((noise.to_vec(), device.clone()));
+        device
+    }
+
+    /// The link this model's transfers go through.
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 }
 
@@ -481,7 +576,7 @@ pub fn dropped_on_device<const D: usize>(
         "a dropout site of {count} elements is past the device's 2^31 index range"
     );
     let (low, high) = (drop.key as u32, (drop.key >> 32) as u32);
-    let mut x = Tensor::<1, Int>::arange(0..count as i64, device).cast(IntDType::U32);
+    let mut x = iota(count, device).cast(IntDType::U32);
     for step in Dropout::HASH_STEPS {
         x = match step {
             HashStep::XorKeyLow => x.bitwise_xor_scalar(low),
@@ -495,6 +590,24 @@ pub fn dropped_on_device<const D: usize>(
         .reshape(dims)
 }
 
+/// `0..count` as an int tensor, built from ranges of at most 4096 by broadcast sums: with
+/// burn 0.22's fusion on wgpu, `arange` of 65,536 or more elements returns wrong values from
+/// element 65,535 on (found by the dropout-mask test; small ranges are right).
+fn iota(count: usize, device: &Device) -> Tensor<1, Int> {
+    const RADIX: usize = 4096;
+    let mut len = count.clamp(1, RADIX);
+    let mut t = Tensor::<1, Int>::arange(0..len as i64, device);
+    while len < count {
+        let blocks = count.div_ceil(len).min(RADIX);
+        let starts = Tensor::<1, Int>::arange(0..blocks as i64, device)
+            .mul_scalar(len as i64)
+            .reshape([blocks, 1]);
+        t = (starts + t.reshape([1, len])).reshape([blocks * len]);
+        len *= blocks;
+    }
+    t.narrow(0, 0, count)
+}
+
 /// Half-split RoPE on `[B, H, T, h]` with tables `[B, 1, T, h/2]`.
 fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, half: usize) -> Tensor<4> {
     let [b, h, t, _] = x.dims();
@@ -503,12 +616,6 @@ fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, half: usize) -> Tensor<4
     let first = a.clone() * cos.clone() - bb.clone() * sin.clone();
     let second = bb * cos.clone() + a * sin.clone();
     Tensor::cat(vec![first, second], 3)
-}
-
-fn to_vec(t: Tensor<3>) -> Result<Vec<f32>, ScoreError> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| ScoreError::Backend(format!("{e:?}")))
 }
 
 /// The largest attention-score tensor (`rows x heads x T x T` f32) one forward pass of scoring
@@ -521,7 +628,7 @@ impl BatchScorer for BurnModel {
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
         let noise = somatrain_noise::unit_column_noise(noise_seed, d, SIGREG_SLICES);
-        let noise = t2(&noise, d, SIGREG_SLICES, &self.device);
+        let noise = self.projections(&noise);
         let per_row = self.config.num_heads * t * t * 4;
         let rows_per_pass = (MAX_ATTENTION_BYTES / per_row.max(1)).clamp(1, b.max(1));
         let (mut logits, mut proj) = (Vec::with_capacity(b * t * v), Vec::new());
@@ -531,19 +638,21 @@ impl BatchScorer for BurnModel {
             let span = first * t..(first + rows) * t;
             let (reps, pass_logits) =
                 self.forward(&batch.tokens[span.clone()], &batch.positions[span], rows, t);
-            proj.extend(to_vec(
-                reps.clone()
-                    .reshape([rows * t, d])
-                    .matmul(noise.clone())
-                    .reshape([rows, t, SIGREG_SLICES]),
-            )?);
-            let reps = to_vec(reps)?;
+            proj.extend(
+                self.link.read(
+                    reps.clone()
+                        .reshape([rows * t, d])
+                        .matmul(noise.clone())
+                        .reshape([rows, t, SIGREG_SLICES]),
+                )?,
+            );
+            let reps = self.link.read(reps)?;
             for token in reps.chunks_exact(d) {
                 for (sum, x) in embedding_sum.iter_mut().zip(token) {
                     *sum += *x as f64;
                 }
             }
-            logits.extend(to_vec(pass_logits)?);
+            logits.extend(self.link.read(pass_logits)?);
         }
         let ce = (cross_entropy_sum(&logits, &batch.targets, v) / (b * t) as f64) as f32;
         let sigreg = sigreg_mean(&proj);

@@ -5,27 +5,29 @@
 //! scalars come back; weights and moments come back for checkpoints and rounds.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use somatrain_data::{Batch, PAD};
 use somatrain_model::Weights;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
-use somatrain_model::loss::SigRegGrid;
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
 use somatrain_train::optim::{AdamState, OptimConfig, StepStats};
-use somatrain_train::trainer::{DeviceMemory, first_nonfinite};
+use somatrain_train::trainer::{DeviceMemory, TransferStats, first_nonfinite};
 use somatrain_train::{GradientEngine, TrainError};
 
-use crate::{BurnModel, ParamTensor, Parameter, t2};
-
-fn backend(e: impl std::fmt::Debug) -> ScoreError {
-    ScoreError::Backend(format!("{e:?}"))
-}
+use crate::transfer::{Link, Traffic};
+use crate::{BurnModel, ParamTensor, Parameter};
+use std::sync::Arc;
 
 impl BurnModel {
     /// A model whose every parameter tracks gradients, on `device` with autodiff enabled.
     pub fn trainable(weights: &Weights, device: Device) -> Self {
-        let mut model = BurnModel::new(weights, device.autodiff());
+        Self::trainable_on(weights, Link::new(device))
+    }
+
+    /// [`trainable`](Self::trainable) with its transfers counted on `link`.
+    pub fn trainable_on(weights: &Weights, link: Arc<Link>) -> Self {
+        let mut model = BurnModel::with_link(weights, link);
         model.map_parameters(ParamTensor::leaf);
         model
     }
@@ -41,7 +43,7 @@ impl BurnModel {
         grads: &mut Weights,
     ) -> Result<BatchOutput, ScoreError> {
         let (output, device_grads) = self.loss_and_device_grads(batch, noise, options)?;
-        add_to_host(device_grads, grads)?;
+        add_to_host(&self.link, device_grads, grads)?;
         Ok(output)
     }
 
@@ -56,36 +58,23 @@ impl BurnModel {
         let (sigreg_coefficient, grad_scale) = (options.sigreg_coefficient, options.grad_scale);
         let (b, t) = (batch.batch, batch.seq_len);
         let (d, v) = (self.config.embedding_dim, self.config.vocab_size);
-        let device = &self.device;
         let (reps, logits) =
             self.forward_with_dropout(&batch.tokens, &batch.positions, b, t, Some(options));
-        // Cross-entropy: PAD targets count in the mean's denominator but add nothing.
+        // Cross-entropy: PAD targets count in the mean's denominator but add nothing. The
+        // targets go up as they are; which to keep is worked out on the device.
         let rows = b * t;
-        let targets: Vec<i64> = batch
-            .targets
-            .iter()
-            .map(|&x| if x == PAD { 0 } else { x as i64 })
-            .collect();
-        let keep: Vec<f32> = batch
-            .targets
-            .iter()
-            .map(|&x| f32::from(u8::from(x != PAD)))
-            .collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
-        let keep = Tensor::<2>::from_data(TensorData::new(keep, [rows, 1]), device);
+        let targets: Vec<i64> = batch.targets.iter().map(|&x| x as i64).collect();
+        let targets = self.link.ints(targets, [rows, 1]);
+        let pad = targets.clone().equal_elem(PAD as i64);
+        let keep = pad.clone().bool_not().float();
+        let targets = targets.mask_fill(pad, 0);
         let log_probs = log_softmax(logits.reshape([rows, v]), 1).gather(1, targets);
         let ce = (log_probs * keep).sum().neg().div_scalar(rows as f32);
         // SIGReg: per token, the squared distance of the slices' empirical characteristic
         // function to the standard normal's, on the trapezoid grid; averaged over tokens.
-        let grid = SigRegGrid::new();
-        let points = grid.t.len() - 1; // t = 0 contributes nothing
-        let proj = reps
-            .reshape([rows, d])
-            .matmul(t2(noise, d, SIGREG_SLICES, device));
-        let ts = Tensor::<1>::from_data(TensorData::new(grid.t[1..].to_vec(), [points]), device);
-        let phi = Tensor::<1>::from_data(TensorData::new(grid.phi[1..].to_vec(), [points]), device);
-        let weight =
-            Tensor::<1>::from_data(TensorData::new(grid.weight[1..].to_vec(), [points]), device);
+        let [ts, phi, weight] = self.sigreg_grid.clone();
+        let points = ts.dims()[0];
+        let proj = reps.reshape([rows, d]).matmul(self.projections(noise));
         let angles = proj.reshape([rows, SIGREG_SLICES, 1]) * ts.reshape([1, 1, points]);
         let mean_c = angles.clone().cos().mean_dim(1).reshape([rows, points]);
         let mean_s = angles.sin().mean_dim(1).reshape([rows, points]);
@@ -93,14 +82,15 @@ impl BurnModel {
         let stat = (gap.clone() * gap + mean_s.clone() * mean_s) * weight.reshape([1, points]);
         let sigreg = stat.sum().mul_scalar(SIGREG_SLICES as f32 / rows as f32);
         let loss = ce.clone() + sigreg.clone().mul_scalar(sigreg_coefficient);
-        let scalar = |t: Tensor<1>| -> Result<f32, ScoreError> {
-            let v: Vec<f32> = t.into_data().try_to_vec().map_err(backend)?;
-            Ok(v[0])
-        };
+        // The three scalars come back in one read.
+        let values = self.link.read(Tensor::cat(
+            vec![loss.clone().detach(), ce.detach(), sigreg.detach()],
+            0,
+        ))?;
         let output = BatchOutput {
-            loss: scalar(loss.clone())?,
-            cross_entropy: scalar(ce.detach())?,
-            sigreg: scalar(sigreg.detach())?,
+            loss: values[0],
+            cross_entropy: values[1],
+            sigreg: values[2],
             embedding: Vec::new(),
         };
         let gradients = loss.mul_scalar(grad_scale).backward();
@@ -160,14 +150,55 @@ impl ParamTensor {
     }
 }
 
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the device backend panicked".into())
+}
+
+/// The error for a backend panic during a micro-batch: out of memory names the activations the
+/// micro-batch asks for and what to lower; anything else is passed on as the backend said it.
+pub fn device_failure(
+    message: &str,
+    config: &somatrain_model::ModelConfig,
+    batch: &Batch,
+) -> ScoreError {
+    let lower = message.to_lowercase();
+    let out_of_memory = ["out of memory", "outofmemory", "out_of_memory"]
+        .iter()
+        .any(|m| lower.contains(m));
+    if !out_of_memory {
+        return ScoreError::Backend(format!("the device failed during a micro-batch: {message}"));
+    }
+    let (b, t) = (batch.batch as f64, batch.seq_len as f64);
+    let (d, f, h, l) = (
+        config.embedding_dim as f64,
+        config.pwff_hidden_dim as f64,
+        config.num_heads as f64,
+        config.num_layers as f64,
+    );
+    // What autodiff keeps per layer, roughly: the attention scores and probabilities (with
+    // their mask) and about a dozen token-by-width tensors, in f32.
+    let activations = 4.0 * l * (3.0 * b * h * t * t + b * t * (12.0 * d + 3.0 * f));
+    ScoreError::Backend(format!(
+        "the device ran out of memory ({message}); a micro-batch of {} x {} keeps about {:.1} GB          of activations besides 5 x {:.1} GB of weights, gradients and moments: try a smaller          --micro-batch (and a larger --accumulation to keep the tokens per step)",
+        batch.batch,
+        batch.seq_len,
+        activations / 1e9,
+        4.0 * config.parameter_count() as f64 / 1e9
+    ))
+}
+
 /// Downloads device gradients (in [`Weights::tensors`] order) and adds them into `grads`.
-fn add_to_host(device_grads: Vec<ParamTensor>, grads: &mut Weights) -> Result<(), ScoreError> {
+fn add_to_host(
+    link: &Link,
+    device_grads: Vec<ParamTensor>,
+    grads: &mut Weights,
+) -> Result<(), ScoreError> {
     for ((_, dest), grad) in grads.tensors_mut().into_iter().zip(device_grads) {
-        let data = match grad {
-            ParamTensor::One(t) => t.into_data(),
-            ParamTensor::Two(t) => t.into_data(),
-        };
-        let values: Vec<f32> = data.try_to_vec().map_err(backend)?;
+        let values = link.read(grad.flat())?;
         for (d, g) in dest.iter_mut().zip(&values) {
             *d += g;
         }
@@ -183,6 +214,7 @@ fn add_to_host(device_grads: Vec<ParamTensor>, grads: &mut Weights) -> Result<()
 /// finiteness check).
 pub struct BurnEngine {
     device: Device,
+    link: Arc<Link>,
     bf16_matmuls: bool,
     /// The model, and the host weights' version it was loaded from while the host still owns
     /// the weights.
@@ -199,6 +231,7 @@ pub struct BurnEngine {
 impl BurnEngine {
     pub fn new(device: Device) -> Self {
         BurnEngine {
+            link: Link::new(device.clone()),
             device,
             bf16_matmuls: false,
             loaded: None,
@@ -227,8 +260,7 @@ impl BurnEngine {
             .into_iter()
             .zip(Weights::specs(&grads.config))
             .map(|((_, g), spec)| {
-                let flat =
-                    Tensor::<1>::from_data(TensorData::new(g.to_vec(), [g.len()]), &self.device);
+                let flat = self.link.floats(g, [g.len()]);
                 match spec.shape.as_slice() {
                     [rows, cols] => ParamTensor::Two(flat.reshape([*rows, *cols])),
                     _ => ParamTensor::One(flat),
@@ -243,6 +275,11 @@ impl BurnEngine {
                 .map(|(a, b)| a.add(b))
                 .collect(),
         });
+    }
+
+    /// Bytes moved between host and device by this engine and its models so far.
+    pub fn traffic(&self) -> Traffic {
+        self.link.traffic()
     }
 
     fn model(&self) -> Result<&BurnModel, TrainError> {
@@ -264,8 +301,8 @@ impl BurnEngine {
     }
 }
 
-fn to_host(t: Tensor<1>, dest: &mut [f32]) -> Result<(), ScoreError> {
-    let values: Vec<f32> = t.into_data().try_to_vec().map_err(backend)?;
+fn to_host(link: &Link, t: Tensor<1>, dest: &mut [f32]) -> Result<(), ScoreError> {
+    let values = link.read(t)?;
     if values.len() != dest.len() {
         return Err(ScoreError::Backend(format!(
             "the device returned {} values for a tensor of {}",
@@ -277,8 +314,8 @@ fn to_host(t: Tensor<1>, dest: &mut [f32]) -> Result<(), ScoreError> {
     Ok(())
 }
 
-fn scalar(t: Tensor<1>) -> Result<f32, ScoreError> {
-    let v: Vec<f32> = t.into_data().try_to_vec().map_err(backend)?;
+fn scalar(link: &Link, t: Tensor<1>) -> Result<f32, ScoreError> {
+    let v = link.read(t)?;
     v.first()
         .copied()
         .ok_or_else(|| ScoreError::Backend("the device returned an empty scalar".into()))
@@ -286,7 +323,7 @@ fn scalar(t: Tensor<1>) -> Result<f32, ScoreError> {
 
 impl GradientEngine for BurnEngine {
     fn scorer(&self, weights: &Weights) -> Option<Box<dyn BatchScorer>> {
-        Some(Box::new(BurnModel::new(weights, self.device.clone())))
+        Some(Box::new(BurnModel::with_link(weights, self.link.clone())))
     }
 
     fn start_run(&mut self) {
@@ -316,12 +353,26 @@ impl GradientEngine for BurnEngine {
                         .into(),
                 ));
             }
-            let model = BurnModel::trainable(weights, self.device.clone())
+            let model = BurnModel::trainable_on(weights, self.link.clone())
                 .with_bf16_matmuls(self.bf16_matmuls);
             self.loaded = Some((version, model));
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
-        let (output, device_grads) = model.loss_and_device_grads(batch, noise, &options)?;
+        // A backend panics when the device runs out of memory; that becomes an error saying
+        // what was asked for. The engine is not used again after an error.
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.loss_and_device_grads(batch, noise, &options)
+        }));
+        let (output, device_grads) = match attempt {
+            Ok(result) => result?,
+            Err(panic) => {
+                return Err(TrainError::Score(device_failure(
+                    &panic_message(panic.as_ref()),
+                    &model.config,
+                    batch,
+                )));
+            }
+        };
         self.accumulated = Some(match self.accumulated.take() {
             None => device_grads,
             Some(sum) => sum
@@ -339,7 +390,7 @@ impl GradientEngine for BurnEngine {
 
     fn flush_gradients(&mut self, grads: &mut Weights) -> Result<(), TrainError> {
         if let Some(sum) = self.accumulated.take() {
-            add_to_host(sum, grads)?;
+            add_to_host(&self.link, sum, grads)?;
         }
         Ok(())
     }
@@ -361,7 +412,7 @@ impl GradientEngine for BurnEngine {
         if self.loaded.is_none() {
             // Gradients added from elsewhere, with no micro-batch run here: the host's weights
             // are the current ones.
-            let model = BurnModel::trainable(weights, self.device.clone())
+            let model = BurnModel::trainable_on(weights, self.link.clone())
                 .with_bf16_matmuls(self.bf16_matmuls);
             self.loaded = Some((u64::MAX, model));
         }
@@ -376,14 +427,8 @@ impl GradientEngine for BurnEngine {
                 .zip(adam.v.tensors())
                 .map(|((_, m), (_, v))| {
                     (
-                        Tensor::<1>::from_data(
-                            TensorData::new(m.to_vec(), [m.len()]),
-                            &self.device,
-                        ),
-                        Tensor::<1>::from_data(
-                            TensorData::new(v.to_vec(), [v.len()]),
-                            &self.device,
-                        ),
+                        self.link.floats(m, [m.len()]),
+                        self.link.floats(v, [v.len()]),
                     )
                 })
                 .collect(),
@@ -434,7 +479,7 @@ impl GradientEngine for BurnEngine {
         *version = u64::MAX;
         self.moments = Some(new_moments);
         self.finite_sum = total;
-        let grad_norm = scalar(norm)?;
+        let grad_norm = scalar(&self.link, norm)?;
         Ok(StepStats { lr, grad_norm })
     }
 
@@ -445,7 +490,7 @@ impl GradientEngine for BurnEngine {
         // One scalar per step: the sum of every weight is finite unless some weight is not
         // (or they are too large to sum, which is divergence too). Only then are they read.
         if let Some(sum) = self.finite_sum.take()
-            && scalar(sum)?.is_finite()
+            && scalar(&self.link, sum)?.is_finite()
         {
             return Ok(None);
         }
@@ -466,14 +511,25 @@ impl GradientEngine for BurnEngine {
         let params = self.parameters()?;
         let dests = weights.tensors_mut().into_iter();
         for (param, (_, dest)) in params.into_iter().zip(dests) {
-            to_host(param.flat(), dest)?;
+            to_host(&self.link, param.flat(), dest)?;
         }
         let dests = adam.m.tensors_mut().into_iter().zip(adam.v.tensors_mut());
         for ((m, v), ((_, dm), (_, dv))) in moments.iter().zip(dests) {
-            to_host(m.clone(), dm)?;
-            to_host(v.clone(), dv)?;
+            to_host(&self.link, m.clone(), dm)?;
+            to_host(&self.link, v.clone(), dv)?;
         }
         Ok(())
+    }
+
+    fn transfers(&self) -> Option<TransferStats> {
+        let traffic = self.link.traffic();
+        let (upload_seconds, read_seconds) = self.link.seconds();
+        Some(TransferStats {
+            host_to_device_bytes: traffic.host_to_device,
+            device_to_host_bytes: traffic.device_to_host,
+            upload_seconds,
+            read_seconds,
+        })
     }
 
     fn device_memory(&self) -> Option<DeviceMemory> {

@@ -55,3 +55,19 @@ fn large_sites_match_too() {
     let share = got.iter().filter(|&&d| d).count() as f64 / got.len() as f64;
     assert!((share - 0.1).abs() < 5e-3, "dropped share {share}");
 }
+
+/// A V1 attention site of a 2 x 1024 micro-batch (2 x 8 x 1024 x 1024 = 2^24 elements): the
+/// size the device path draws. (burn's `arange` past 65,535 elements was wrong on wgpu with
+/// fusion; the indices are built from short ranges, and this checks them at full size.)
+#[test]
+fn a_v1_attention_site_matches() {
+    let drop = Dropout {
+        rate: 0.1,
+        key: Dropout::derive(9, &[3, 0]),
+    };
+    let dims = [2, 8, 1024, 1024];
+    let expected = drop.dropped(1 << 24);
+    let got = device_mask(&drop, dims);
+    let first = got.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(first, None, "first differing element");
+}

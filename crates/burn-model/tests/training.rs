@@ -247,3 +247,26 @@ fn the_engine_accumulates_on_the_device_until_flushed() {
         .unwrap_err();
     assert!(err.to_string().contains("flush_gradients"), "{err}");
 }
+
+/// A backend's out-of-memory panic becomes an error naming the micro-batch, what it asks for
+/// and what to lower; other failures keep the backend's words.
+#[test]
+fn out_of_memory_names_the_micro_batch_and_the_fix() {
+    let config = somatrain_model::Preset::V1.config();
+    let data = vec![b'x'; 4096];
+    let batch = batches(&data, 1024, 2).next().unwrap();
+    let oom = somatrain_burn::train::device_failure(
+        "Unable to allocate 536870912 bytes: CUDA_ERROR_OUT_OF_MEMORY",
+        &config,
+        &batch,
+    )
+    .to_string();
+    assert!(oom.contains("ran out of memory"), "{oom}");
+    assert!(oom.contains("536870912 bytes"), "{oom}");
+    assert!(oom.contains("2 x 1024"), "{oom}");
+    assert!(oom.contains("--micro-batch"), "{oom}");
+    let other =
+        somatrain_burn::train::device_failure("kernel launch failed", &config, &batch).to_string();
+    assert!(other.contains("kernel launch failed"), "{other}");
+    assert!(!other.contains("--micro-batch"), "{other}");
+}

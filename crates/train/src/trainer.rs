@@ -212,6 +212,16 @@ pub struct DeviceMemory {
     pub peak_bytes_reserved: u64,
 }
 
+/// What an engine on a device has moved between host and device so far, and the time spent
+/// doing it (reads include waiting for the device to finish what the value depends on).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TransferStats {
+    pub host_to_device_bytes: u64,
+    pub device_to_host_bytes: u64,
+    pub upload_seconds: f64,
+    pub read_seconds: f64,
+}
+
 /// High-water mark of this process's resident memory, from the kernel (0 where unavailable).
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -310,6 +320,11 @@ pub trait GradientEngine {
     /// The device's memory, for engines on a device whose allocator reports it (host memory is
     /// reported separately, as peak RSS).
     fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+
+    /// Bytes and time moved between host and device so far, for engines on a device.
+    fn transfers(&self) -> Option<TransferStats> {
         None
     }
 

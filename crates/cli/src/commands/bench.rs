@@ -29,6 +29,22 @@ pub enum BenchCommand {
     /// Corpus streaming: sequences per second out of a JSON Lines file, and the time to reopen
     /// the stream half-way (from a checkpoint's cursor, and by replaying the epoch).
     Corpus(CorpusBenchArgs),
+    /// The host's share of a device training step, timed on this machine: the work the GPU path
+    /// still does on the CPU per micro-batch and per optimizer step (see docs/gpu.md).
+    Host(HostBenchArgs),
+}
+
+#[derive(Args)]
+pub struct HostBenchArgs {
+    #[arg(long, default_value = "v1")]
+    preset: Preset,
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Repetitions of each timed piece (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(Args)]
@@ -88,9 +104,12 @@ pub struct TrainBenchArgs {
     preset: Preset,
     #[arg(long, default_value_t = 2)]
     micro_batch: usize,
+    /// Micro-batches per optimizer step (the reference recipe uses 64).
+    #[arg(long, default_value_t = 1)]
+    accumulation: usize,
     #[arg(long, default_value_t = 1024)]
     seq_len: usize,
-    /// Timed steps after one warm-up step.
+    /// Timed optimizer steps after one warm-up step.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Dropout rate, as in the reference trainer.
@@ -143,6 +162,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Crypto(args) => bench_crypto(args),
         BenchCommand::Localnet(args) => bench_localnet(args),
         BenchCommand::Corpus(args) => bench_corpus(args),
+        BenchCommand::Host(args) => bench_host(args),
     }
 }
 
@@ -286,6 +306,20 @@ fn print_report(
     times: &mut [f64],
     peak: f64,
 ) -> Result<()> {
+    let report = model_report(bench, preset, tokens, flops_per_run, times, peak);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// The JSON report of a model bench from the runs' durations (median taken).
+fn model_report(
+    bench: &'static str,
+    preset: Preset,
+    tokens: usize,
+    flops_per_run: f64,
+    times: &mut [f64],
+    peak: f64,
+) -> serde_json::Value {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let gflops = flops_per_run / median / 1e9;
@@ -301,28 +335,40 @@ fn print_report(
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
     };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    serde_json::to_value(report).expect("a report serialises")
 }
 
 fn bench_train(args: TrainBenchArgs) -> Result<()> {
     use somatrain_model::config::SIGREG_SLICES;
     use somatrain_model::cpu::train::{TrainOptions, TrainPass};
     use somatrain_train::optim::{AdamState, OptimConfig};
-    if args.runs == 0 || args.micro_batch == 0 || args.seq_len == 0 {
-        bail!("--runs, --micro-batch and --seq-len must be positive");
+    if args.runs == 0 || args.micro_batch == 0 || args.seq_len == 0 || args.accumulation == 0 {
+        bail!("--runs, --micro-batch, --accumulation and --seq-len must be positive");
     }
     let config = args.preset.config();
     eprintln!(
-        "bench train: preset {} ({} parameters), micro-batch {} x {}, dropout {}, {} threads",
+        "bench train: preset {} ({} parameters), micro-batch {} x {}, accumulation {}, dropout {}, {} threads",
         args.preset,
         config.parameter_count(),
         args.micro_batch,
         args.seq_len,
+        args.accumulation,
         args.dropout,
         rayon::current_num_threads()
     );
     let peak = super::matmul_peak_for(args.device, args.bf16)?;
+    // MFU is quoted against both precisions where the device has bf16 products.
+    let other_peak = match args.device {
+        Device::Cpu => None,
+        device => super::device_supports_bf16(device)?
+            .then(|| super::matmul_peak_for(device, !args.bf16))
+            .transpose()?,
+    };
+    let (peak_f32, peak_bf16) = if args.bf16 {
+        (other_peak, Some(peak))
+    } else {
+        (Some(peak), other_peak)
+    };
     let mut weights = Weights::init(config, 0);
     let mut grads = Weights::zeros(config);
     let mut adam = AdamState::new(&weights);
@@ -334,48 +380,191 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     let batch = somatrain_data::batches(&data, args.seq_len, args.micro_batch)
         .next()
         .expect("one batch");
-    let noise = somatrain_noise::unit_column_noise(0, config.embedding_dim, SIGREG_SLICES);
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu => Box::new(TrainPass::new()),
         other => super::device_gradient_engine(other, args.bf16)?,
     };
-    let mut step = |i: u64| -> Result<f32> {
-        for (_, g) in grads.tensors_mut() {
-            g.fill(0.0);
-        }
-        let options = TrainOptions {
-            dropout: args.dropout,
-            dropout_key: i,
-            ..TrainOptions::default()
+    engine.start_run();
+    // One optimizer step: its loss, and the seconds spent in the micro-batches and in the
+    // optimizer (with its divergence check).
+    let mut step =
+        |engine: &mut dyn somatrain_train::GradientEngine, i: u64| -> Result<(f32, f64, f64)> {
+            for (_, g) in grads.tensors_mut() {
+                g.fill(0.0);
+            }
+            let noise = somatrain_noise::unit_column_noise(i, config.embedding_dim, SIGREG_SLICES);
+            let start = Instant::now();
+            let mut loss = 0f32;
+            for micro in 0..args.accumulation {
+                let options = TrainOptions {
+                    dropout: args.dropout,
+                    dropout_key: i * args.accumulation as u64 + micro as u64,
+                    grad_scale: 1.0 / args.accumulation as f32,
+                    ..TrainOptions::default()
+                };
+                let out = engine.loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)?;
+                loss += out.loss / args.accumulation as f32;
+            }
+            let micro_secs = start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            let stats = engine.optimizer_step(&optim, &mut weights, &mut adam, &mut grads)?;
+            if let Some(name) = engine.first_nonfinite_parameter(&weights)? {
+                bail!("step {i}: {name} is not finite (|g| {})", stats.grad_norm);
+            }
+            Ok((loss, micro_secs, start.elapsed().as_secs_f64()))
         };
-        let out = engine.loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)?;
-        engine.flush_gradients(&mut grads)?;
-        adam.update(&optim, &mut weights, &mut grads);
-        Ok(out.loss)
-    };
-    step(0)?;
+    step(engine.as_mut(), 0)?;
+    let transfers_before = engine.transfers().unwrap_or_default();
     let mut times = Vec::new();
+    let (mut micro_total, mut optimizer_total) = (0f64, 0f64);
     for run in 0..args.runs {
         let start = Instant::now();
-        let loss = step(run as u64 + 1)?;
+        let (loss, micro_secs, optimizer_secs) = step(engine.as_mut(), run as u64 + 1)?;
         let secs = start.elapsed().as_secs_f64();
+        micro_total += micro_secs;
+        optimizer_total += optimizer_secs;
         eprintln!(
-            "step {run}: {secs:.3} s, {:.0} tokens/s (loss {loss:.4})",
-            batch.token_count() as f64 / secs
+            "step {run}: {secs:.3} s ({micro_secs:.3} s micro-batches, {optimizer_secs:.3} s optimizer), {:.0} tokens/s (loss {loss:.4})",
+            (batch.token_count() * args.accumulation) as f64 / secs
         );
         times.push(secs);
     }
-    if let Some(memory) = engine.device_memory() {
+    let memory = engine.device_memory();
+    if let Some(memory) = memory {
         eprintln!(
             "device memory: {:.2} GB in use, peak {:.2} GB reserved",
             memory.bytes_in_use as f64 / 1e9,
             memory.peak_bytes_reserved as f64 / 1e9
         );
     }
-    let tokens = batch.token_count();
+    let tokens = batch.token_count() * args.accumulation;
     // Backward costs about twice the forward: 3x the forward FLOPs per step.
     let flops = 3.0 * config.forward_flops(tokens as u64, args.seq_len as u64);
-    print_report("train", args.preset, tokens, flops, &mut times, peak)
+    let runs = args.runs as f64;
+    let split = engine.transfers().map(|after| {
+        let up = after.upload_seconds - transfers_before.upload_seconds;
+        let read = after.read_seconds - transfers_before.read_seconds;
+        let micro = micro_total / runs;
+        serde_json::json!({
+            // Per optimizer step, averaged over the timed steps.
+            "micro_batches_s": micro,
+            "optimizer_s": optimizer_total / runs,
+            "uploads_s": up / runs,
+            "waiting_for_device_s": read / runs,
+            "host_dispatch_s": (micro_total + optimizer_total - up - read).max(0.0) / runs,
+            "host_to_device_bytes": (after.host_to_device_bytes - transfers_before.host_to_device_bytes) as f64 / runs,
+            "device_to_host_bytes": (after.device_to_host_bytes - transfers_before.device_to_host_bytes) as f64 / runs,
+        })
+    });
+    let mut report = model_report("train", args.preset, tokens, flops, &mut times, peak);
+    let gflops = report["gflops_per_s"].as_f64().unwrap_or(0.0);
+    report["precision"] = serde_json::json!(if args.bf16 { "bf16" } else { "f32" });
+    report["micro_batch"] = serde_json::json!(args.micro_batch);
+    report["accumulation"] = serde_json::json!(args.accumulation);
+    report["matmul_peak_f32_gflops_per_s"] = serde_json::json!(peak_f32);
+    report["matmul_peak_bf16_gflops_per_s"] = serde_json::json!(peak_bf16);
+    report["mfu_f32"] = serde_json::json!(peak_f32.map(|p| gflops / p));
+    report["mfu_bf16"] = serde_json::json!(peak_bf16.map(|p| gflops / p));
+    report["time_split"] = serde_json::json!(split);
+    report["device_peak_bytes_reserved"] = serde_json::json!(memory.map(|m| m.peak_bytes_reserved));
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Median seconds of `runs` calls of `work`.
+fn median_secs(runs: usize, mut work: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn bench_host(args: HostBenchArgs) -> Result<()> {
+    use somatrain_model::config::SIGREG_SLICES;
+    use somatrain_model::cpu::kernels::{Dropout, rope_tables, rope_timescales};
+    use somatrain_train::corpus::{CorpusConfig, Position, Source, TrainStream};
+    if args.runs == 0 || args.micro_batch == 0 || args.seq_len == 0 {
+        bail!("--runs, --micro-batch and --seq-len must be positive");
+    }
+    let config = args.preset.config();
+    let (b, t) = (args.micro_batch, args.seq_len);
+    let scratch = tempfile::tempdir()?;
+    let corpus = scratch.path().join("corpus.jsonl");
+    synthetic_jsonl(&corpus, 16)?;
+    let mut stream = TrainStream::open(
+        CorpusConfig {
+            max_seq_len: t,
+            ..CorpusConfig::new(vec![Source::Jsonl {
+                path: corpus,
+                field: "content".into(),
+            }])
+        },
+        Position::default(),
+    )?;
+    let mut batch = stream.next_batch(b)?;
+    let next_batch = median_secs(args.runs, || {
+        batch = stream.next_batch(b).expect("the synthetic corpus streams");
+    });
+    // What goes up per micro-batch: ids, positions and targets widened to i64.
+    let widen = median_secs(args.runs, || {
+        let ids: Vec<i64> = batch.tokens.iter().map(|&x| x as i64).collect();
+        let pos: Vec<i64> = batch.positions.iter().map(|&x| x as i64).collect();
+        let tgt: Vec<i64> = batch.targets.iter().map(|&x| x as i64).collect();
+        std::hint::black_box((ids, pos, tgt));
+    });
+    let noise = median_secs(args.runs, || {
+        std::hint::black_box(somatrain_noise::unit_column_noise(
+            1,
+            config.embedding_dim,
+            SIGREG_SLICES,
+        ));
+    });
+    // RoPE rows are made on the host once per position: 1024 of them, once per run.
+    let timescales = rope_timescales(config.head_dim());
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let rope = median_secs(args.runs, || {
+        std::hint::black_box(rope_tables(&positions, &timescales));
+    });
+    // What the device path no longer does: one micro-batch's dropout masks on the host.
+    let (h, d, f, layers) = (
+        config.num_heads,
+        config.embedding_dim,
+        config.pwff_hidden_dim,
+        config.num_layers,
+    );
+    let mask_elements = layers * (b * h * t * t + 2 * b * t * d + b * t * f);
+    let drop = Dropout { rate: 0.1, key: 3 };
+    let per_layer = mask_elements / layers;
+    let host_masks = median_secs(1, || {
+        for _ in 0..layers {
+            std::hint::black_box(drop.dropped(per_layer));
+        }
+    });
+    let report = serde_json::json!({
+        "bench": "host",
+        "preset": args.preset.to_string(),
+        "micro_batch": b,
+        "seq_len": t,
+        "threads": rayon::current_num_threads(),
+        "per_micro_batch_s": {
+            "next_batch": next_batch,
+            "widen_batch_to_i64": widen,
+        },
+        "per_step_s": { "sigreg_projections": noise },
+        "per_run_s": { "rope_rows_for_1024_positions": rope },
+        "replaced": {
+            "host_dropout_masks_per_micro_batch_s": host_masks,
+            "mask_elements_per_micro_batch": mask_elements,
+            "mask_elements_per_s": mask_elements as f64 / host_masks,
+        },
+    });
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 fn bench_crypto(args: CryptoBenchArgs) -> Result<()> {

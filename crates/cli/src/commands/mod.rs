@@ -57,6 +57,14 @@ pub fn matmul_peak_for(device: Device, bf16: bool) -> Result<f64> {
     Ok(peak)
 }
 
+/// Whether `device` multiplies in bf16.
+pub fn device_supports_bf16(device: Device) -> Result<bool> {
+    match device {
+        Device::Cpu => Ok(false),
+        other => burn_path::supports_bf16(other),
+    }
+}
+
 /// Training gradients through burn's autodiff on `device` (not the CPU, which has its own
 /// hand-written backward).
 pub fn device_gradient_engine(
@@ -96,6 +104,10 @@ mod burn_path {
         Ok(somatrain_burn::matmul_peak_gflops(&open(device)?, bf16)?)
     }
 
+    pub fn supports_bf16(device: Device) -> Result<bool> {
+        Ok(somatrain_burn::supports_bf16(&open(device)?))
+    }
+
     pub fn engine(device: Device, bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
         let engine = somatrain_burn::train::BurnEngine::new(open(device)?);
         tracing::info!("training with burn autodiff (bf16 products: {bf16})");
@@ -126,6 +138,10 @@ mod burn_path {
     }
 
     pub fn matmul_peak(device: Device, _bf16: bool) -> Result<f64> {
+        Err(missing(device))
+    }
+
+    pub fn supports_bf16(device: Device) -> Result<bool> {
         Err(missing(device))
     }
 
