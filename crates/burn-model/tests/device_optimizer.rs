@@ -133,12 +133,8 @@ fn device_adamw_matches_host_adamw() {
     assert_ne!(device_weights, start, "five steps moved the weights");
 }
 
-/// A run stopped after its second step's checkpoint and resumed by a fresh engine (as after a
-/// kill) ends with the same bits as a run that never stopped: weights, moments and round.
-#[test]
-fn a_resumed_device_run_is_bit_identical() {
+fn device_settings() -> somatrain_train::TrainSettings {
     use somatrain_train::corpus::{CorpusConfig, Source};
-    use somatrain_train::{TrainSettings, Until, checkpoint, run_with};
     let corpus = CorpusConfig {
         max_seq_len: 64,
         heldout_per_mille: 500,
@@ -146,22 +142,39 @@ fn a_resumed_device_run_is_bit_identical() {
             path: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src"),
         }])
     };
-    let mut settings = TrainSettings::reference(somatrain_model::Preset::Tiny.config(), corpus);
+    let mut settings =
+        somatrain_train::TrainSettings::reference(somatrain_model::Preset::Tiny.config(), corpus);
     settings.accumulation = 2;
     settings.dropout = 0.1;
     settings.optim.lr = 1e-3;
     settings.optim.weight_decay = 0.01;
     settings.heldout_bytes = 1024;
-    let train = |dir: &std::path::Path, until: u64| {
-        let mut engine = BurnEngine::new(common::device());
-        run_with(dir, &settings, Until::Step(until), &mut engine, &mut |_| {}).unwrap()
-    };
+    settings
+}
+
+fn train_on_device(dir: &std::path::Path, until: u64) -> somatrain_train::RunSummary {
+    let mut engine = BurnEngine::new(common::device());
+    somatrain_train::run_with(
+        dir,
+        &device_settings(),
+        somatrain_train::Until::Step(until),
+        &mut engine,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+/// A run stopped after its second step's checkpoint and resumed by a fresh engine ends with
+/// the same bits as a run that never stopped: weights, moments and round.
+#[test]
+fn a_resumed_device_run_is_bit_identical() {
+    use somatrain_train::checkpoint;
     let whole = tempfile::tempdir().unwrap();
-    let whole_round = train(whole.path(), 4).round;
+    let whole_round = train_on_device(whole.path(), 4).round;
     let parts = tempfile::tempdir().unwrap();
-    let first = train(parts.path(), 2);
+    let first = train_on_device(parts.path(), 2);
     assert_eq!(first.end_step, 2);
-    let resumed = train(parts.path(), 4);
+    let resumed = train_on_device(parts.path(), 4);
     assert_eq!(resumed.start_step, 2);
     let load = |p: &std::path::Path| std::fs::read(p).unwrap();
     assert!(
@@ -175,4 +188,73 @@ fn a_resumed_device_run_is_bit_identical() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.state.step, 4);
     assert!(a.adam == b.adam, "the moments differ");
+}
+
+const CHILD_DIR: &str = "SOMATRAIN_DEVICE_KILL_TEST_DIR";
+const KILL_TEST_STEPS: u64 = 10;
+
+/// The child side of the kill test: trains on the device in the directory the parent names.
+/// Does nothing when run on its own.
+#[test]
+#[ignore = "run as a child process by a_killed_device_run_resumes_bit_identical"]
+fn device_training_child() {
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        train_on_device(std::path::Path::new(&dir), KILL_TEST_STEPS);
+    }
+}
+
+/// The device path killed with SIGKILL at moments spread over a run (this test binary re-run
+/// as the child), then finished: the last checkpoint and the round are the bits of a run that
+/// was never interrupted.
+#[test]
+fn a_killed_device_run_resumes_bit_identical() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let start = Instant::now();
+    let clean_round = train_on_device(&clean, KILL_TEST_STEPS).round;
+    let clean_ms = start.elapsed().as_millis() as u64;
+    let killed = tmp.path().join("killed");
+    let mut kills = 0;
+    // A child also pays process start-up; the delays reach past a clean run's length.
+    for percent in [20u64, 45, 30, 60, 40, 80, 50, 100] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["device_training_child", "--exact", "--ignored", "--quiet"])
+            .env(CHILD_DIR, &killed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_millis(clean_ms * percent / 100 + 50);
+        let mut exited = None;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                exited = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(status) = exited {
+            assert!(status.success(), "a child run exited with {status}");
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let resumed = train_on_device(&killed, KILL_TEST_STEPS);
+    assert!(kills >= 2, "only {kills} kills landed");
+    let load = |p: &std::path::Path| std::fs::read(p).unwrap();
+    assert!(
+        load(&clean_round.weights) == load(&resumed.round.weights),
+        "the round's weights differ after {kills} kills"
+    );
+    let step = format!("checkpoints/step-{KILL_TEST_STEPS:010}");
+    for file in ["weights.safetensors", "optimizer.safetensors"] {
+        assert!(
+            load(&clean.join(&step).join(file)) == load(&killed.join(&step).join(file)),
+            "{file} differs after {kills} kills"
+        );
+    }
+    eprintln!("{kills} kills");
 }
