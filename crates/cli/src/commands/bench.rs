@@ -115,10 +115,11 @@ pub struct TrainBenchArgs {
     /// Dropout rate, as in the reference trainer.
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
-    /// cpu: the hand-written kernels; cuda: burn's autodiff on GPU 0 (build with --features cuda).
+    /// cpu: the hand-written kernels; cuda or wgpu: burn's autodiff and AdamW on the device
+    /// (build with --features cuda or wgpu).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
-    /// Mixed precision (bf16 products, f32 masters) on CUDA.
+    /// Mixed precision (bf16 products, f32 masters) on a device with bf16 products.
     #[arg(long)]
     bf16: bool,
 }

@@ -252,7 +252,8 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// Where rounds train: cpu, or cuda (burn autodiff on GPU 0; build with --features cuda).
+    /// Where rounds train: cpu, or cuda / wgpu (burn autodiff and AdamW on the device; build with
+    /// --features cuda or wgpu).
     #[arg(long, value_enum, default_value = "cpu")]
     device: super::Device,
     /// Mixed precision on CUDA: bf16 products, f32 master weights.
@@ -263,7 +264,9 @@ pub struct RunArgs {
 pub fn run_loop(args: RunArgs) -> Result<()> {
     let settings = args.training.settings()?;
     let engine = match args.device {
-        super::Device::Cpu if args.bf16 => bail!("--bf16 (mixed precision) needs --device cuda"),
+        super::Device::Cpu if args.bf16 => {
+            bail!("--bf16 (mixed precision) needs a GPU device (--device cuda or wgpu)")
+        }
         super::Device::Cpu => EngineFactory::cpu(),
         device => {
             // Fail now, not at the first round, when the device is unavailable.

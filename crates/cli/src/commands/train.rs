@@ -30,7 +30,7 @@ pub struct TrainArgs {
     until_step: Option<u64>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
-    /// Matrix products in bf16 with f32 master weights (mixed precision; --device cuda only).
+    /// Matrix products in bf16 with f32 master weights (mixed precision; a GPU device with bf16).
     #[arg(long)]
     bf16: bool,
     /// Print the run summary as JSON.
@@ -215,7 +215,9 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let settings = args.training.settings()?;
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu if args.bf16 => {
-            bail!("--bf16 (mixed precision) needs --device cuda; the CPU path trains in f32")
+            bail!(
+                "--bf16 (mixed precision) needs a GPU device (--device cuda or wgpu); the CPU path trains in f32"
+            )
         }
         Device::Cpu => Box::new(somatrain_model::cpu::train::TrainPass::new()),
         other => super::device_gradient_engine(other, args.bf16)?,
