@@ -204,3 +204,26 @@ fn extra_tensors_are_ignored() {
     ));
     assert_eq!(load_bytes(&raw_file(raw), heads(4)).unwrap(), tiny());
 }
+
+/// A full disk while writing weights: the error names the file, and the file already there is
+/// untouched (the write goes to a temporary file first). The temporary file is pointed at
+/// `/dev/full`, whose writes fail with ENOSPC, as a full disk's do, even for root.
+#[test]
+fn a_full_disk_names_the_file_and_keeps_the_old_one() {
+    use somatrain_model::io::temp_path_for;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
+    let old = Weights::init(Preset::Tiny.config(), 1);
+    save_file(&old, &path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    std::os::unix::fs::symlink("/dev/full", temp_path_for(&path)).unwrap();
+    let new = Weights::init(Preset::Tiny.config(), 2);
+    let err = save_file(&new, &path).unwrap_err().to_string();
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the old weights changed"
+    );
+}
