@@ -267,14 +267,22 @@ impl BurnEngine {
                 }
             })
             .collect();
+        self.accumulate(uploaded);
+    }
+
+    /// Adds one set of gradients (in [`Weights::tensors`] order) to the sum on the device.
+    fn accumulate(&mut self, grads: Vec<ParamTensor>) {
         self.accumulated = Some(match self.accumulated.take() {
-            None => uploaded,
-            Some(sum) => sum
-                .into_iter()
-                .zip(uploaded)
-                .map(|(a, b)| a.add(b))
-                .collect(),
+            None => grads,
+            Some(sum) => sum.into_iter().zip(grads).map(|(a, b)| a.add(b)).collect(),
         });
+    }
+
+    /// Uploads `weights` as the trainable model, remembered as `version`.
+    fn load(&mut self, weights: &Weights, version: u64) {
+        let model = BurnModel::trainable_on(weights, self.link.clone())
+            .with_bf16_matmuls(self.bf16_matmuls);
+        self.loaded = Some((version, model));
     }
 
     /// Bytes moved between host and device by this engine and its models so far.
@@ -353,9 +361,7 @@ impl GradientEngine for BurnEngine {
                         .into(),
                 ));
             }
-            let model = BurnModel::trainable_on(weights, self.link.clone())
-                .with_bf16_matmuls(self.bf16_matmuls);
-            self.loaded = Some((version, model));
+            self.load(weights, version);
         }
         let (_, model) = self.loaded.as_ref().expect("just loaded");
         // A backend panics when the device runs out of memory; that becomes an error saying
@@ -373,14 +379,7 @@ impl GradientEngine for BurnEngine {
                 )));
             }
         };
-        self.accumulated = Some(match self.accumulated.take() {
-            None => device_grads,
-            Some(sum) => sum
-                .into_iter()
-                .zip(device_grads)
-                .map(|(a, b)| a.add(b))
-                .collect(),
-        });
+        self.accumulate(device_grads);
         // The micro-batch's activations are still reserved: this is the step's high-water mark.
         if let Some(usage) = self.device.memory_pool_usage() {
             self.peak_bytes_reserved = self.peak_bytes_reserved.max(usage.bytes_reserved);
@@ -412,9 +411,7 @@ impl GradientEngine for BurnEngine {
         if self.loaded.is_none() {
             // Gradients added from elsewhere, with no micro-batch run here: the host's weights
             // are the current ones.
-            let model = BurnModel::trainable_on(weights, self.link.clone())
-                .with_bf16_matmuls(self.bf16_matmuls);
-            self.loaded = Some((u64::MAX, model));
+            self.load(weights, u64::MAX);
         }
         let params = self.parameters()?;
         // The moments go up from the host the first time (a fresh run or a resumed one).

@@ -4,23 +4,13 @@
 
 use somatrain_burn::train::BurnEngine;
 use somatrain_data::batches;
+use somatrain_model::Weights;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
-use somatrain_model::{ModelConfig, Weights};
 use somatrain_train::GradientEngine;
 use somatrain_train::optim::{AdamState, OptimConfig, Schedule};
 
 mod common;
-
-fn small_model() -> ModelConfig {
-    ModelConfig {
-        embedding_dim: 16,
-        num_layers: 2,
-        num_heads: 4,
-        pwff_hidden_dim: 32,
-        vocab_size: 264,
-    }
-}
 
 /// Largest difference of two weight sets relative to each tensor's scale, and its tensor.
 fn worst_relative(a: &Weights, b: &Weights) -> (f32, String) {
@@ -40,7 +30,7 @@ fn worst_relative(a: &Weights, b: &Weights) -> (f32, String) {
 /// same gradients each step (computed on the host's weights), so only the optimizers differ.
 #[test]
 fn device_adamw_matches_host_adamw() {
-    let config = small_model();
+    let config = common::small_model(2);
     let start = Weights::init(config, 5);
     let optim = OptimConfig {
         lr: 1e-3,

@@ -7,9 +7,9 @@
 use somatrain_burn::train::BurnEngine;
 use somatrain_burn::transfer::Traffic;
 use somatrain_data::batches;
+use somatrain_model::Weights;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::TrainOptions;
-use somatrain_model::{ModelConfig, Weights};
 use somatrain_train::GradientEngine;
 use somatrain_train::optim::{AdamState, OptimConfig};
 
@@ -17,13 +17,7 @@ mod common;
 
 #[test]
 fn a_micro_batch_moves_only_its_batch_and_its_loss() {
-    let config = ModelConfig {
-        embedding_dim: 16,
-        num_layers: 2,
-        num_heads: 4,
-        pwff_hidden_dim: 32,
-        vocab_size: 264,
-    };
+    let config = common::small_model(2);
     let mut weights = Weights::init(config, 9);
     let mut adam = AdamState::new(&weights);
     let parameter_bytes = 4 * weights

@@ -5,9 +5,9 @@
 
 use somatrain_burn::BurnModel;
 use somatrain_data::batches;
+use somatrain_model::Weights;
 use somatrain_model::config::SIGREG_SLICES;
 use somatrain_model::cpu::train::{TrainOptions, TrainPass};
-use somatrain_model::{ModelConfig, Weights};
 
 mod common;
 
@@ -31,19 +31,8 @@ fn autodiff_gradients_match_the_cpu_backward_with_dropout() {
     });
 }
 
-/// A model small enough for finite checks: width 16, 4 heads, `num_layers` layers.
-fn small_model(num_layers: usize) -> ModelConfig {
-    ModelConfig {
-        embedding_dim: 16,
-        num_layers,
-        num_heads: 4,
-        pwff_hidden_dim: 32,
-        vocab_size: 264,
-    }
-}
-
 fn compare_with_cpu(options: TrainOptions) {
-    let config = small_model(2);
+    let config = common::small_model(2);
     let weights = Weights::init(config, 7);
     // Two sequences of 24, the second short: EOS, PAD and clamped positions are in it.
     let data: Vec<u8> = (0..41u32).map(|i| (i * 53 + 11) as u8).collect();
@@ -196,7 +185,7 @@ fn bf16_matmuls_keep_loss_and_gradients_close_to_f32() {
 #[test]
 fn the_engine_accumulates_on_the_device_until_flushed() {
     use somatrain_train::GradientEngine;
-    let config = small_model(1);
+    let config = common::small_model(1);
     let weights = Weights::init(config, 3);
     let data: Vec<u8> = (0..96u32).map(|i| (i * 31 + 7) as u8).collect();
     let micro: Vec<_> = batches(&data, 24, 2).take(2).collect();

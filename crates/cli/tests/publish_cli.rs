@@ -27,10 +27,6 @@ fn localnet(dir: &Path, epoch_ms: u64) -> GrpcLocalnet {
     )
 }
 
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
-}
-
 /// `somatrain run` for the tiny preset with short rounds.
 fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command {
     let mut cmd = bin();
@@ -40,7 +36,7 @@ fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command 
             "--preset",
             "tiny",
             "--corpus-dir",
-            corpus().to_str().unwrap(),
+            common::sources().to_str().unwrap(),
         ])
         .args([
             "--seq-len",
@@ -327,39 +323,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         client.faucet(&kp.address()).await.unwrap();
     }
     let run_dir = dir.path().join("run");
-    let train = bin()
-        .args([
-            "train",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
-        .args([
-            "--corpus-dir",
-            corpus().to_str().unwrap(),
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-        ])
-        .args([
-            "--accumulation",
-            "1",
-            "--steps",
-            "2",
-            "--heldout-bytes",
-            "2048",
-            "--heldout-per-mille",
-            "200",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        train.status.success(),
-        "{}",
-        String::from_utf8_lossy(&train.stderr)
-    );
+    common::train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
     let publish = |verb: &str, extra: &[&str]| {
         bin()
             .args([verb, "--run-dir", run_dir.to_str().unwrap()])
@@ -457,7 +421,7 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
             ])
             .args([
                 "--corpus-dir",
-                corpus().to_str().unwrap(),
+                common::sources().to_str().unwrap(),
                 "--seq-len",
                 "64",
             ])

@@ -137,10 +137,6 @@ fn the_sdk_quickstart_runs_against_our_localnet_and_survives_kill_9() {
     }
 }
 
-fn sources() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
-}
-
 #[test]
 fn the_sdk_reads_what_our_publisher_wrote() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,24 +151,7 @@ fn the_sdk_reads_what_our_publisher_wrote() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    ok(bin()
-        .args([
-            "train",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
-        .args([
-            "--corpus-dir",
-            sources().to_str().unwrap(),
-            "--seq-len",
-            "64",
-        ])
-        .args(["--micro-batch", "2", "--accumulation", "1", "--steps", "2"])
-        .args(["--heldout-bytes", "2048"])
-        .output()
-        .unwrap());
+    common::train_tiny(&run, &["--steps", "2"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _inside = runtime.enter();
     let chain = node.client();

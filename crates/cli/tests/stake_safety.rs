@@ -11,38 +11,10 @@ use std::process::Output;
 use somatrain_protocol::Keypair;
 
 mod common;
-use common::{GrpcLocalnet, bin, sent_by};
-
-fn sources() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
-}
+use common::{GrpcLocalnet, bin, sent_by, sources, train_tiny};
 
 fn train(run: &Path) {
-    let out = bin()
-        .args([
-            "train",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
-        .args(["--corpus-dir", sources().to_str().unwrap()])
-        .args([
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-            "--accumulation",
-            "1",
-        ])
-        .args(["--steps", "2", "--heldout-bytes", "2048"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_tiny(run, &["--steps", "2"]);
 }
 
 fn as_wallet(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> Output {

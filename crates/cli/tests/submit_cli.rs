@@ -37,10 +37,6 @@ async fn balance(chain: &ChainClient, kp: &Keypair) -> u64 {
     chain.balance(&kp.address()).await.unwrap()
 }
 
-fn sources() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
-}
-
 fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
@@ -114,34 +110,7 @@ async fn world(verify: bool) -> World {
     let owner = Keypair::generate();
     client.faucet(&owner.address()).await.unwrap();
     let run = dir.path().join("run");
-    ok(bin()
-        .args([
-            "train",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
-        .args([
-            "--corpus-dir",
-            sources().to_str().unwrap(),
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-        ])
-        .args([
-            "--accumulation",
-            "1",
-            "--steps",
-            "3",
-            "--lr",
-            "3e-3",
-            "--heldout-bytes",
-            "2048",
-        ])
-        .output()
-        .unwrap());
+    common::train_tiny(&run, &["--steps", "3", "--lr", "3e-3"]);
     let (net_args, secret) = (net.args(), owner.secret_hex());
     let publish = |verb: &str| {
         ok(bin()
@@ -222,7 +191,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
 
     // Where this data lands, computed independently of `submit`: the embedding from `embed`
     // and the distance to each target by hand.
-    let data = sources().join("optim.rs");
+    let data = common::sources().join("optim.rs");
     let embedding = embedding_of(&w.weights, &data);
     let mut by_distance: Vec<(f64, &TargetView)> = targets
         .iter()
@@ -399,7 +368,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         &[
             "--auto",
             "--corpus",
-            sources().to_str().unwrap(),
+            common::sources().to_str().unwrap(),
             "--chunk-bytes",
             "4096",
             "--max-chunks",
@@ -504,7 +473,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
 async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
     let w = world(true).await;
     let targets = w.client.target_views("open").await.unwrap();
-    let data = sources().join("checkpoint.rs");
+    let data = common::sources().join("checkpoint.rs");
     let bytes = std::fs::read(&data).unwrap();
     let embedding = embedding_of(&w.weights, &data);
     let reachable: Vec<(f64, &TargetView)> = targets

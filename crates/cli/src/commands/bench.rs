@@ -295,19 +295,7 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
     }
     let tokens = args.sequences * args.seq_len;
     let flops = config.forward_flops(tokens as u64, args.seq_len as u64);
-    print_report("score", args.preset, tokens, flops, &mut times, peak)
-}
-
-/// Prints the final JSON line of a model bench from the runs' durations (median taken).
-fn print_report(
-    bench: &'static str,
-    preset: Preset,
-    tokens: usize,
-    flops_per_run: f64,
-    times: &mut [f64],
-    peak: f64,
-) -> Result<()> {
-    let report = model_report(bench, preset, tokens, flops_per_run, times, peak);
+    let report = model_report("score", args.preset, tokens, flops, &mut times, peak);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

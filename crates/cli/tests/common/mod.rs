@@ -10,6 +10,42 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_somatrain"))
 }
 
+/// This repository's trainer sources: a small corpus for the tests.
+pub fn sources() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
+}
+
+/// `somatrain train` of the tiny preset on [`sources`] into `run` (sequences of 64,
+/// micro-batches of 2, no accumulation, 2 KiB held out), with `extra` flags (the steps, at
+/// least); the run must succeed.
+pub fn train_tiny(run: &Path, extra: &[&str]) {
+    let out = bin()
+        .args(["train", "--run-dir", run.to_str().unwrap()])
+        .args([
+            "--preset",
+            "tiny",
+            "--corpus-dir",
+            sources().to_str().unwrap(),
+        ])
+        .args([
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--accumulation",
+            "1",
+        ])
+        .args(["--heldout-bytes", "2048"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "training failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `somatrain localnet` (the gRPC node) as a child process on free ports; SIGKILLed when
 /// dropped.
 pub struct GrpcLocalnet {

@@ -186,25 +186,27 @@ unsafe fn product_shared(
 pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize) {
     let d_out = b.len();
     let d_in = w.len() / d_out;
-    assert_eq!(x.len(), rows * d_in);
-    assert_eq!(out.len(), rows * d_out);
     for row in out.chunks_exact_mut(d_out) {
         row.copy_from_slice(b);
     }
-    product(
-        out,
-        Layout::rows_at(0, rows, d_out, d_out),
-        x,
-        Layout::rows_at(0, rows, d_in, d_in),
-        w,
-        Layout::rows_at(0, d_in, d_out, d_out),
-        true,
-        Parallelism::Rayon(0),
-    );
+    dense_product(x, w, out, rows, d_in, d_out, true);
 }
 
 /// `out = x @ m` without bias (`m` is `[in, out]`), written over `out`.
 pub fn matmul(x: &[f32], m: &[f32], out: &mut [f32], rows: usize, d_in: usize, d_out: usize) {
+    dense_product(x, m, out, rows, d_in, d_out, false);
+}
+
+/// `out (+)= x @ m` for row-major `x [rows, d_in]`, `m [d_in, d_out]`, `out [rows, d_out]`.
+fn dense_product(
+    x: &[f32],
+    m: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    accumulate: bool,
+) {
     assert_eq!(x.len(), rows * d_in);
     assert_eq!(m.len(), d_in * d_out);
     assert_eq!(out.len(), rows * d_out);
@@ -215,7 +217,7 @@ pub fn matmul(x: &[f32], m: &[f32], out: &mut [f32], rows: usize, d_in: usize, d
         Layout::rows_at(0, rows, d_in, d_in),
         m,
         Layout::rows_at(0, d_in, d_out, d_out),
-        false,
+        accumulate,
         Parallelism::Rayon(0),
     );
 }
