@@ -185,3 +185,119 @@ fn a_keystore_others_can_read_is_refused_with_the_fix() {
         &format!("chmod 600 {ks}"),
     );
 }
+
+/// How to run `somatrain` as a user whom file permissions bind. Tests run as root on our
+/// machines, and root reads a mode-000 directory anyway; then the binary is copied under `dir`
+/// (where any user may execute it) and run as `nobody`, with `writable` handed to `nobody`. A
+/// process that permissions already bind runs the binary as it is.
+struct Unprivileged {
+    program: std::path::PathBuf,
+    /// The user and home to run as, where this process bypasses permissions.
+    nobody: Option<(u32, std::path::PathBuf)>,
+}
+
+impl Unprivileged {
+    fn prepare(dir: &Path, writable: &Path) -> Unprivileged {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let probe = dir.join("probe");
+        std::fs::create_dir(&probe).unwrap();
+        mode(&probe, 0o000);
+        let bypasses_permissions = std::fs::read_dir(&probe).is_ok();
+        mode(&probe, 0o700);
+        if !bypasses_permissions {
+            return Unprivileged {
+                program: env!("CARGO_BIN_EXE_somatrain").into(),
+                nobody: None,
+            };
+        }
+        const NOBODY: u32 = 65534;
+        mode(dir, 0o755);
+        let program = dir.join("somatrain");
+        std::fs::copy(env!("CARGO_BIN_EXE_somatrain"), &program).unwrap();
+        mode(&program, 0o755);
+        std::os::unix::fs::chown(writable, Some(NOBODY), Some(NOBODY)).unwrap();
+        Unprivileged {
+            program,
+            nobody: Some((NOBODY, writable.to_path_buf())),
+        }
+    }
+
+    fn command(&self) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(&self.program);
+        if let Some((user, home)) = &self.nobody {
+            command.uid(*user).gid(*user).env("HOME", home);
+        }
+        command
+    }
+}
+
+#[test]
+fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // Under /tmp, which every user can enter, whatever TMPDIR says.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let corpus = dir.path().join("corpus");
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(corpus.join("locked")).unwrap();
+    std::fs::create_dir(&run_dir).unwrap();
+    for (name, text) in [
+        ("a.txt", "the first readable document of this corpus"),
+        ("b.txt", "a second one, also readable by anyone at all"),
+        ("c.txt", "and a third, so that training has enough text"),
+        ("locked/hidden.txt", "in a directory nobody may list"),
+        ("secret.txt", "a file nobody may read"),
+    ] {
+        std::fs::write(corpus.join(name), text).unwrap();
+    }
+    mode(&corpus.join("locked"), 0o000);
+    mode(&corpus.join("secret.txt"), 0o000);
+    let user = Unprivileged::prepare(dir.path(), &run_dir);
+    let train = |extra: &[&str]| {
+        user.command()
+            .args(["train", "--run-dir", run_dir.to_str().unwrap()])
+            .args(["--preset", "tiny", "--corpus-dir", corpus.to_str().unwrap()])
+            .args([
+                "--seq-len",
+                "64",
+                "--micro-batch",
+                "2",
+                "--accumulation",
+                "1",
+            ])
+            .args(["--heldout-bytes", "64"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    let out = train(&["--steps", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The locked directory and the unreadable file; the three others were read.
+    assert!(
+        stdout.contains("3 training documents, 0 held-out; skipped: 2 unreadable"),
+        "{stdout}"
+    );
+    let locked = corpus.join("locked");
+    assert!(
+        stderr.contains(&format!("{}: cannot be read", locked.display())),
+        "{stderr}"
+    );
+
+    mode(&corpus, 0o000);
+    let refused_run = train(&["--steps", "2"]);
+    mode(&corpus, 0o755);
+    mode(&locked, 0o755);
+    refused(
+        refused_run,
+        &format!("cannot read the corpus directory {}", corpus.display()),
+    );
+}

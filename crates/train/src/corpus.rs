@@ -27,10 +27,11 @@ use reader::UnitReader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
-    #[error("{path}: {source}")]
+    #[error("cannot read {what} {}: {error}", path.display())]
     Io {
+        what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid glob '{glob}': {reason}")]
     Glob { glob: String, reason: String },
@@ -106,7 +107,35 @@ pub struct CorpusStats {
     pub skipped_empty: u64,
     pub skipped_too_large: u64,
     pub skipped_bad_record: u64,
+    /// Files that could not be opened or read, and directories that could not be listed.
     pub skipped_unreadable: u64,
+}
+
+impl std::fmt::Display for CorpusStats {
+    /// One line: the documents read and, when anything was skipped, why, e.g. "120 training
+    /// documents, 3 held-out; skipped: 2 unreadable, 1 too large".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} training documents, {} held-out",
+            self.train_documents, self.heldout_documents
+        )?;
+        let skipped: Vec<String> = [
+            (self.skipped_unreadable, "unreadable"),
+            (self.skipped_invalid_utf8, "not UTF-8"),
+            (self.skipped_too_large, "too large"),
+            (self.skipped_bad_record, "bad records"),
+            (self.skipped_empty, "empty"),
+        ]
+        .iter()
+        .filter(|(count, _)| *count > 0)
+        .map(|(count, why)| format!("{count} {why}"))
+        .collect();
+        if !skipped.is_empty() {
+            write!(f, "; skipped: {}", skipped.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// One readable unit: a file holding one document, or a JSON Lines or Parquet file holding many.
@@ -132,6 +161,7 @@ fn record_files(
     suffixes: &[&str],
     include: Option<&GlobSet>,
     exclude: Option<&GlobSet>,
+    unreadable: &mut u64,
 ) -> Vec<(PathBuf, String)> {
     if !path.is_dir() {
         let name = path
@@ -140,18 +170,20 @@ fn record_files(
             .unwrap_or_default();
         return vec![(path.to_path_buf(), name)];
     }
-    walk(path, include, exclude)
-        .filter(|(_, rel)| suffixes.iter().any(|s| rel.ends_with(s)))
-        .collect()
+    let mut files = walk(path, include, exclude, unreadable);
+    files.retain(|(_, rel)| suffixes.iter().any(|s| rel.ends_with(s)));
+    files
 }
 
 /// Regular files under `dir` in a stable order, with their paths relative to it, filtered by the
-/// globs.
-fn walk<'a>(
-    dir: &'a Path,
-    include: Option<&'a GlobSet>,
-    exclude: Option<&'a GlobSet>,
-) -> impl Iterator<Item = (PathBuf, String)> + 'a {
+/// globs. Entries that cannot be read (a directory without permission) are logged and counted in
+/// `unreadable`.
+fn walk(
+    dir: &Path,
+    include: Option<&GlobSet>,
+    exclude: Option<&GlobSet>,
+    unreadable: &mut u64,
+) -> Vec<(PathBuf, String)> {
     walkdir::WalkDir::new(dir)
         .sort_by_file_name()
         .into_iter()
@@ -163,6 +195,7 @@ fn walk<'a>(
                     "{}: cannot be read ({e}); skipped",
                     e.path().unwrap_or(dir).display()
                 );
+                *unreadable += 1;
                 None
             }
         })
@@ -176,12 +209,17 @@ fn walk<'a>(
             let rel = rel.to_string_lossy().into_owned();
             Some((entry.path().to_path_buf(), rel))
         })
+        .collect()
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
-    move |source| CorpusError::Io {
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CorpusError + 'a {
+    move |error| CorpusError::Io {
+        what,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -203,41 +241,61 @@ fn globset(globs: &[String]) -> Result<Option<GlobSet>, CorpusError> {
     })
 }
 
+/// The units of a corpus and what listing them could not read.
+struct Listing {
+    /// Every unit, in a stable order.
+    units: Vec<Unit>,
+    /// Directories (or other entries) under a source that could not be read; each is logged.
+    unreadable: u64,
+}
+
 /// All units of the corpus in a stable order.
-fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
+fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
     let include = globset(&config.include)?;
     let exclude = globset(&config.exclude)?;
     let mut units = Vec::new();
+    let mut unreadable = 0;
     for source in &config.sources {
         match source {
             Source::Dir { path } => {
                 if !path.is_dir() {
                     return Err(CorpusError::Io {
+                        what: "the corpus directory",
                         path: path.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "not a directory",
-                        ),
+                        error: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
                     });
                 }
-                std::fs::read_dir(path).map_err(io_err(path))?;
+                std::fs::read_dir(path).map_err(io_err("the corpus directory", path))?;
                 units.extend(
-                    walk(path, include.as_ref(), exclude.as_ref())
+                    walk(path, include.as_ref(), exclude.as_ref(), &mut unreadable)
+                        .into_iter()
                         .map(|(file, identity)| Unit::Document(file, identity)),
                 );
             }
             Source::Jsonl { path, field } => units.extend(
-                record_files(path, JSONL_SUFFIXES, include.as_ref(), exclude.as_ref())
-                    .into_iter()
-                    .map(|(file, name)| Unit::Jsonl(file, field.clone(), name)),
+                record_files(
+                    path,
+                    JSONL_SUFFIXES,
+                    include.as_ref(),
+                    exclude.as_ref(),
+                    &mut unreadable,
+                )
+                .into_iter()
+                .map(|(file, name)| Unit::Jsonl(file, field.clone(), name)),
             ),
             Source::Parquet { path, column } => units.extend(
-                record_files(path, &[".parquet"], include.as_ref(), exclude.as_ref())
-                    .into_iter()
-                    .map(|(file, name)| Unit::Parquet(file, column.clone(), name)),
+                record_files(
+                    path,
+                    &[".parquet"],
+                    include.as_ref(),
+                    exclude.as_ref(),
+                    &mut unreadable,
+                )
+                .into_iter()
+                .map(|(file, name)| Unit::Parquet(file, column.clone(), name)),
             ),
             Source::List { path } => {
-                let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+                let text = std::fs::read_to_string(path).map_err(io_err("the file list", path))?;
                 let base = path.parent().unwrap_or(Path::new("."));
                 for line in text
                     .lines()
@@ -249,7 +307,7 @@ fn list_units(config: &CorpusConfig) -> Result<Vec<Unit>, CorpusError> {
             }
         }
     }
-    Ok(units)
+    Ok(Listing { units, unreadable })
 }
 
 /// Held-out membership from a hash of the document's identity (stable across runs and seeds).
@@ -465,6 +523,8 @@ pub struct TrainStream {
     config: CorpusConfig,
     units: Vec<Unit>,
     units_digest: String,
+    /// Entries listing the corpus could not read: counted again in every epoch's stats.
+    unreadable_in_listing: u64,
     epoch: u64,
     sequences: u64,
     epoch_order: Vec<usize>,
@@ -481,12 +541,13 @@ pub struct TrainStream {
 impl TrainStream {
     /// Opens the stream at `position` (the default position is the very start).
     pub fn open(config: CorpusConfig, position: Position) -> Result<Self, CorpusError> {
-        let units = list_units(&config)?;
-        let digest = units_digest(&units);
+        let listing = list_units(&config)?;
+        let digest = units_digest(&listing.units);
         let mut stream = TrainStream {
             config,
-            units,
+            units: listing.units,
             units_digest: digest,
+            unreadable_in_listing: listing.unreadable,
             epoch: 0,
             sequences: 0,
             epoch_order: Vec::new(),
@@ -603,6 +664,7 @@ impl TrainStream {
         self.reader = None;
         self.buffer.clear();
         self.emitted_any_in_epoch = false;
+        self.stats.skipped_unreadable += self.unreadable_in_listing;
     }
 
     /// Reads the next training document of the epoch into the buffer; false once every unit of
@@ -685,10 +747,13 @@ pub fn sample(
     split: Split,
     max_bytes: usize,
 ) -> Result<(Vec<u8>, CorpusStats), CorpusError> {
-    let units = list_units(config)?;
-    let mut stats = CorpusStats::default();
+    let listing = list_units(config)?;
+    let mut stats = CorpusStats {
+        skipped_unreadable: listing.unreadable,
+        ..CorpusStats::default()
+    };
     let mut out = Vec::new();
-    for unit in &units {
+    for unit in &listing.units {
         let mut reader = UnitReader::open(unit, 0, 0, &mut stats);
         while out.len() < max_bytes {
             let Some(doc) = reader.next_document(config, split, &mut stats) else {

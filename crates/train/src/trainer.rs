@@ -161,6 +161,10 @@ impl TrainSettings {
         if self.micro_batch == 0 || self.accumulation == 0 {
             return Err("micro-batch and accumulation must be positive".into());
         }
+        if self.heldout_bytes == 0 {
+            // The round's score and embedding are computed on this many bytes.
+            return Err("--heldout-bytes must be positive".into());
+        }
         self.model.validate()
     }
 
@@ -262,7 +266,12 @@ pub struct RunSummary {
     pub resumed_from: Option<PathBuf>,
     pub rejected_checkpoints: Vec<String>,
     pub last_loss: f32,
+    /// The epoch of the corpus being read when the run stopped (from 0).
+    pub corpus_epoch: u64,
+    /// What reading met so far in that epoch.
     pub corpus: CorpusStats,
+    /// What the last complete epoch met, once one has completed.
+    pub last_epoch_corpus: Option<CorpusStats>,
     pub round: RoundArtifacts,
 }
 
@@ -579,7 +588,9 @@ pub fn run_with(
         resumed_from,
         rejected_checkpoints: rejected.iter().map(|e| e.to_string()).collect(),
         last_loss,
+        corpus_epoch: stream.epoch(),
         corpus: stream.stats.clone(),
+        last_epoch_corpus: stream.last_epoch_stats.clone(),
         round,
     })
 }

@@ -268,6 +268,7 @@ fn out_of_range_settings_are_refused_before_anything_is_written() {
         ("eps", |s| s.optim.eps = 0.0),
         ("--seq-len", |s| s.corpus.max_seq_len = 0),
         ("micro-batch", |s| s.micro_batch = 0),
+        ("--heldout-bytes", |s| s.heldout_bytes = 0),
     ];
     for (name, spoil) in cases {
         let dir = tempfile::tempdir().unwrap();

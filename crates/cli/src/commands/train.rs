@@ -245,6 +245,13 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             summary.last_loss,
             summary.round.weights.display()
         );
+        if let Some(full) = &summary.last_epoch_corpus {
+            println!("corpus, last full epoch: {full}");
+        }
+        println!(
+            "corpus, epoch {} so far: {}",
+            summary.corpus_epoch, summary.corpus
+        );
         if let Some(h) = &summary.round.heldout {
             println!(
                 "held-out ({} bytes): network loss {:.4}, {:.3} bits/byte",
