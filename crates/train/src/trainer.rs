@@ -422,6 +422,17 @@ pub fn run_with(
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<RunSummary, TrainError> {
     settings.validate().map_err(TrainError::Settings)?;
+    let settings_path = run_dir.join("settings.json");
+    // A new run lists its corpus before it writes anything, so that a mistyped or unreadable
+    // corpus path does not leave a `settings.json` that pins the run directory to it.
+    let mut fresh_stream = if settings_path.exists() {
+        None
+    } else {
+        Some(TrainStream::open(
+            settings.corpus.clone(),
+            Position::default(),
+        )?)
+    };
     {
         // A new run directory is private; an existing one (the user's) keeps its mode, since
         // what needs privacy lives in `checkpoints/`, `round/` and `publish/`, each 0700.
@@ -432,7 +443,6 @@ pub fn run_with(
             .create(run_dir)
             .map_err(io_err(run_dir))?;
     }
-    let settings_path = run_dir.join("settings.json");
     if settings_path.exists() {
         let text = std::fs::read_to_string(&settings_path).map_err(io_err(&settings_path))?;
         let stored: TrainSettings = serde_json::from_str(&text)
@@ -484,7 +494,11 @@ pub fn run_with(
         Until::MoreSteps(n) => start_step + n,
         Until::Step(s) => s,
     };
-    let mut stream = TrainStream::open(settings.corpus.clone(), position)?;
+    let mut stream = match fresh_stream.take() {
+        // Nothing was loaded, so the stream starts where the one already open stands.
+        Some(stream) if resumed_from.is_none() => stream,
+        _ => TrainStream::open(settings.corpus.clone(), position)?,
+    };
     let mut grads = Weights::zeros(settings.model);
     let d = settings.model.embedding_dim;
     let seq = settings.corpus.max_seq_len;

@@ -256,6 +256,26 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn a_mistyped_corpus_path_writes_nothing_and_the_corrected_one_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mut s = settings();
+    let missing = dir.path().join("no-such-corpus");
+    s.corpus.sources = vec![Source::Dir {
+        path: missing.clone(),
+    }];
+    let error = run(&run_dir, &s, Until::Step(1), &mut |_| {}).expect_err("a missing corpus");
+    assert!(
+        error.to_string().contains(&missing.display().to_string()),
+        "{error}"
+    );
+    assert!(!run_dir.exists(), "the run directory was created");
+    // Nothing pins the run directory to the wrong path.
+    let summary = run(&run_dir, &settings(), Until::Step(1), &mut |_| {}).unwrap();
+    assert_eq!(summary.end_step, 1);
+}
+
+#[test]
 fn out_of_range_settings_are_refused_before_anything_is_written() {
     type Spoil = fn(&mut TrainSettings);
     let cases: Vec<(&str, Spoil)> = vec![
