@@ -183,7 +183,9 @@ pub fn device_failure(
     // their mask) and about a dozen token-by-width tensors, in f32.
     let activations = 4.0 * l * (3.0 * b * h * t * t + b * t * (12.0 * d + 3.0 * f));
     ScoreError::Backend(format!(
-        "the device ran out of memory ({message}); a micro-batch of {} x {} keeps about {:.1} GB          of activations besides 5 x {:.1} GB of weights, gradients and moments: try a smaller          --micro-batch (and a larger --accumulation to keep the tokens per step)",
+        "the device ran out of memory ({message}); a micro-batch of {} x {} keeps about {:.1} GB \
+         of activations besides 5 x {:.1} GB of weights, gradients and moments: try a smaller \
+         --micro-batch (and a larger --accumulation to keep the tokens per step)",
         batch.batch,
         batch.seq_len,
         activations / 1e9,

@@ -253,7 +253,8 @@ fn out_of_memory_names_the_micro_batch_and_the_fix() {
     assert!(oom.contains("ran out of memory"), "{oom}");
     assert!(oom.contains("536870912 bytes"), "{oom}");
     assert!(oom.contains("2 x 1024"), "{oom}");
-    assert!(oom.contains("--micro-batch"), "{oom}");
+    assert!(oom.contains("try a smaller --micro-batch"), "{oom}");
+    assert!(!oom.contains("  "), "a run of spaces in: {oom}");
     let other =
         somatrain_burn::train::device_failure("kernel launch failed", &config, &batch).to_string();
     assert!(other.contains("kernel launch failed"), "{other}");

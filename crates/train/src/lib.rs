@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod corpus;
+pub mod host_memory;
 pub mod optim;
 pub mod trainer;
 

@@ -337,6 +337,13 @@ pub trait GradientEngine {
         None
     }
 
+    /// Refuses, before anything is written, settings whose micro-batch cannot fit the memory
+    /// the engine trains in. The default checks nothing: a device reports its own
+    /// out-of-memory, with what it asked for.
+    fn check_fits(&self, _settings: &TrainSettings) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Forgets whatever the engine holds of an earlier run: from here the host's `weights` and
     /// `adam` are the state. Called when a run starts.
     fn start_run(&mut self) {}
@@ -387,6 +394,25 @@ pub fn first_nonfinite(weights: &Weights) -> Option<String> {
 }
 
 impl GradientEngine for TrainPass {
+    fn check_fits(&self, settings: &TrainSettings) -> Result<(), String> {
+        let Some(limit) = crate::host_memory::limit() else {
+            return Ok(());
+        };
+        let (batch, seq_len) = (settings.micro_batch, settings.corpus.max_seq_len);
+        let needed = TrainPass::memory_bytes(&settings.model, batch, seq_len);
+        if needed <= limit as f64 {
+            return Ok(());
+        }
+        Err(format!(
+            "a micro-batch of {batch} x {seq_len} needs about {:.1} GB on the CPU (weights, \
+             gradients, Adam moments and activations), and this machine has {:.1} GB: use a \
+             smaller --micro-batch (and a larger --accumulation to keep the tokens per step) or \
+             a shorter --seq-len",
+            needed / 1e9,
+            limit as f64 / 1e9
+        ))
+    }
+
     fn loss_and_grad(
         &mut self,
         weights: &Weights,
@@ -422,6 +448,7 @@ pub fn run_with(
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<RunSummary, TrainError> {
     settings.validate().map_err(TrainError::Settings)?;
+    engine.check_fits(settings).map_err(TrainError::Settings)?;
     let settings_path = run_dir.join("settings.json");
     // A new run lists its corpus before it writes anything, so that a mistyped or unreadable
     // corpus path does not leave a `settings.json` that pins the run directory to it.

@@ -289,6 +289,8 @@ fn out_of_range_settings_are_refused_before_anything_is_written() {
         ("--seq-len", |s| s.corpus.max_seq_len = 0),
         ("micro-batch", |s| s.micro_batch = 0),
         ("--heldout-bytes", |s| s.heldout_bytes = 0),
+        // Terabytes of activations: more than any machine has.
+        ("smaller --micro-batch", |s| s.micro_batch = 1 << 24),
     ];
     for (name, spoil) in cases {
         let dir = tempfile::tempdir().unwrap();
