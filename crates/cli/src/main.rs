@@ -109,8 +109,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
+            let mut said = err.to_string();
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                // Many errors end with their cause's words already ("{path}: {source}").
+                let text = cause.to_string();
+                if !said.ends_with(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                said = text;
             }
             ExitCode::FAILURE
         }

@@ -301,3 +301,43 @@ fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted()
         &format!("cannot read the corpus directory {}", corpus.display()),
     );
 }
+
+#[test]
+fn train_says_when_there_is_nothing_to_train_and_names_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = common::sources();
+    let train = |run_dir: &Path, steps: &str| {
+        run(&[
+            "train",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--corpus-dir",
+            sources.to_str().unwrap(),
+            "--seq-len",
+            "64",
+            "--steps",
+            steps,
+        ])
+    };
+    let out = train(&dir.path().join("run"), "0");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("no steps to train (the run is at step 0)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("NaN"), "{stdout}");
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = train(&file, "1");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    refused(out, "File exists");
+    assert_eq!(stderr.matches("File exists").count(), 1, "{stderr}");
+}

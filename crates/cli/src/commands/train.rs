@@ -238,13 +238,21 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
-        println!(
-            "trained steps {} -> {} (last loss {:.4}); weights: {}",
-            summary.start_step,
-            summary.end_step,
-            summary.last_loss,
-            summary.round.weights.display()
-        );
+        if summary.end_step == summary.start_step {
+            println!(
+                "no steps to train (the run is at step {}); weights: {}",
+                summary.end_step,
+                summary.round.weights.display()
+            );
+        } else {
+            println!(
+                "trained steps {} -> {} (last loss {:.4}); weights: {}",
+                summary.start_step,
+                summary.end_step,
+                summary.last_loss,
+                summary.round.weights.display()
+            );
+        }
         if let Some(full) = &summary.last_epoch_corpus {
             println!("corpus, last full epoch: {full}");
         }
