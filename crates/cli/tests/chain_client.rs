@@ -152,6 +152,29 @@ async fn a_node_that_never_answers_fails_at_the_deadline() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_says_so() {
+    // A port that was just free: nothing listens there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = ChainClient::new(Endpoints::parse(&format!("http://{addr}")).unwrap()).unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.balance(&Keypair::generate().address()),
+    )
+    .await
+    .expect("a refused connection fails at once")
+    .expect_err("nothing listens");
+    let text = error.to_string();
+    assert!(error.is_transient(), "{text}");
+    assert!(text.contains(&addr.to_string()), "{text}");
+    // The OS's words, not just tonic's "tcp connect error".
+    assert!(text.contains("Connection refused"), "{text}");
+    assert_eq!(text.matches("tcp connect error").count(), 1, "{text}");
+}
+
 #[test]
 fn networks_parse_by_name_or_url() {
     assert_eq!(Endpoints::parse("localnet").unwrap(), Endpoints::localnet());

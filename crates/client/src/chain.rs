@@ -132,6 +132,21 @@ impl ChainError {
     }
 }
 
+/// A status's message followed by the transport errors under it ("tcp connect error" alone does
+/// not say that the connection was refused, or that the node never answered).
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        let words = error.to_string();
+        if !text.contains(&words) && words != "transport error" {
+            text = format!("{text}: {words}");
+        }
+        cause = error.source();
+    }
+    text
+}
+
 fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
     match status.code() {
         Code::Unavailable
@@ -141,7 +156,7 @@ fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
         | Code::Cancelled
         | Code::Unknown => ChainError::Unavailable {
             endpoint: endpoint.to_string(),
-            message: status.message().to_string(),
+            message: with_causes(&status),
         },
         code => ChainError::Refused {
             code,
