@@ -262,15 +262,8 @@ fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted()
     let train = |extra: &[&str]| {
         user.command()
             .args(["train", "--run-dir", run_dir.to_str().unwrap()])
-            .args(["--preset", "tiny", "--corpus-dir", corpus.to_str().unwrap()])
-            .args([
-                "--seq-len",
-                "64",
-                "--micro-batch",
-                "2",
-                "--accumulation",
-                "1",
-            ])
+            .args(["--corpus-dir", corpus.to_str().unwrap()])
+            .args(common::TINY_SHAPE)
             .args(["--heldout-bytes", "64"])
             .args(extra)
             .output()

@@ -32,22 +32,9 @@ fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command 
     let mut cmd = bin();
     cmd.args(["run", "--run-dir", run_dir.to_str().unwrap()])
         .args(net)
-        .args([
-            "--preset",
-            "tiny",
-            "--corpus-dir",
-            common::sources().to_str().unwrap(),
-        ])
-        .args([
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-            "--accumulation",
-            "1",
-            "--lr",
-            "3e-3",
-        ])
+        .args(["--corpus-dir", common::sources().to_str().unwrap()])
+        .args(common::TINY_SHAPE)
+        .args(["--lr", "3e-3"])
         .args([
             "--heldout-per-mille",
             "200",

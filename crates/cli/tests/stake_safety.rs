@@ -168,23 +168,10 @@ async fn a_round_that_does_not_improve_enough_is_trained_on_not_committed() {
     let kp = Keypair::generate();
     let run = dir.path().join("run");
     let mut child = bin()
-        .args([
-            "run",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
+        .args(["run", "--run-dir", run.to_str().unwrap()])
+        .args(common::TINY_SHAPE)
         .args(["--corpus-dir", sources().join("../..").to_str().unwrap()])
         .args(["--include", "**/*.rs", "--heldout-per-mille", "200"])
-        .args([
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-            "--accumulation",
-            "1",
-        ])
         .args([
             "--heldout-bytes",
             "2048",

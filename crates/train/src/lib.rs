@@ -2,7 +2,9 @@
 //!
 //! Owns the training loop and what it leaves behind: the corpus stream ([`corpus`]), AdamW and
 //! its schedule ([`optim`]), crash-safe checkpoints ([`checkpoint`]) and the round artifacts
-//! (publishable weights, held-out score, registry embedding) written by [`trainer`].
+//! (publishable weights, held-out score, registry embedding) written by [`trainer`], which
+//! refuses a CPU micro-batch larger than the machine's memory ([`host_memory`]) before it writes
+//! anything.
 //! The math of a step lives in `somatrain-model` (`cpu::train`); this crate never touches the
 //! network or the chain.
 

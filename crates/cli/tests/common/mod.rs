@@ -15,26 +15,27 @@ pub fn sources() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../train/src")
 }
 
+/// The tiny preset's training shape in the CLI tests: sequences of 64, micro-batches of 2, no
+/// accumulation.
+pub const TINY_SHAPE: [&str; 8] = [
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "64",
+    "--micro-batch",
+    "2",
+    "--accumulation",
+    "1",
+];
+
 /// `somatrain train` of the tiny preset on [`sources`] into `run` (sequences of 64,
 /// micro-batches of 2, no accumulation, 2 KiB held out), with `extra` flags (the steps, at
 /// least); the run must succeed.
 pub fn train_tiny(run: &Path, extra: &[&str]) {
     let out = bin()
         .args(["train", "--run-dir", run.to_str().unwrap()])
-        .args([
-            "--preset",
-            "tiny",
-            "--corpus-dir",
-            sources().to_str().unwrap(),
-        ])
-        .args([
-            "--seq-len",
-            "64",
-            "--micro-batch",
-            "2",
-            "--accumulation",
-            "1",
-        ])
+        .args(["--corpus-dir", sources().to_str().unwrap()])
+        .args(TINY_SHAPE)
         .args(["--heldout-bytes", "2048"])
         .args(extra)
         .output()
