@@ -157,6 +157,39 @@ fn decrypt_checks_the_result_and_nothing_is_overwritten_without_force() {
         std::fs::read(&plain).unwrap(),
         std::fs::read(&weights).unwrap()
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&plain).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "decrypted weights are the owner's alone"
+        );
+    }
+}
+
+#[test]
+fn crypto_commands_read_only_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let key = somatrain_protocol::EncryptionKey::generate().to_base58();
+    let dir_path = dir.path().to_str().unwrap();
+    // /dev/zero never ends: refused at once instead of filling the disk.
+    for (args, needle) in [
+        (vec!["encrypt", "/dev/zero", out], "not a regular file"),
+        (
+            vec!["decrypt", "--key", &key, "/dev/zero", out],
+            "not a regular file",
+        ),
+        (vec!["commitment", "/dev/zero"], "not a regular file"),
+        (vec!["encrypt", dir_path, out], "is a directory"),
+        (vec!["commitment", dir_path], "is a directory"),
+    ] {
+        refused(run(&args), needle);
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
 }
 
 #[test]
@@ -225,13 +258,29 @@ impl Unprivileged {
         }
     }
 
-    fn command(&self) -> std::process::Command {
+    /// Runs `somatrain args` and waits for it.
+    fn output(&self, args: &[&str]) -> Output {
         use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new(&self.program);
+        command.args(args);
         if let Some((user, home)) = &self.nobody {
             command.uid(*user).gid(*user).env("HOME", home);
         }
-        command
+        // Another test's child, forked while the copy was being written, may still hold it
+        // open for writing until it execs: the kernel then refuses to run the copy ("text file
+        // busy"). That lasts an instant; 10 s is a deadline, not a wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match command.output() {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                result => return result.expect("running the copied somatrain"),
+            }
+        }
     }
 }
 
@@ -259,18 +308,15 @@ fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted()
     mode(&corpus.join("locked"), 0o000);
     mode(&corpus.join("secret.txt"), 0o000);
     let user = Unprivileged::prepare(dir.path(), &run_dir);
-    let train = |extra: &[&str]| {
-        user.command()
-            .args(["train", "--run-dir", run_dir.to_str().unwrap()])
-            .args(["--corpus-dir", corpus.to_str().unwrap()])
-            .args(common::TINY_SHAPE)
-            .args(["--heldout-bytes", "64"])
-            .args(extra)
-            .output()
-            .unwrap()
+    let train = |steps: &str| {
+        let mut args = vec!["train", "--run-dir", run_dir.to_str().unwrap()];
+        args.extend(["--corpus-dir", corpus.to_str().unwrap()]);
+        args.extend(common::TINY_SHAPE);
+        args.extend(["--heldout-bytes", "64", "--steps", steps]);
+        user.output(&args)
     };
 
-    let out = train(&["--steps", "1"]);
+    let out = train("1");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -286,7 +332,7 @@ fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted()
     );
 
     mode(&corpus, 0o000);
-    let refused_run = train(&["--steps", "2"]);
+    let refused_run = train("2");
     mode(&corpus, 0o755);
     mode(&locked, 0o755);
     refused(

@@ -61,6 +61,25 @@ pub fn parse_key(spec: &str) -> Result<EncryptionKey> {
     EncryptionKey::from_base58(&text).context("invalid key")
 }
 
+/// Opens `path` for a streamed read, refusing what is not a regular file: a directory, or a
+/// device or pipe such as `/dev/zero` that may never end.
+fn open_regular_file(path: &Path) -> Result<File> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if meta.is_dir() {
+        bail!("{} is a directory; give a file", path.display());
+    }
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file (a device, pipe or socket, which may never end); give a file",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Streams `input` through the cipher into `output` via a temporary file and a rename, so a
 /// failure never leaves a half-written output under the final name.
 fn transform(
@@ -73,12 +92,19 @@ fn transform(
     if output.exists() && !force {
         bail!("{} exists; pass --force to replace it", output.display());
     }
-    let reader = BufReader::with_capacity(
-        1 << 20,
-        File::open(input).with_context(|| format!("opening {}", input.display()))?,
-    );
+    let reader = BufReader::with_capacity(1 << 20, open_regular_file(input)?);
     let tmp = somatrain_model::io::temp_path_for(output);
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // Owner-only from the first byte: a decryption in progress is plaintext weights.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?
+    };
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     let result = run(reader, &mut writer).and_then(|c| {
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -164,7 +190,7 @@ fn safetensors_header(path: &Path) -> Result<()> {
 pub fn run_commitment(args: CommitmentArgs) -> Result<()> {
     match (&args.file, &args.embedding) {
         (Some(path), None) => {
-            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let file = open_regular_file(path)?;
             let (c, _) = Commitment::of_reader(BufReader::with_capacity(1 << 20, file))?;
             println!("{c}");
         }
