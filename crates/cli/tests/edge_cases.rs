@@ -193,6 +193,74 @@ fn crypto_commands_read_only_regular_files() {
 }
 
 #[test]
+fn small_inputs_are_read_with_a_cap_and_files_are_sized_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = tiny_weights(dir.path());
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, "some bytes to score").unwrap();
+    let data = data.to_str().unwrap();
+    let key = somatrain_protocol::EncryptionKey::generate().to_base58();
+    refused(
+        run(&[
+            "score",
+            "--encrypted-weights",
+            "/dev/zero",
+            "--key",
+            &key,
+            "--data",
+            data,
+        ]),
+        "/dev/zero is not a regular file",
+    );
+    refused(
+        run(&[
+            "score",
+            "--encrypted-weights",
+            &weights,
+            "--key",
+            "@/dev/zero",
+            "--data",
+            data,
+        ]),
+        "/dev/zero holds more than 65536 bytes",
+    );
+    refused(
+        run(&[
+            "score",
+            "--weights",
+            &weights,
+            "--data",
+            data,
+            "--distance-to",
+            "/dev/zero",
+        ]),
+        "/dev/zero holds more than 67108864 bytes",
+    );
+    refused(
+        run(&["commitment", "--embedding", "/dev/zero"]),
+        "/dev/zero holds more than 67108864 bytes",
+    );
+    // 17 GiB that take no disk: refused from its size, before a byte is read.
+    let huge = dir.path().join("huge.enc");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(17 << 30)
+        .unwrap();
+    refused(
+        run(&[
+            "score",
+            "--encrypted-weights",
+            huge.to_str().unwrap(),
+            "--key",
+            &key,
+            "--data",
+            data,
+        ]),
+        &format!("holds {} bytes, more than {}", 17u64 << 30, 16u64 << 30),
+    );
+}
+
+#[test]
 fn a_keystore_others_can_read_is_refused_with_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();

@@ -223,6 +223,45 @@ fn io_err<'a>(
     }
 }
 
+/// The most a file list, or the data for an embedding, may hold: 1 GiB.
+pub const MAX_LISTED_BYTES: u64 = 1 << 30;
+
+/// Reads at most `max_bytes` of `path`; more is an error rather than an unbounded read (of
+/// `/dev/zero`, say).
+pub(crate) fn read_bounded(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("holds more than {max_bytes} bytes, the most read from it"),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod bounded_read_tests {
+    use super::read_bounded;
+
+    #[test]
+    fn an_endless_file_is_cut_at_the_cap() {
+        let error = read_bounded(std::path::Path::new("/dev/zero"), 4096).unwrap_err();
+        assert!(
+            error.to_string().contains("more than 4096 bytes"),
+            "{error}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("list.txt");
+        std::fs::write(&path, b"a.txt\nb.txt\n").unwrap();
+        assert_eq!(read_bounded(&path, 12).unwrap(), b"a.txt\nb.txt\n");
+        assert!(read_bounded(&path, 11).is_err());
+    }
+}
+
 fn globset(globs: &[String]) -> Result<Option<GlobSet>, CorpusError> {
     if globs.is_empty() {
         return Ok(None);
@@ -295,7 +334,13 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
                 .map(|(file, name)| Unit::Parquet(file, column.clone(), name)),
             ),
             Source::List { path } => {
-                let text = std::fs::read_to_string(path).map_err(io_err("the file list", path))?;
+                let text = read_bounded(path, MAX_LISTED_BYTES)
+                    .and_then(|bytes| {
+                        String::from_utf8(bytes).map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                        })
+                    })
+                    .map_err(io_err("the file list", path))?;
                 let base = path.parent().unwrap_or(Path::new("."));
                 for line in text
                     .lines()

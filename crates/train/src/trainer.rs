@@ -684,7 +684,8 @@ fn write_round(
         (_, false) => {
             let mut data = Vec::new();
             for p in &settings.embedding_data {
-                data.extend(std::fs::read(p).map_err(io_err(p))?);
+                let room = crate::corpus::MAX_LISTED_BYTES - data.len() as u64;
+                data.extend(crate::corpus::read_bounded(p, room).map_err(io_err(p))?);
             }
             let score = score_data(model, &data, ScoreOptions::default(), &mut |_, _| {})?;
             let names: Vec<String> = settings

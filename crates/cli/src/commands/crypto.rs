@@ -52,9 +52,8 @@ pub struct CommitmentArgs {
 
 pub fn parse_key(spec: &str) -> Result<EncryptionKey> {
     let text = match spec.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading the key file {path}"))?
-        }
+        Some(path) => super::read_text(Path::new(path), super::MAX_KEY_FILE_BYTES)
+            .with_context(|| format!("reading the key file {path}"))?,
         None => spec.to_string(),
     };
     // The error deliberately omits the key text.
@@ -195,8 +194,7 @@ pub fn run_commitment(args: CommitmentArgs) -> Result<()> {
             println!("{c}");
         }
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = super::read_text(path, super::MAX_EMBEDDING_JSON_BYTES)?;
             let values: Vec<f32> = serde_json::from_str(&text)
                 .with_context(|| format!("{}: expected a JSON array of numbers", path.display()))?;
             println!("{}", embedding_commitment(&values));

@@ -160,6 +160,21 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
 /// clear error instead of an unbounded read from something like `/dev/zero`.
 pub const MAX_DATA_BYTES: u64 = 1 << 30;
 
+/// The most a small text input may hold (a key file, a keystore): 64 KiB.
+pub const MAX_KEY_FILE_BYTES: u64 = 64 << 10;
+
+/// The most an embedding's JSON may hold (64 MiB; V1's 2,048 values take about 50 KB).
+pub const MAX_EMBEDDING_JSON_BYTES: u64 = 64 << 20;
+
+/// The most an encrypted weights file read whole may hold (16 GiB: V1 is 4.8 GB in f32).
+pub const MAX_WEIGHTS_FILE_BYTES: u64 = 16 << 30;
+
+/// Reads a whole text file of at most `max_bytes` (see [`read_input`]).
+pub fn read_text(path: &Path, max_bytes: u64) -> Result<String> {
+    let bytes = read_input(path, max_bytes)?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))
+}
+
 /// Reads a whole input file, or standard input for `-`, refusing more than `max_bytes`.
 pub fn read_input(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
     let name = if path == Path::new("-") {
@@ -169,6 +184,16 @@ pub fn read_input(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
     };
     if path != Path::new("-") && path.is_dir() {
         anyhow::bail!("{name} is a directory, not a data file");
+    }
+    // A regular file says its size: refuse it before reading any of it.
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.is_file()
+        && meta.len() > max_bytes
+    {
+        anyhow::bail!(
+            "{name} holds {} bytes, more than {max_bytes}, the most this command reads",
+            meta.len()
+        );
     }
     let reader: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin())

@@ -144,7 +144,7 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
                 (None, None) => bail!("no --weights and no {} (run `somatrain train` first)", round_json.display()),
             };
             let embedding: Vec<f32> = match (&args.embedding, &artifacts) {
-                (Some(path), _) => serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+                (Some(path), _) => serde_json::from_slice(&super::read_input(path, super::MAX_EMBEDDING_JSON_BYTES)?)
                     .with_context(|| format!("{} is not a JSON array of numbers", path.display()))?,
                 (None, Some(a)) => a.embedding.clone(),
                 (None, None) => bail!("give --embedding FILE.json"),

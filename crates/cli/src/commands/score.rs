@@ -124,8 +124,16 @@ fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weight
         }
         Source::Encrypted(path, key) => {
             let key = super::crypto::parse_key(key)?;
-            let mut bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // Weights are files; a device such as /dev/zero would only fill memory.
+            let meta =
+                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+            if !meta.is_file() {
+                bail!(
+                    "{} is not a regular file; give a weights file",
+                    path.display()
+                );
+            }
+            let mut bytes = super::read_input(path, super::MAX_WEIGHTS_FILE_BYTES)?;
             apply_keystream(&key, &mut bytes);
             load_bytes(&bytes, options).with_context(|| {
                 format!(
@@ -138,8 +146,7 @@ fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weight
 }
 
 fn read_embedding(path: &Path) -> Result<Vec<f32>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = super::read_text(path, super::MAX_EMBEDDING_JSON_BYTES)?;
     let values: Vec<f32> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON array of numbers", path.display()))?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {

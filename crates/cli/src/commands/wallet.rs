@@ -82,7 +82,7 @@ pub fn load_keypair(keystore: Option<&Path>) -> Result<Keypair> {
             );
         }
     }
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = super::read_text(&path, super::MAX_KEY_FILE_BYTES).with_context(|| {
         format!(
             "no key: set SOMA_SECRET_KEY or run `somatrain wallet new` ({})",
             path.display()
