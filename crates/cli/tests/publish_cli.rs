@@ -367,6 +367,25 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     );
     assert!(shown.contains("next deadline: reveal within"), "{shown}");
     assert!(!shown.contains(&key), "the pending key was shown");
+    // With the node out of reach, the run's part (the reveal deadline above all) still shows,
+    // and the exit code says the chain's part failed.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let offline = bin()
+        .args(["status", "--run-dir", run_dir.to_str().unwrap()])
+        .args(["--network", &format!("http://{closed_port}")])
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&offline.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&offline.stderr).to_string();
+    assert_eq!(offline.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(shown.contains("chain: unavailable"), "{shown}");
+    assert!(shown.contains("next deadline: reveal within"), "{shown}");
+    assert!(!shown.contains(&key) && !stderr.contains(&key));
     // The host loses the weights: the reveal uploads them again first.
     let blobs = net.dir.join("blobs");
     let blob = std::fs::read_dir(&blobs)

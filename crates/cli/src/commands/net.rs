@@ -23,129 +23,187 @@ pub struct StatusArgs {
 }
 
 pub fn run_status(args: StatusArgs) -> Result<()> {
+    // The run directory's part is read first and shown even when the node cannot be reached:
+    // a pending reveal's deadline matters most exactly then.
+    let journal = match &args.run_dir {
+        Some(dir) => Some(somatrain_daemon::Journal::load(
+            &somatrain_daemon::Journal::path_in(dir),
+        )?),
+        None => None,
+    };
+    let training = args
+        .run_dir
+        .as_ref()
+        .and_then(|dir| somatrain_train::checkpoint::latest_state(&dir.join("checkpoints")));
+    let local = LocalStatus { journal, training };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let chain = args.chain.client()?;
-        let epoch = chain.epoch_view().await?;
-        let targets = chain.target_views("open").await?;
-        let address = match &args.address {
-            Some(a) => Some(
-                a.parse::<somatrain_protocol::Address>()
-                    .map_err(|e| anyhow::anyhow!("--address: {e}"))?,
-            ),
-            None => super::wallet::load_keypair(None).ok().map(|k| k.address()),
-        };
-        let balance = match address {
-            Some(a) => Some((a, chain.balance(&a).await?)),
-            None => None,
-        };
-        let journal = match &args.run_dir {
-            Some(dir) => Some(somatrain_daemon::Journal::load(
-                &somatrain_daemon::Journal::path_in(dir),
-            )?),
-            None => None,
-        };
-        let training = args
-            .run_dir
-            .as_ref()
-            .and_then(|dir| somatrain_train::checkpoint::latest_state(&dir.join("checkpoints")));
-        let now = somatrain_daemon::now_ms();
-        if args.json {
-            let models: Vec<serde_json::Value> = epoch
-                .models
-                .iter()
-                .map(|m| {
-                    serde_json::json!({
-                        "id": m.id.to_string(),
-                        "owner": m.owner.to_string(),
-                        "state": m.state,
-                        "stake": m.stake,
-                        "commission_bps": m.commission_bps,
-                        "commit_epoch": m.pending.as_ref().map(|p| p.commit_epoch),
-                        "weights_url": m.manifest.as_ref().map(|x| x.url.clone()),
-                    })
+    let chain = runtime.block_on(chain_status(&args));
+    let now = somatrain_daemon::now_ms();
+    let chain = match chain {
+        Ok(chain) => chain,
+        Err(error) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": null, "run": local.json(), "chain_error": format!("{error:#}") })
+                );
+            } else if local.journal.is_some() || local.training.is_some() {
+                println!("chain: unavailable (the error follows)");
+                local.print(now);
+            }
+            return Err(error.context("the chain's part of the status"));
+        }
+    };
+    let ChainStatus {
+        epoch,
+        targets,
+        balance,
+    } = chain;
+    if args.json {
+        let models: Vec<serde_json::Value> = epoch
+            .models
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id.to_string(),
+                    "owner": m.owner.to_string(),
+                    "state": m.state,
+                    "stake": m.stake,
+                    "commission_bps": m.commission_bps,
+                    "commit_epoch": m.pending.as_ref().map(|p| p.commit_epoch),
+                    "weights_url": m.manifest.as_ref().map(|x| x.url.clone()),
                 })
-                .collect();
-            let account = balance.map(|(a, b)| serde_json::json!({"address": a.to_string(), "balance": b}));
-            let run = journal.as_ref().map(|j| {
-                let mut run = loop_json(j);
-                run["training"] = training.as_ref().map_or(serde_json::Value::Null, |(dir, state)| {
-                    serde_json::json!({
-                        "step": state.step,
-                        "last_loss": state.last_loss,
-                        "corpus_epoch": state.corpus.epoch,
-                        "corpus_sequences": state.corpus.sequences,
-                        "checkpoint": dir,
-                    })
-                });
-                run
+            })
+            .collect();
+        let account =
+            balance.map(|(a, b)| serde_json::json!({"address": a.to_string(), "balance": b}));
+        let status = serde_json::json!({
+            "epoch": epoch.epoch,
+            "epoch_start_ms": epoch.start_ms,
+            "next_epoch_ms": epoch.next_epoch_ms(),
+            "now_ms": now,
+            "distance_threshold": epoch.distance_threshold,
+            "reward_per_target": epoch.reward_per_target,
+            "emission_pool": epoch.emission_pool,
+        });
+        println!(
+            "{}",
+            serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets, "run": local.json() })
+        );
+        return Ok(());
+    }
+    let left_s = epoch.next_epoch_ms().saturating_sub(now) / 1000;
+    println!(
+        "epoch {}  (next due in {}h{:02}m{:02}s)",
+        epoch.epoch,
+        left_s / 3600,
+        left_s / 60 % 60,
+        left_s % 60
+    );
+    println!(
+        "emission pool {} SOMA, model stake {} SOMA",
+        soma(epoch.emission_pool),
+        soma(epoch.total_model_stake)
+    );
+    println!(
+        "\n{:<68} {:<9} {:>16} {:>6}  owner",
+        "model", "state", "stake (SOMA)", "comm"
+    );
+    for m in &epoch.models {
+        println!(
+            "{:<68} {:<9} {:>16} {:>6}  {}",
+            m.id.to_string(),
+            m.state.name(),
+            soma(m.stake),
+            m.commission_bps,
+            m.owner
+        );
+    }
+    if epoch.models.is_empty() {
+        println!("(no models)");
+    }
+    println!(
+        "\n{} open targets (threshold {:.4}, reward {} SOMA each)",
+        targets.len(),
+        epoch.distance_threshold,
+        soma(epoch.reward_per_target)
+    );
+    for t in targets.iter().take(10) {
+        let models: Vec<String> = t
+            .model_ids
+            .iter()
+            .map(|m| m.to_string()[..10].to_string())
+            .collect();
+        println!("  {}  models {}", t.id, models.join(","));
+    }
+    if let Some((a, b)) = balance {
+        println!("\naccount {a}: {} SOMA", soma(b));
+    }
+    local.print(now);
+    Ok(())
+}
+
+/// What the chain says: the epoch, its open targets and the account's balance.
+struct ChainStatus {
+    epoch: somatrain_client::view::EpochView,
+    targets: Vec<somatrain_client::view::TargetView>,
+    balance: Option<(somatrain_protocol::Address, u64)>,
+}
+
+async fn chain_status(args: &StatusArgs) -> Result<ChainStatus> {
+    let chain = args.chain.client()?;
+    let epoch = chain.epoch_view().await?;
+    let targets = chain.target_views("open").await?;
+    let address = match &args.address {
+        Some(a) => Some(
+            a.parse::<somatrain_protocol::Address>()
+                .map_err(|e| anyhow::anyhow!("--address: {e}"))?,
+        ),
+        None => super::wallet::load_keypair(None).ok().map(|k| k.address()),
+    };
+    let balance = match address {
+        Some(a) => Some((a, chain.balance(&a).await?)),
+        None => None,
+    };
+    Ok(ChainStatus {
+        epoch,
+        targets,
+        balance,
+    })
+}
+
+/// What the run directory says: the loop's journal and the newest checkpoint.
+struct LocalStatus {
+    journal: Option<somatrain_daemon::Journal>,
+    training: Option<(PathBuf, somatrain_train::checkpoint::CheckpointState)>,
+}
+
+impl LocalStatus {
+    fn json(&self) -> serde_json::Value {
+        let Some(j) = &self.journal else {
+            return serde_json::Value::Null;
+        };
+        let mut run = loop_json(j);
+        run["training"] = self
+            .training
+            .as_ref()
+            .map_or(serde_json::Value::Null, |(dir, state)| {
+                serde_json::json!({
+                    "step": state.step,
+                    "last_loss": state.last_loss,
+                    "corpus_epoch": state.corpus.epoch,
+                    "corpus_sequences": state.corpus.sequences,
+                    "checkpoint": dir,
+                })
             });
-            let status = serde_json::json!({
-                "epoch": epoch.epoch,
-                "epoch_start_ms": epoch.start_ms,
-                "next_epoch_ms": epoch.next_epoch_ms(),
-                "now_ms": now,
-                "distance_threshold": epoch.distance_threshold,
-                "reward_per_target": epoch.reward_per_target,
-                "emission_pool": epoch.emission_pool,
-            });
-            println!(
-                "{}",
-                serde_json::json!({ "status": status, "account": account, "models": models, "open_targets": targets, "run": run })
-            );
-            return Ok(());
+        run
+    }
+
+    fn print(&self, now_ms: u64) {
+        if let Some(j) = &self.journal {
+            print_loop(j, now_ms);
         }
-        let left_s = epoch.next_epoch_ms().saturating_sub(now) / 1000;
-        println!(
-            "epoch {}  (next due in {}h{:02}m{:02}s)",
-            epoch.epoch,
-            left_s / 3600,
-            left_s / 60 % 60,
-            left_s % 60
-        );
-        println!(
-            "emission pool {} SOMA, model stake {} SOMA",
-            soma(epoch.emission_pool),
-            soma(epoch.total_model_stake)
-        );
-        println!(
-            "\n{:<68} {:<9} {:>16} {:>6}  owner",
-            "model", "state", "stake (SOMA)", "comm"
-        );
-        for m in &epoch.models {
-            println!(
-                "{:<68} {:<9} {:>16} {:>6}  {}",
-                m.id.to_string(),
-                m.state.name(),
-                soma(m.stake),
-                m.commission_bps,
-                m.owner
-            );
-        }
-        if epoch.models.is_empty() {
-            println!("(no models)");
-        }
-        println!(
-            "\n{} open targets (threshold {:.4}, reward {} SOMA each)",
-            targets.len(),
-            epoch.distance_threshold,
-            soma(epoch.reward_per_target)
-        );
-        for t in targets.iter().take(10) {
-            let models: Vec<String> = t
-                .model_ids
-                .iter()
-                .map(|m| m.to_string()[..10].to_string())
-                .collect();
-            println!("  {}  models {}", t.id, models.join(","));
-        }
-        if let Some((a, b)) = balance {
-            println!("\naccount {a}: {} SOMA", soma(b));
-        }
-        if let Some(j) = &journal {
-            print_loop(j, now);
-        }
-        if let Some((dir, state)) = &training {
+        if let Some((dir, state)) = &self.training {
             println!(
                 "  training: step {} (last loss {:.4}), corpus epoch {} at sequence {}; checkpoint {}",
                 state.step,
@@ -155,8 +213,7 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
                 dir.display()
             );
         }
-        Ok(())
-    })
+    }
 }
 
 /// The loop's state without its secrets (the pending key is never shown).
