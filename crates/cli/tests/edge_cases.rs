@@ -398,6 +398,11 @@ fn an_unreadable_corpus_directory_is_an_error_and_unreadable_parts_are_counted()
         stderr.contains(&format!("{}: cannot be read", locked.display())),
         "{stderr}"
     );
+    assert_eq!(
+        stderr.matches("cannot be read").count(),
+        1,
+        "said once: {stderr}"
+    );
 
     mode(&corpus, 0o000);
     let refused_run = train("2");

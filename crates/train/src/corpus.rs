@@ -161,7 +161,7 @@ fn record_files(
     suffixes: &[&str],
     include: Option<&GlobSet>,
     exclude: Option<&GlobSet>,
-    unreadable: &mut u64,
+    unreadable: &mut Vec<String>,
 ) -> Vec<(PathBuf, String)> {
     if !path.is_dir() {
         let name = path
@@ -176,13 +176,13 @@ fn record_files(
 }
 
 /// Regular files under `dir` in a stable order, with their paths relative to it, filtered by the
-/// globs. Entries that cannot be read (a directory without permission) are logged and counted in
+/// globs. Entries that cannot be read (a directory without permission) are described in
 /// `unreadable`.
 fn walk(
     dir: &Path,
     include: Option<&GlobSet>,
     exclude: Option<&GlobSet>,
-    unreadable: &mut u64,
+    unreadable: &mut Vec<String>,
 ) -> Vec<(PathBuf, String)> {
     walkdir::WalkDir::new(dir)
         .sort_by_file_name()
@@ -190,12 +190,10 @@ fn walk(
         .filter_map(|entry| match entry {
             Ok(entry) => Some(entry),
             Err(e) => {
-                // Say so rather than train on less than the user thinks.
-                tracing::warn!(
+                unreadable.push(format!(
                     "{}: cannot be read ({e}); skipped",
                     e.path().unwrap_or(dir).display()
-                );
-                *unreadable += 1;
+                ));
                 None
             }
         })
@@ -284,8 +282,8 @@ fn globset(globs: &[String]) -> Result<Option<GlobSet>, CorpusError> {
 struct Listing {
     /// Every unit, in a stable order.
     units: Vec<Unit>,
-    /// Directories (or other entries) under a source that could not be read; each is logged.
-    unreadable: u64,
+    /// Directories (or other entries) under a source that could not be read, each described.
+    unreadable: Vec<String>,
 }
 
 /// All units of the corpus in a stable order.
@@ -293,7 +291,7 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
     let include = globset(&config.include)?;
     let exclude = globset(&config.exclude)?;
     let mut units = Vec::new();
-    let mut unreadable = 0;
+    let mut unreadable = Vec::new();
     for source in &config.sources {
         match source {
             Source::Dir { path } => {
@@ -587,12 +585,16 @@ impl TrainStream {
     /// Opens the stream at `position` (the default position is the very start).
     pub fn open(config: CorpusConfig, position: Position) -> Result<Self, CorpusError> {
         let listing = list_units(&config)?;
+        for entry in &listing.unreadable {
+            // Said once, when the stream opens, rather than train on less than the user thinks.
+            tracing::warn!("{entry}");
+        }
         let digest = units_digest(&listing.units);
         let mut stream = TrainStream {
             config,
             units: listing.units,
             units_digest: digest,
-            unreadable_in_listing: listing.unreadable,
+            unreadable_in_listing: listing.unreadable.len() as u64,
             epoch: 0,
             sequences: 0,
             epoch_order: Vec::new(),
@@ -794,7 +796,7 @@ pub fn sample(
 ) -> Result<(Vec<u8>, CorpusStats), CorpusError> {
     let listing = list_units(config)?;
     let mut stats = CorpusStats {
-        skipped_unreadable: listing.unreadable,
+        skipped_unreadable: listing.unreadable.len() as u64,
         ..CorpusStats::default()
     };
     let mut out = Vec::new();
