@@ -179,11 +179,16 @@ struct LocalStatus {
 }
 
 impl LocalStatus {
+    /// The loop's state (when the run directory has a journal) and where training stands;
+    /// null for neither.
     fn json(&self) -> serde_json::Value {
-        let Some(j) = &self.journal else {
+        if self.journal.is_none() && self.training.is_none() {
             return serde_json::Value::Null;
-        };
-        let mut run = loop_json(j);
+        }
+        let mut run = self
+            .journal
+            .as_ref()
+            .map_or_else(|| serde_json::json!({}), loop_json);
         run["training"] = self
             .training
             .as_ref()
