@@ -212,17 +212,10 @@ impl Journal {
 /// name, synced, renamed over `path`, and the directory synced.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = somatrain_model::io::temp_path_for(path);
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let (tmp, mut file) = somatrain_model::io::create_private_temp(path)?;
     file.write_all(contents)?;
     drop(file);
     somatrain_model::io::finish_atomic(&tmp, path)

@@ -784,17 +784,8 @@ fn encrypt_file(
         DaemonError::Io(format!("{}: {e}", path.display()))
     };
     let input = std::fs::File::open(weights).map_err(|e| io(weights, &e))?;
-    let tmp = somatrain_model::io::temp_path_for(encrypted);
-    let output = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io(&tmp, &e))?
-    };
+    let (tmp, output) =
+        somatrain_model::io::create_private_temp(encrypted).map_err(|e| io(encrypted, &e))?;
     let summary = encrypt_stream(
         key,
         std::io::BufReader::new(input),

@@ -372,6 +372,21 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Creates the temporary file for `path` (see [`temp_path_for`]; a stale one of this process is
+/// replaced) readable by its owner only from its first byte, for [`finish_atomic`] to move into
+/// place.
+pub fn create_private_temp(path: &Path) -> io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = temp_path_for(path);
+    let _ = fs::remove_file(&tmp);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    Ok((tmp, file))
+}
+
 /// Makes the finished temporary file readable by its owner only (0600: unpublished weights,
 /// optimizer state and keys must not be world-readable), syncs it, renames it over `path` and
 /// syncs the directory.

@@ -92,18 +92,9 @@ fn transform(
         bail!("{} exists; pass --force to replace it", output.display());
     }
     let reader = BufReader::with_capacity(1 << 20, open_regular_file(input)?);
-    let tmp = somatrain_model::io::temp_path_for(output);
     // Owner-only from the first byte: a decryption in progress is plaintext weights.
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?
-    };
+    let (tmp, file) = somatrain_model::io::create_private_temp(output)
+        .with_context(|| format!("creating a temporary file beside {}", output.display()))?;
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     let result = run(reader, &mut writer).and_then(|c| {
         let file = writer.into_inner().map_err(|e| e.into_error())?;
