@@ -561,7 +561,7 @@ fn draw_slot(seed: u64, epoch: u64, draw: u64, len: usize) -> usize {
 ///
 /// Units are visited in a seeded order that changes every epoch; documents are read one at a
 /// time into a bounded shuffle buffer of chunks (at most `shuffle_buffer` plus one document's
-/// worth), and each draw takes a slot chosen by [`draw_slot`].
+/// worth), and each draw takes a slot chosen by `draw_slot`.
 pub struct TrainStream {
     config: CorpusConfig,
     units: Vec<Unit>,

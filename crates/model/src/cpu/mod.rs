@@ -2,7 +2,7 @@
 //!
 //! Shapes: `B` sequences of `T` tokens, `N = B*T` rows, width `D`, `H` heads of `h = D/H`,
 //! feed-forward width `F`, vocabulary `V = 264`. Every activation is a row-major `[N, *]` buffer
-//! kept in [`Activations`] so that scoring many batches allocates once.
+//! kept in `Activations` so that scoring many batches allocates once.
 
 pub mod kernels;
 pub mod train;
