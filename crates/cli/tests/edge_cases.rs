@@ -65,6 +65,13 @@ fn score_refuses_nonsense_settings_and_inputs() {
         score(&["--distance-to", zero.to_str().unwrap()]),
         "no direction",
     );
+    // The wrong length is refused before any scoring (the tiny preset embeds into 16).
+    let short = dir.path().join("short.json");
+    std::fs::write(&short, "[1, 2, 3]").unwrap();
+    refused(
+        score(&["--distance-to", short.to_str().unwrap()]),
+        "--distance-to has 3 values, but",
+    );
     let nan = dir.path().join("nan.json");
     std::fs::write(&nan, "[1, 1e999, 0]").unwrap();
     let out = score(&["--distance-to", nan.to_str().unwrap()]);

@@ -203,6 +203,17 @@ pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
     for source in &sources {
         let weights = load(source, load_options)?;
         let label = source.path().display().to_string();
+        // Any model may win, so each must be comparable with the target, and that is known
+        // before any scoring time is spent.
+        if let Some(t) = &target
+            && t.len() != weights.config.embedding_dim
+        {
+            bail!(
+                "--distance-to has {} values, but {label} embeds into {}",
+                t.len(),
+                weights.config.embedding_dim
+            );
+        }
         tracing::info!(
             "scoring {label}: {} layers, width {}, {} heads, {} bytes of data",
             weights.config.num_layers,
@@ -226,15 +237,9 @@ pub fn run(args: ScoreArgs, matches: &ArgMatches) -> Result<()> {
     }
     let losses: Vec<f32> = reports.iter().map(|r| r.loss).collect();
     let winner = select_best(&losses).expect("at least one model");
-    let distance = match &target {
-        Some(t) if t.len() != reports[winner].embedding.len() => bail!(
-            "target embedding has {} values, the model's has {}",
-            t.len(),
-            reports[winner].embedding.len()
-        ),
-        Some(t) => Some(cosine_distance(&reports[winner].embedding, t)),
-        None => None,
-    };
+    let distance = target
+        .as_ref()
+        .map(|t| cosine_distance(&reports[winner].embedding, t));
     let report = Report {
         winner,
         models: reports,
