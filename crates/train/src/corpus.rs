@@ -74,6 +74,11 @@ pub struct CorpusConfig {
     pub shuffle_buffer: usize,
     pub seed: u64,
     pub max_seq_len: usize,
+    /// A directory never read as corpus: the run directory, set by the trainer, so that a run
+    /// kept inside a corpus directory does not train on its own checkpoints (and its corpus does
+    /// not change under it as they are written). Never stored.
+    #[serde(skip)]
+    pub skip_dir: Option<PathBuf>,
 }
 
 impl CorpusConfig {
@@ -87,6 +92,7 @@ impl CorpusConfig {
             shuffle_buffer: 512,
             seed: 0,
             max_seq_len: 1024,
+            skip_dir: None,
         }
     }
 }
@@ -161,6 +167,7 @@ fn record_files(
     suffixes: &[&str],
     include: Option<&GlobSet>,
     exclude: Option<&GlobSet>,
+    skip: Option<DirId>,
     unreadable: &mut Vec<String>,
 ) -> Vec<(PathBuf, String)> {
     if !path.is_dir() {
@@ -170,7 +177,7 @@ fn record_files(
             .unwrap_or_default();
         return vec![(path.to_path_buf(), name)];
     }
-    let mut files = walk(path, include, exclude, unreadable);
+    let mut files = walk(path, include, exclude, skip, unreadable);
     files.retain(|(_, rel)| suffixes.iter().any(|s| rel.ends_with(s)));
     files
 }
@@ -182,11 +189,15 @@ fn walk(
     dir: &Path,
     include: Option<&GlobSet>,
     exclude: Option<&GlobSet>,
+    skip: Option<DirId>,
     unreadable: &mut Vec<String>,
 ) -> Vec<(PathBuf, String)> {
     walkdir::WalkDir::new(dir)
         .sort_by_file_name()
         .into_iter()
+        .filter_entry(|entry| {
+            skip.is_none() || !entry.file_type().is_dir() || DirId::of(entry.path()) != skip
+        })
         .filter_map(|entry| match entry {
             Ok(entry) => Some(entry),
             Err(e) => {
@@ -278,6 +289,20 @@ fn globset(globs: &[String]) -> Result<Option<GlobSet>, CorpusError> {
     })
 }
 
+/// A directory's identity (device and inode), so that a directory is recognised whatever path
+/// leads to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirId(u64, u64);
+
+impl DirId {
+    fn of(path: &Path) -> Option<DirId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .ok()
+            .map(|meta| DirId(meta.dev(), meta.ino()))
+    }
+}
+
 /// The units of a corpus and what listing them could not read.
 struct Listing {
     /// Every unit, in a stable order.
@@ -292,6 +317,7 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
     let exclude = globset(&config.exclude)?;
     let mut units = Vec::new();
     let mut unreadable = Vec::new();
+    let skip = config.skip_dir.as_deref().and_then(DirId::of);
     for source in &config.sources {
         match source {
             Source::Dir { path } => {
@@ -304,9 +330,15 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
                 }
                 std::fs::read_dir(path).map_err(io_err("the corpus directory", path))?;
                 units.extend(
-                    walk(path, include.as_ref(), exclude.as_ref(), &mut unreadable)
-                        .into_iter()
-                        .map(|(file, identity)| Unit::Document(file, identity)),
+                    walk(
+                        path,
+                        include.as_ref(),
+                        exclude.as_ref(),
+                        skip,
+                        &mut unreadable,
+                    )
+                    .into_iter()
+                    .map(|(file, identity)| Unit::Document(file, identity)),
                 );
             }
             Source::Jsonl { path, field } => units.extend(
@@ -315,6 +347,7 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
                     JSONL_SUFFIXES,
                     include.as_ref(),
                     exclude.as_ref(),
+                    skip,
                     &mut unreadable,
                 )
                 .into_iter()
@@ -326,6 +359,7 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
                     &[".parquet"],
                     include.as_ref(),
                     exclude.as_ref(),
+                    skip,
                     &mut unreadable,
                 )
                 .into_iter()

@@ -179,6 +179,7 @@ impl TrainSettings {
         a.heldout_bytes = b.heldout_bytes;
         a.embedding_data = b.embedding_data.clone();
         a.init_weights = b.init_weights.clone();
+        a.corpus.skip_dir = b.corpus.skip_dir.clone();
         if &a != b {
             return Err(
                 "the run directory was started with different settings (model, corpus, batch, \
@@ -449,6 +450,13 @@ pub fn run_with(
 ) -> Result<RunSummary, TrainError> {
     settings.validate().map_err(TrainError::Settings)?;
     engine.check_fits(settings).map_err(TrainError::Settings)?;
+    let settings = &TrainSettings {
+        corpus: crate::corpus::CorpusConfig {
+            skip_dir: Some(run_dir.to_path_buf()),
+            ..settings.corpus.clone()
+        },
+        ..settings.clone()
+    };
     let settings_path = run_dir.join("settings.json");
     // A new run lists its corpus before it writes anything, so that a mistyped or unreadable
     // corpus path does not leave a `settings.json` that pins the run directory to it.

@@ -276,6 +276,40 @@ fn a_mistyped_corpus_path_writes_nothing_and_the_corrected_one_trains() {
 }
 
 #[test]
+fn a_run_directory_inside_the_corpus_is_not_read_as_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    for i in 0..20 {
+        let text: String = (0..60).map(|j| format!("doc {i} line {j}; ")).collect();
+        std::fs::write(corpus.join(format!("doc-{i:02}.txt")), text).unwrap();
+    }
+    let mut s = settings();
+    s.corpus.sources = vec![Source::Dir {
+        path: corpus.clone(),
+    }];
+    // First a run kept outside, while the corpus holds only the documents.
+    let outside = dir.path().join("run-outside");
+    run(&outside, &s, Until::Step(4), &mut |_| {}).unwrap();
+    // Then one inside the corpus, stopped and resumed: its settings, checkpoints and round
+    // appear between the two invocations.
+    let inside = corpus.join("run");
+    run(&inside, &s, Until::Step(2), &mut |_| {}).unwrap();
+    let resumed = run(&inside, &s, Until::Step(4), &mut |_| {}).unwrap();
+    assert_eq!(resumed.start_step, 2);
+    assert_eq!(
+        resumed.corpus.skipped_invalid_utf8, 0,
+        "{:?}",
+        resumed.corpus
+    );
+    let weights = |run: &Path| std::fs::read(run.join("round/weights.safetensors")).unwrap();
+    assert!(
+        weights(&inside) == weights(&outside),
+        "the run inside the corpus read something else"
+    );
+}
+
+#[test]
 fn out_of_range_settings_are_refused_before_anything_is_written() {
     type Spoil = fn(&mut TrainSettings);
     let cases: Vec<(&str, Spoil)> = vec![

@@ -176,6 +176,7 @@ impl TrainingOptions {
             shuffle_buffer: args.shuffle_buffer,
             seed: args.seed,
             max_seq_len: args.seq_len,
+            skip_dir: None,
         };
         let settings = TrainSettings {
             model: args.preset.config(),
