@@ -1,12 +1,14 @@
 //! `encrypt`, `decrypt` and `commitment` through the real binary, against the SDK's vectors.
 
+mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn somatrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    common::bin()
         .args(args)
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap()
 }
 

@@ -8,12 +8,13 @@ use somatrain_model::{Preset, Weights};
 
 mod common;
 use common::bin;
+use common::{COMMAND_DEADLINE, OutputWithin};
 
 fn run(args: &[&str]) -> Output {
     bin()
         .args(args)
         .env_remove("SOMA_SECRET_KEY")
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap()
 }
 
@@ -346,7 +347,7 @@ impl Unprivileged {
         // busy"). That lasts an instant; 10 s is a deadline, not a wait.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match command.output() {
+            match command.output_within(COMMAND_DEADLINE) {
                 Err(e)
                     if e.kind() == std::io::ErrorKind::ExecutableFileBusy
                         && std::time::Instant::now() < deadline =>

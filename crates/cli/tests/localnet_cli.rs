@@ -1,12 +1,11 @@
 //! The localnet as a real process: `kill -9` while signed transactions are in flight loses none
 //! that the node acknowledged, and `somatrain status` reads the restarted node.
 
-use std::process::Command;
-
 use somatrain_protocol::{Keypair, TransactionKind};
 
 mod common;
 use common::GrpcLocalnet;
+use common::{COMMAND_DEADLINE, OutputWithin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_loses_no_acknowledged_transaction() {
@@ -74,11 +73,11 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         acknowledged.len()
     );
     // `somatrain status` reads the same node.
-    let out = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    let out = common::bin()
         .args(["status", "--json", "--address", &sink.to_string()])
         .args(node.chain_args())
         .env_remove("SOMA_SECRET_KEY")
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(
         out.status.success(),
@@ -91,10 +90,10 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         shown["status"]["epoch"].as_u64().unwrap(),
         client.epoch_view().await.unwrap().epoch
     );
-    let text = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    let text = common::bin()
         .arg("status")
         .args(node.chain_args())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("open targets"));
 }

@@ -11,6 +11,7 @@ use somatrain_protocol::{
 };
 
 mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use common::{GrpcLocalnet, bin, sent_by, sent_fees};
 
 /// Runs the binary as `kp` against `net`; (success, stdout, stderr).
@@ -19,7 +20,7 @@ fn somatrain(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> (bool, String, 
         .args(args)
         .args(net.chain_args())
         .env("SOMA_SECRET_KEY", kp.secret_hex())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     (
         out.status.success(),

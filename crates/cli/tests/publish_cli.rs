@@ -13,6 +13,7 @@ use somatrain_client::view::ModelState;
 use somatrain_protocol::{EncryptionKey, Keypair, ObjectId};
 
 mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use common::{GrpcLocalnet, bin, sent_by};
 
 fn localnet(dir: &Path, epoch_ms: u64) -> GrpcLocalnet {
@@ -318,7 +319,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
             .args(extra)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .env_remove("S3_BUCKET")
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap()
     };
     let early = publish("reveal", &[]);
@@ -347,7 +348,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         .args(["status", "--run-dir", run_dir.to_str().unwrap()])
         .args(net.chain_args())
         .env("SOMA_SECRET_KEY", kp.secret_hex())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     let shown = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(
@@ -377,7 +378,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         .args(["status", "--run-dir", run_dir.to_str().unwrap()])
         .args(["--network", &format!("http://{closed_port}")])
         .env("SOMA_SECRET_KEY", kp.secret_hex())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     let shown = String::from_utf8_lossy(&offline.stdout).to_string();
     let stderr = String::from_utf8_lossy(&offline.stderr).to_string();
@@ -432,7 +433,7 @@ fn localnet_cycle_ends_with_an_active_model_and_a_second_run_trains_further() {
                 "64",
             ])
             .args(["--steps-per-round", "2", "--rounds", rounds])
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap()
     };
     let first = cycle("1");

@@ -1,8 +1,9 @@
 //! End-to-end: the real `somatrain` binary on the conformance cases.
 
-use std::io::Write;
+mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use somatrain_protocol::EncryptionKey;
 use somatrain_protocol::crypto::apply_keystream;
@@ -20,9 +21,9 @@ fn expected(name: &str) -> serde_json::Value {
 }
 
 fn somatrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    common::bin()
         .args(args)
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap()
 }
 
@@ -79,7 +80,7 @@ fn scores_a_case_as_json() {
 fn reads_data_from_stdin_and_uses_the_seed() {
     let dir = case_dir("tiny_3000b_seed7");
     let e = expected("tiny_3000b_seed7");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    let out = common::bin()
         .args([
             "score",
             "--weights",
@@ -88,14 +89,12 @@ fn reads_data_from_stdin_and_uses_the_seed() {
             "-",
         ])
         .args(["--num-heads", "4", "--seed", "7", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output_with_input(
+            &std::fs::read(dir.join("data.bin")).unwrap(),
+            COMMAND_DEADLINE,
+        )
         .unwrap();
-    let bytes = std::fs::read(dir.join("data.bin")).unwrap();
-    child.stdin.take().unwrap().write_all(&bytes).unwrap();
-    let report = json_of(&child.wait_with_output().unwrap());
+    let report = json_of(&out);
     assert_loss(&report["models"][0]["loss"], e["loss"].as_f64().unwrap());
 }
 

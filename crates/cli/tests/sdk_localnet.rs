@@ -3,6 +3,7 @@
 //! `kill -9`, a restart on the same data, and the SDK sees the same state.
 
 mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ fn the_sdk_quickstart_runs_against_our_localnet_and_survives_kill_9() {
     let shown = bin()
         .args(["model", "show", "--model", model_id, "--json"])
         .args(node.chain_args())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(
         shown.status.success(),
@@ -91,7 +92,7 @@ fn the_sdk_quickstart_runs_against_our_localnet_and_survives_kill_9() {
     let targets = bin()
         .args(["targets", "--json"])
         .args(node.chain_args())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     let targets: Vec<serde_json::Value> = serde_json::from_slice(&targets.stdout).unwrap();
     let mut ids: Vec<String> = targets
@@ -127,7 +128,7 @@ fn the_sdk_quickstart_runs_against_our_localnet_and_survives_kill_9() {
         let status = bin()
             .args(["status", "--json", "--address", address.as_str().unwrap()])
             .args(node.chain_args())
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap();
         let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
         assert_eq!(
@@ -162,7 +163,7 @@ fn the_sdk_reads_what_our_publisher_wrote() {
             .args(node.args())
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .env_remove("S3_BUCKET")
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap())
     };
     publish("commit");

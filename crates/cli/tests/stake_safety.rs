@@ -11,6 +11,7 @@ use std::process::Output;
 use somatrain_protocol::Keypair;
 
 mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use common::{GrpcLocalnet, bin, sent_by, sources, train_tiny};
 
 fn train(run: &Path) {
@@ -23,7 +24,7 @@ fn as_wallet(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> Output {
         .args(net.args())
         .env("SOMA_SECRET_KEY", kp.secret_hex())
         .env_remove("S3_BUCKET")
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap()
 }
 

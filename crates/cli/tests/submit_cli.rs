@@ -12,6 +12,7 @@ use somatrain_protocol::object::{Target, TargetStatus};
 use somatrain_protocol::{Keypair, ObjectId, TransactionKind};
 
 mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use common::{GrpcLocalnet, bin, sent_fees};
 
 fn localnet(dir: &Path, verify: bool) -> GrpcLocalnet {
@@ -82,7 +83,7 @@ impl World {
             .args(args)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
             .env_remove("S3_BUCKET")
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap()
     }
 
@@ -92,7 +93,7 @@ impl World {
             .args(self.net.chain_args())
             .args(args)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap())
     }
 
@@ -118,7 +119,7 @@ async fn world(verify: bool) -> World {
             .args(&net_args)
             .env("SOMA_SECRET_KEY", &secret)
             .env_remove("S3_BUCKET")
-            .output()
+            .output_within(COMMAND_DEADLINE)
             .unwrap())
     };
     publish("commit");
@@ -144,7 +145,7 @@ fn embedding_of(weights: &Path, data: &Path) -> Vec<f32> {
             "--data",
             data.to_str().unwrap(),
         ])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap());
     serde_json::from_str(out.trim()).unwrap()
 }
@@ -155,7 +156,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let targets_out = ok(bin()
         .args(["targets", "--json"])
         .args(w.net.chain_args())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap());
     let targets: Vec<serde_json::Value> = serde_json::from_str(&targets_out).unwrap();
     assert!(targets.iter().all(|t| t["status"] == "open"));
@@ -182,7 +183,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let table = ok(bin()
         .arg("targets")
         .args(w.net.chain_args())
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap());
     assert!(
         table.contains(&format!("{} open targets", targets.len())),
@@ -291,7 +292,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
             data_arg,
             "--json",
         ])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap());
     let score: serde_json::Value = serde_json::from_str(score.trim()).unwrap();
     let scored = score["models"][0]["loss"].as_f64().unwrap();
@@ -491,7 +492,7 @@ async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
             data.to_str().unwrap(),
             "--json",
         ])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap());
     let loss = serde_json::from_str::<serde_json::Value>(score.trim()).unwrap()["models"][0]["loss"]
         .as_f64()

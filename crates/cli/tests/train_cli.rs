@@ -2,6 +2,8 @@
 //! (many of them inside a checkpoint write) and restarted ends bit-identical to a run that was
 //! never interrupted.
 
+mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ fn corpus() -> PathBuf {
 }
 
 fn train(run_dir: &Path, pause_ms: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_somatrain"));
+    let mut cmd = common::bin();
     cmd.args([
         "train",
         "--run-dir",
@@ -139,7 +141,7 @@ fn killed_and_resumed_run_is_bit_identical() {
 #[test]
 fn cuda_training_runs_or_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_somatrain"))
+    let out = common::bin()
         .args([
             "train",
             "--run-dir",
@@ -163,7 +165,7 @@ fn cuda_training_runs_or_is_a_clear_error() {
             "cuda",
             "--bf16",
         ])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !cfg!(feature = "cuda") {

@@ -1,11 +1,12 @@
 //! `somatrain wallet`: keystores are private, secrets never printed, SOMA_SECRET_KEY wins.
 
-use std::io::Write;
+mod common;
+use common::{COMMAND_DEADLINE, OutputWithin};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn somatrain() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_somatrain"));
+    let mut c = common::bin();
     c.env_remove("SOMA_SECRET_KEY");
     c
 }
@@ -17,7 +18,7 @@ fn new_import_show() {
     let ks_s = ks.to_str().unwrap();
     let out = somatrain()
         .args(["wallet", "new", "--keystore", ks_s])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(out.status.success());
     let address = String::from_utf8(out.stdout).unwrap().trim().to_string();
@@ -33,34 +34,24 @@ fn new_import_show() {
         .to_string();
     let out = somatrain()
         .args(["wallet", "show", "--keystore", ks_s])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), address);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&secret));
     // No silent overwrite.
     let out = somatrain()
         .args(["wallet", "new", "--keystore", ks_s])
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(!out.status.success());
 
     // Import the SDK's test seed from standard input: its address is known.
     let imported = dir.path().join("imported.json");
-    let mut child = somatrain()
-        .args(["wallet", "import", "--keystore", imported.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let seed: String = (0..32u8).map(|b| format!("{b:02x}")).collect();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(seed.as_bytes())
+    let out = somatrain()
+        .args(["wallet", "import", "--keystore", imported.to_str().unwrap()])
+        .output_with_input(seed.as_bytes(), COMMAND_DEADLINE)
         .unwrap();
-    let out = child.wait_with_output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "160179a1565ea7cff27ead23f54cc7f50893bf58155cd7285156e57afa31c3ac"
@@ -69,7 +60,7 @@ fn new_import_show() {
     let out = somatrain()
         .args(["wallet", "show", "--keystore", ks_s])
         .env("SOMA_SECRET_KEY", &seed)
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -78,7 +69,7 @@ fn new_import_show() {
     let out = somatrain()
         .args(["wallet", "show"])
         .env("SOMA_SECRET_KEY", "zz-not-a-key")
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("zz-not-a-key"));

@@ -60,25 +60,6 @@ pub fn parse_key(spec: &str) -> Result<EncryptionKey> {
     EncryptionKey::from_base58(&text).context("invalid key")
 }
 
-/// Opens `path` for a streamed read, refusing what is not a regular file: a directory, or a
-/// device or pipe such as `/dev/zero` that may never end.
-fn open_regular_file(path: &Path) -> Result<File> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("reading {}", path.display()))?;
-    if meta.is_dir() {
-        bail!("{} is a directory; give a file", path.display());
-    }
-    if !meta.is_file() {
-        bail!(
-            "{} is not a regular file (a device, pipe or socket, which may never end); give a file",
-            path.display()
-        );
-    }
-    Ok(file)
-}
-
 /// Streams `input` through the cipher into `output` via a temporary file and a rename, so a
 /// failure never leaves a half-written output under the final name.
 fn transform(
@@ -91,7 +72,7 @@ fn transform(
     if output.exists() && !force {
         bail!("{} exists; pass --force to replace it", output.display());
     }
-    let reader = BufReader::with_capacity(1 << 20, open_regular_file(input)?);
+    let reader = BufReader::with_capacity(1 << 20, super::open_regular_file(input)?);
     // Owner-only from the first byte: a decryption in progress is plaintext weights.
     let (tmp, file) = somatrain_model::io::create_private_temp(output)
         .with_context(|| format!("creating a temporary file beside {}", output.display()))?;
@@ -180,7 +161,7 @@ fn safetensors_header(path: &Path) -> Result<()> {
 pub fn run_commitment(args: CommitmentArgs) -> Result<()> {
     match (&args.file, &args.embedding) {
         (Some(path), None) => {
-            let file = open_regular_file(path)?;
+            let file = super::open_regular_file(path)?;
             let (c, _) = Commitment::of_reader(BufReader::with_capacity(1 << 20, file))?;
             println!("{c}");
         }

@@ -169,6 +169,25 @@ pub const MAX_EMBEDDING_JSON_BYTES: u64 = 64 << 20;
 /// The most an encrypted weights file read whole may hold (16 GiB: V1 is 4.8 GB in f32).
 pub const MAX_WEIGHTS_FILE_BYTES: u64 = 16 << 30;
 
+/// Opens `path` for a streamed read, refusing what is not a regular file: a directory, or a
+/// device or pipe such as `/dev/zero` that may never end.
+pub fn open_regular_file(path: &Path) -> Result<std::fs::File> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if meta.is_dir() {
+        anyhow::bail!("{} is a directory; give a file", path.display());
+    }
+    if !meta.is_file() {
+        anyhow::bail!(
+            "{} is not a regular file (a device, pipe or socket, which may never end); give a file",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Reads a whole text file of at most `max_bytes` (see [`read_input`]).
 pub fn read_text(path: &Path, max_bytes: u64) -> Result<String> {
     let bytes = read_input(path, max_bytes)?;

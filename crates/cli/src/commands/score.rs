@@ -125,14 +125,7 @@ fn load(source: &Source, options: LoadOptions) -> Result<somatrain_model::Weight
         Source::Encrypted(path, key) => {
             let key = super::crypto::parse_key(key)?;
             // Weights are files; a device such as /dev/zero would only fill memory.
-            let meta =
-                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-            if !meta.is_file() {
-                bail!(
-                    "{} is not a regular file; give a weights file",
-                    path.display()
-                );
-            }
+            super::open_regular_file(path)?;
             let mut bytes = super::read_input(path, super::MAX_WEIGHTS_FILE_BYTES)?;
             apply_keystream(&key, &mut bytes);
             load_bytes(&bytes, options).with_context(|| {

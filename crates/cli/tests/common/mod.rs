@@ -4,7 +4,89 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The most one CLI command in these tests may take: far more than any needs on a loaded CI
+/// machine, and a failure with its output rather than a hang.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
+
+/// `Command::output` with a deadline.
+pub trait OutputWithin {
+    /// Runs the command to its end (standard input empty, both outputs captured), like
+    /// `output`; a process still running after `limit` is killed and the test fails with what
+    /// it printed. Only a failure to start is an error.
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
+
+    /// The same with `input` on standard input.
+    fn output_with_input(&mut self, input: &[u8], limit: Duration) -> std::io::Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output> {
+        self.output_with_input(&[], limit)
+    }
+
+    fn output_with_input(&mut self, input: &[u8], limit: Duration) -> std::io::Result<Output> {
+        use std::io::{Read, Write};
+        let mut child = self
+            .stdin(if input.is_empty() {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let feed = child.stdin.take().map(|mut stdin| {
+            let input = input.to_vec();
+            // Closing it when done is the end of input.
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            })
+        });
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(feed) = feed {
+            let _ = feed.join();
+        }
+        let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+        match status {
+            Some(status) => Ok(Output {
+                status,
+                stdout,
+                stderr,
+            }),
+            None => panic!(
+                "{:?} ran past {limit:?}:\n{}\n{}",
+                self.get_program(),
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        }
+    }
+}
 
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_somatrain"))
@@ -38,7 +120,7 @@ pub fn train_tiny(run: &Path, extra: &[&str]) {
         .args(TINY_SHAPE)
         .args(["--heldout-bytes", "2048"])
         .args(extra)
-        .output()
+        .output_within(COMMAND_DEADLINE)
         .unwrap();
     assert!(
         out.status.success(),
@@ -187,39 +269,25 @@ pub fn sdk_python() -> PathBuf {
 
 /// Runs one of `tests/sdk/*.py` with the SDK's Python; fails the test with its output if it
 /// fails or runs past `deadline`.
-pub fn run_sdk_script(script: &str, args: &[&str], deadline: std::time::Duration) -> String {
+pub fn run_sdk_script(script: &str, args: &[&str], deadline: Duration) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sdk")
         .join(script);
-    let mut child = Command::new(sdk_python())
+    let out = Command::new(sdk_python())
         .arg(&path)
         .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output_within(deadline)
         .expect("start the SDK's python");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    match status {
-        Some(s) if s.success() => out,
-        Some(s) => panic!("{script} failed ({s}):\n{out}\n{err}"),
-        None => panic!("{script} ran past {deadline:?}:\n{out}\n{err}"),
-    }
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
 }
 
 /// Every transaction `sender` has executed, in checkpoint order, with its data. Read from the
