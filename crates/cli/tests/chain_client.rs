@@ -98,6 +98,13 @@ async fn the_chain_client_funds_transfers_and_creates_over_grpc() {
         .success()
         .unwrap();
     let model_id = ObjectId::derive(&created.digest, 0);
+    // The clock alone: the same epoch, start and duration as the full read, without the state.
+    let clock = client.epoch_clock().await.unwrap();
+    let view = client.epoch_view().await.unwrap();
+    assert_eq!(
+        (clock.epoch, clock.start_ms, clock.epoch_duration_ms),
+        (view.epoch, view.start_ms, view.params.epoch_duration_ms)
+    );
     let epoch = client.epoch().await.unwrap();
     let models = epoch.system_state.unwrap().model_registry.unwrap().models;
     assert_eq!(

@@ -404,7 +404,7 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         "{}",
         String::from_utf8_lossy(&reveal.stderr)
     );
-    assert!(String::from_utf8_lossy(&reveal.stderr).contains("uploading the committed file again"));
+    assert!(String::from_utf8_lossy(&reveal.stderr).contains("uploading them again"));
     assert_eq!(std::fs::read(&blob).unwrap(), original);
     let id = model_id(&run_dir);
     assert_eq!(

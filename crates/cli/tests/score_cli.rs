@@ -207,15 +207,21 @@ fn wrong_key_is_refused_without_leaking_it() {
 
 #[test]
 fn missing_inputs_give_clear_errors() {
+    let empty_dir = tempfile::tempdir().unwrap();
+    let empty = empty_dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
     let out = somatrain(&[
         "score",
         "--weights",
         "/nonexistent/w.safetensors",
         "--data",
-        "/dev/null",
+        empty.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+    // A device is no data file: refused before it is opened.
+    let out = somatrain(&["score", "--weights", "w.safetensors", "--data", "/dev/null"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a regular file"));
     let dir = case_dir("tiny_1b");
     let out = somatrain(&[
         "score",

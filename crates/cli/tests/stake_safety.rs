@@ -5,7 +5,7 @@
 //! model on chain stops `commit` naming that model. Unpublished files are private.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use somatrain_protocol::Keypair;
@@ -82,7 +82,8 @@ async fn nothing_reaches_the_chain_until_every_check_passes() {
 
     // Weights holding a NaN: refused naming the tensor.
     let round: serde_json::Value = serde_json::from_slice(&good_round).unwrap();
-    let weights_path = PathBuf::from(round["weights"].as_str().unwrap());
+    // round.json names its weights relative to the run directory.
+    let weights_path = run.join(round["weights"].as_str().unwrap());
     let mut weights = somatrain_model::io::load_file(&weights_path, Default::default()).unwrap();
     weights.tensors_mut()[3].1[7] = f32::NAN;
     let nan_weights = dir.path().join("nan.safetensors");
@@ -230,4 +231,76 @@ async fn a_round_that_does_not_improve_enough_is_trained_on_not_committed() {
         ["CreateModel", "CommitModel", "RevealModel"],
         "{seen}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_is_published_with_its_own_weights_wherever_its_run_directory_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = GrpcLocalnet::start(&dir.path().join("node"), &["--embedding-dim", "16"]);
+    let chain = net.client();
+    let kp = Keypair::generate();
+    chain.faucet(&kp.address()).await.unwrap();
+    let runs = dir.path().join("runs");
+    let (a, b) = (runs.join("a"), runs.join("b"));
+    train(&a);
+    std::fs::rename(&a, &b).unwrap();
+    train_tiny(&a, &["--steps", "2", "--seed", "7"]);
+    let b_weights = std::fs::read(b.join("round/weights.safetensors")).unwrap();
+    assert_ne!(
+        b_weights,
+        std::fs::read(a.join("round/weights.safetensors")).unwrap()
+    );
+
+    // From another working directory, with a relative --run-dir.
+    let out = bin()
+        .current_dir(&runs)
+        .args(["commit", "--run-dir", "b"])
+        .args(net.args())
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .env_remove("S3_BUCKET")
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What went up is b's own weights: decrypted, they are its file byte for byte.
+    let journal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("journal.json")).unwrap()).unwrap();
+    let pending = &journal["pending"];
+    let decrypted = dir.path().join("decrypted.safetensors");
+    let out = bin()
+        .args([
+            "decrypt",
+            "--key",
+            pending["decryption_key"].as_str().unwrap(),
+        ])
+        .arg(pending["encrypted"].as_str().unwrap())
+        .arg(&decrypted)
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&decrypted).unwrap(), b_weights);
+
+    // Weights another run put in a round's place are refused before anything is signed.
+    let c = runs.join("c");
+    train(&c);
+    std::fs::copy(
+        a.join("round/weights.safetensors"),
+        c.join("round/weights.safetensors"),
+    )
+    .unwrap();
+    let out = as_wallet(&net, &kp, &["commit", "--run-dir", c.to_str().unwrap()]);
+    failed_with(&out, "is not the file this round wrote");
+    let sent: Vec<String> = sent_by(&chain, &kp.address())
+        .await
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert_eq!(sent, ["CreateModel", "CommitModel"]);
 }

@@ -177,3 +177,91 @@ fn cuda_training_runs_or_is_a_clear_error() {
         assert!(dir.path().join("round/weights.safetensors").exists());
     }
 }
+
+/// Every file under `root`, by its path relative to `root`, with its bytes.
+fn snapshot(root: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn when_no_checkpoint_verifies_training_stops_and_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let keep = ["--checkpoint-every", "1", "--keep-checkpoints", "3"];
+    let mut first = vec!["--steps", "3"];
+    first.extend(keep);
+    common::train_tiny(&run, &first);
+    let checkpoints = run.join("checkpoints");
+    let mut steps: Vec<std::path::PathBuf> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    steps.sort();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    // The weights swapped round in a ring: every file intact, no checkpoint consistent.
+    let weights = |i: usize| steps[i].join("weights.safetensors");
+    let held = std::fs::read(weights(0)).unwrap();
+    std::fs::copy(weights(1), weights(0)).unwrap();
+    std::fs::copy(weights(2), weights(1)).unwrap();
+    std::fs::write(weights(2), held).unwrap();
+    let before = snapshot(&checkpoints);
+
+    let train = |extra: &[&str]| {
+        common::bin()
+            .args(["train", "--run-dir", run.to_str().unwrap()])
+            .args(["--corpus-dir", common::sources().to_str().unwrap()])
+            .args(common::TINY_SHAPE)
+            .args(["--heldout-bytes", "2048", "--steps", "2"])
+            .args(keep)
+            .args(extra)
+            .output_within(COMMAND_DEADLINE)
+            .unwrap()
+    };
+    let out = train(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("verifies, so training cannot resume"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--restart-from-scratch"), "{stderr}");
+    for step in &steps {
+        let name = step.file_name().unwrap().to_string_lossy().to_string();
+        assert!(stderr.contains(&name), "{name} not named: {stderr}");
+    }
+    assert_eq!(snapshot(&checkpoints), before, "nothing was changed");
+
+    // Starting over keeps the old checkpoints aside, byte for byte.
+    let out = train(&["--restart-from-scratch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let aside: Vec<std::path::PathBuf> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoints.set-aside-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(snapshot(&aside[0]), before);
+    assert!(checkpoints.join("step-0000000002").is_dir());
+}

@@ -74,3 +74,37 @@ fn new_import_show() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("zz-not-a-key"));
 }
+
+#[test]
+fn a_keystore_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.json");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // A FIFO with no writer would block an open forever; a directory is no key either.
+    for keystore in [fifo.as_path(), dir.path()] {
+        let out = somatrain()
+            .args(["wallet", "show", "--keystore", keystore.to_str().unwrap()])
+            .output_within(std::time::Duration::from_secs(10))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("is not a regular file"), "{stderr}");
+        assert!(!stderr.contains("wallet new"), "{stderr}");
+    }
+    // Writable by others is named as such (not "readable").
+    let ks = dir.path().join("ks.json");
+    let out = somatrain()
+        .args(["wallet", "new", "--keystore", ks.to_str().unwrap()])
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::set_permissions(&ks, std::fs::Permissions::from_mode(0o602)).unwrap();
+    let out = somatrain()
+        .args(["wallet", "show", "--keystore", ks.to_str().unwrap()])
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is writable by others"), "{stderr}");
+}

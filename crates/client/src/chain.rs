@@ -40,8 +40,21 @@ pub const CHECKPOINT_WAIT: Duration = Duration::from_secs(30);
 /// The deadline of every unary call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest reply accepted (the SDK's limit too).
-pub const MAX_REPLY_BYTES: usize = somatrain_rpc::MAX_MESSAGE_BYTES;
+/// The largest reply accepted from any call but a system-state read. The network's largest
+/// legitimate replies of this kind: a page of 100 targets (each with its embedding, its models and
+/// a submitter's data URL, which the chain bounds only by the 256 KiB transaction size: about
+/// 27 MB at most), a transaction or its effects (under 1 MiB), a page of 1,000 owned objects
+/// (under 1 MiB). The SDK keeps tonic's 4 MiB, which a page of targets with long URLs exceeds.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// The largest `GetEpoch` reply with the system state: it holds every model of the registry, and
+/// each model's manifest URL is bounded only by the transaction size (256 KiB on the network), so
+/// any user who stakes the minimum can grow it. 256 MiB holds about 28,000 models as they are
+/// published (a URL and a 2,048-value embedding, about 9 KiB each) or about 1,000 with the longest
+/// URLs the network accepts. Nothing the reveal needs is read this way (see
+/// [`ChainClient::epoch_clock`]).
+pub const MAX_STATE_REPLY_BYTES: usize = 256 * 1024 * 1024;
+/// Targets asked for per `ListTargets` page (see [`MAX_REPLY_BYTES`]).
+const TARGET_PAGE: u32 = 100;
 /// Attempts of [`ChainClient::sign_and_execute`] when a coin turns out stale or locked.
 const COIN_RETRIES: usize = 4;
 
@@ -103,6 +116,12 @@ pub enum ChainError {
         "transaction {digest} was sent but its checkpoint did not arrive within {seconds} s; look it up by digest before sending anything that depends on it"
     )]
     WaitTimedOut { digest: TxDigest, seconds: u64 },
+    #[error("the node's {call} reply is larger than this client accepts ({limit} bytes): {detail}")]
+    ReplyTooLarge {
+        call: &'static str,
+        limit: usize,
+        detail: String,
+    },
     #[error("unexpected reply: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -145,6 +164,30 @@ fn with_causes(status: &tonic::Status) -> String {
         cause = error.source();
     }
     text
+}
+
+/// Tonic's words when a reply is over the decoding limit, compressed or not.
+fn is_size_limit(status: &tonic::Status) -> bool {
+    let message = status.message();
+    matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted)
+        && (message.contains("message length too large")
+            || message.contains("Error decompressing: size limit"))
+}
+
+fn call_error(
+    endpoint: &str,
+    call: &'static str,
+    limit: usize,
+    status: tonic::Status,
+) -> ChainError {
+    if is_size_limit(&status) {
+        return ChainError::ReplyTooLarge {
+            call,
+            limit,
+            detail: status.message().to_string(),
+        };
+    }
+    status_error(endpoint, status)
 }
 
 fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
@@ -201,10 +244,49 @@ impl Executed {
     }
 }
 
+/// The epoch's number and clock: all the reveal needs, read without the system state, so that
+/// no other user can make the reply large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochClock {
+    pub epoch: u64,
+    pub start_ms: u64,
+    pub epoch_duration_ms: u64,
+}
+
+impl EpochClock {
+    /// From a `GetEpoch` reply with `epoch`, `start` and `protocol_config`.
+    pub fn from_proto(epoch: &proto::Epoch) -> Result<Self, ChainError> {
+        let missing = |field: &str| ChainError::Protocol(format!("GetEpoch: {field} missing"));
+        let start = epoch.start.as_ref().ok_or_else(|| missing("epoch.start"))?;
+        let duration = epoch
+            .protocol_config
+            .as_ref()
+            .and_then(|c| c.attributes.get("epoch_duration_ms"))
+            .ok_or_else(|| missing("protocol_config.attributes.epoch_duration_ms"))?;
+        Ok(EpochClock {
+            epoch: epoch.epoch.ok_or_else(|| missing("epoch.epoch"))?,
+            start_ms: convert::timestamp_to_ms(start, "epoch.start")
+                .map_err(|e| ChainError::Protocol(e.to_string()))?,
+            epoch_duration_ms: duration.parse().map_err(|_| {
+                ChainError::Protocol(format!(
+                    "GetEpoch: protocol_config.attributes.epoch_duration_ms is {duration:?}"
+                ))
+            })?,
+        })
+    }
+
+    /// When the next epoch is due by the chain's clock (a localnet may advance sooner).
+    pub fn next_epoch_ms(&self) -> u64 {
+        self.start_ms.saturating_add(self.epoch_duration_ms)
+    }
+}
+
 #[derive(Clone)]
 pub struct ChainClient {
     endpoints: Endpoints,
     ledger: LedgerServiceClient<Channel>,
+    /// The ledger with [`MAX_STATE_REPLY_BYTES`], for the one call that returns the registry.
+    ledger_state: LedgerServiceClient<Channel>,
     state: StateServiceClient<Channel>,
     execution: TransactionExecutionServiceClient<Channel>,
     subscription: SubscriptionServiceClient<Channel>,
@@ -230,8 +312,11 @@ fn channel(url: &str, call_timeout: Duration) -> Result<Channel, ChainError> {
 
 macro_rules! limits {
     ($client:expr) => {
+        limits!($client, MAX_REPLY_BYTES)
+    };
+    ($client:expr, $limit:expr) => {
         $client
-            .max_decoding_message_size(MAX_REPLY_BYTES)
+            .max_decoding_message_size($limit)
             .accept_compressed(CompressionEncoding::Zstd)
     };
 }
@@ -250,6 +335,7 @@ impl ChainClient {
         let admin = side(&endpoints.admin)?;
         Ok(ChainClient {
             ledger: limits!(LedgerServiceClient::new(rpc.clone())),
+            ledger_state: limits!(LedgerServiceClient::new(rpc.clone()), MAX_STATE_REPLY_BYTES),
             state: limits!(StateServiceClient::new(rpc.clone())),
             execution: limits!(TransactionExecutionServiceClient::new(rpc.clone())),
             subscription: limits!(SubscriptionServiceClient::new(rpc)),
@@ -263,8 +349,9 @@ impl ChainClient {
         &self.endpoints
     }
 
-    fn err(&self, status: tonic::Status) -> ChainError {
-        status_error(&self.endpoints.rpc, status)
+    /// The error of a fullnode call (`call` names it when its reply was over the limit).
+    fn err(&self, call: &'static str, status: tonic::Status) -> ChainError {
+        call_error(&self.endpoints.rpc, call, MAX_REPLY_BYTES, status)
     }
 
     /// `(chain name, chain id, epoch)`.
@@ -274,7 +361,7 @@ impl ChainClient {
             .clone()
             .get_service_info(proto::GetServiceInfoRequest {})
             .await
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("GetServiceInfo", e))?
             .into_inner())
     }
 
@@ -285,7 +372,7 @@ impl ChainClient {
                 owner: Some(owner.to_string()),
             })
             .await
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("GetBalance", e))?
             .into_inner()
             .balance
             .ok_or_else(|| ChainError::Protocol("GetBalance without a balance".into()))
@@ -312,7 +399,7 @@ impl ChainClient {
                     object_type: object_type.map(|t| t.name().to_string()),
                 })
                 .await
-                .map_err(|e| self.err(e))?
+                .map_err(|e| self.err("ListOwnedObjects", e))?
                 .into_inner();
             for (i, o) in page.objects.iter().enumerate() {
                 objects.push(
@@ -349,13 +436,14 @@ impl ChainClient {
                     .map_err(|e| ChainError::Protocol(e.to_string()))
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(self.err(status)),
+            Err(status) => Err(self.err("GetObject", status)),
         }
     }
 
-    /// The current epoch with its system state and protocol configuration.
+    /// The current epoch with its system state and protocol configuration. Its size grows with
+    /// the model registry (see [`MAX_STATE_REPLY_BYTES`]).
     pub async fn epoch(&self) -> Result<proto::Epoch, ChainError> {
-        self.ledger
+        self.ledger_state
             .clone()
             .get_epoch(proto::GetEpochRequest {
                 epoch: None,
@@ -369,10 +457,38 @@ impl ChainClient {
                 }),
             })
             .await
-            .map_err(|e| self.err(e))?
+            .map_err(|e| {
+                call_error(
+                    &self.endpoints.rpc,
+                    "GetEpoch (system state)",
+                    MAX_STATE_REPLY_BYTES,
+                    e,
+                )
+            })?
             .into_inner()
             .epoch
             .ok_or_else(|| ChainError::Protocol("GetEpoch without an epoch".into()))
+    }
+
+    /// The epoch's number, start and duration, from a `GetEpoch` that asks for no system state
+    /// (the duration from the protocol configuration's `epoch_duration_ms`): a reply of a few
+    /// hundred bytes that no other user can inflate.
+    pub async fn epoch_clock(&self) -> Result<EpochClock, ChainError> {
+        let epoch = self
+            .ledger
+            .clone()
+            .get_epoch(proto::GetEpochRequest {
+                epoch: None,
+                read_mask: Some(prost_types::FieldMask {
+                    paths: vec!["epoch".into(), "start".into(), "protocol_config".into()],
+                }),
+            })
+            .await
+            .map_err(|e| self.err("GetEpoch (clock)", e))?
+            .into_inner()
+            .epoch
+            .ok_or_else(|| ChainError::Protocol("GetEpoch without an epoch".into()))?;
+        EpochClock::from_proto(&epoch)
     }
 
     /// The current epoch, its clock, parameters and the model registry.
@@ -414,11 +530,12 @@ impl ChainClient {
                 .clone()
                 .list_targets(proto::ListTargetsRequest {
                     status_filter: Some(status.to_string()),
+                    page_size: Some(TARGET_PAGE),
                     page_token: token.take(),
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| self.err(e))?
+                .map_err(|e| self.err("ListTargets", e))?
                 .into_inner();
             targets.extend(page.targets);
             match page.next_page_token {
@@ -455,7 +572,7 @@ impl ChainClient {
                 executed_from_proto(&executed).map(Some)
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(self.err(status)),
+            Err(status) => Err(self.err("GetTransaction", status)),
         }
     }
 
@@ -491,7 +608,7 @@ impl ChainClient {
                     .map(Some)
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(self.err(status)),
+            Err(status) => Err(self.err("GetCheckpoint", status)),
         }
     }
 
@@ -555,7 +672,7 @@ impl ChainClient {
             .clone()
             .execute_transaction(request)
             .await
-            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err("ExecuteTransaction", e))?
             .into_inner()
             .transaction
             .ok_or_else(|| {
@@ -699,4 +816,44 @@ fn executed_from_proto(t: &proto::ExecutedTransaction) -> Result<Executed, Chain
         balance_changes,
         checkpoint: t.checkpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_over_the_limit_names_the_call_and_is_not_unavailable() {
+        // Tonic's two words for it: a compressed reply that grows past the limit, and a plain
+        // one whose length header is over it.
+        let decompressed = tonic::Status::resource_exhausted(
+            "Error decompressing: size limit, of 4194304 bytes, exceeded while decompressing \
+             message",
+        );
+        let error = call_error(
+            "http://node",
+            "GetEpoch (system state)",
+            4 << 20,
+            decompressed,
+        );
+        assert!(matches!(error, ChainError::ReplyTooLarge { .. }), "{error}");
+        assert!(!error.is_transient());
+        let text = error.to_string();
+        assert!(
+            text.contains("GetEpoch (system state)") && text.contains("4194304"),
+            "{text}"
+        );
+        let plain = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5242880 bytes, the limit is: 4194304 \
+             bytes",
+        );
+        let text = call_error("http://node", "ListTargets", 4 << 20, plain).to_string();
+        assert!(
+            text.contains("ListTargets") && text.contains("found 5242880 bytes"),
+            "{text}"
+        );
+        // An overloaded node stays what it was: worth retrying.
+        let busy = tonic::Status::resource_exhausted("too many requests");
+        assert!(call_error("http://node", "GetEpoch", 4 << 20, busy).is_transient());
+    }
 }

@@ -128,6 +128,36 @@ pub struct PendingRound {
     /// and duration read with the commit. A localnet advanced by its admin opens it sooner.
     pub reveal_opens_ms: Option<u64>,
     pub reveal_closes_ms: Option<u64>,
+    /// The chain (`GetServiceInfo` chain id) the round was committed on; absent in journals
+    /// written before it was recorded.
+    #[serde(default)]
+    pub chain_id: Option<String>,
+}
+
+impl PendingRound {
+    /// The upload behind this round's commit.
+    pub fn upload(&self) -> Upload {
+        Upload {
+            round: self.round,
+            encrypted: self.encrypted.clone(),
+            object_name: self.object_name.clone(),
+            manifest: self.manifest.clone(),
+            since_ms: None,
+        }
+    }
+}
+
+/// Committed weights as they must be served: the bytes in `encrypted`, at `manifest.url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    pub round: u64,
+    /// The encrypted file, kept until the URL is confirmed to serve it.
+    pub encrypted: PathBuf,
+    pub object_name: String,
+    pub manifest: Manifest,
+    /// Since when the URL has been seen not to serve them (ms since the Unix epoch).
+    #[serde(default)]
+    pub since_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for PendingRound {
@@ -167,6 +197,11 @@ pub struct Journal {
     pub reveal_deadline_ms: Option<u64>,
     /// Commits whose reveal window closed before the reveal landed (slashed or dropped).
     pub missed_reveals: u64,
+    /// Weights whose reveal window has opened and which are not yet confirmed to read back
+    /// whole at their committed URL: re-uploaded until they do (validators fetch them, and
+    /// weights they cannot fetch are slashed).
+    #[serde(default)]
+    pub reupload: Option<Upload>,
 }
 
 impl Journal {

@@ -1,8 +1,8 @@
 //! Publishing weights and the unattended loop that keeps a model competitive.
 //!
 //! Owns the run directory's journal ([`journal`]), the journaled create/commit/reveal steps
-//! ([`publisher`]), the train -> commit -> reveal loop ([`run_loop`]) and its `/metrics`
-//! ([`metrics`]). It drives the trainer, the storage and the node's client; it does not
+//! ([`publisher`]), the rounds of the train -> commit -> reveal loop as one state machine
+//! ([`rounds`]) and its `/metrics` ([`metrics`]). It drives the trainer, the storage and the node's client; it does not
 //! implement any of them, and it never logs a secret (keys live only in the 0600 journal).
 
 #![forbid(unsafe_code)]
@@ -10,12 +10,12 @@
 pub mod journal;
 pub mod metrics;
 pub mod publisher;
-pub mod run_loop;
+pub mod rounds;
 
 pub use journal::{Journal, Phase, write_private_file};
 pub use metrics::Metrics;
-pub use publisher::{Adopt, NewModel, Publisher, RevealWindow};
-pub use run_loop::{EngineFactory, EpochAdvance, LoopConfig};
+pub use publisher::{Adopt, NewModel, Publisher, RevealWindow, Served, serve_once};
+pub use rounds::{EngineFactory, EpochAdvance, LoopConfig, RoundState};
 
 /// Milliseconds since the Unix epoch, by this machine's clock.
 pub fn now_ms() -> u64 {

@@ -22,6 +22,8 @@ struct Values {
     heldout_loss: Option<f64>,
     reveal_deadline_ms: Option<u64>,
     balance: Option<u64>,
+    /// The round whose committed weights are missing at their URL, while they are.
+    unserved_round: Option<u64>,
 }
 
 /// Shared between the loop (which writes) and the HTTP server (which reads).
@@ -63,6 +65,15 @@ impl Metrics {
 
     pub fn count_reveal(&self) {
         self.with(|v| v.reveals += 1);
+    }
+
+    /// `Some(round)` while that round's weights are missing at their URL; None once served.
+    pub fn observe_unserved(&self, round: Option<u64>) {
+        self.with(|v| v.unserved_round = round);
+    }
+
+    pub fn unserved_round(&self) -> Option<u64> {
+        self.0.lock().expect("metrics lock").unserved_round
     }
 
     pub fn observe_balance(&self, shannons: u64) {
@@ -151,6 +162,16 @@ impl Metrics {
                 &one(ms as f64 / 1000.0),
             );
         }
+        metric(
+            "weights_unserved",
+            "gauge",
+            "1 while committed weights are missing at their URL (validators fetching them would \
+             report the model); the round is in the label.",
+            &match v.unserved_round {
+                Some(round) => vec![(format!("{{round=\"{round}\"}}"), 1.0)],
+                None => one(0.0),
+            },
+        );
         if let Some(b) = v.balance {
             metric(
                 "balance_shannons",

@@ -1,5 +1,5 @@
 //! Create, commit and reveal, one journaled step at a time. `somatrain commit` and
-//! `somatrain reveal` call these directly; the loop in [`crate::run_loop`] strings them together.
+//! `somatrain reveal` call these directly; the state machine in [`crate::rounds`] strings them together.
 //!
 //! Every transaction is signed, written into the journal (its BCS bytes and the chain id), and
 //! only then sent. After a crash the journal's transaction is looked up on the network by
@@ -12,9 +12,10 @@
 //! (look the digest up later), and the transaction executed but failed (its fee was paid).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use somatrain_client::chain::{ChainClient, ChainError, Executed};
+use somatrain_client::chain::{ChainClient, ChainError, EpochClock, Executed};
 use somatrain_client::view::{Commitments, EpochView, ModelState, ModelView};
 use somatrain_protocol::crypto::{EncryptionKey, embedding_commitment, encrypt_stream};
 use somatrain_protocol::effects::ExecutionStatus;
@@ -25,7 +26,7 @@ use somatrain_protocol::{
 use somatrain_storage::{Storage, StorageError, verify_url};
 use somatrain_train::trainer::HeldoutScore;
 
-use crate::journal::{Inflight, Journal, PendingRound, Phase, Purpose, RevealedRound};
+use crate::journal::{Inflight, Journal, PendingRound, Phase, Purpose, RevealedRound, Upload};
 use crate::{DaemonError, now_ms};
 
 /// Where the reveal of a committed round stands against the chain's epochs.
@@ -71,15 +72,15 @@ pub enum Adopt {
 }
 
 pub struct Publisher {
-    pub chain: ChainClient,
+    chain: ChainClient,
     keypair: Keypair,
-    pub storage: Storage,
-    pub journal: Journal,
+    storage: Arc<Storage>,
+    journal: Journal,
     journal_path: PathBuf,
     publish_dir: PathBuf,
     chain_id: Option<String>,
-    /// The epoch as read just before the last commit.
-    last_view: Option<EpochView>,
+    /// The epoch's clock as read just before the last commit.
+    last_clock: Option<EpochClock>,
 }
 
 /// The estimated fee of a transaction writing `writes` objects and moving `value` shannons.
@@ -97,22 +98,41 @@ impl Publisher {
         storage: Storage,
         run_dir: &Path,
     ) -> Result<Self, DaemonError> {
+        // The journal names the encrypted files by absolute paths, so that a later command run
+        // from another working directory finds them.
+        let run_dir = std::path::absolute(run_dir)
+            .map_err(|e| DaemonError::Io(format!("{}: {e}", run_dir.display())))?;
+        let run_dir = run_dir.as_path();
         let journal_path = Journal::path_in(run_dir);
         let journal = Journal::load(&journal_path)?;
         Ok(Publisher {
             chain,
             keypair,
-            storage,
+            storage: Arc::new(storage),
             journal,
             journal_path,
             publish_dir: run_dir.join("publish"),
             chain_id: None,
-            last_view: None,
+            last_clock: None,
         })
     }
 
     pub fn keypair(&self) -> &Keypair {
         &self.keypair
+    }
+
+    pub fn chain(&self) -> &ChainClient {
+        &self.chain
+    }
+
+    /// Where the weights go; shared with the task that keeps them served.
+    pub fn storage(&self) -> Arc<Storage> {
+        self.storage.clone()
+    }
+
+    /// What the run has done so far; changed only through the publisher's steps.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     pub fn save(&self) -> Result<(), DaemonError> {
@@ -127,7 +147,7 @@ impl Publisher {
         Ok(())
     }
 
-    async fn chain_id(&mut self) -> Result<String, DaemonError> {
+    pub async fn chain_id(&mut self) -> Result<String, DaemonError> {
         if let Some(id) = &self.chain_id {
             return Ok(id.clone());
         }
@@ -279,20 +299,22 @@ impl Publisher {
             }
             Purpose::Commit => {
                 // The window is known from now on, even if the node becomes unreachable: from
-                // a fresh read of the epoch, or else the one read just before the commit.
-                let view = match self.chain.epoch_view().await {
-                    Ok(view) => Some(view),
+                // a fresh read of the epoch's clock, or else the one read just before the commit.
+                let clock = match self.chain.epoch_clock().await {
+                    Ok(clock) => Some(clock),
                     Err(e) => {
                         tracing::warn!("reading the epoch after the commit: {e}");
-                        self.last_view.clone()
+                        self.last_clock
                     }
                 };
+                let chain_id = self.chain_id.clone();
                 if let Some(pending) = &mut self.journal.pending {
                     pending.commit_epoch = Some(epoch);
-                    if let Some(view) = view.filter(|v| v.epoch >= epoch) {
-                        let opens = window_opens(&view, epoch);
+                    pending.chain_id = chain_id;
+                    if let Some(clock) = clock.filter(|c| c.epoch >= epoch) {
+                        let opens = window_opens(&clock, epoch);
                         pending.reveal_opens_ms = Some(opens);
-                        pending.reveal_closes_ms = Some(opens + view.params.epoch_duration_ms);
+                        pending.reveal_closes_ms = Some(opens + clock.epoch_duration_ms);
                     }
                     self.journal.reveal_deadline_ms = pending.reveal_closes_ms;
                     tracing::info!("round {} committed in epoch {epoch}", pending.round);
@@ -311,7 +333,15 @@ impl Publisher {
                     });
                     self.journal.rounds_revealed = self.journal.rounds_revealed.max(pending.round);
                     self.journal.reveal_deadline_ms = None;
-                    let _ = std::fs::remove_file(&pending.encrypted);
+                    // Kept while the weights still have to be confirmed served.
+                    let still_needed = self
+                        .journal
+                        .reupload
+                        .as_ref()
+                        .is_some_and(|u| u.encrypted == pending.encrypted);
+                    if !still_needed {
+                        let _ = std::fs::remove_file(&pending.encrypted);
+                    }
                 }
             }
         }
@@ -336,11 +366,24 @@ impl Publisher {
         new: NewModel,
         adopt: Adopt,
     ) -> Result<ObjectId, DaemonError> {
+        let me = self.keypair.address();
         if let Some(id) = self.journal.model_id {
-            return Ok(id);
+            let view = self.chain.epoch_view().await?;
+            let model = view.model(&id);
+            match committable(model, &id, &me) {
+                Ok(()) => return Ok(id),
+                Err(e)
+                    if adopt == Adopt::CreateNew
+                        && model.is_some_and(|m| m.state == ModelState::Inactive) =>
+                {
+                    tracing::warn!("{e}; creating a new model, as --new-model asks");
+                    self.journal.model_id = None;
+                    self.save()?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let view = self.chain.epoch_view().await?;
-        let me = self.keypair.address();
         match adopt {
             Adopt::Model(id) => {
                 let model = view
@@ -411,6 +454,16 @@ impl Publisher {
         self.journal
             .model_id
             .ok_or_else(|| DaemonError::Chain("no model id after create".into()))
+    }
+
+    /// Checks, before anything is signed, that the journal's model can take a commit from this
+    /// wallet (a restart after a missed reveal must not pay a fee for a refused commit).
+    pub async fn check_model_committable(&self) -> Result<(), DaemonError> {
+        let Some(id) = self.journal.model_id else {
+            return Ok(());
+        };
+        let model = self.chain.model(&id).await?;
+        committable(model.as_ref(), &id, &self.keypair.address())
     }
 
     fn model_id(&self) -> Result<ObjectId, DaemonError> {
@@ -529,6 +582,7 @@ impl Publisher {
             commit_epoch: None,
             reveal_opens_ms: None,
             reveal_closes_ms: None,
+            chain_id: None,
         });
         self.save()
     }
@@ -545,28 +599,27 @@ impl Publisher {
             return Ok(epoch);
         }
         // A commit of these very commitments already on chain (from a lost answer) counts.
-        let model = self
-            .chain
-            .model(&model_id)
-            .await?
-            .ok_or_else(|| DaemonError::Chain(format!("model {model_id} is not on chain")))?;
-        if let Some(on_chain) = &model.pending
+        let model = self.chain.model(&model_id).await?;
+        if let Some(on_chain) = model.as_ref().and_then(|m| m.pending.as_ref())
             && on_chain.commitments == pending.commitments
         {
             let epoch = on_chain.commit_epoch;
-            let view = self.chain.epoch_view().await?;
-            let opens = window_opens(&view, epoch);
+            let clock = self.chain.epoch_clock().await?;
+            let opens = window_opens(&clock, epoch);
+            let chain_id = self.chain_id().await?;
             if let Some(p) = &mut self.journal.pending {
                 p.commit_epoch = Some(epoch);
+                p.chain_id = Some(chain_id);
                 p.reveal_opens_ms = Some(opens);
-                p.reveal_closes_ms = Some(opens + view.params.epoch_duration_ms);
+                p.reveal_closes_ms = Some(opens + clock.epoch_duration_ms);
                 self.journal.reveal_deadline_ms = p.reveal_closes_ms;
             }
             self.save()?;
             return Ok(epoch);
         }
+        committable(model.as_ref(), &model_id, &self.keypair.address())?;
         self.set_phase(Phase::Committing)?;
-        self.last_view = Some(self.chain.epoch_view().await?);
+        self.last_clock = Some(self.chain.epoch_clock().await?);
         let executed = self
             .send(
                 Purpose::Commit,
@@ -591,20 +644,28 @@ impl Publisher {
             .as_ref()
             .and_then(|p| p.commit_epoch)
             .ok_or_else(|| DaemonError::Usage("no committed round awaits a reveal".into()))?;
-        let view = self.chain.epoch_view().await?;
-        let window = if view.epoch == commit_epoch {
+        self.check_same_chain().await?;
+        // The clock alone: a reply no other user can inflate.
+        let clock = self.chain.epoch_clock().await?;
+        let window = if clock.epoch == commit_epoch {
             RevealWindow::NotYet {
-                opens_ms: view.next_epoch_ms(),
+                opens_ms: clock.next_epoch_ms(),
             }
-        } else if view.epoch == commit_epoch + 1 {
+        } else if clock.epoch == commit_epoch + 1 {
             RevealWindow::Open {
-                deadline_ms: view.next_epoch_ms(),
+                deadline_ms: clock.next_epoch_ms(),
             }
+        } else if clock.epoch < commit_epoch {
+            return Err(DaemonError::Journal(format!(
+                "the journal's round was committed in epoch {commit_epoch}, but this network is \
+                 at epoch {}: the run directory belongs to another network",
+                clock.epoch
+            )));
         } else {
             RevealWindow::Missed
         };
         let deadline = match window {
-            RevealWindow::NotYet { opens_ms } => Some(opens_ms + view.params.epoch_duration_ms),
+            RevealWindow::NotYet { opens_ms } => Some(opens_ms + clock.epoch_duration_ms),
             RevealWindow::Open { deadline_ms } => Some(deadline_ms),
             RevealWindow::Missed => None,
         };
@@ -615,13 +676,38 @@ impl Publisher {
         Ok(window)
     }
 
+    /// Refuses a pending round committed on another chain than the one this client talks to
+    /// (its epochs say nothing about that round's window).
+    async fn check_same_chain(&mut self) -> Result<(), DaemonError> {
+        let Some(committed_on) = self
+            .journal
+            .pending
+            .as_ref()
+            .and_then(|p| p.chain_id.clone())
+        else {
+            return Ok(());
+        };
+        let here = self.chain_id().await?;
+        if committed_on != here {
+            return Err(DaemonError::Journal(format!(
+                "the journal's round was committed on chain {committed_on}, but this network is \
+                 chain {here}: use the run directory with the network it belongs to"
+            )));
+        }
+        Ok(())
+    }
+
     /// Gives up on a round whose window closed: the chain slashes (first reveal) or drops it.
     pub fn abandon_pending(&mut self) -> Result<(), DaemonError> {
         if let Some(p) = self.journal.pending.take() {
+            let committed = p
+                .commit_epoch
+                .map_or("was never committed".to_string(), |e| {
+                    format!("committed in epoch {e}")
+                });
             tracing::error!(
-                "the reveal window of round {} (committed in epoch {:?}) closed before the reveal landed",
+                "the reveal window of round {} ({committed}) closed before the reveal landed",
                 p.round,
-                p.commit_epoch
             );
             self.journal.missed_reveals += 1;
             self.journal.reveal_deadline_ms = None;
@@ -629,51 +715,58 @@ impl Publisher {
         self.save()
     }
 
-    /// Checks the committed URL still serves the committed bytes, uploading them again from the
-    /// local encrypted file if it does not.
-    pub async fn ensure_served(&mut self) -> Result<(), DaemonError> {
-        let pending = self
-            .journal
-            .pending
-            .clone()
-            .ok_or_else(|| DaemonError::Usage("nothing pending".into()))?;
-        match verify_url(self.storage.http(), &pending.manifest).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!("{e}; uploading the committed file again");
-                let manifest = match self
-                    .storage
-                    .upload_file(&pending.object_name, &pending.encrypted)
-                    .await
-                {
-                    Ok(manifest) => manifest,
-                    // The name is taken by other bytes the store will not overwrite: revealing
-                    // anyway keeps the stake (a missed first reveal costs half of it), and the
-                    // weights are at least verifiable from the local encrypted file.
-                    Err(e @ StorageError::Taken { .. }) => {
-                        tracing::error!(
-                            "{} cannot be uploaded again ({e}); revealing anyway, but scorers \
-                             cannot fetch these weights",
-                            pending.manifest.url
-                        );
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if manifest != pending.manifest {
-                    return Err(StorageError::mismatch(
-                        &pending.manifest,
-                        manifest.checksum,
-                        manifest.size,
-                    )
-                    .into());
-                }
-                Ok(())
-            }
+    /// Records that the pending round's weights must be confirmed served from now on (its reveal
+    /// window is open), and returns what must be served: the record stays in the journal, with
+    /// the encrypted file, until [`Publisher::upload_confirmed`].
+    pub fn watch_pending_upload(&mut self) -> Result<Option<Upload>, DaemonError> {
+        if self.journal.reupload.is_none()
+            && let Some(pending) = &self.journal.pending
+        {
+            self.journal.reupload = Some(pending.upload());
+            self.save()?;
         }
+        Ok(self.journal.reupload.clone())
     }
 
-    /// Reveals the pending round: key and embedding, after checking the weights are served.
+    /// Notes, once, since when the weights have been seen missing (for `status`).
+    pub fn upload_missing(&mut self, upload: &Upload) -> Result<(), DaemonError> {
+        if let Some(u) = &mut self.journal.reupload
+            && u.manifest == upload.manifest
+            && u.since_ms.is_none()
+        {
+            u.since_ms = Some(now_ms());
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// The weights read back whole at their URL: the record goes, and the encrypted file too
+    /// once the round is revealed.
+    pub fn upload_confirmed(&mut self, upload: &Upload) -> Result<(), DaemonError> {
+        if self
+            .journal
+            .reupload
+            .as_ref()
+            .is_some_and(|u| u.manifest == upload.manifest)
+        {
+            self.journal.reupload = None;
+            self.save()?;
+        }
+        let pending_needs_it = self
+            .journal
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.encrypted == upload.encrypted);
+        if !pending_needs_it {
+            let _ = std::fs::remove_file(&upload.encrypted);
+        }
+        Ok(())
+    }
+
+    /// Reveals the pending round: key and embedding. The bucket is not looked at first: the
+    /// chain does not read the URL at the reveal, a missed first reveal costs half the stake,
+    /// and weights that come back before the validators look cost nothing. The weights are
+    /// recorded as to be confirmed served ([`Publisher::watch_pending_upload`]) before it goes.
     pub async fn reveal_pending(&mut self) -> Result<u64, DaemonError> {
         let model_id = self.model_id()?;
         let pending = self
@@ -689,7 +782,7 @@ impl Publisher {
         let key = EncryptionKey::from_base58(&pending.decryption_key)
             .map_err(|_| DaemonError::Journal("the journal's decryption key is damaged".into()))?;
         self.set_phase(Phase::Revealing)?;
-        self.ensure_served().await?;
+        self.watch_pending_upload()?;
         let executed = self
             .send(
                 Purpose::Reveal,
@@ -697,6 +790,82 @@ impl Publisher {
                     model_id,
                     decryption_key: Digest(*key.as_bytes()),
                     embedding: SomaTensor::vector(&pending.embedding),
+                },
+            )
+            .await?;
+        Ok(executed.effects.executed_epoch)
+    }
+
+    /// This wallet's models with a commit awaiting its reveal on chain (a pending model, or an
+    /// active one with an update), whatever the journal says.
+    pub async fn commits_on_chain(&self) -> Result<Vec<ModelView>, DaemonError> {
+        let me = self.keypair.address();
+        let view = self.chain.epoch_view().await?;
+        Ok(view
+            .models
+            .into_iter()
+            .filter(|m| m.owner == me && m.pending.is_some())
+            .collect())
+    }
+
+    /// Reveals a commit the journal does not hold (the journal was lost), from a key and an
+    /// embedding the user gives. Both are checked against the commitments on chain and the
+    /// window against the epoch before anything is signed; the model becomes the journal's.
+    pub async fn reveal_unjournaled(
+        &mut self,
+        model: &ModelView,
+        key: &EncryptionKey,
+        embedding: &[f32],
+    ) -> Result<u64, DaemonError> {
+        let id = model.id;
+        let commit = model
+            .pending
+            .as_ref()
+            .ok_or_else(|| DaemonError::Usage(format!("model {id} has no commit to reveal")))?;
+        if key.commitment() != commit.commitments.decryption_key {
+            return Err(DaemonError::Usage(format!(
+                "that decryption key is not the one model {id} committed to in epoch {} (its \
+                 commitment differs): nothing was signed",
+                commit.commit_epoch
+            )));
+        }
+        if embedding_commitment(embedding) != commit.commitments.embedding {
+            return Err(DaemonError::Usage(format!(
+                "that embedding is not the one model {id} committed to in epoch {} (its \
+                 commitment differs): nothing was signed. Give the committed one with --embedding",
+                commit.commit_epoch
+            )));
+        }
+        let clock = self.chain.epoch_clock().await?;
+        if clock.epoch == commit.commit_epoch {
+            return Err(DaemonError::Usage(format!(
+                "model {id} was committed in epoch {}, which is still the current epoch: its \
+                 reveal window opens with epoch {}",
+                commit.commit_epoch,
+                commit.commit_epoch + 1
+            )));
+        }
+        if clock.epoch > commit.commit_epoch + 1 {
+            return Err(DaemonError::Usage(format!(
+                "the reveal window of model {id}'s commit (epoch {}) closed with epoch {}; the \
+                 network is at epoch {}",
+                commit.commit_epoch,
+                commit.commit_epoch + 1,
+                clock.epoch
+            )));
+        }
+        if self.journal.model_id.is_none() {
+            self.journal.model_id = Some(id);
+            self.save()?;
+        }
+        self.set_phase(Phase::Revealing)?;
+        let executed = self
+            .send(
+                Purpose::Reveal,
+                TransactionKind::RevealModel {
+                    model_id: id,
+                    decryption_key: Digest(*key.as_bytes()),
+                    embedding: SomaTensor::vector(embedding),
                 },
             )
             .await?;
@@ -731,12 +900,50 @@ fn unfinished<'a>(view: &'a EpochView, owner: &somatrain_protocol::Address) -> V
 }
 
 /// When the reveal window of a commit in `commit_epoch` opens: the end of that epoch, as far as
-/// `view` (of that epoch or a later one) tells.
-fn window_opens(view: &EpochView, commit_epoch: u64) -> u64 {
-    let duration = view.params.epoch_duration_ms;
-    match view.epoch.checked_sub(commit_epoch) {
-        Some(0) | None => view.next_epoch_ms(),
-        Some(later) => view.start_ms.saturating_sub((later - 1) * duration),
+/// `clock` (of that epoch or a later one) tells.
+fn window_opens(clock: &EpochClock, commit_epoch: u64) -> u64 {
+    let duration = clock.epoch_duration_ms;
+    match clock.epoch.checked_sub(commit_epoch) {
+        Some(0) | None => clock.next_epoch_ms(),
+        Some(later) => clock.start_ms.saturating_sub((later - 1) * duration),
+    }
+}
+
+/// Refuses a model that cannot take a commit from `me`: missing, another wallet's, inactive
+/// (a missed reveal, a deactivation or a slash), or pending with a commit this journal does not
+/// hold. The error names the model and its state; nothing has been signed when it is returned.
+fn committable(
+    model: Option<&ModelView>,
+    id: &ObjectId,
+    me: &somatrain_protocol::Address,
+) -> Result<(), DaemonError> {
+    let Some(model) = model else {
+        return Err(DaemonError::Usage(format!(
+            "model {id} is not on chain: nothing was signed. Pass `--new-model` to create a \
+             new model"
+        )));
+    };
+    if model.owner != *me {
+        return Err(DaemonError::Usage(format!(
+            "model {id} belongs to {}, not to this wallet ({me}): nothing was signed",
+            model.owner
+        )));
+    }
+    match model.state {
+        ModelState::Created | ModelState::Active => Ok(()),
+        ModelState::Inactive => Err(DaemonError::Usage(format!(
+            "model {id} is inactive on chain (a reveal window closed without its reveal, or it \
+             was deactivated or slashed; {} shannons of stake are left in it): it can take no \
+             commit, and nothing was signed. Pass `--new-model` to create a new model",
+            model.stake
+        ))),
+        ModelState::Pending => Err(DaemonError::Usage(format!(
+            "model {id} is pending on chain with a commit from epoch {} that this journal did \
+             not make; it can take no other commit until that one is revealed (its key is only \
+             in the journal that committed it), and nothing was signed. Pass `--new-model` to \
+             create a new model",
+            model.pending.as_ref().map_or(0, |p| p.commit_epoch)
+        ))),
     }
 }
 
@@ -794,4 +1001,48 @@ fn encrypt_file(
     .map_err(|e| io(weights, &e))?;
     somatrain_model::io::finish_atomic(&tmp, encrypted).map_err(|e| io(encrypted, &e))?;
     Ok(summary)
+}
+
+/// What one look at committed weights found.
+#[derive(Debug)]
+pub enum Served {
+    /// The URL serves the committed bytes.
+    Whole,
+    /// Not served, and the upload failed this time (the host down, say): try again later.
+    Missing(StorageError),
+    /// Not served, and no retry can change that (the name holds other bytes the store will not
+    /// overwrite, or the local encrypted file is gone).
+    Impossible(StorageError),
+}
+
+/// Looks at the committed URL; when it does not serve the committed bytes, uploads the local
+/// encrypted file once (with the storage's own retries) and so confirms them.
+pub async fn serve_once(storage: &Storage, upload: &Upload) -> Served {
+    let missing = match verify_url(storage.http(), &upload.manifest).await {
+        Ok(()) => return Served::Whole,
+        Err(e) => e,
+    };
+    tracing::warn!(
+        "the weights of round {} are not served whole at {} ({missing}); uploading them again",
+        upload.round,
+        upload.manifest.url
+    );
+    match storage
+        .upload_file(&upload.object_name, &upload.encrypted)
+        .await
+    {
+        Ok(manifest) if manifest == upload.manifest => Served::Whole,
+        Ok(manifest) => Served::Missing(StorageError::mismatch(
+            &upload.manifest,
+            manifest.checksum,
+            manifest.size,
+        )),
+        Err(
+            e @ (StorageError::Taken { .. }
+            | StorageError::Local { .. }
+            | StorageError::BadName(_)
+            | StorageError::Config(_)),
+        ) => Served::Impossible(e),
+        Err(e) => Served::Missing(e),
+    }
 }

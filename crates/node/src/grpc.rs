@@ -268,6 +268,17 @@ fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
     }
 }
 
+/// The network's `GetEpoch` fields when the request has no read mask.
+const EPOCH_DEFAULT_MASK: [&str; 7] = [
+    "epoch",
+    "committee",
+    "first_checkpoint",
+    "last_checkpoint",
+    "start",
+    "end",
+    "protocol_config.protocol_version",
+];
+
 fn protocol_config(s: &crate::ledger::SystemState) -> proto::ProtocolConfig {
     let p = &s.params;
     let attributes = [
@@ -552,22 +563,33 @@ impl LedgerService for Services {
         &self,
         request: Request<proto::GetEpochRequest>,
     ) -> Result<Response<proto::GetEpochResponse>, Status> {
-        let asked = request.into_inner().epoch;
+        let request = request.into_inner();
+        // As the network: a field is sent when the mask names it (or a path under it), and no
+        // mask means the network's default, which leaves the system state out.
+        let paths: Vec<String> = match request.read_mask {
+            Some(mask) => mask.paths,
+            None => EPOCH_DEFAULT_MASK.iter().map(|p| p.to_string()).collect(),
+        };
+        let wants = |field: &str| {
+            paths
+                .iter()
+                .any(|p| p == field || p.strip_prefix(field).is_some_and(|r| r.starts_with('.')))
+        };
         let system = self.node.read(|l| l.system.clone());
-        if asked.is_some_and(|e| e != system.epoch) {
+        if request.epoch.is_some_and(|e| e != system.epoch) {
             return Err(Status::not_found(
                 "this localnet serves the current epoch only",
             ));
         }
         Ok(Response::new(proto::GetEpochResponse {
             epoch: Some(proto::Epoch {
-                epoch: Some(system.epoch),
-                system_state: Some(system_state_to_proto(&system)),
-                first_checkpoint: Some(0),
+                epoch: wants("epoch").then_some(system.epoch),
+                system_state: wants("system_state").then(|| system_state_to_proto(&system)),
+                first_checkpoint: wants("first_checkpoint").then_some(0),
                 last_checkpoint: None,
-                start: Some(convert::timestamp_from_ms(system.epoch_start_ms)),
+                start: wants("start").then(|| convert::timestamp_from_ms(system.epoch_start_ms)),
                 end: None,
-                protocol_config: Some(protocol_config(&system)),
+                protocol_config: wants("protocol_config").then(|| protocol_config(&system)),
             }),
         }))
     }

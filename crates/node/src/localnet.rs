@@ -94,13 +94,26 @@ struct Inner {
     /// A disk write failed and the store has not been reopened since (memory holds exactly
     /// what is durable: a failed batch is rolled back).
     needs_reopen: bool,
+    /// Reopened after a failed write, and no write has reached the disk since.
+    recovering: bool,
 }
 
 impl Inner {
     fn reopen(&mut self) -> Result<(), StoreError> {
         self.store.reopen()?;
         self.needs_reopen = false;
-        tracing::info!("the store is writable again");
+        // Reopening needs no space; only a write that lands says the disk has room again.
+        self.recovering = true;
+        tracing::debug!("the store was reopened after a failed write");
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+        self.store.commit(batch)?;
+        if self.recovering {
+            self.recovering = false;
+            tracing::info!("the store is writable again: a write reached the disk");
+        }
         Ok(())
     }
 
@@ -178,6 +191,7 @@ impl Localnet {
                 ledger,
                 store,
                 needs_reopen: false,
+                recovering: false,
             }),
             queue: Mutex::new(Vec::new()),
             queued: std::sync::Condvar::new(),
@@ -332,7 +346,7 @@ impl Localnet {
             Some(self.seal(inner, &mut batch, &records, sequence, now_ms))
         };
         if !batch.is_empty()
-            && let Err(e) = inner.store.commit(batch)
+            && let Err(e) = inner.commit(batch)
         {
             inner.ledger.roll_back(undo, system_before);
             after_failed_commit(inner, &e);
@@ -417,7 +431,7 @@ impl Localnet {
             sequence,
             now_ms,
         );
-        if let Err(e) = inner.store.commit(batch) {
+        if let Err(e) = inner.commit(batch) {
             inner.ledger.roll_back(undo, system_before);
             after_failed_commit(&mut inner, &e);
             return Err(e.into());
@@ -437,7 +451,7 @@ impl Localnet {
         let mut undo = UndoLog::default();
         inner.ledger.apply_logged(changes, &mut undo);
         batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
-        if let Err(e) = inner.store.commit(batch) {
+        if let Err(e) = inner.commit(batch) {
             inner.ledger.roll_back(undo, system_before);
             after_failed_commit(&mut inner, &e);
             return Err(e.into());

@@ -46,6 +46,11 @@ pub enum CheckpointError {
     },
     #[error("checkpoint {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A save that could not be written (a full disk, say); the earlier checkpoints are intact.
+    #[error(
+        "writing the checkpoint in {path} failed: {reason}; the earlier checkpoints are untouched"
+    )]
+    Write { path: PathBuf, reason: String },
 }
 
 /// Everything besides tensors that a resumed run needs.
@@ -129,13 +134,13 @@ pub fn save(
     let final_dir = root.join(dir_name(step));
     let tmp = root.join(format!(".tmp-{}-{}", dir_name(step), std::process::id()));
     somatrain_model::io::create_private_dir(&tmp).map_err(io_err(&tmp))?;
-    let corrupt = |reason: String| CheckpointError::Corrupt {
+    let failed = |reason: String| CheckpointError::Write {
         path: tmp.clone(),
         reason,
     };
 
     let weights_path = tmp.join(WEIGHTS_FILE);
-    save_file(weights, &weights_path).map_err(|e| corrupt(e.to_string()))?;
+    save_file(weights, &weights_path).map_err(|e| failed(e.to_string()))?;
     fault_injection_pause();
     let specs = Weights::specs(&weights.config);
     let mut moments = Vec::with_capacity(specs.len() * 2);
@@ -145,7 +150,7 @@ pub fn save(
         }
     }
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
-    save_named(&optimizer_path, moments, HashMap::new()).map_err(|e| corrupt(e.to_string()))?;
+    save_named(&optimizer_path, moments, HashMap::new()).map_err(|e| failed(e.to_string()))?;
     fault_injection_pause();
     write_synced(&tmp.join(CORPUS_FILE), &corpus.to_bytes())?;
 
@@ -304,10 +309,18 @@ pub fn load_latest(root: &Path) -> (Option<Loaded>, Vec<CheckpointError>) {
     (None, rejected)
 }
 
-/// Deletes all but the newest `keep` checkpoints, never the newest one that verifies.
+/// Deletes all but the newest `keep` checkpoints, and only those older than `newest_good`, which
+/// must verify (its `state.json` read back): no checkpoint goes unless a newer one is sound.
 pub fn prune(root: &Path, keep: usize, newest_good: &Path) {
-    for (_, dir) in list(root).into_iter().skip(keep.max(1)) {
-        if dir != newest_good {
+    let Ok(good) = read_state(newest_good) else {
+        tracing::warn!(
+            "{} does not verify; no older checkpoint is deleted",
+            newest_good.display()
+        );
+        return;
+    };
+    for (step, dir) in list(root).into_iter().skip(keep.max(1)) {
+        if step < good.step && dir != newest_good {
             let _ = fs::remove_dir_all(dir);
         }
     }

@@ -71,6 +71,10 @@ pub struct TrainSettings {
     pub heldout_bytes: usize,
     /// Data for the registry embedding; the held-out sample when empty.
     pub embedding_data: Vec<PathBuf>,
+    /// When checkpoints exist and none verifies: set them aside and start from step 0 (without
+    /// it, training stops and says what it found). Never stored.
+    #[serde(skip)]
+    pub restart_from_scratch: bool,
 }
 
 impl TrainSettings {
@@ -91,6 +95,7 @@ impl TrainSettings {
             init_weights: None,
             heldout_bytes: 1 << 20,
             embedding_data: Vec::new(),
+            restart_from_scratch: false,
         }
     }
 
@@ -179,6 +184,7 @@ impl TrainSettings {
         a.heldout_bytes = b.heldout_bytes;
         a.embedding_data = b.embedding_data.clone();
         a.init_weights = b.init_weights.clone();
+        a.restart_from_scratch = b.restart_from_scratch;
         a.corpus.skip_dir = b.corpus.skip_dir.clone();
         if &a != b {
             return Err(
@@ -251,13 +257,72 @@ pub struct HeldoutScore {
 }
 
 /// What a round leaves for publishing: `round/weights.safetensors` and `round/round.json`.
+///
+/// The round is bound to its run directory: `weights` is relative to it (so the directory can
+/// move, and a command run from anywhere finds the same file), and `weights_blake2b256` is the
+/// hash of the weights written with it, so weights that another run or a later round put there
+/// are never published with this round's embedding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundArtifacts {
     pub step: u64,
+    /// Relative to the run directory (absolute in rounds written before the hash was added).
     pub weights: PathBuf,
+    /// Blake2b-256 (Base58) of the weights file; absent in rounds written before it was.
+    #[serde(default)]
+    pub weights_blake2b256: Option<String>,
     pub heldout: Option<HeldoutScore>,
     pub embedding: Vec<f32>,
     pub embedding_source: String,
+}
+
+/// Name of the round's weights inside the run directory.
+pub const ROUND_WEIGHTS: &str = "round/weights.safetensors";
+
+impl RoundArtifacts {
+    /// The weights file of a round of the run in `run_dir`.
+    pub fn weights_path(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join(&self.weights)
+    }
+
+    /// Checks that the weights file holds what this round wrote (by its Blake2b-256); returns
+    /// the path.
+    pub fn verified_weights(&self, run_dir: &Path) -> Result<PathBuf, TrainError> {
+        let path = self.weights_path(run_dir);
+        let Some(expected) = &self.weights_blake2b256 else {
+            return Err(TrainError::Settings(format!(
+                "{} was written by an older somatrain and does not bind its weights; train at \
+                 least one more step to write a round that does",
+                run_dir.join("round/round.json").display()
+            )));
+        };
+        let found = file_blake2b256(&path).map_err(io_err(&path))?;
+        if &found != expected {
+            return Err(TrainError::Settings(format!(
+                "{} is not the file this round wrote (its Blake2b-256 is {found}, the round's is \
+                 {expected}): another run or a later round replaced it, and it is not published \
+                 with this round's embedding. Train again to write a new round",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+}
+
+/// Blake2b-256 (Base58) of a file, streamed.
+pub fn file_blake2b256(path: &Path) -> std::io::Result<String> {
+    use blake2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake2::Blake2b::<blake2::digest::consts::U32>::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(bs58::encode(hasher.finalize()).into_string())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -490,9 +555,35 @@ pub fn run_with(
     }
 
     let ckpt_root = run_dir.join("checkpoints");
-    let (loaded, rejected) = checkpoint::load_latest(&ckpt_root);
+    let (loaded, mut rejected) = checkpoint::load_latest(&ckpt_root);
     for r in &rejected {
         tracing::warn!("skipping checkpoint: {r}");
+    }
+    if loaded.is_none() && !rejected.is_empty() {
+        // Starting over here would throw away the run, and pruning would then delete
+        // directories that may only need a file put back.
+        let found: Vec<String> = rejected.iter().map(|r| format!("  {r}")).collect();
+        if !settings.restart_from_scratch {
+            return Err(TrainError::Settings(format!(
+                "no checkpoint in {} verifies, so training cannot resume; nothing was changed. \
+                 What was found:\n{}\nRepair them, or pass --restart-from-scratch to start \
+                 from step 0 with the old checkpoints kept aside",
+                ckpt_root.display(),
+                found.join("\n")
+            )));
+        }
+        let aside = run_dir.join(format!(
+            "checkpoints.set-aside-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ));
+        std::fs::rename(&ckpt_root, &aside).map_err(io_err(&ckpt_root))?;
+        tracing::warn!(
+            "no checkpoint verified; they are kept in {} and training starts from step 0",
+            aside.display()
+        );
+        rejected.clear();
     }
     let (mut weights, mut adam, position, resumed_from, mut last_loss) = match loaded {
         Some(l) => {
@@ -655,7 +746,7 @@ fn write_round(
 ) -> Result<RoundArtifacts, TrainError> {
     let round_dir = run_dir.join("round");
     somatrain_model::io::create_private_dir(&round_dir).map_err(io_err(&round_dir))?;
-    let weights_path = round_dir.join("weights.safetensors");
+    let weights_path = run_dir.join(ROUND_WEIGHTS);
     let mut scorer = match engine.scorer(weights) {
         Some(device) => RoundScorer::Device(device),
         None => RoundScorer::Cpu(Box::new(CpuModel::new(weights.clone()))),
@@ -723,7 +814,8 @@ fn write_round(
     save_file(weights, &weights_path)?;
     let round = RoundArtifacts {
         step,
-        weights: weights_path,
+        weights_blake2b256: Some(file_blake2b256(&weights_path).map_err(io_err(&weights_path))?),
+        weights: PathBuf::from(ROUND_WEIGHTS),
         heldout: heldout.map(|(h, _)| h),
         embedding,
         embedding_source,

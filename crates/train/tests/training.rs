@@ -49,7 +49,7 @@ fn loss_goes_down_on_real_sources() {
         "{heldout:?}"
     );
     assert_eq!(summary.round.embedding.len(), 16);
-    assert!(summary.round.weights.exists());
+    assert!(dir.path().join(&summary.round.weights).exists());
 }
 
 #[test]

@@ -201,18 +201,25 @@ pub fn read_input(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
     } else {
         path.display().to_string()
     };
-    if path != Path::new("-") && path.is_dir() {
-        anyhow::bail!("{name} is a directory, not a data file");
-    }
-    // A regular file says its size: refuse it before reading any of it.
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.is_file()
-        && meta.len() > max_bytes
-    {
-        anyhow::bail!(
-            "{name} holds {} bytes, more than {max_bytes}, the most this command reads",
-            meta.len()
-        );
+    if path != Path::new("-") {
+        // `stat` opens nothing, so a FIFO without a writer cannot make this wait.
+        let meta = std::fs::metadata(path).with_context(|| format!("reading {name}"))?;
+        if meta.is_dir() {
+            anyhow::bail!("{name} is a directory, not a data file");
+        }
+        if !meta.is_file() {
+            anyhow::bail!(
+                "{name} is not a regular file (a FIFO, device or socket, which may block or never \
+                 end); give a file, or - for standard input"
+            );
+        }
+        // A regular file says its size: refuse it before reading any of it.
+        if meta.len() > max_bytes {
+            anyhow::bail!(
+                "{name} holds {} bytes, more than {max_bytes}, the most this command reads",
+                meta.len()
+            );
+        }
     }
     let reader: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin())

@@ -234,6 +234,9 @@ fn loop_json(j: &somatrain_daemon::Journal) -> serde_json::Value {
         })),
         "reveal_deadline_ms": j.reveal_deadline_ms,
         "last_revealed": j.last_revealed,
+        "weights_to_serve": j.reupload.as_ref().map(|u| serde_json::json!({
+            "round": u.round, "url": u.manifest.url, "missing_since_ms": u.since_ms,
+        })),
     })
 }
 
@@ -264,6 +267,22 @@ fn print_loop(j: &somatrain_daemon::Journal, now_ms: u64) {
             left / 60 % 60,
             left % 60
         );
+    }
+    if let Some(u) = &j.reupload {
+        match u.since_ms {
+            Some(since) => println!(
+                "  WARNING: the weights of round {} have been missing at {} for {} s; they are \
+                 uploaded again until they read back whole (validators that cannot fetch them \
+                 report the model)",
+                u.round,
+                u.manifest.url,
+                now_ms.saturating_sub(since) / 1000
+            ),
+            None => println!(
+                "  the weights of round {} at {} are being confirmed served",
+                u.round, u.manifest.url
+            ),
+        }
     }
     if let Some(r) = &j.last_revealed {
         print!(

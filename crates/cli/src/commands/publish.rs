@@ -13,7 +13,7 @@ use somatrain_client::view::ModelState;
 use somatrain_daemon::journal::Phase;
 use somatrain_daemon::{
     Adopt, EngineFactory, EpochAdvance, LoopConfig, Metrics, NewModel, Publisher, RevealWindow,
-    now_ms,
+    Served, now_ms, serve_once,
 };
 use somatrain_protocol::SHANNONS_PER_SOMA;
 use somatrain_protocol::{Keypair, ObjectId};
@@ -120,7 +120,7 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         publisher.resolve_inflight().await?;
-        if let Some(p) = &publisher.journal.pending
+        if let Some(p) = &publisher.journal().pending
             && let Some(epoch) = p.commit_epoch
         {
             bail!(
@@ -130,7 +130,7 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
                 epoch + 1
             );
         }
-        if publisher.journal.pending.is_none() {
+        if publisher.journal().pending.is_none() {
             // Everything is read and checked before the first on-chain action.
             let round_json = args.run_dir.join("round").join("round.json");
             let artifacts: Option<RoundArtifacts> = match std::fs::read(&round_json) {
@@ -140,7 +140,8 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
             };
             let weights = match (&args.weights, &artifacts) {
                 (Some(w), _) => w.clone(),
-                (None, Some(a)) => a.weights.clone(),
+                // Only the very file this round wrote, wherever the run directory now is.
+                (None, Some(a)) => a.verified_weights(&args.run_dir)?,
                 (None, None) => bail!("no --weights and no {} (run `somatrain train` first)", round_json.display()),
             };
             let embedding: Vec<f32> = match (&args.embedding, &artifacts) {
@@ -153,12 +154,12 @@ pub fn run_commit(args: CommitArgs) -> Result<()> {
             let heldout = artifacts.and_then(|a| a.heldout);
             publisher.check_round(&weights, &embedding, heldout.as_ref()).await?;
             publisher.ensure_model(args.model.new_model()?, args.model.adopt()?).await?;
-            let round = publisher.journal.rounds_revealed + 1;
+            let round = publisher.journal().rounds_revealed + 1;
             publisher.prepare(round, step, &weights, embedding, heldout).await?;
         }
-        let model_id = publisher.journal.model_id.context("the journal names no model")?;
+        let model_id = publisher.journal().model_id.context("the journal names no model")?;
         let epoch = publisher.commit_pending().await?;
-        let pending = publisher.journal.pending.as_ref().expect("committed round");
+        let pending = publisher.journal().pending.as_ref().expect("committed round");
         println!("model {model_id}");
         println!("round {} committed in epoch {epoch}: {}", pending.round, pending.manifest.url);
         println!(
@@ -177,22 +178,35 @@ pub struct RevealArgs {
     /// Wait for the reveal window to open instead of failing before it.
     #[arg(long)]
     wait: bool,
+    /// With the journal lost: the model whose commit to reveal (default: the wallet's only one).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// With the journal lost: the commit's decryption key (Base58, or @FILE).
+    #[arg(long)]
+    decryption_key: Option<String>,
+    /// With the journal lost: the committed embedding, a JSON array (default: the one in
+    /// RUN_DIR/round/round.json).
+    #[arg(long)]
+    embedding: Option<PathBuf>,
     #[command(flatten)]
     network: NetworkOptions,
 }
+
+/// Attempts at serving the weights again after a reveal before `reveal` gives up (each is a
+/// look at the URL and an upload with the storage's own retries).
+const REVEAL_REUPLOAD_ATTEMPTS: u32 = 3;
 
 pub fn run_reveal(args: RevealArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         publisher.resolve_inflight().await?;
         loop {
-            if publisher.journal.pending.is_none() {
-                match &publisher.journal.last_revealed {
-                    Some(r) => println!("round {} is revealed (epoch {}); nothing pending", r.round, r.reveal_epoch),
-                    None => println!("nothing committed yet"),
+            let Some(pending) = publisher.journal().pending.clone() else {
+                if publisher.journal().reupload.is_none() {
+                    return reveal_without_journal(&mut publisher, &args).await;
                 }
-                return Ok(());
-            }
+                return confirm_served(&mut publisher, &args.run_dir).await;
+            };
             match publisher.reveal_window().await? {
                 RevealWindow::Open { .. } => break,
                 RevealWindow::NotYet { opens_ms } if args.wait => {
@@ -205,15 +219,130 @@ pub fn run_reveal(args: RevealArgs) -> Result<()> {
                 }
                 RevealWindow::Missed => {
                     publisher.abandon_pending()?;
-                    bail!("the reveal window has closed; the commit is lost");
+                    let epoch = pending.commit_epoch.unwrap_or_default();
+                    bail!(
+                        "the reveal window of round {} (committed in epoch {epoch}) closed with epoch {}; the commit is lost",
+                        pending.round,
+                        epoch + 1
+                    );
                 }
             }
         }
         let epoch = publisher.reveal_pending().await?;
-        let last = publisher.journal.last_revealed.as_ref().expect("just revealed");
+        let last = publisher.journal().last_revealed.as_ref().expect("just revealed");
         println!("round {} revealed in epoch {epoch}", last.round);
-        Ok(())
+        confirm_served(&mut publisher, &args.run_dir).await
     })
+}
+
+/// After a reveal (or for one whose weights were left unserved): looks at the URL and uploads
+/// the weights again until they read back whole, a few times; fails loudly if they do not.
+async fn confirm_served(publisher: &mut Publisher, run_dir: &Path) -> Result<()> {
+    let Some(upload) = publisher.journal().reupload.clone() else {
+        return Ok(());
+    };
+    let storage = publisher.storage();
+    let mut last = None;
+    for attempt in 1..=REVEAL_REUPLOAD_ATTEMPTS {
+        match serve_once(&storage, &upload).await {
+            Served::Whole => {
+                publisher.upload_confirmed(&upload)?;
+                println!(
+                    "the weights of round {} read back whole at {}",
+                    upload.round, upload.manifest.url
+                );
+                return Ok(());
+            }
+            Served::Missing(e) if attempt < REVEAL_REUPLOAD_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                last = Some(e.to_string());
+            }
+            Served::Missing(e) | Served::Impossible(e) => {
+                last = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    publisher.upload_missing(&upload)?;
+    bail!(
+        "round {} is revealed, but its weights are not served at {} ({}): validators that cannot fetch them report the model, and a quorum of reports slashes 95% of its stake. Run `somatrain reveal --run-dir {}` again (or keep `somatrain run` going) to upload them again from {}",
+        upload.round,
+        upload.manifest.url,
+        last.unwrap_or_default(),
+        run_dir.display(),
+        upload.encrypted.display()
+    )
+}
+
+/// `reveal` with no commit in the journal: a commit of this wallet's may still await its
+/// reveal on chain (the journal was lost). It is revealed if its key is given, and named if not.
+async fn reveal_without_journal(publisher: &mut Publisher, args: &RevealArgs) -> Result<()> {
+    let on_chain = publisher.commits_on_chain().await?;
+    if on_chain.is_empty() {
+        match &publisher.journal().last_revealed {
+            Some(r) => println!(
+                "round {} is revealed (epoch {}); nothing pending",
+                r.round, r.reveal_epoch
+            ),
+            None => println!("nothing committed yet"),
+        }
+        return Ok(());
+    }
+    let describe = |m: &somatrain_client::view::ModelView| {
+        let epoch = m.pending.as_ref().map_or(0, |p| p.commit_epoch);
+        format!(
+            "model {} ({}, committed in epoch {epoch}, reveal in epoch {})",
+            m.id,
+            m.state.name(),
+            epoch + 1
+        )
+    };
+    let list: Vec<String> = on_chain.iter().map(describe).collect();
+    let Some(key) = &args.decryption_key else {
+        bail!(
+            "this run directory's journal holds no commit, but this wallet has a commit awaiting its reveal on chain: {}. Its decryption key was only in the journal that committed it and is not at hand here: give it with --decryption-key KEY|@FILE (and --embedding FILE.json unless {} holds the committed round) to reveal it. A missed first reveal costs half the stake",
+            list.join(", "),
+            args.run_dir.join("round/round.json").display()
+        );
+    };
+    let model = match &args.model_id {
+        Some(id) => {
+            let id: ObjectId = id.parse().map_err(|e| anyhow::anyhow!("--model-id: {e}"))?;
+            on_chain.iter().find(|m| m.id == id).with_context(|| {
+                format!(
+                    "model {id} has no commit of this wallet awaiting a reveal; these do: {}",
+                    list.join(", ")
+                )
+            })?
+        }
+        None if on_chain.len() == 1 => &on_chain[0],
+        None => bail!(
+            "several commits await a reveal: {}; pick one with --model-id",
+            list.join(", ")
+        ),
+    };
+    let key = super::crypto::parse_key(key)?;
+    let embedding: Vec<f32> = match &args.embedding {
+        Some(path) => {
+            serde_json::from_slice(&super::read_input(path, super::MAX_EMBEDDING_JSON_BYTES)?)
+                .with_context(|| format!("{} is not a JSON array of numbers", path.display()))?
+        }
+        None => {
+            let round_json = args.run_dir.join("round").join("round.json");
+            let bytes = super::read_input(&round_json, super::MAX_EMBEDDING_JSON_BYTES)
+                .with_context(|| {
+                    "give the committed embedding with --embedding FILE.json".to_string()
+                })?;
+            serde_json::from_slice::<RoundArtifacts>(&bytes)
+                .with_context(|| format!("reading {}", round_json.display()))?
+                .embedding
+        }
+    };
+    let epoch = publisher
+        .reveal_unjournaled(model, &key, &embedding)
+        .await?;
+    println!("model {} revealed in epoch {epoch}", model.id);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -281,7 +410,7 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         let new_model = args.model.new_model()?;
         if args.faucet {
-            fund(&publisher.chain, publisher.keypair(), new_model.stake).await?;
+            fund(publisher.chain(), publisher.keypair(), new_model.stake).await?;
         }
         let metrics = Arc::new(Metrics::default());
         if let Some(addr) = args.metrics_addr {
@@ -314,7 +443,7 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
                 other => other,
             },
         };
-        somatrain_daemon::run_loop::run(&mut publisher, &config, metrics).await?;
+        somatrain_daemon::rounds::run(&mut publisher, &config, metrics).await?;
         print_loop_summary(&publisher).await
     })
 }
@@ -336,11 +465,11 @@ pub async fn fund(chain: &ChainClient, keypair: &Keypair, stake: u64) -> Result<
 }
 
 async fn print_loop_summary(publisher: &Publisher) -> Result<()> {
-    let journal = &publisher.journal;
+    let journal = publisher.journal();
     let Some(model_id) = journal.model_id else {
         return Ok(());
     };
-    match publisher.chain.model(&model_id).await? {
+    match publisher.chain().model(&model_id).await? {
         Some(model) => println!(
             "model {model_id}: {}, stake {} SOMA",
             model.state.name(),
@@ -526,7 +655,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             train: settings,
             engine: EngineFactory::cpu(),
             steps_per_round: args.steps_per_round,
-            rounds: Some(publisher.journal.rounds_revealed + args.rounds),
+            rounds: Some(publisher.journal().rounds_revealed + args.rounds),
             new_model: NewModel {
                 stake,
                 commission_bps: 0,
@@ -538,11 +667,11 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             warn_before: Duration::from_secs(60),
             min_improvement: None,
         };
-        somatrain_daemon::run_loop::run(&mut publisher, &config, Arc::new(Metrics::default()))
+        somatrain_daemon::rounds::run(&mut publisher, &config, Arc::new(Metrics::default()))
             .await?;
         print_loop_summary(&publisher).await?;
         let model_id = publisher
-            .journal
+            .journal()
             .model_id
             .expect("the loop created a model");
         let model = chain
@@ -573,7 +702,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             soma(ended_with),
             soma(chain.model(&model_id).await?.map_or(0, |m| m.stake))
         );
-        debug_assert_eq!(publisher.journal.phase, Phase::Stopped);
+        debug_assert_eq!(publisher.journal().phase, Phase::Stopped);
         Ok(())
     })
 }

@@ -112,6 +112,10 @@ pub struct TrainingOptions {
     checkpoint_every: u64,
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
+    /// When checkpoints exist and none verifies: keep them aside (checkpoints.set-aside-TIME)
+    /// and start from step 0. Without it, training stops and lists what it found.
+    #[arg(long)]
+    restart_from_scratch: bool,
     #[arg(long, default_value_t = 1)]
     log_every: u64,
     /// Start from these weights instead of a fresh initialisation.
@@ -207,6 +211,7 @@ impl TrainingOptions {
             init_weights: args.init_weights.clone(),
             heldout_bytes: args.heldout_bytes,
             embedding_data: args.embedding_data.clone(),
+            restart_from_scratch: args.restart_from_scratch,
         };
         Ok(settings)
     }
@@ -243,7 +248,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             println!(
                 "no steps to train (the run is at step {}); weights: {}",
                 summary.end_step,
-                summary.round.weights.display()
+                summary.round.weights_path(&args.run_dir).display()
             );
         } else {
             println!(
@@ -251,7 +256,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
                 summary.start_step,
                 summary.end_step,
                 summary.last_loss,
-                summary.round.weights.display()
+                summary.round.weights_path(&args.run_dir).display()
             );
         }
         if let Some(full) = &summary.last_epoch_corpus {

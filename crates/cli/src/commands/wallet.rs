@@ -70,24 +70,44 @@ pub fn load_keypair(keystore: Option<&Path>) -> Result<Keypair> {
     let path = keystore
         .map(Path::to_path_buf)
         .unwrap_or_else(default_keystore);
-    if let Ok(meta) = std::fs::metadata(&path) {
+    let meta = match std::fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no key: set SOMA_SECRET_KEY or run `somatrain wallet new` ({} does not exist)",
+            path.display()
+        ),
+        Err(e) => bail!("reading the keystore {}: {e}", path.display()),
+    };
+    if !meta.is_file() {
+        bail!(
+            "the keystore {} is not a regular file (a directory, FIFO or device); point \
+             --keystore (or SOMATRAIN_KEYSTORE) at the keystore file itself",
+            path.display()
+        );
+    }
+    {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let others = match (mode & 0o044 != 0, mode & 0o022 != 0) {
+            (true, true) => Some(
+                "readable and writable by others: anyone on this machine could take or replace the key",
+            ),
+            (true, false) => Some("readable by others: anyone on this machine could take the key"),
+            (false, true) => Some(
+                "writable by others: anyone on this machine could replace the key with their own",
+            ),
+            (false, false) => None,
+        };
+        if let Some(others) = others {
             bail!(
-                "{} is readable by others (mode {mode:o}): anyone on this machine could take the \
-                 key. Fix it with `chmod 600 {}`",
+                "{} is {others} (mode {mode:o}). Fix it with `chmod 600 {}`",
                 path.display(),
                 path.display()
             );
         }
     }
-    let text = super::read_text(&path, super::MAX_KEY_FILE_BYTES).with_context(|| {
-        format!(
-            "no key: set SOMA_SECRET_KEY or run `somatrain wallet new` ({})",
-            path.display()
-        )
-    })?;
+    let text = super::read_text(&path, super::MAX_KEY_FILE_BYTES)
+        .with_context(|| format!("reading the keystore {}", path.display()))?;
     let file: KeystoreFile = serde_json::from_str(&text)
         .map_err(|_| anyhow::anyhow!("{} is not a somatrain keystore", path.display()))?;
     let kp = Keypair::from_secret_text(&file.secret_hex)

@@ -145,6 +145,12 @@ impl GrpcLocalnet {
     /// Starts a node on `dir` with every port chosen by the system, and waits (at most 60 s)
     /// for the URLs it prints.
     pub fn start(dir: &Path, extra: &[&str]) -> GrpcLocalnet {
+        Self::start_with_blob_port(dir, 0, extra)
+    }
+
+    /// As [`GrpcLocalnet::start`], with the blob host on `blob_port` (a restarted host keeps
+    /// its URLs).
+    pub fn start_with_blob_port(dir: &Path, blob_port: u16, extra: &[&str]) -> GrpcLocalnet {
         let mut child = bin()
             .args(["localnet", "--data-dir", dir.to_str().unwrap()])
             .args([
@@ -155,7 +161,7 @@ impl GrpcLocalnet {
                 "--scoring-port",
                 "0",
             ])
-            .args(["--admin-port", "0", "--blob-port", "0"])
+            .args(["--admin-port", "0", "--blob-port", &blob_port.to_string()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
