@@ -168,7 +168,8 @@ fn a_resumed_device_run_is_bit_identical() {
     assert_eq!(resumed.start_step, 2);
     let load = |p: &std::path::Path| std::fs::read(p).unwrap();
     assert!(
-        load(&whole_round.weights) == load(&resumed.round.weights),
+        load(&whole_round.weights_path(whole.path()))
+            == load(&resumed.round.weights_path(parts.path())),
         "the resumed run's weights differ from the uninterrupted run's"
     );
     assert_eq!(whole_round.heldout, resumed.round.heldout);
@@ -236,7 +237,7 @@ fn a_killed_device_run_resumes_bit_identical() {
     assert!(kills >= 2, "only {kills} kills landed");
     let load = |p: &std::path::Path| std::fs::read(p).unwrap();
     assert!(
-        load(&clean_round.weights) == load(&resumed.round.weights),
+        load(&clean_round.weights_path(&clean)) == load(&resumed.round.weights_path(&killed)),
         "the round's weights differ after {kills} kills"
     );
     let step = format!("checkpoints/step-{KILL_TEST_STEPS:010}");

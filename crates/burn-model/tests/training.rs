@@ -90,8 +90,11 @@ fn the_trainer_on_a_burn_device_follows_the_cpu_run() {
             losses.push(log.loss)
         })
         .unwrap();
-        let weights =
-            somatrain_model::io::load_file(&summary.round.weights, Default::default()).unwrap();
+        let weights = somatrain_model::io::load_file(
+            &summary.round.weights_path(dir.path()),
+            Default::default(),
+        )
+        .unwrap();
         (losses, weights, summary.round)
     };
     let (cpu_losses, cpu_weights, cpu_round) =

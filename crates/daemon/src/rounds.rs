@@ -151,6 +151,7 @@ pub async fn run(
         extra_steps: 0,
         reupload: None,
         gave_up: None,
+        advanced_for: None,
     };
     rounds.start().await?;
     let result = rounds.drive().await;
@@ -176,6 +177,9 @@ struct Rounds<'a> {
     reupload: Option<Reupload>,
     /// Weights found impossible to serve again; not retried by this process.
     gave_up: Option<Upload>,
+    /// The commit epoch the localnet's epoch was last advanced for (once per commit, so a
+    /// slow look at the clock never skips a window).
+    advanced_for: Option<u64>,
 }
 
 impl Rounds<'_> {
@@ -376,8 +380,15 @@ impl Rounds<'_> {
     /// Sleeps towards the window (or, on a localnet, advances the epoch) and returns to look.
     async fn wait_for_window(&mut self, opens_ms: u64) -> Result<(), DaemonError> {
         self.publisher.set_phase(Phase::AwaitingReveal)?;
-        if self.config.advance == EpochAdvance::Admin {
+        let commit_epoch = self
+            .publisher
+            .journal()
+            .pending
+            .as_ref()
+            .and_then(|p| p.commit_epoch);
+        if self.config.advance == EpochAdvance::Admin && self.advanced_for != commit_epoch {
             let epoch = self.publisher.chain().advance_epoch().await?;
+            self.advanced_for = commit_epoch;
             tracing::info!("advanced the localnet to epoch {epoch}");
             return Ok(());
         }

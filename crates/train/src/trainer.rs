@@ -555,7 +555,7 @@ pub fn run_with(
     }
 
     let ckpt_root = run_dir.join("checkpoints");
-    let (loaded, mut rejected) = checkpoint::load_latest(&ckpt_root);
+    let (loaded, rejected) = checkpoint::load_latest(&ckpt_root);
     for r in &rejected {
         tracing::warn!("skipping checkpoint: {r}");
     }
@@ -583,7 +583,6 @@ pub fn run_with(
             "no checkpoint verified; they are kept in {} and training starts from step 0",
             aside.display()
         );
-        rejected.clear();
     }
     let (mut weights, mut adam, position, resumed_from, mut last_loss) = match loaded {
         Some(l) => {

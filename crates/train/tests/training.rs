@@ -125,8 +125,20 @@ fn corrupt_and_truncated_checkpoints_fall_back_to_the_previous_one() {
         rejected[2]
     );
 
-    // A run on a directory whose checkpoints are all bad starts over and says why.
-    let summary = run(dir.path(), &s, Until::Step(1), &mut |_| {}).unwrap();
+    // A run on a directory whose checkpoints are all bad stops, says why, and deletes nothing.
+    let error =
+        run(dir.path(), &s, Until::Step(1), &mut |_| {}).expect_err("no checkpoint verifies");
+    assert!(
+        error.to_string().contains("--restart-from-scratch"),
+        "{error}"
+    );
+    assert_eq!(checkpoint::list(&root).len(), 3);
+    // Asked to, it starts over, with the old ones kept aside and reported.
+    let restart = TrainSettings {
+        restart_from_scratch: true,
+        ..s.clone()
+    };
+    let summary = run(dir.path(), &restart, Until::Step(1), &mut |_| {}).unwrap();
     assert_eq!(summary.start_step, 0);
     assert_eq!(summary.rejected_checkpoints.len(), 3);
 }
