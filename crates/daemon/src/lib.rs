@@ -2,11 +2,14 @@
 //!
 //! Owns the run directory's journal ([`journal`]), the journaled create/commit/reveal steps
 //! ([`publisher`]), the rounds of the train -> commit -> reveal loop as one state machine
-//! ([`rounds`]) and its `/metrics` ([`metrics`]). It drives the trainer, the storage and the node's client; it does not
-//! implement any of them, and it never logs a secret (keys live only in the 0600 journal).
+//! ([`rounds`]) and its `/metrics` ([`metrics`]), and the whole localnet flow of
+//! `somatrain localnet-cycle` once a localnet is up ([`cycle`]). It drives the trainer, the
+//! storage, the submitter and the node's client; it does not implement any of them, and it
+//! never logs a secret (keys live only in the 0600 journal).
 
 #![forbid(unsafe_code)]
 
+pub mod cycle;
 pub mod journal;
 pub mod metrics;
 pub mod publisher;
@@ -41,6 +44,9 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Storage(#[from] somatrain_storage::StorageError),
+    /// Scoring, submitting or claiming as a data submitter (the localnet cycle).
+    #[error(transparent)]
+    Submit(#[from] somatrain_submit::SubmitError),
     #[error("training: {0}")]
     Train(#[from] somatrain_train::TrainError),
     #[error("{0}")]

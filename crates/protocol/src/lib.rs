@@ -39,3 +39,12 @@ pub use transaction::{
 
 /// 1 SOMA = 10^9 shannons, the unit every amount on chain is counted in.
 pub const SHANNONS_PER_SOMA: u64 = 1_000_000_000;
+
+/// Shannons as decimal SOMA, exact to the shannon (`1.500000000`).
+pub fn format_soma(shannons: u64) -> String {
+    format!(
+        "{}.{:09}",
+        shannons / SHANNONS_PER_SOMA,
+        shannons % SHANNONS_PER_SOMA
+    )
+}

@@ -101,10 +101,4 @@ impl StorageOptions {
 }
 
 /// Shannons as SOMA with all nine decimals.
-pub fn soma(shannons: u64) -> String {
-    format!(
-        "{}.{:09}",
-        shannons / 1_000_000_000,
-        shannons % 1_000_000_000
-    )
-}
+pub use somatrain_protocol::format_soma as soma;

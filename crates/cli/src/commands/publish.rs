@@ -1,5 +1,6 @@
 //! `somatrain commit`, `reveal`, `run` (the unattended loop) and `localnet-cycle` (the whole
-//! loop on an embedded localnet, in one command).
+//! loop on an embedded localnet, in one command). The loop itself is `somatrain_daemon::rounds`
+//! and the cycle's flow `somatrain_daemon::cycle`; these commands parse, start and print.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,18 +10,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use somatrain_client::chain::ChainClient;
-use somatrain_client::view::ModelState;
-use somatrain_daemon::journal::Phase;
 use somatrain_daemon::{
     Adopt, EngineFactory, EpochAdvance, LoopConfig, Metrics, NewModel, Publisher, RevealWindow,
     Served, now_ms, serve_once,
 };
 use somatrain_protocol::SHANNONS_PER_SOMA;
 use somatrain_protocol::{Keypair, ObjectId};
-use somatrain_storage::{Backend, Storage};
 use somatrain_train::trainer::RoundArtifacts;
 
-use super::network::{ChainOptions, StorageOptions, soma};
+use super::network::{ChainOptions, StorageOptions};
 use super::train::TrainingOptions;
 
 /// The chain, the wallet and where encrypted weights are uploaded.
@@ -410,7 +408,8 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         let new_model = args.model.new_model()?;
         if args.faucet {
-            fund(publisher.chain(), publisher.keypair(), new_model.stake).await?;
+            somatrain_daemon::cycle::fund(publisher.chain(), publisher.keypair(), new_model.stake)
+                .await?;
         }
         let metrics = Arc::new(Metrics::default());
         if let Some(addr) = args.metrics_addr {
@@ -448,51 +447,11 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
     })
 }
 
-/// Tops the wallet up from the faucet until it covers `stake` plus fees.
-pub async fn fund(chain: &ChainClient, keypair: &Keypair, stake: u64) -> Result<()> {
-    let address = keypair.address();
-    for _ in 0..100 {
-        let balance = chain.balance(&address).await?;
-        if balance >= stake + SHANNONS_PER_SOMA / 10 {
-            return Ok(());
-        }
-        chain
-            .faucet(&address)
-            .await
-            .context("asking the faucet for funds")?;
-    }
-    bail!("the faucet did not cover a stake of {stake} shannons")
-}
-
 async fn print_loop_summary(publisher: &Publisher) -> Result<()> {
-    let journal = publisher.journal();
-    let Some(model_id) = journal.model_id else {
-        return Ok(());
-    };
-    match publisher.chain().model(&model_id).await? {
-        Some(model) => println!(
-            "model {model_id}: {}, stake {} SOMA",
-            model.state.name(),
-            soma(model.stake)
-        ),
-        None => println!("model {model_id}: not on chain"),
-    }
-    println!(
-        "rounds revealed: {} (missed reveals: {})",
-        journal.rounds_revealed, journal.missed_reveals
-    );
-    if let Some(r) = &journal.last_revealed {
-        print!(
-            "last round {}: step {}, committed in epoch {}, revealed in epoch {}",
-            r.round, r.step, r.commit_epoch, r.reveal_epoch
-        );
-        if let Some(h) = &r.heldout {
-            print!(
-                ", held-out loss {:.4} ({:.3} bits/byte)",
-                h.loss, h.bits_per_byte
-            );
-        }
-        println!("\nweights: {}", r.url);
+    for line in
+        somatrain_daemon::cycle::loop_summary(publisher.chain(), publisher.journal()).await?
+    {
+        println!("{line}");
     }
     Ok(())
 }
@@ -638,209 +597,23 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             endpoints.rpc,
             node_dir.display()
         );
-        let chain = ChainClient::new(endpoints)?;
-        let stake = SHANNONS_PER_SOMA;
-        let started_with = chain.balance(&keypair.address()).await?;
-        fund(&chain, &keypair, stake).await?;
-        let funded = chain.balance(&keypair.address()).await?;
-        println!(
-            "wallet {} funded: {} SOMA",
-            keypair.address(),
-            soma(funded)
-        );
-        let storage = Storage::open(&Backend::BlobHost { base: blobs })?;
-        let mut publisher = Publisher::open(chain.clone(), keypair.clone(), storage, &run_dir)?;
-        let config = LoopConfig {
-            run_dir: run_dir.clone(),
-            train: settings,
-            engine: EngineFactory::cpu(),
-            steps_per_round: args.steps_per_round,
-            rounds: Some(publisher.journal().rounds_revealed + args.rounds),
-            new_model: NewModel {
-                stake,
-                commission_bps: 0,
-                architecture_version: 1,
-            },
-            adopt: Adopt::Refuse,
-            advance: EpochAdvance::Admin,
-            poll: Duration::from_millis(200),
-            warn_before: Duration::from_secs(60),
-            min_improvement: None,
-        };
-        somatrain_daemon::rounds::run(&mut publisher, &config, Arc::new(Metrics::default()))
-            .await?;
-        print_loop_summary(&publisher).await?;
-        let model_id = publisher
-            .journal()
-            .model_id
-            .expect("the loop created a model");
-        let model = chain
-            .model(&model_id)
-            .await?
-            .with_context(|| format!("model {model_id} is not on chain"))?;
-        if model.state != ModelState::Active {
-            bail!("model {model_id} ended {}, not active", model.state.name());
-        }
-        println!(
-            "epoch {}: model active. Run again to train further.",
-            chain.epoch_view().await?.epoch
-        );
-        let storage = Storage::open(&Backend::BlobHost {
-            base: localnet.blobs.clone().expect("the cycle's localnet hosts blobs"),
-        })?;
         let corpus = if args.corpus_dirs.is_empty() {
             vec![PathBuf::from(".")]
         } else {
             args.corpus_dirs.clone()
         };
-        economy(&chain, &keypair, &storage, &args.dir.join("cache"), model_id, &corpus).await?;
-        let ended_with = chain.balance(&keypair.address()).await?;
-        println!(
-            "balance: started {} SOMA ({} after the faucet), ended {} SOMA, with {} SOMA staked in model {model_id}",
-            soma(started_with),
-            soma(funded),
-            soma(ended_with),
-            soma(chain.model(&model_id).await?.map_or(0, |m| m.stake))
-        );
-        debug_assert_eq!(publisher.journal().phase, Phase::Stopped);
+        let cycle = somatrain_daemon::cycle::Cycle {
+            chain: ChainClient::new(endpoints)?,
+            keypair,
+            blobs,
+            run_dir,
+            cache_dir: args.dir.join("cache"),
+            corpus,
+            train: settings,
+            steps_per_round: args.steps_per_round,
+            rounds: args.rounds,
+        };
+        somatrain_daemon::cycle::run(cycle, &mut |line| println!("{line}")).await?;
         Ok(())
     })
-}
-
-/// Source files under `dirs` (the cycle's default corpus kinds; build and VCS folders skipped),
-/// cut into chunks of `chunk_bytes`, at most `max_chunks`, in a stable order.
-fn corpus_chunks(dirs: &[PathBuf], chunk_bytes: usize, max_chunks: usize) -> Vec<Vec<u8>> {
-    let skip = ["target", ".git", ".somatrain", "node_modules", ".venv-sdk"];
-    let mut files = Vec::new();
-    let mut stack: Vec<PathBuf> = dirs.to_vec();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().to_string();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() && !skip.contains(&name.as_str()) => stack.push(path),
-                Ok(t)
-                    if t.is_file()
-                        && ["rs", "md", "py", "txt"]
-                            .iter()
-                            .any(|ext| path.extension().is_some_and(|e| e == *ext)) =>
-                {
-                    files.push(path)
-                }
-                _ => {}
-            }
-        }
-    }
-    files.sort();
-    let mut chunks = Vec::new();
-    for path in files {
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        for piece in bytes.chunks(chunk_bytes) {
-            if chunks.len() == max_chunks {
-                return chunks;
-            }
-            if piece.len() >= 256 {
-                chunks.push(piece.to_vec());
-            }
-        }
-    }
-    chunks
-}
-
-/// The data submitter's side of the quickstart: the next epoch's targets, the closest hit among
-/// a few chunks of the corpus (scored with the model's revealed weights, downloaded and checked
-/// like any submitter's), its submission with the bond, the epochs to the claim window, and the
-/// claim.
-async fn economy(
-    chain: &ChainClient,
-    keypair: &Keypair,
-    storage: &Storage,
-    cache_dir: &Path,
-    model_id: ObjectId,
-    corpus: &[PathBuf],
-) -> Result<()> {
-    let epoch = chain.advance_epoch().await?;
-    let targets: Vec<_> = chain
-        .target_views("open")
-        .await?
-        .into_iter()
-        .filter(|t| t.model_ids.contains(&model_id))
-        .collect();
-    println!(
-        "epoch {epoch}: {} open targets name model {model_id}",
-        targets.len()
-    );
-    let chunks = corpus_chunks(corpus, 4096, 24);
-    let mut cache = somatrain_submit::ModelCache::new(cache_dir);
-    let mut candidates = Vec::new();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let scores =
-            somatrain_submit::score_with_models(chain, &mut cache, &[model_id], chunk).await?;
-        for target in &targets {
-            if let Some(evaluation) = somatrain_submit::evaluate(target, &scores)
-                && evaluation.hit
-            {
-                candidates.push(somatrain_submit::Hit {
-                    chunk: i,
-                    evaluation,
-                });
-            }
-        }
-    }
-    let sizes: Vec<u64> = chunks.iter().map(|c| c.len() as u64).collect();
-    let bond_per_byte = chain.epoch_view().await?.params.submission_bond_per_byte;
-    let chosen =
-        somatrain_submit::choose_hits(candidates, &sizes, bond_per_byte, 1, SHANNONS_PER_SOMA);
-    let Some(hit) = chosen.first() else {
-        println!(
-            "none of {} corpus chunks landed within a target's threshold; nothing submitted",
-            chunks.len()
-        );
-        return Ok(());
-    };
-    let executed =
-        somatrain_submit::submit_hit(chain, keypair, storage, &hit.evaluation, &chunks[hit.chunk])
-            .await?;
-    if let somatrain_protocol::effects::ExecutionStatus::Failure(f) = executed.status() {
-        bail!(
-            "the submission {} executed and failed ({}): {}",
-            executed.digest,
-            f.kind.name(),
-            f.description
-        );
-    }
-    println!(
-        "submitted a hit to target {} (distance {:.4} within {:.4}, bond {} SOMA)",
-        hit.evaluation.target_id,
-        hit.evaluation.distance,
-        hit.evaluation.threshold,
-        soma(sizes[hit.chunk] * bond_per_byte)
-    );
-    // Claims open two epochs after the fill (the audit window).
-    chain.advance_epoch().await?;
-    let epoch = chain.advance_epoch().await?;
-    let before = chain.balance(&keypair.address()).await?;
-    let outcomes = somatrain_submit::claim_all(chain, keypair, false).await?;
-    for o in &outcomes {
-        match &o.result {
-            Ok(executed) if executed.status().is_success() => println!(
-                "epoch {epoch}: claimed target {} (reward pool {} SOMA)",
-                o.target_id,
-                soma(o.reward_pool)
-            ),
-            Ok(executed) => println!("target {}: {:?}", o.target_id, executed.status()),
-            Err(e) => println!("target {}: {e}", o.target_id),
-        }
-    }
-    let after = chain.balance(&keypair.address()).await?;
-    println!(
-        "claims paid {} SOMA (after their fees)",
-        soma(after.saturating_sub(before))
-    );
-    Ok(())
 }
