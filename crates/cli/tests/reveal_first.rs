@@ -170,14 +170,18 @@ async fn the_reveal_lands_while_the_blob_host_is_down_and_the_weights_go_back_up
     host.kill();
     std::fs::remove_dir_all(host_dir.join("blobs")).unwrap();
 
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = run_args(&run_dir, 1);
+    args.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let mut daemon = wallet_cmd(
         &net,
         &blob_url,
         &kp,
-        &run_args(&run_dir, 1)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
@@ -202,7 +206,19 @@ async fn the_reveal_lands_while_the_blob_host_is_down_and_the_weights_go_back_up
         chain.model(&id).await.unwrap().unwrap().state,
         ModelState::Active
     );
-    // `status` says loudly that the weights are missing.
+    // `/metrics` and `status` say loudly that the weights are missing.
+    let metrics = somatrain_client::http_client()
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("somatrain_weights_unserved{round=\"1\"} 1"),
+        "{metrics}"
+    );
     let shown = succeeded(&status(&net, &kp, &run_dir));
     assert!(
         shown.contains("WARNING: the weights of round 1 have been missing"),

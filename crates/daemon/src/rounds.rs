@@ -217,6 +217,7 @@ impl Rounds<'_> {
                 RoundState::RevealWindowOpen { deadline_ms } => self.reveal(deadline_ms).await?,
                 RoundState::Committed { opens_ms } => {
                     self.train_next_in_background();
+                    self.observe_balance().await;
                     self.wait_for_window(opens_ms).await?;
                 }
                 RoundState::CommittedClockUnknown => {
@@ -236,6 +237,7 @@ impl Rounds<'_> {
                     self.metrics.count_commit();
                 }
                 RoundState::Idle => {
+                    self.observe_balance().await;
                     if !self.wanted(self.round()) {
                         return self.stop().await;
                     }
@@ -245,6 +247,14 @@ impl Rounds<'_> {
                     self.upload(trained).await?;
                 }
             }
+        }
+    }
+
+    /// The wallet's balance for `/metrics`; never looked at while a reveal window is open.
+    async fn observe_balance(&self) {
+        let address = self.publisher.keypair().address();
+        if let Ok(balance) = self.publisher.chain().balance(&address).await {
+            self.metrics.observe_balance(balance);
         }
     }
 
