@@ -115,6 +115,30 @@ async fn assert_clean_end(chain: &ChainClient, run_dir: &Path, kp: &Keypair, rou
         sent, expected,
         "exactly one commit and one reveal per round"
     );
+    // rounds.jsonl: one line per round, whatever was killed on the way, each naming the reveal
+    // the chain executed.
+    let reveals: Vec<String> = common::executed_by(chain, &kp.address())
+        .await
+        .into_iter()
+        .filter(|(data, _)| data.kind.name() == "RevealModel")
+        .map(|(_, executed)| executed.digest.to_string())
+        .collect();
+    let lines: Vec<serde_json::Value> =
+        somatrain_train::history::read_all(&run_dir.join("rounds.jsonl")).unwrap();
+    let rounds_seen: Vec<u64> = lines.iter().map(|l| l["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds_seen, (1..=rounds).collect::<Vec<u64>>(), "{lines:?}");
+    let digests: Vec<String> = lines
+        .iter()
+        .map(|l| l["reveal_digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(digests, reveals);
+    for line in &lines {
+        assert_eq!(
+            line["reveal_epoch"].as_u64().unwrap(),
+            line["commit_epoch"].as_u64().unwrap() + 1,
+            "{line}"
+        );
+    }
 }
 
 /// The published weights are what was trained: download, decrypt with the revealed key, load.

@@ -2,7 +2,8 @@
 //! killed with SIGKILL right after the commit (the reveal still lands, the weights go back up
 //! when the host returns), another wallet's models with 1 MiB URLs inflating the system state
 //! (our loop still reveals; `status` and `claim` still work), a restart after a missed reveal
-//! (nothing signed, the way out named), and `reveal` with the journal gone.
+//! (nothing signed, the way out named), `reveal` with the journal gone, and a journal taken to
+//! another chain.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -498,5 +499,47 @@ async fn reveal_without_the_journal_names_the_pending_model_and_reveals_with_its
             .unwrap()
             .state,
         ModelState::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_from_another_chain_is_named_as_such_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = chain_node(&dir.path().join("home"));
+    let other = chain_node(&dir.path().join("other"));
+    let kp = Keypair::generate();
+    home.client().faucet(&kp.address()).await.unwrap();
+    let run_dir = dir.path().join("run");
+    train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
+    let run = run_dir.to_str().unwrap();
+    succeeded(
+        &wallet_cmd(&home, &home.blobs, &kp, &["commit", "--run-dir", run])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
+    );
+    // The other chain is two epochs on: by its epochs alone the window would look closed.
+    other.client().advance_epoch().await.unwrap();
+    other.client().advance_epoch().await.unwrap();
+    let text = failed(
+        &wallet_cmd(&other, &home.blobs, &kp, &["reveal", "--run-dir", run])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
+    );
+    assert!(text.contains("was committed on chain"), "{text}");
+    assert!(
+        text.contains("use the run directory with the network"),
+        "{text}"
+    );
+    assert!(!text.contains("closed"), "{text}");
+    assert!(
+        journal(&run_dir)["pending"]["commit_epoch"].is_u64(),
+        "the round is kept"
+    );
+    // On its own chain it reveals.
+    home.client().advance_epoch().await.unwrap();
+    succeeded(
+        &wallet_cmd(&home, &home.blobs, &kp, &["reveal", "--run-dir", run])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
     );
 }

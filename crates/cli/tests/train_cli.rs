@@ -134,6 +134,16 @@ fn killed_and_resumed_run_is_bit_identical() {
     for ((name, a), (_, b)) in final_files(&clean).iter().zip(final_files(&killed)) {
         assert!(a == &b, "{name} differs after {kills} kills");
     }
+    // The history holds one line per step, once, in order (steps a kill undid were cut back and
+    // trained again), with the losses of the run that was never killed.
+    let history = |run: &Path| somatrain_train::history::read(run).unwrap();
+    let (clean_history, killed_history) = (history(&clean), history(&killed));
+    let steps: Vec<u64> = killed_history.iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<u64>>(), "after {kills} kills");
+    let losses = |h: &[somatrain_train::history::StepRecord]| -> Vec<(f32, f32)> {
+        h.iter().map(|r| (r.loss, r.grad_norm)).collect()
+    };
+    assert_eq!(losses(&clean_history), losses(&killed_history));
 }
 
 /// `train --device cuda`: without the `cuda` feature a clear error; with it, two steps on the

@@ -132,6 +132,9 @@ pub struct PendingRound {
     /// written before it was recorded.
     #[serde(default)]
     pub chain_id: Option<String>,
+    /// The commit transaction, once it executed.
+    #[serde(default)]
+    pub commit_digest: Option<TxDigest>,
 }
 
 impl PendingRound {
@@ -170,6 +173,30 @@ impl std::fmt::Debug for PendingRound {
             .field("reveal_closes_ms", &self.reveal_closes_ms)
             .finish_non_exhaustive()
     }
+}
+
+/// Name of the rounds' history inside the run directory.
+pub const ROUNDS_FILE: &str = "rounds.jsonl";
+
+/// One revealed round, as `rounds.jsonl` keeps it (one JSON line each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// The optimizer step the round's weights were trained to.
+    pub step: u64,
+    pub heldout_loss: Option<f32>,
+    pub heldout_bits_per_byte: Option<f32>,
+    pub commit_epoch: u64,
+    pub reveal_epoch: u64,
+    pub commit_digest: Option<TxDigest>,
+    pub reveal_digest: TxDigest,
+    pub url: String,
+    /// The model's stake and the wallet's balance right after the reveal (shannons), where the
+    /// node could tell.
+    pub stake: Option<u64>,
+    pub balance: Option<u64>,
+    /// When the reveal was settled, ms since the Unix epoch.
+    pub time_ms: u64,
 }
 
 /// A round whose reveal landed.

@@ -26,8 +26,12 @@ use somatrain_protocol::{
 use somatrain_storage::{Storage, StorageError, verify_url};
 use somatrain_train::trainer::HeldoutScore;
 
-use crate::journal::{Inflight, Journal, PendingRound, Phase, Purpose, RevealedRound, Upload};
+use crate::journal::{
+    Inflight, Journal, PendingRound, Phase, Purpose, ROUNDS_FILE, RevealedRound, RoundRecord,
+    Upload,
+};
 use crate::{DaemonError, now_ms};
+use somatrain_train::history::JsonLines;
 
 /// Where the reveal of a committed round stands against the chain's epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +85,8 @@ pub struct Publisher {
     chain_id: Option<String>,
     /// The epoch's clock as read just before the last commit.
     last_clock: Option<EpochClock>,
+    /// `rounds.jsonl`: one line per revealed round.
+    rounds_path: PathBuf,
 }
 
 /// The estimated fee of a transaction writing `writes` objects and moving `value` shannons.
@@ -105,6 +111,7 @@ impl Publisher {
         let run_dir = run_dir.as_path();
         let journal_path = Journal::path_in(run_dir);
         let journal = Journal::load(&journal_path)?;
+        let rounds_path = run_dir.join(ROUNDS_FILE);
         Ok(Publisher {
             chain,
             keypair,
@@ -114,6 +121,7 @@ impl Publisher {
             publish_dir: run_dir.join("publish"),
             chain_id: None,
             last_clock: None,
+            rounds_path,
         })
     }
 
@@ -311,6 +319,7 @@ impl Publisher {
                 if let Some(pending) = &mut self.journal.pending {
                     pending.commit_epoch = Some(epoch);
                     pending.chain_id = chain_id;
+                    pending.commit_digest = Some(executed.digest);
                     if let Some(clock) = clock.filter(|c| c.epoch >= epoch) {
                         let opens = window_opens(&clock, epoch);
                         pending.reveal_opens_ms = Some(opens);
@@ -321,6 +330,19 @@ impl Publisher {
                 }
             }
             Purpose::Reveal => {
+                if let Some(pending) = &self.journal.pending {
+                    let record = self.round_record(pending, epoch, executed).await;
+                    // The line goes before the journal counts the round: a line past the
+                    // journal's count is from a settle that was cut short, done again now.
+                    let revealed = self.journal.rounds_revealed;
+                    let written = JsonLines::open_keeping(&self.rounds_path, |r: &RoundRecord| {
+                        r.round <= revealed
+                    })
+                    .and_then(|mut rounds| rounds.append(&record));
+                    if let Err(e) = written {
+                        tracing::warn!("{}: {e}", self.rounds_path.display());
+                    }
+                }
                 if let Some(pending) = self.journal.pending.take() {
                     tracing::info!("round {} revealed in epoch {epoch}", pending.round);
                     self.journal.last_revealed = Some(RevealedRound {
@@ -347,6 +369,36 @@ impl Publisher {
         }
         self.journal.inflight = None;
         self.save()
+    }
+
+    /// The line `rounds.jsonl` keeps for a round revealed in `reveal_epoch` by `executed`; the
+    /// stake and balance are read from the node where it answers.
+    async fn round_record(
+        &self,
+        pending: &PendingRound,
+        reveal_epoch: u64,
+        executed: &Executed,
+    ) -> RoundRecord {
+        let stake = match self.journal.model_id {
+            Some(id) => self.chain.model(&id).await.ok().flatten().map(|m| m.stake),
+            None => None,
+        };
+        RoundRecord {
+            round: pending.round,
+            step: pending.step,
+            heldout_loss: pending.heldout.as_ref().map(|h| h.loss),
+            heldout_bits_per_byte: pending.heldout.as_ref().map(|h| h.bits_per_byte),
+            commit_epoch: pending
+                .commit_epoch
+                .unwrap_or(reveal_epoch.saturating_sub(1)),
+            reveal_epoch,
+            commit_digest: pending.commit_digest,
+            reveal_digest: executed.digest,
+            url: pending.manifest.url.clone(),
+            stake,
+            balance: self.chain.balance(&self.keypair.address()).await.ok(),
+            time_ms: now_ms(),
+        }
     }
 
     /// Models of this wallet that are still created or pending on chain.
@@ -583,6 +635,7 @@ impl Publisher {
             reveal_opens_ms: None,
             reveal_closes_ms: None,
             chain_id: None,
+            commit_digest: None,
         });
         self.save()
     }

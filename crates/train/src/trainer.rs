@@ -629,9 +629,14 @@ pub fn run_with(
     let seq = settings.corpus.max_seq_len;
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
+    let history_path = run_dir.join(crate::history::HISTORY_FILE);
+    let mut history =
+        crate::history::History::open(run_dir, start_step).map_err(io_err(&history_path))?;
 
     while adam.step < until_step {
         let step = adam.step;
+        let step_started = Instant::now();
+        let mut step_tokens = 0u64;
         for (_, g) in grads.tensors_mut() {
             g.fill(0.0);
         }
@@ -654,6 +659,7 @@ pub fn run_with(
                 out.cross_entropy as f64 * batch.token_count() as f64 / std::f64::consts::LN_2;
             targets += non_pad;
             window_tokens += batch.token_count() as u64;
+            step_tokens += batch.token_count() as u64;
         }
         let step_loss = (loss_sum / settings.accumulation as f64) as f32;
         if !step_loss.is_finite() {
@@ -676,6 +682,21 @@ pub fn run_with(
             });
         }
         last_loss = step_loss;
+        history
+            .append(&crate::history::StepRecord {
+                step: adam.step,
+                loss: step_loss,
+                cross_entropy: (ce_sum / settings.accumulation as f64) as f32,
+                bits_per_byte: (nll_bits / targets.max(1) as f64) as f32,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s: step_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+                mfu: None,
+                time_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            })
+            .map_err(io_err(&history_path))?;
         if adam.step % settings.log_every.max(1) == 0 || adam.step == until_step {
             let secs = window_start.elapsed().as_secs_f64();
             let flops = 3.0 * settings.model.forward_flops(window_tokens, seq as u64);
