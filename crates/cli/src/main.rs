@@ -61,6 +61,8 @@ enum Command {
     /// The account key: new, import, show.
     #[command(subcommand)]
     Wallet(commands::wallet::WalletCommand),
+    /// Charts of a run: loss and held-out rounds, learning rate, throughput (SVG or PNG).
+    Plot(commands::plot::PlotArgs),
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => commands::model::run_model(cmd),
         Command::Transfer(args) => commands::model::run_transfer(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
+        Command::Plot(args) => commands::plot::run_plot(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

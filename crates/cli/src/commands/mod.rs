@@ -6,6 +6,7 @@ pub mod localnet;
 pub mod model;
 pub mod net;
 pub mod network;
+pub mod plot;
 pub mod publish;
 pub mod score;
 pub mod submit;
