@@ -122,7 +122,13 @@ fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     if !low.is_finite() {
         return 0.0..1.0;
     }
-    let pad = ((high - low) * 0.05).max(high.abs() * 1e-3).max(1e-9);
+    // A flat series (a constant learning rate) gets a tenth of its size either side, so the
+    // axis labels differ.
+    let pad = if high - low <= high.abs() * 1e-3 {
+        (high.abs() * 0.1).max(1e-9)
+    } else {
+        (high - low) * 0.05
+    };
     (low - pad)..(high + pad)
 }
 

@@ -68,14 +68,53 @@ enum Command {
     Bench(commands::bench::BenchCommand),
 }
 
+/// Keeps the process's last warnings and errors for the status page.
+struct RecentErrors;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RecentErrors {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "message" {
+                    self.0 = value.to_string();
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        // More verbose levels compare greater: this keeps warnings and errors.
+        let level = *event.metadata().level();
+        if level > tracing::Level::WARN {
+            return;
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let name = if level == tracing::Level::ERROR {
+            "error"
+        } else {
+            "warning"
+        };
+        somatrain_daemon::status::recent_errors().push(name, message.0);
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "somatrain=info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_target(false)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(RecentErrors)
         .init();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

@@ -2,10 +2,10 @@
 //!
 //! Owns the run directory's journal ([`journal`]), the journaled create/commit/reveal steps
 //! ([`publisher`]), the rounds of the train -> commit -> reveal loop as one state machine
-//! ([`rounds`]) and its `/metrics` ([`metrics`]), and the whole localnet flow of
-//! `somatrain localnet-cycle` once a localnet is up ([`cycle`]). It drives the trainer, the
-//! storage, the submitter and the node's client; it does not implement any of them, and it
-//! never logs a secret (keys live only in the 0600 journal).
+//! ([`rounds`]), its `/metrics` ([`metrics`]) and status page ([`status`]), and the whole
+//! localnet flow of `somatrain localnet-cycle` once a localnet is up ([`cycle`]). It drives the
+//! trainer, the storage, the submitter and the node's client; it does not implement any of
+//! them, and it never logs a secret (keys live only in the 0600 journal).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ pub mod journal;
 pub mod metrics;
 pub mod publisher;
 pub mod rounds;
+pub mod status;
 
 pub use journal::{Journal, Phase, write_private_file};
 pub use metrics::Metrics;

@@ -26,6 +26,15 @@ struct Values {
     unserved_round: Option<u64>,
 }
 
+/// The loop's gauges at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    pub balance: Option<u64>,
+    pub train_step: u64,
+    pub train_loss: f64,
+    pub train_tokens_per_s: f64,
+}
+
 /// Shared between the loop (which writes) and the HTTP server (which reads).
 #[derive(Debug, Default)]
 pub struct Metrics(Mutex<Values>);
@@ -74,6 +83,17 @@ impl Metrics {
 
     pub fn unserved_round(&self) -> Option<u64> {
         self.0.lock().expect("metrics lock").unserved_round
+    }
+
+    /// The gauges the status page shows.
+    pub fn snapshot(&self) -> Gauges {
+        let v = self.0.lock().expect("metrics lock");
+        Gauges {
+            balance: v.balance,
+            train_step: v.train_step,
+            train_loss: v.train_loss,
+            train_tokens_per_s: v.train_tokens_per_s,
+        }
     }
 
     pub fn observe_balance(&self, shannons: u64) {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::network::{ChainOptions, soma};
@@ -35,7 +35,18 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         .run_dir
         .as_ref()
         .and_then(|dir| somatrain_train::checkpoint::latest_state(&dir.join("checkpoints")));
-    let local = LocalStatus { journal, training };
+    let rounds = match &args.run_dir {
+        Some(dir) => {
+            somatrain_train::history::read_all(&dir.join(somatrain_daemon::journal::ROUNDS_FILE))
+                .with_context(|| format!("reading the rounds of {}", dir.display()))?
+        }
+        None => Vec::new(),
+    };
+    let local = LocalStatus {
+        journal,
+        training,
+        rounds,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     let chain = runtime.block_on(chain_status(&args));
     let now = somatrain_daemon::now_ms();
@@ -176,7 +187,12 @@ async fn chain_status(args: &StatusArgs) -> Result<ChainStatus> {
 struct LocalStatus {
     journal: Option<somatrain_daemon::Journal>,
     training: Option<(PathBuf, somatrain_train::checkpoint::CheckpointState)>,
+    /// `rounds.jsonl`, oldest first.
+    rounds: Vec<somatrain_daemon::journal::RoundRecord>,
 }
+
+/// Rounds shown in the terminal (the newest); `--json` and the status page have them all.
+const ROUNDS_SHOWN: usize = 10;
 
 impl LocalStatus {
     /// The loop's state (when the run directory has a journal) and where training stands;
@@ -201,6 +217,7 @@ impl LocalStatus {
                     "checkpoint": dir,
                 })
             });
+        run["rounds"] = serde_json::json!(self.rounds);
         run
     }
 
@@ -217,6 +234,23 @@ impl LocalStatus {
                 state.corpus.sequences,
                 dir.display()
             );
+        }
+        if !self.rounds.is_empty() {
+            println!(
+                "  rounds (newest first): round, step, held-out loss, commit -> reveal epoch, stake, balance"
+            );
+            for r in self.rounds.iter().rev().take(ROUNDS_SHOWN) {
+                println!(
+                    "    {:>5} {:>8} {:>9} {:>6} -> {:<6} {:>14} {:>14}",
+                    r.round,
+                    r.step,
+                    r.heldout_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    r.commit_epoch,
+                    r.reveal_epoch,
+                    r.stake.map_or("-".into(), soma),
+                    r.balance.map_or("-".into(), soma),
+                );
+            }
         }
     }
 }

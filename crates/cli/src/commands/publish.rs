@@ -376,7 +376,12 @@ pub struct RunArgs {
     /// round's; otherwise keep training (needs held-out data).
     #[arg(long)]
     min_improvement: Option<f32>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184).
+    /// Serve the status page (`/`, `/status.json`, `/chart.svg`, `/metrics`) here; port 0
+    /// picks a free port, printed at start. Loopback by default: the page names the model,
+    /// its deadlines and the wallet's balance.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    status_addr: SocketAddr,
+    /// Serve the same on a second address too (e.g. 127.0.0.1:9184 for a Prometheus scraper).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
     /// Where rounds train: cpu, or cuda / wgpu (burn autodiff and AdamW on the device; build with
@@ -412,12 +417,20 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
                 .await?;
         }
         let metrics = Arc::new(Metrics::default());
-        if let Some(addr) = args.metrics_addr {
+        let source = somatrain_daemon::status::StatusSource {
+            run_dir: args.run_dir.clone(),
+            metrics: metrics.clone(),
+        };
+        for addr in [Some(args.status_addr), args.metrics_addr]
+            .into_iter()
+            .flatten()
+        {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
-            tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-            let router = somatrain_daemon::metrics::router(metrics.clone());
+            let bound = listener.local_addr()?;
+            tracing::info!("status page on http://{bound}/ (also /status.json and /metrics)");
+            let router = somatrain_daemon::status::router(source.clone());
             tokio::spawn(async move { axum::serve(listener, router).await });
         }
         let config = LoopConfig {
