@@ -63,6 +63,12 @@ enum Command {
     Wallet(commands::wallet::WalletCommand),
     /// Charts of a run: loss and held-out rounds, learning rate, throughput (SVG or PNG).
     Plot(commands::plot::PlotArgs),
+    /// Shell completions for somatrain, printed to standard output (e.g. `somatrain
+    /// completions bash > ~/.local/share/bash-completion/completions/somatrain`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Throughput benchmarks that print one JSON line at the end.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -145,6 +151,15 @@ fn main() -> ExitCode {
         Command::Transfer(args) => commands::model::run_transfer(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Plot(args) => commands::plot::run_plot(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "somatrain",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {

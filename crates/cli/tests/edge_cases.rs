@@ -461,3 +461,44 @@ fn train_says_when_there_is_nothing_to_train_and_names_each_cause_once() {
     refused(out, "File exists");
     assert_eq!(stderr.matches("File exists").count(), 1, "{stderr}");
 }
+
+#[test]
+fn shell_completions_name_every_command_and_parse() {
+    let out = common::bin()
+        .args(["completions", "bash"])
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "train",
+        "run",
+        "reveal",
+        "plot",
+        "localnet-cycle",
+        "completions",
+    ] {
+        assert!(script.contains(command), "{command} is not completed");
+    }
+    // bash itself reads it without a syntax error.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("somatrain.bash");
+    std::fs::write(&path, &script).unwrap();
+    let checked = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let out = common::bin()
+            .args(["completions", shell])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+}
