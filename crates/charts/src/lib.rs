@@ -12,6 +12,7 @@
 use std::path::Path;
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 pub use somatrain_train::history::StepRecord;
 
@@ -132,6 +133,20 @@ fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (low - pad)..(high + pad)
 }
 
+/// The legend of a panel, in its upper right corner.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<(), ChartError> {
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(draw_error)
+}
+
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     history: &RunHistory,
@@ -196,14 +211,7 @@ fn draw<DB: DrawingBackend>(
             .label("held-out loss of each revealed round")
             .legend(|(x, y)| Circle::new((x + 10, y), 6, HELDOUT_COLOR.filled()));
     }
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(draw_error)?;
+    draw_legend(&mut chart)?;
 
     // The learning rate, then the throughput.
     type Value = fn(&StepRecord) -> f64;
@@ -254,14 +262,7 @@ fn draw<DB: DrawingBackend>(
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(draw_error)?;
+        draw_legend(&mut chart)?;
     }
     Ok(())
 }
