@@ -64,6 +64,21 @@ fn wallet_cmd(net: &GrpcLocalnet, blob_url: &str, kp: &Keypair, args: &[&str]) -
     cmd
 }
 
+/// Trains the tiny preset 2 steps into `run_dir` and commits it with `blob_url` for the weights.
+fn train_and_commit(net: &GrpcLocalnet, blob_url: &str, kp: &Keypair, run_dir: &Path) {
+    train_tiny(run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
+    succeeded(
+        &wallet_cmd(
+            net,
+            blob_url,
+            kp,
+            &["commit", "--run-dir", run_dir.to_str().unwrap()],
+        )
+        .output_within(COMMAND_DEADLINE)
+        .unwrap(),
+    );
+}
+
 /// `somatrain status --run-dir` of this wallet.
 fn status(net: &GrpcLocalnet, kp: &Keypair, run_dir: &Path) -> Output {
     bin()
@@ -150,17 +165,7 @@ async fn the_reveal_lands_while_the_blob_host_is_down_and_the_weights_go_back_up
     let kp = Keypair::generate();
     chain.faucet(&kp.address()).await.unwrap();
     let run_dir = dir.path().join("run");
-    train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
-    succeeded(
-        &wallet_cmd(
-            &net,
-            &blob_url,
-            &kp,
-            &["commit", "--run-dir", run_dir.to_str().unwrap()],
-        )
-        .output_within(COMMAND_DEADLINE)
-        .unwrap(),
-    );
+    train_and_commit(&net, &blob_url, &kp, &run_dir);
     let id: somatrain_protocol::ObjectId = journal(&run_dir)["model_id"]
         .as_str()
         .unwrap()
@@ -366,17 +371,7 @@ async fn a_restart_after_a_missed_reveal_signs_nothing_and_names_the_way_out() {
     let kp = Keypair::generate();
     chain.faucet(&kp.address()).await.unwrap();
     let run_dir = dir.path().join("run");
-    train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
-    succeeded(
-        &wallet_cmd(
-            &net,
-            &net.blobs,
-            &kp,
-            &["commit", "--run-dir", run_dir.to_str().unwrap()],
-        )
-        .output_within(COMMAND_DEADLINE)
-        .unwrap(),
-    );
+    train_and_commit(&net, &net.blobs, &kp, &run_dir);
     let id = journal(&run_dir)["model_id"].as_str().unwrap().to_string();
     // The reveal window passes without the reveal: the model goes inactive.
     chain.advance_epoch().await.unwrap();
@@ -439,13 +434,8 @@ async fn reveal_without_the_journal_names_the_pending_model_and_reveals_with_its
     let kp = Keypair::generate();
     chain.faucet(&kp.address()).await.unwrap();
     let run_dir = dir.path().join("run");
-    train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
+    train_and_commit(&net, &net.blobs, &kp, &run_dir);
     let run = run_dir.to_str().unwrap();
-    succeeded(
-        &wallet_cmd(&net, &net.blobs, &kp, &["commit", "--run-dir", run])
-            .output_within(COMMAND_DEADLINE)
-            .unwrap(),
-    );
     let j = journal(&run_dir);
     let id = j["model_id"].as_str().unwrap().to_string();
     let key = j["pending"]["decryption_key"].as_str().unwrap().to_string();
@@ -510,13 +500,8 @@ async fn a_journal_from_another_chain_is_named_as_such_and_kept() {
     let kp = Keypair::generate();
     home.client().faucet(&kp.address()).await.unwrap();
     let run_dir = dir.path().join("run");
-    train_tiny(&run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
+    train_and_commit(&home, &home.blobs, &kp, &run_dir);
     let run = run_dir.to_str().unwrap();
-    succeeded(
-        &wallet_cmd(&home, &home.blobs, &kp, &["commit", "--run-dir", run])
-            .output_within(COMMAND_DEADLINE)
-            .unwrap(),
-    );
     // The other chain is two epochs on: by its epochs alone the window would look closed.
     other.client().advance_epoch().await.unwrap();
     other.client().advance_epoch().await.unwrap();
