@@ -17,7 +17,9 @@ use somatrain_protocol::{
 };
 
 mod common;
-use common::{COMMAND_DEADLINE, GrpcLocalnet, OutputWithin, bin, sent_by, sources, train_tiny};
+use common::{
+    COMMAND_DEADLINE, GrpcLocalnet, KillOnDrop, OutputWithin, bin, sent_by, sources, train_tiny,
+};
 
 /// A day-long epoch: only the admin call moves it.
 const DAY_MS: &str = "86400000";
@@ -183,16 +185,18 @@ async fn the_reveal_lands_while_the_blob_host_is_down_and_the_weights_go_back_up
         .port();
     let mut args = run_args(&run_dir, 1);
     args.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
-    let mut daemon = wallet_cmd(
-        &net,
-        &blob_url,
-        &kp,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut daemon = KillOnDrop(
+        wallet_cmd(
+            &net,
+            &blob_url,
+            &kp,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
     let (lines_tx, lines) = std::sync::mpsc::channel();
     let stderr = daemon.stderr.take().unwrap();
     std::thread::spawn(move || {

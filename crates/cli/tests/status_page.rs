@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{GrpcLocalnet, OutputWithin, bin, sources};
+use common::{GrpcLocalnet, KillOnDrop, OutputWithin, bin, sources};
 
 /// Debian's Chromium, headless, with nothing that reaches out of the machine.
 fn chromium(profile: &Path) -> Command {
@@ -61,15 +61,8 @@ async fn the_status_page_shows_the_reveal_deadline_and_the_charts_in_a_browser()
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stderr = daemon.stderr.take().unwrap();
-    let _daemon = Kill(daemon);
+    let _daemon = KillOnDrop(daemon);
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
