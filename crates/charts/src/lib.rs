@@ -133,6 +133,34 @@ fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (low - pad)..(high + pad)
 }
 
+/// One panel over the optimizer step: its caption, axes, grid and labels.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    y_desc: &str,
+    x_range: std::ops::Range<f64>,
+    y_range: std::ops::Range<f64>,
+    y_label: &dyn Fn(&f64) -> String,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>, ChartError> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 24))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc(y_desc)
+        .label_style((FONT, 14))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(y_label)
+        .draw()
+        .map_err(draw_error)?;
+    Ok(chart)
+}
+
 /// The legend of a panel, in its upper right corner.
 fn draw_legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
@@ -177,21 +205,14 @@ fn draw<DB: DrawingBackend>(
             .map(|r| f64::from(r.loss))
             .chain(heldout.iter().map(|p| p.1)),
     );
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("Loss", (FONT, 24))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x_range.clone(), y)
-        .map_err(draw_error)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("loss (nats per byte)")
-        .label_style((FONT, 14))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .draw()
-        .map_err(draw_error)?;
+    let mut chart = panel(
+        &panels[0],
+        "Loss",
+        "loss (nats per byte)",
+        x_range.clone(),
+        y,
+        &|v| format!("{v:.2}"),
+    )?;
     chart
         .draw_series(LineSeries::new(
             steps.iter().map(|r| (r.step as f64, f64::from(r.loss))),
@@ -234,24 +255,9 @@ fn draw<DB: DrawingBackend>(
             |v| format!("{v:.0}"),
         ),
     ];
-    for (panel, (caption, y_desc, label, color, value, y_label)) in panels[1..].iter().zip(lines) {
+    for (area, (caption, y_desc, label, color, value, y_label)) in panels[1..].iter().zip(lines) {
         let y = padded_range(steps.iter().map(value));
-        let mut chart = ChartBuilder::on(panel)
-            .caption(caption, (FONT, 24))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(70)
-            .build_cartesian_2d(x_range.clone(), y)
-            .map_err(draw_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc(y_desc)
-            .label_style((FONT, 14))
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&y_label)
-            .draw()
-            .map_err(draw_error)?;
+        let mut chart = panel(area, caption, y_desc, x_range.clone(), y, &y_label)?;
         chart
             .draw_series(LineSeries::new(
                 steps.iter().map(|r| (r.step as f64, value(r))),

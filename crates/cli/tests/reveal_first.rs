@@ -81,6 +81,16 @@ fn train_and_commit(net: &GrpcLocalnet, blob_url: &str, kp: &Keypair, run_dir: &
     );
 }
 
+/// The state of model `id` (hex) on chain.
+async fn state(chain: &ChainClient, id: &str) -> ModelState {
+    chain
+        .model(&id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+}
+
 /// `somatrain status --run-dir` of this wallet.
 fn status(net: &GrpcLocalnet, kp: &Keypair, run_dir: &Path) -> Output {
     bin()
@@ -419,15 +429,7 @@ async fn a_restart_after_a_missed_reveal_signs_nothing_and_names_the_way_out() {
     );
     let new_id = journal(&run_dir)["model_id"].as_str().unwrap().to_string();
     assert_ne!(new_id, id);
-    assert_eq!(
-        chain
-            .model(&new_id.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
-        ModelState::Active
-    );
+    assert_eq!(state(&chain, &new_id).await, ModelState::Active);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,15 +487,7 @@ async fn reveal_without_the_journal_names_the_pending_model_and_reveals_with_its
         .unwrap(),
     );
     assert!(shown.contains(&format!("model {id} revealed")), "{shown}");
-    assert_eq!(
-        chain
-            .model(&id.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
-        ModelState::Active
-    );
+    assert_eq!(state(&chain, &id).await, ModelState::Active);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
