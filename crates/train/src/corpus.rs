@@ -37,6 +37,8 @@ pub enum CorpusError {
     Glob { glob: String, reason: String },
     #[error("the corpus has no training documents (checked {checked} documents)")]
     Empty { checked: u64 },
+    #[error("{0}")]
+    Hub(#[from] somatrain_hub::HubError),
 }
 
 /// Where documents come from.
@@ -52,9 +54,17 @@ pub enum Source {
     /// A text file listing one document path per line (relative to the list's directory).
     List { path: PathBuf },
     /// A Parquet file, one document per row, its text in the string or binary `column` (The
-    /// Stack v2 dumps use `content`). Read row group by row group, only that column. A
+    /// Stack v1 and most code dumps use `content`). Read row group by row group, only that column. A
     /// directory means every `.parquet` file under it (filtered by the include/exclude globs).
     Parquet { path: PathBuf, column: String },
+    /// A dataset on the Hugging Face Hub: its Parquet files for a config and split, read by
+    /// HTTP range requests (endpoint and token from `HF_ENDPOINT` and `HF_TOKEN`), each row's
+    /// text in a column or, for The Stack v2, fetched from a bucket by its `blob_id`.
+    Hub {
+        #[serde(flatten)]
+        dataset: somatrain_hub::DatasetRef,
+        content: somatrain_hub::Content,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +166,9 @@ enum Unit {
     Jsonl(PathBuf, String, String),
     /// A Parquet file, its text column and its name.
     Parquet(PathBuf, String, String),
+    /// A Hub dataset's Parquet file, where its text is, and its name (`OWNER/NAME/PATH`, without
+    /// the commit, so that the held-out split survives a new revision).
+    Hub(somatrain_hub::HubFile, somatrain_hub::Content, String),
 }
 
 const JSONL_SUFFIXES: &[&str] = &[".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst"];
@@ -365,6 +378,13 @@ fn list_units(config: &CorpusConfig) -> Result<Listing, CorpusError> {
                 .into_iter()
                 .map(|(file, name)| Unit::Parquet(file, column.clone(), name)),
             ),
+            Source::Hub { dataset, content } => {
+                let hub = somatrain_hub::HubClient::from_env(dataset.endpoint.as_deref());
+                for file in somatrain_hub::list_parquet_files(&hub, dataset)? {
+                    let name = format!("{}/{}", file.repo, file.path);
+                    units.push(Unit::Hub(file, content.clone(), name));
+                }
+            }
             Source::List { path } => {
                 let text = read_bounded(path, MAX_LISTED_BYTES)
                     .and_then(|bytes| {
@@ -559,9 +579,15 @@ fn units_digest(units: &[Unit]) -> String {
     let mut hasher = Blake2b::<U32>::new();
     for unit in units {
         let (kind, path, field, name) = match unit {
-            Unit::Document(path, identity) => ("file", path, "", identity),
-            Unit::Jsonl(path, field, name) => ("jsonl", path, field.as_str(), name),
-            Unit::Parquet(path, column, name) => ("parquet", path, column.as_str(), name),
+            Unit::Document(path, identity) => ("file", path.clone(), String::new(), identity),
+            Unit::Jsonl(path, field, name) => ("jsonl", path.clone(), field.clone(), name),
+            Unit::Parquet(path, column, name) => ("parquet", path.clone(), column.clone(), name),
+            Unit::Hub(file, content, name) => (
+                "hub",
+                PathBuf::from(format!("{}@{}/{}", file.repo, file.commit, file.path)),
+                serde_json::to_string(content).expect("content serialises"),
+                name,
+            ),
         };
         for part in [
             kind.as_bytes(),

@@ -56,6 +56,27 @@ pub struct CorpusBenchArgs {
     size_mb: u64,
     #[arg(long, default_value_t = 512)]
     shuffle_buffer: usize,
+    /// Stream instead a synthetic dataset laid out as The Stack v2 (rows naming gzip blobs in
+    /// a bucket) from a loopback fake Hub and bucket, with --latency-ms added to each request.
+    #[arg(long, conflicts_with_all = ["jsonl", "hf_dataset"])]
+    hub_fake: bool,
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Stream a Hub dataset instead (HF_ENDPOINT and HF_TOKEN as for `train`).
+    #[arg(long, value_name = "OWNER/NAME", conflicts_with = "jsonl")]
+    hf_dataset: Option<String>,
+    #[arg(long)]
+    hf_config: Option<String>,
+    /// As `train --content-from-blob-id`.
+    #[arg(long)]
+    content_from_blob_id: Option<String>,
+    #[arg(long)]
+    blob_endpoint: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    blobs_in_flight: usize,
+    /// Megabytes of text to stream from the Hub before stopping.
+    #[arg(long, default_value_t = 16)]
+    max_mb: u64,
 }
 
 #[derive(Args)]
@@ -191,8 +212,150 @@ fn synthetic_jsonl(path: &std::path::Path, size_mb: u64) -> Result<()> {
     Ok(())
 }
 
+/// A Stack-v2-like dataset on a loopback fake Hub: `files` Parquet files of blob ids (250 rows
+/// per row group) and their 1–8 KiB documents, gzip-compressed, in bucket `swh` under
+/// `content/`. Returns the server and the text bytes it holds.
+fn fake_stack(
+    files: usize,
+    rows: usize,
+    latency: std::time::Duration,
+) -> (somatrain_hub::fake::FakeHub, u64) {
+    use somatrain_hub::fake::{FakeDataset, FakeHub, gzip, parquet_of_strings};
+    let fake = FakeHub::start(None, latency);
+    let mut state = 11u64;
+    let mut text_bytes = 0;
+    let mut parquet = std::collections::BTreeMap::new();
+    for file in 0..files {
+        let mut table = Vec::with_capacity(rows);
+        for row in 0..rows {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = 1024 + (state >> 33) as usize % 7168;
+            let text: String = (0..len)
+                .map(|i| {
+                    if i % 64 == 63 {
+                        '\n'
+                    } else {
+                        (b'a' + ((state >> (i % 48)) as u8 ^ i as u8) % 26) as char
+                    }
+                })
+                .collect();
+            text_bytes += len as u64;
+            let id = format!("{:040x}", (file as u128) << 64 | row as u128);
+            fake.put_object(&format!("swh/content/{id}"), gzip(text.as_bytes()));
+            table.push(vec![Some(id), Some("UTF-8".to_string())]);
+        }
+        parquet.insert(
+            format!("data/Synthetic/train-{file:05}.parquet"),
+            bytes_of(parquet_of_strings(
+                &["blob_id", "src_encoding"],
+                &table,
+                250,
+            )),
+        );
+    }
+    fake.add_dataset(FakeDataset {
+        repo: "bench/stack-like".into(),
+        commit: "0000000000000000000000000000000000000001".into(),
+        files: parquet,
+        configs: None,
+    });
+    (fake, text_bytes)
+}
+
+fn bytes_of(bytes: Vec<u8>) -> somatrain_hub::fake::Bytes {
+    somatrain_hub::fake::Bytes::from(bytes)
+}
+
+/// Text streamed from a Hub dataset (the fake one or a real one): MB/s of document bytes
+/// delivered as sequences, and requests per MB.
+fn bench_corpus_hub(args: CorpusBenchArgs) -> Result<()> {
+    use somatrain_hub::{BlobSource, Content, DatasetRef};
+    use somatrain_train::corpus::{CorpusConfig, Position, Source, TrainStream};
+    let latency = std::time::Duration::from_millis(args.latency_ms);
+    let mb = args.max_mb.max(1);
+    let fake = args
+        .hub_fake
+        .then(|| fake_stack(4, (mb as usize * 1000 / 4 / 4).max(50) + 50, latency));
+    let (dataset, content) = match &fake {
+        Some((fake, _)) => (
+            DatasetRef {
+                repo: "bench/stack-like".into(),
+                config: None,
+                split: "train".into(),
+                revision: "main".into(),
+                endpoint: Some(fake.endpoint()),
+            },
+            Content::Blobs(BlobSource {
+                location: "s3://swh/content".into(),
+                endpoint: Some(fake.endpoint()),
+                in_flight: args.blobs_in_flight.max(1),
+            }),
+        ),
+        None => (
+            DatasetRef {
+                repo: args.hf_dataset.clone().expect("checked by the caller"),
+                config: args.hf_config.clone(),
+                split: "train".into(),
+                revision: "main".into(),
+                endpoint: None,
+            },
+            match &args.content_from_blob_id {
+                Some(location) => Content::Blobs(BlobSource {
+                    location: location.clone(),
+                    endpoint: args.blob_endpoint.clone(),
+                    in_flight: args.blobs_in_flight.max(1),
+                }),
+                None => Content::Column {
+                    name: "content".into(),
+                },
+            },
+        ),
+    };
+    let blobs = matches!(content, Content::Blobs(_));
+    let mut config = CorpusConfig::new(vec![Source::Hub { dataset, content }]);
+    config.shuffle_buffer = args.shuffle_buffer;
+    config.heldout_per_mille = 0;
+    let traffic_before = somatrain_hub::traffic();
+    let start = Instant::now();
+    let mut stream = TrainStream::open(config, Position::default())?;
+    let mut text = 0u64;
+    let mut sequences = 0u64;
+    while text < mb << 20 && stream.epoch() == 0 {
+        let sequence = stream.next_sequence()?;
+        text += sequence.tokens.iter().filter(|&&t| t < 256).count() as u64;
+        sequences += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let traffic = somatrain_hub::traffic();
+    let requests = traffic.requests - traffic_before.requests;
+    let mb_delivered = text as f64 / 1e6;
+    let out = serde_json::json!({
+        "bench": "corpus-hub",
+        "source": if args.hub_fake { "fake Hub and bucket on loopback" } else { "the Hub" },
+        "blob_id": blobs,
+        "latency_ms_added": if args.hub_fake { args.latency_ms } else { 0 },
+        "blobs_in_flight": args.blobs_in_flight,
+        "text_bytes": text,
+        "sequences": sequences,
+        "seconds": secs,
+        "mb_per_s": mb_delivered / secs,
+        "goal_mb_per_s": 0.64,
+        "requests": requests,
+        "requests_per_mb": requests as f64 / mb_delivered,
+        "bytes_fetched": traffic.bytes - traffic_before.bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
 fn bench_corpus(args: CorpusBenchArgs) -> Result<()> {
     use somatrain_train::corpus::{CorpusConfig, Position, Source, TrainStream};
+    if args.hub_fake || args.hf_dataset.is_some() {
+        return bench_corpus_hub(args);
+    }
     let scratch = tempfile::tempdir()?;
     let path = match args.jsonl {
         Some(path) => path,

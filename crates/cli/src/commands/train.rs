@@ -54,13 +54,37 @@ pub struct TrainingOptions {
     /// Field of each JSON line that holds the text.
     #[arg(long, default_value = "content")]
     text_field: String,
-    /// A Parquet file with one document per row (repeatable), e.g. The Stack v2 dumps; a
-    /// directory means every .parquet file under it.
+    /// A Parquet file with one document per row (repeatable); a directory means every
+    /// .parquet file under it.
     #[arg(long)]
     parquet: Vec<PathBuf>,
-    /// Column of each Parquet row that holds the text.
+    /// Column of each Parquet row (local or on the Hub) that holds the text.
     #[arg(long, default_value = "content")]
     parquet_column: String,
+    /// A dataset on the Hugging Face Hub (OWNER/NAME), streamed: its Parquet files are read by
+    /// HTTP range requests, row group by row group. HF_TOKEN for gated datasets, HF_ENDPOINT
+    /// for a mirror.
+    #[arg(long, value_name = "OWNER/NAME")]
+    hf_dataset: Option<String>,
+    /// The dataset's config (its card's config_name; default: the card's default).
+    #[arg(long, requires = "hf_dataset")]
+    hf_config: Option<String>,
+    #[arg(long, default_value = "train", requires = "hf_dataset")]
+    hf_split: String,
+    /// A branch, tag or commit; a branch is pinned to its commit when training starts.
+    #[arg(long, default_value = "main", requires = "hf_dataset")]
+    hf_revision: String,
+    /// Rows name their file by blob_id (and src_encoding), as The Stack v2 does: fetch each
+    /// from this bucket, gzip-compressed, without credentials, e.g.
+    /// s3://softwareheritage/content.
+    #[arg(long, value_name = "s3://BUCKET/PREFIX", requires = "hf_dataset")]
+    content_from_blob_id: Option<String>,
+    /// An S3 endpoint for --content-from-blob-id instead of AWS's (a mirror or a local server).
+    #[arg(long, requires = "content_from_blob_id")]
+    blob_endpoint: Option<String>,
+    /// Blob fetches in flight.
+    #[arg(long, default_value_t = 32)]
+    blobs_in_flight: usize,
     /// A file listing document paths, one per line (repeatable).
     #[arg(long = "file-list")]
     file_lists: Vec<PathBuf>,
@@ -166,9 +190,36 @@ impl TrainingOptions {
             path: p.clone(),
             column: args.parquet_column.clone(),
         }));
+        if let Some(repo) = &args.hf_dataset {
+            let content = match &args.content_from_blob_id {
+                Some(location) => {
+                    let blobs = somatrain_hub::BlobSource {
+                        location: location.clone(),
+                        endpoint: args.blob_endpoint.clone(),
+                        in_flight: args.blobs_in_flight.max(1),
+                    };
+                    blobs.base_url()?;
+                    somatrain_hub::Content::Blobs(blobs)
+                }
+                None => somatrain_hub::Content::Column {
+                    name: args.parquet_column.clone(),
+                },
+            };
+            sources.push(Source::Hub {
+                dataset: somatrain_hub::DatasetRef {
+                    repo: repo.clone(),
+                    config: args.hf_config.clone(),
+                    split: args.hf_split.clone(),
+                    revision: args.hf_revision.clone(),
+                    endpoint: None,
+                },
+                content,
+            });
+        }
         if sources.is_empty() {
             bail!(
-                "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE or --file-list FILE"
+                "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE, --file-list FILE \
+                 or --hf-dataset OWNER/NAME"
             );
         }
         let corpus = CorpusConfig {

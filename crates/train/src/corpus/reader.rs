@@ -37,6 +37,14 @@ enum Kind {
         name: String,
         rows: RowIter<'static>,
     },
+    /// Rows of a Hub dataset's file; the reading thread starts at the first read, when the
+    /// split is known.
+    Hub {
+        file: somatrain_hub::HubFile,
+        content: somatrain_hub::Content,
+        name: String,
+        rows: Option<somatrain_hub::RowReader>,
+    },
     Finished,
 }
 
@@ -84,6 +92,12 @@ impl UnitReader {
                 }
             },
             Unit::Parquet(path, column, name) => open_parquet(path, column, name, records, stats),
+            Unit::Hub(file, content, name) => Kind::Hub {
+                file: file.clone(),
+                content: content.clone(),
+                name: name.clone(),
+                rows: None,
+            },
         };
         UnitReader { kind, records }
     }
@@ -127,6 +141,28 @@ impl UnitReader {
             ),
             Kind::Parquet { name, rows } => {
                 next_row(rows, &mut self.records, name, config, split, stats)
+            }
+            Kind::Hub {
+                file,
+                content,
+                name,
+                rows,
+            } => {
+                let rows = rows.get_or_insert_with(|| {
+                    let name = name.clone();
+                    let per_mille = config.heldout_per_mille;
+                    somatrain_hub::RowReader::open(
+                        somatrain_hub::HubClient::from_env(Some(&file.endpoint)),
+                        file.clone(),
+                        content.clone(),
+                        self.records,
+                        std::sync::Arc::new(move |row| {
+                            split_of(&format!("{name}:{row}"), per_mille) == split
+                        }),
+                        config.max_document_bytes,
+                    )
+                });
+                next_hub_row(rows, &mut self.records, name, config, split, stats)
             }
         };
         if found.is_none() || matches!(self.kind, Kind::Document { .. }) {
@@ -334,6 +370,45 @@ fn next_row(
         };
         if admit(content.len(), config, split, stats) {
             return Some(content);
+        }
+    }
+}
+
+fn next_hub_row(
+    rows: &mut somatrain_hub::RowReader,
+    records: &mut u64,
+    name: &str,
+    config: &CorpusConfig,
+    split: Split,
+    stats: &mut CorpusStats,
+) -> Option<Vec<u8>> {
+    use somatrain_hub::Row;
+    loop {
+        let row = rows.next_row()?;
+        *records += match row {
+            Row::Passed(n) => n,
+            Row::FileFailed(_) => 0,
+            _ => 1,
+        };
+        match row {
+            Row::Passed(_) => {}
+            Row::Document(text) => {
+                if admit(text.len(), config, split, stats) {
+                    return Some(text);
+                }
+            }
+            Row::NotText => stats.skipped_invalid_utf8 += 1,
+            Row::TooLarge => stats.skipped_too_large += 1,
+            Row::BadRecord => stats.skipped_bad_record += 1,
+            Row::Unfetchable(reason) => {
+                tracing::warn!("{name}, row {records}: {reason}; skipped");
+                stats.skipped_unreadable += 1;
+            }
+            Row::FileFailed(reason) => {
+                tracing::warn!("{name}: {reason}; the rest of the file is skipped");
+                stats.skipped_unreadable += 1;
+                return None;
+            }
         }
     }
 }
