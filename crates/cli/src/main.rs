@@ -117,9 +117,13 @@ fn main() -> ExitCode {
         )
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false),
+                .with_writer(progress::BarSafeStderr)
+                .with_target(false)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.target() != progress::PROGRESS_TARGET
+                })),
         )
+        .with(progress::TransferLayer::default())
         .with(RecentErrors)
         .init();
     let matches = Cli::command().get_matches();

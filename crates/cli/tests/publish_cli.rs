@@ -349,10 +349,13 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
     let early = publish("reveal", &[]);
     assert!(String::from_utf8_lossy(&early.stdout).contains("nothing committed"));
     let commit = publish("commit", &[]);
+    let log = String::from_utf8_lossy(&commit.stderr).to_string();
+    assert!(commit.status.success(), "{log}");
+    // Without a terminal the upload is reported as log lines, the last at 100%.
     assert!(
-        commit.status.success(),
-        "{}",
-        String::from_utf8_lossy(&commit.stderr)
+        log.lines()
+            .any(|l| l.contains("INFO upload ") && l.contains("(100%)")),
+        "{log}"
     );
     let out = String::from_utf8_lossy(&commit.stdout).to_string();
     assert!(out.contains("committed in epoch 0"), "{out}");

@@ -97,6 +97,17 @@ impl World {
             .unwrap())
     }
 
+    /// `status --run-dir` of the owner's run, as JSON: it also writes down what the model won.
+    fn run_status(&self) -> serde_json::Value {
+        let out = ok(bin()
+            .args(["status", "--json", "--run-dir"])
+            .arg(self.dir.path().join("run"))
+            .args(self.net.chain_args())
+            .output_within(COMMAND_DEADLINE)
+            .unwrap());
+        serde_json::from_str(out.trim()).unwrap()
+    }
+
     async fn advance(&self) -> u64 {
         self.client.advance_epoch().await.unwrap()
     }
@@ -431,6 +442,13 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     assert_eq!(w.advance().await, 3);
     assert!(w.claim(&submitter, &[]).contains("0 claimed"));
     assert_eq!(w.advance().await, 4);
+    let reward = reward_pool;
+    let model_share = reward * 4975 / 10_000;
+    // The run's status writes down the three targets its model won, shares awaiting a claim.
+    let earnings = &w.run_status()["run"]["earnings"];
+    assert_eq!(earnings["targets_won"], 3, "{earnings}");
+    assert_eq!(earnings["pending_shannons"], 3 * model_share, "{earnings}");
+    assert_eq!(earnings["claimed_shannons"], 0, "{earnings}");
     let owner_before = balance(&w.client, &w.owner).await;
     let submitter_before = balance(&w.client, &submitter).await;
     let bond_total: u64 = w
@@ -446,8 +464,6 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     assert!(out.contains("3 claimed"), "{out}");
     // Three targets with the same reward: the submitter gets its share, the claimer's share
     // and its bond back for each, less the three claim fees; the model owner its share.
-    let reward = reward_pool;
-    let model_share = reward * 4975 / 10_000;
     let claim_fees: u64 = sent_fees(&w.client, &submitter, "ClaimRewards").await;
     assert_eq!(
         balance(&w.client, &submitter).await,
@@ -457,6 +473,11 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         balance(&w.client, &w.owner).await - owner_before,
         3 * model_share
     );
+    // The claimed targets are gone from the chain; the run's record counts them as paid, as
+    // much as the owner's balance grew.
+    let earnings = &w.run_status()["run"]["earnings"];
+    assert_eq!(earnings["claimed_shannons"], 3 * model_share, "{earnings}");
+    assert_eq!(earnings["pending_shannons"], 0, "{earnings}");
     // Expired targets of epoch 2 are settled by anyone with --expired.
     let sweeper = Keypair::generate();
     w.client.faucet(&sweeper.address()).await.unwrap();

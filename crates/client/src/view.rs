@@ -46,6 +46,9 @@ pub struct ChainParams {
     pub value_fee_bps: u64,
     pub submission_bond_per_byte: u64,
     pub max_submission_data_size: u64,
+    /// The model owner's share of a claimed target's reward (`target_model_reward_share_bps`),
+    /// where the node says.
+    pub model_reward_share_bps: Option<u64>,
 }
 
 /// The current epoch: its number, when it started and what it will take.
@@ -90,6 +93,7 @@ impl EpochView {
             value_fee_bps: p.value_fee_bps.unwrap_or(0),
             submission_bond_per_byte: p.submission_bond_per_byte.unwrap_or(0),
             max_submission_data_size: p.max_submission_data_size.unwrap_or(u64::MAX),
+            model_reward_share_bps: p.target_model_reward_share_bps,
         };
         let start_ms = match (&state.epoch_start_timestamp_ms, &epoch.start) {
             (Some(ms), _) => *ms,

@@ -195,6 +195,11 @@ pub struct RoundRecord {
     /// node could tell.
     pub stake: Option<u64>,
     pub balance: Option<u64>,
+    /// The owner's share of the targets the model won, claimed by the time of the reveal
+    /// (shannons, from `earnings.json`). The model's commission pays nothing on this network
+    /// (`protocol-targets.md` §4.1), so there is no commission to record.
+    #[serde(default)]
+    pub earned_shannons: Option<u64>,
     /// When the reveal was settled, ms since the Unix epoch.
     pub time_ms: u64,
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns the run directory's journal ([`journal`]), the journaled create/commit/reveal steps
 //! ([`publisher`]), the rounds of the train -> commit -> reveal loop as one state machine
-//! ([`rounds`]), its `/metrics` ([`metrics`]) and status page ([`status`]), and the whole
+//! ([`rounds`]), what the model earned ([`earnings`]), its `/metrics` ([`metrics`]) and status
+//! page ([`status`]), and the whole
 //! localnet flow of `somatrain localnet-cycle` once a localnet is up ([`cycle`]). It drives the
 //! trainer, the storage, the submitter and the node's client; it does not implement any of
 //! them, and it never logs a secret (keys live only in the 0600 journal).
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cycle;
+pub mod earnings;
 pub mod journal;
 pub mod metrics;
 pub mod publisher;

@@ -24,6 +24,7 @@ struct Values {
     balance: Option<u64>,
     /// The round whose committed weights are missing at their URL, while they are.
     unserved_round: Option<u64>,
+    earnings: Option<crate::earnings::EarningsSummary>,
 }
 
 /// The loop's gauges at one moment.
@@ -98,6 +99,10 @@ impl Metrics {
 
     pub fn observe_balance(&self, shannons: u64) {
         self.with(|v| v.balance = Some(shannons));
+    }
+
+    pub fn observe_earnings(&self, summary: crate::earnings::EarningsSummary) {
+        self.with(|v| v.earnings = Some(summary));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -198,6 +203,23 @@ impl Metrics {
                 "gauge",
                 "Wallet balance.",
                 &one(b as f64),
+            );
+        }
+        if let Some(e) = v.earnings {
+            metric(
+                "targets_won",
+                "gauge",
+                "Targets the model has won (filled with it), as earnings.json recorded them.",
+                &one(e.targets_won as f64),
+            );
+            metric(
+                "earned_shannons",
+                "gauge",
+                "The owner's share of won targets: claimed (paid) and pending (awaiting a claim).",
+                &[
+                    ("{state=\"claimed\"}".to_string(), e.claimed_shannons as f64),
+                    ("{state=\"pending\"}".to_string(), e.pending_shannons as f64),
+                ],
             );
         }
         out

@@ -397,6 +397,11 @@ impl Publisher {
             url: pending.manifest.url.clone(),
             stake,
             balance: self.chain.balance(&self.keypair.address()).await.ok(),
+            earned_shannons: self.rounds_path.parent().and_then(|run_dir| {
+                crate::earnings::Earnings::load(run_dir)
+                    .ok()
+                    .map(|e| e.summary().claimed_shannons)
+            }),
             time_ms: now_ms(),
         }
     }

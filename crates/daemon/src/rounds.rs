@@ -152,6 +152,7 @@ pub async fn run(
         reupload: None,
         gave_up: None,
         advanced_for: None,
+        earnings_seen: None,
     };
     rounds.start().await?;
     let result = rounds.drive().await;
@@ -180,6 +181,8 @@ struct Rounds<'a> {
     /// The commit epoch the localnet's epoch was last advanced for (once per commit, so a
     /// slow look at the clock never skips a window).
     advanced_for: Option<u64>,
+    /// When the filled targets were last listed for `earnings.json`.
+    earnings_seen: Option<std::time::Instant>,
 }
 
 impl Rounds<'_> {
@@ -250,11 +253,33 @@ impl Rounds<'_> {
         }
     }
 
-    /// The wallet's balance for `/metrics`; never looked at while a reveal window is open.
-    async fn observe_balance(&self) {
+    /// The wallet's balance for `/metrics`, and the model's earnings; never looked at while a
+    /// reveal window is open.
+    async fn observe_balance(&mut self) {
         let address = self.publisher.keypair().address();
         if let Ok(balance) = self.publisher.chain().balance(&address).await {
             self.metrics.observe_balance(balance);
+        }
+        self.observe_earnings().await;
+    }
+
+    /// Writes down the targets the model won (at most every [`crate::earnings::OBSERVE_EVERY`]):
+    /// the chain forgets them once claimed. A failure is logged and tried again next time.
+    async fn observe_earnings(&mut self) {
+        let Some(model_id) = self.publisher.journal().model_id else {
+            return;
+        };
+        if self
+            .earnings_seen
+            .is_some_and(|t| t.elapsed() < crate::earnings::OBSERVE_EVERY)
+        {
+            return;
+        }
+        self.earnings_seen = Some(std::time::Instant::now());
+        match crate::earnings::observe(self.publisher.chain(), &self.config.run_dir, model_id).await
+        {
+            Ok(summary) => self.metrics.observe_earnings(summary),
+            Err(e) => tracing::warn!("recording the model's earnings: {e}"),
         }
     }
 
@@ -311,7 +336,10 @@ impl Rounds<'_> {
         let summary = loop {
             tokio::select! {
                 joined = &mut handle => break joined,
-                _ = tokio::time::sleep(self.config.poll) => self.settle_reupload().await?,
+                _ = tokio::time::sleep(self.config.poll) => {
+                    self.settle_reupload().await?;
+                    self.observe_earnings().await;
+                }
             }
         };
         let summary = summary

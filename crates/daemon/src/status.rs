@@ -101,6 +101,9 @@ pub struct Status {
     pub train_tokens_per_s: f64,
     /// The round whose committed weights are missing at their URL, while they are.
     pub weights_unserved_round: Option<u64>,
+    /// What the model has earned, as `earnings.json` recorded it (none before its first won
+    /// target was seen, or when the file cannot be read).
+    pub earnings: Option<crate::earnings::EarningsSummary>,
     pub rounds: Vec<RoundRecord>,
     pub errors: Vec<LoggedError>,
     pub journal_error: Option<String>,
@@ -134,6 +137,10 @@ impl StatusSource {
                 .as_ref()
                 .filter(|u| u.since_ms.is_some())
                 .map(|u| u.round),
+            earnings: crate::earnings::Earnings::load(&self.run_dir)
+                .ok()
+                .filter(|e| e.model_id.is_some())
+                .map(|e| e.summary()),
             rounds,
             errors: recent_errors().list(),
             journal_error,
@@ -338,6 +345,20 @@ fn render_page(s: &Status, has_chart: bool) -> String {
         s.train_loss,
         s.train_tokens_per_s
     );
+    let _ = match &s.earnings {
+        Some(e) => writeln!(
+            html,
+            "<p>earnings <b id=\"earnings\">{} SOMA</b> claimed from {} targets won; {} SOMA \
+             awaiting a claim (the owner's share of each reward; commission pays nothing)</p>",
+            somatrain_protocol::format_soma(e.claimed_shannons),
+            e.targets_won,
+            somatrain_protocol::format_soma(e.pending_shannons)
+        ),
+        None => writeln!(
+            html,
+            "<p>earnings <b id=\"earnings\">none yet</b> (no target won by the model seen)</p>"
+        ),
+    };
     html.push_str("<h2>Charts</h2>\n");
     if has_chart {
         html.push_str(

@@ -332,6 +332,8 @@ impl Storage {
         };
         let location = object_store::path::Path::from(name);
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
+        let total = file.metadata().await.map_err(local)?.len();
+        let mut progress = ProgressEvents::new("upload", name, total);
         let mut hasher = CommitmentHasher::default();
         let mut size = 0u64;
         if !self.multipart {
@@ -349,6 +351,7 @@ impl Storage {
                 .put(&location, PutPayload::from_iter(parts))
                 .await
                 .map_err(remote)?;
+            progress.finish();
             return Ok((hasher.finish(), size));
         }
         let upload = self.store.put_multipart(&location).await.map_err(remote)?;
@@ -370,9 +373,12 @@ impl Storage {
                 let _ = writer.abort().await;
                 return Err(remote(e));
             }
+            // Counted once the part is handed over with at most PARTS_IN_FLIGHT before it.
+            progress.add(chunk.len() as u64);
             writer.put(chunk);
         }
         writer.finish().await.map_err(remote)?;
+        progress.finish();
         Ok((hasher.finish(), size))
     }
 
@@ -444,6 +450,76 @@ pub async fn served_checksum(
     Ok((hasher.finish(), size))
 }
 
+/// A transfer's progress as `somatrain::progress` events (`kind`, `name`, `done` and `total`
+/// bytes): at most one per [`ProgressEvents::EVERY`] and one at the end. The binary draws them
+/// as a bar or a log line; this crate knows nothing of terminals.
+struct ProgressEvents {
+    kind: &'static str,
+    name: String,
+    total: u64,
+    done: u64,
+    last: std::time::Instant,
+    finished: bool,
+}
+
+impl ProgressEvents {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+    fn new(kind: &'static str, name: &str, total: u64) -> Self {
+        ProgressEvents {
+            kind,
+            name: name.to_string(),
+            total,
+            done: 0,
+            last: std::time::Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.done < self.total && self.last.elapsed() >= Self::EVERY {
+            self.last = std::time::Instant::now();
+            self.emit();
+        }
+    }
+
+    fn emit(&self) {
+        tracing::info!(
+            target: "somatrain::progress",
+            kind = self.kind,
+            name = self.name.as_str(),
+            done = self.done,
+            total = self.total,
+            abandoned = false
+        );
+    }
+
+    /// The last event: `done` equal to `total`, which ends the bar.
+    fn finish(&mut self) {
+        self.done = self.total;
+        self.finished = true;
+        self.emit();
+    }
+}
+
+impl Drop for ProgressEvents {
+    /// A transfer that failed part-way ends its bar too, marked abandoned (the error itself is
+    /// reported by whoever sees it).
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::info!(
+                target: "somatrain::progress",
+                kind = self.kind,
+                name = self.name.as_str(),
+                done = self.done,
+                total = self.total,
+                abandoned = true
+            );
+        }
+    }
+}
+
 /// Checks that the manifest's URL serves exactly the committed bytes.
 pub async fn verify_url(http: &reqwest::Client, manifest: &Manifest) -> Result<(), StorageError> {
     let (got, got_size) = served_checksum(http, &manifest.url).await?;
@@ -503,9 +579,12 @@ async fn download_to(
     let mut body = response.bytes_stream();
     let mut hasher = CommitmentHasher::default();
     let mut size = 0u64;
+    let name = manifest.url.rsplit('/').next().unwrap_or_default();
+    let mut progress = ProgressEvents::new("download", name, manifest.size);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| failed(e.to_string()))?;
         size += chunk.len() as u64;
+        progress.add(chunk.len() as u64);
         if size > manifest.size {
             return Err(failed(format!(
                 "serves more than the {} bytes committed",
@@ -520,6 +599,7 @@ async fn download_to(
         return Err(StorageError::mismatch(manifest, got, size));
     }
     file.sync_all().await.map_err(local)?;
+    progress.finish();
     Ok(())
 }
 

@@ -201,6 +201,8 @@ impl TrainSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
     pub step: u64,
+    /// The step this invocation trains until.
+    pub until_step: u64,
     pub loss: f32,
     pub cross_entropy: f32,
     pub bits_per_byte: f32,
@@ -702,6 +704,7 @@ pub fn run_with(
             let flops = 3.0 * settings.model.forward_flops(window_tokens, seq as u64);
             let log = StepLog {
                 step: adam.step,
+                until_step,
                 loss: last_loss,
                 cross_entropy: (ce_sum / settings.accumulation as f64) as f32,
                 bits_per_byte: (nll_bits / targets.max(1) as f64) as f32,

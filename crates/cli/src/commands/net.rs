@@ -42,13 +42,21 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let local = LocalStatus {
+    let earnings = args.run_dir.as_ref().and_then(|dir| {
+        somatrain_daemon::earnings::Earnings::load(dir)
+            .ok()
+            .filter(|e| e.model_id.is_some())
+            .map(|e| e.summary())
+    });
+    let mut local = LocalStatus {
         journal,
         training,
         rounds,
+        earnings,
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    let chain = runtime.block_on(chain_status(&args));
+    let model = local.journal.as_ref().and_then(|j| j.model_id);
+    let chain = runtime.block_on(chain_status(&args, model));
     let now = somatrain_daemon::now_ms();
     let chain = match chain {
         Ok(chain) => chain,
@@ -69,7 +77,11 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         epoch,
         targets,
         balance,
+        earnings,
     } = chain;
+    if earnings.is_some() {
+        local.earnings = earnings;
+    }
     if args.json {
         let models: Vec<serde_json::Value> = epoch
             .models
@@ -154,14 +166,19 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the chain says: the epoch, its open targets and the account's balance.
+/// What the chain says: the epoch, its open targets, the account's balance, and what the run's
+/// model has won (written down in the run directory's `earnings.json` as it is seen).
 struct ChainStatus {
     epoch: somatrain_client::view::EpochView,
     targets: Vec<somatrain_client::view::TargetView>,
     balance: Option<(somatrain_protocol::Address, u64)>,
+    earnings: Option<somatrain_daemon::earnings::EarningsSummary>,
 }
 
-async fn chain_status(args: &StatusArgs) -> Result<ChainStatus> {
+async fn chain_status(
+    args: &StatusArgs,
+    model: Option<somatrain_protocol::ObjectId>,
+) -> Result<ChainStatus> {
     let chain = args.chain.client()?;
     let epoch = chain.epoch_view().await?;
     let targets = chain.target_views("open").await?;
@@ -176,10 +193,23 @@ async fn chain_status(args: &StatusArgs) -> Result<ChainStatus> {
         Some(a) => Some((a, chain.balance(&a).await?)),
         None => None,
     };
+    let earnings = match (&args.run_dir, model) {
+        (Some(dir), Some(model)) => {
+            match somatrain_daemon::earnings::observe(&chain, dir, model).await {
+                Ok(summary) => Some(summary),
+                Err(e) => {
+                    tracing::warn!("recording the model's earnings: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     Ok(ChainStatus {
         epoch,
         targets,
         balance,
+        earnings,
     })
 }
 
@@ -189,6 +219,7 @@ struct LocalStatus {
     training: Option<(PathBuf, somatrain_train::checkpoint::CheckpointState)>,
     /// `rounds.jsonl`, oldest first.
     rounds: Vec<somatrain_daemon::journal::RoundRecord>,
+    earnings: Option<somatrain_daemon::earnings::EarningsSummary>,
 }
 
 /// Rounds shown in the terminal (the newest); `--json` and the status page have them all.
@@ -218,6 +249,7 @@ impl LocalStatus {
                 })
             });
         run["rounds"] = serde_json::json!(self.rounds);
+        run["earnings"] = serde_json::json!(self.earnings);
         run
     }
 
@@ -234,6 +266,17 @@ impl LocalStatus {
                 state.corpus.sequences,
                 dir.display()
             );
+        }
+        if self.journal.as_ref().is_some_and(|j| j.model_id.is_some()) {
+            match &self.earnings {
+                Some(e) => println!(
+                    "  earnings: {} SOMA claimed from {} targets won; {} SOMA awaiting a claim",
+                    soma(e.claimed_shannons),
+                    e.targets_won,
+                    soma(e.pending_shannons)
+                ),
+                None => println!("  earnings: none yet (no target won by the model seen)"),
+            }
         }
         if !self.rounds.is_empty() {
             println!(

@@ -284,14 +284,17 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         (Some(n), None) => Until::MoreSteps(n),
         (None, None) => bail!("say how long to train: --steps N or --until-step N"),
     };
+    let mut progress = crate::progress::TrainProgress::new();
     let summary = somatrain_train::run_with(
         &args.run_dir,
         &settings,
         until,
         engine.as_mut(),
-        &mut |_| {},
+        &mut |log| progress.step(log),
     )
-    .with_context(|| format!("training in {}", args.run_dir.display()))?;
+    .with_context(|| format!("training in {}", args.run_dir.display()));
+    progress.finish();
+    let summary = summary?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
