@@ -57,6 +57,26 @@ fn failed(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// The text of every file under `dir`, in path order.
+fn walk_texts(dir: &Path) -> Vec<String> {
+    let mut paths = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                paths.push(entry.path());
+            }
+        }
+    }
+    paths.sort();
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
 fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -72,17 +92,23 @@ struct World {
 }
 
 impl World {
-    fn submit(&self, kp: &Keypair, cache: &str, args: &[&str]) -> Output {
-        bin()
+    fn submit_command(&self, kp: &Keypair, cache: &str) -> std::process::Command {
+        let mut command = bin();
+        command
             .args([
                 "submit",
                 "--cache-dir",
                 self.dir.path().join(cache).to_str().unwrap(),
             ])
             .args(self.net.args())
-            .args(args)
             .env("SOMA_SECRET_KEY", kp.secret_hex())
-            .env_remove("S3_BUCKET")
+            .env_remove("S3_BUCKET");
+        command
+    }
+
+    fn submit(&self, kp: &Keypair, cache: &str, args: &[&str]) -> Output {
+        self.submit_command(kp, cache)
+            .args(args)
             .output_within(COMMAND_DEADLINE)
             .unwrap()
     }
@@ -372,6 +398,40 @@ async fn submitters_hit_miss_are_refused_and_claim() {
         target_object(&w.client, &hits[1].1.id).await.status,
         TargetStatus::Open
     );
+
+    // --auto over a Hub dataset (the repository's sources as rows of a text column, on the fake
+    // Hub): read in order and cut into the same pieces; a dry run submits nothing.
+    let hub = somatrain_hub::fake::FakeHub::start(None, std::time::Duration::ZERO);
+    let rows: Vec<Vec<Option<String>>> = walk_texts(&common::sources())
+        .into_iter()
+        .map(|text| vec![Some(text)])
+        .collect();
+    let mut files = std::collections::BTreeMap::new();
+    files.insert(
+        "data/train-00000-of-00001.parquet".to_string(),
+        somatrain_hub::fake::Bytes::from(somatrain_hub::fake::parquet_of_strings(
+            &["content"],
+            &rows,
+            8,
+        )),
+    );
+    hub.add_dataset(somatrain_hub::fake::FakeDataset {
+        repo: "owner/sources".into(),
+        commit: "abc".into(),
+        files,
+        configs: None,
+    });
+    let dry = ok(w
+        .submit_command(&submitter, "cache")
+        .args(["--auto", "--dry-run", "--hf-dataset", "owner/sources"])
+        .args(["--chunk-bytes", "4096", "--max-chunks", "6", "--json"])
+        .env("HF_ENDPOINT", hub.endpoint())
+        .output_within(COMMAND_DEADLINE)
+        .unwrap());
+    let dry: serde_json::Value = serde_json::from_str(dry.trim()).unwrap();
+    assert_eq!(dry["chunks"], 6, "{dry}");
+    assert_eq!(dry["submitted"].as_array().unwrap().len(), 0, "{dry}");
+    assert!(hub.bytes_served("/datasets/owner/sources/") > 24 * 1024);
 
     // --auto over a corpus: at most two submissions, each to a different open target.
     let auto = ok(w.submit(

@@ -62,18 +62,9 @@ pub struct CorpusBenchArgs {
     hub_fake: bool,
     #[arg(long, default_value_t = 20)]
     latency_ms: u64,
-    /// Stream a Hub dataset instead (HF_ENDPOINT and HF_TOKEN as for `train`).
-    #[arg(long, value_name = "OWNER/NAME", conflicts_with = "jsonl")]
-    hf_dataset: Option<String>,
-    #[arg(long)]
-    hf_config: Option<String>,
-    /// As `train --content-from-blob-id`.
-    #[arg(long)]
-    content_from_blob_id: Option<String>,
-    #[arg(long)]
-    blob_endpoint: Option<String>,
-    #[arg(long, default_value_t = 32)]
-    blobs_in_flight: usize,
+    /// Or stream a Hub dataset (HF_ENDPOINT and HF_TOKEN as for `train`).
+    #[command(flatten)]
+    hub: super::train::HubArgs,
     /// Megabytes of text to stream from the Hub before stopping.
     #[arg(long, default_value_t = 16)]
     max_mb: u64,
@@ -278,43 +269,28 @@ fn bench_corpus_hub(args: CorpusBenchArgs) -> Result<()> {
     let fake = args
         .hub_fake
         .then(|| fake_stack(4, (mb as usize * 1000 / 4 / 4).max(50) + 50, latency));
-    let (dataset, content) = match &fake {
-        Some((fake, _)) => (
-            DatasetRef {
+    let source = match &fake {
+        Some((fake, _)) => Source::Hub {
+            dataset: DatasetRef {
                 repo: "bench/stack-like".into(),
                 config: None,
                 split: "train".into(),
                 revision: "main".into(),
                 endpoint: Some(fake.endpoint()),
             },
-            Content::Blobs(BlobSource {
+            content: Content::Blobs(BlobSource {
                 location: "s3://swh/content".into(),
                 endpoint: Some(fake.endpoint()),
-                in_flight: args.blobs_in_flight.max(1),
+                in_flight: args.hub.blobs_in_flight.max(1),
             }),
-        ),
-        None => (
-            DatasetRef {
-                repo: args.hf_dataset.clone().expect("checked by the caller"),
-                config: args.hf_config.clone(),
-                split: "train".into(),
-                revision: "main".into(),
-                endpoint: None,
-            },
-            match &args.content_from_blob_id {
-                Some(location) => Content::Blobs(BlobSource {
-                    location: location.clone(),
-                    endpoint: args.blob_endpoint.clone(),
-                    in_flight: args.blobs_in_flight.max(1),
-                }),
-                None => Content::Column {
-                    name: "content".into(),
-                },
-            },
-        ),
+        },
+        None => args.hub.source()?.expect("checked by the caller"),
+    };
+    let Source::Hub { content, .. } = &source else {
+        unreachable!("a Hub source")
     };
     let blobs = matches!(content, Content::Blobs(_));
-    let mut config = CorpusConfig::new(vec![Source::Hub { dataset, content }]);
+    let mut config = CorpusConfig::new(vec![source.clone()]);
     config.shuffle_buffer = args.shuffle_buffer;
     config.heldout_per_mille = 0;
     let traffic_before = somatrain_hub::traffic();
@@ -336,7 +312,7 @@ fn bench_corpus_hub(args: CorpusBenchArgs) -> Result<()> {
         "source": if args.hub_fake { "fake Hub and bucket on loopback" } else { "the Hub" },
         "blob_id": blobs,
         "latency_ms_added": if args.hub_fake { args.latency_ms } else { 0 },
-        "blobs_in_flight": args.blobs_in_flight,
+        "blobs_in_flight": args.hub.blobs_in_flight,
         "text_bytes": text,
         "sequences": sequences,
         "seconds": secs,
@@ -353,7 +329,10 @@ fn bench_corpus_hub(args: CorpusBenchArgs) -> Result<()> {
 
 fn bench_corpus(args: CorpusBenchArgs) -> Result<()> {
     use somatrain_train::corpus::{CorpusConfig, Position, Source, TrainStream};
-    if args.hub_fake || args.hf_dataset.is_some() {
+    if args.jsonl.is_some() && args.hub.hf_dataset.is_some() {
+        bail!("give --jsonl or --hf-dataset, not both");
+    }
+    if args.hub_fake || args.hub.hf_dataset.is_some() {
         return bench_corpus_hub(args);
     }
     let scratch = tempfile::tempdir()?;

@@ -102,11 +102,14 @@ pub struct SubmitArgs {
     /// Score and report without uploading or submitting.
     #[arg(long)]
     dry_run: bool,
-    /// Scan a corpus for hits against every open target.
-    #[arg(long, requires = "corpus")]
-    auto: bool,
+    /// Scan a corpus (--corpus DIR or --hf-dataset) for hits against every open target.
     #[arg(long)]
+    auto: bool,
+    #[arg(long, conflicts_with = "hf_dataset")]
     corpus: Option<PathBuf>,
+    /// A Hub dataset as the corpus (training split's documents, in order).
+    #[command(flatten)]
+    hub: super::train::HubArgs,
     /// Size of the pieces the corpus is cut into (at most 1 MiB).
     #[arg(long, default_value_t = 64 * 1024)]
     chunk_bytes: usize,
@@ -205,12 +208,44 @@ pub fn run_submit(args: SubmitArgs) -> Result<()> {
     })
 }
 
+/// The first `max_chunks` pieces of `chunk_bytes` of a Hub dataset's training documents, read
+/// in order (the corpus stream's unshuffled sample).
+fn hub_chunks(
+    source: somatrain_train::corpus::Source,
+    chunk_bytes: usize,
+    max_chunks: usize,
+) -> Result<Vec<somatrain_submit::Chunk>> {
+    use somatrain_train::corpus::{CorpusConfig, Split, sample};
+    let name = match &source {
+        somatrain_train::corpus::Source::Hub { dataset, .. } => format!("hf://{}", dataset.repo),
+        _ => "corpus".to_string(),
+    };
+    let config = CorpusConfig {
+        heldout_per_mille: 0,
+        ..CorpusConfig::new(vec![source])
+    };
+    let (bytes, stats) = sample(
+        &config,
+        Split::Train,
+        chunk_bytes.saturating_mul(max_chunks),
+    )?;
+    tracing::info!("{name}: {} bytes read ({stats})", bytes.len());
+    Ok(bytes
+        .chunks(chunk_bytes.max(1))
+        .enumerate()
+        .map(|(i, piece)| somatrain_submit::Chunk {
+            source: PathBuf::from(&name),
+            offset: (i * chunk_bytes) as u64,
+            data: piece.to_vec(),
+        })
+        .collect())
+}
+
 async fn submit_auto(
     args: &SubmitArgs,
     client: &ChainClient,
     cache: &mut ModelCache,
 ) -> Result<()> {
-    let corpus = args.corpus.as_ref().expect("clap requires --corpus");
     let epoch = client.epoch_view().await?;
     let max = epoch.params.max_submission_data_size.min(usize::MAX as u64) as usize;
     if args.chunk_bytes == 0 || args.chunk_bytes > max {
@@ -227,7 +262,17 @@ async fn submit_auto(
         .collect();
     models.sort();
     models.dedup();
-    let chunks = corpus_chunks(corpus, args.chunk_bytes, args.max_chunks)?;
+    let chunks = match (&args.corpus, args.hub.source()?) {
+        (Some(corpus), _) => corpus_chunks(corpus, args.chunk_bytes, args.max_chunks)?,
+        (None, Some(source)) => {
+            let (chunk_bytes, max_chunks) = (args.chunk_bytes, args.max_chunks);
+            tokio::task::spawn_blocking(move || hub_chunks(source, chunk_bytes, max_chunks))
+                .await??
+        }
+        (None, None) => {
+            bail!("--auto scans a corpus: give --corpus DIR or --hf-dataset OWNER/NAME")
+        }
+    };
     tracing::info!(
         "{} chunks against {} open targets and {} models",
         chunks.len(),

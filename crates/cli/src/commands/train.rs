@@ -58,33 +58,11 @@ pub struct TrainingOptions {
     /// .parquet file under it.
     #[arg(long)]
     parquet: Vec<PathBuf>,
-    /// Column of each Parquet row (local or on the Hub) that holds the text.
+    /// Column of each Parquet row that holds the text.
     #[arg(long, default_value = "content")]
     parquet_column: String,
-    /// A dataset on the Hugging Face Hub (OWNER/NAME), streamed: its Parquet files are read by
-    /// HTTP range requests, row group by row group. HF_TOKEN for gated datasets, HF_ENDPOINT
-    /// for a mirror.
-    #[arg(long, value_name = "OWNER/NAME")]
-    hf_dataset: Option<String>,
-    /// The dataset's config (its card's config_name; default: the card's default).
-    #[arg(long, requires = "hf_dataset")]
-    hf_config: Option<String>,
-    #[arg(long, default_value = "train", requires = "hf_dataset")]
-    hf_split: String,
-    /// A branch, tag or commit; a branch is pinned to its commit when training starts.
-    #[arg(long, default_value = "main", requires = "hf_dataset")]
-    hf_revision: String,
-    /// Rows name their file by blob_id (and src_encoding), as The Stack v2 does: fetch each
-    /// from this bucket, gzip-compressed, without credentials, e.g.
-    /// s3://softwareheritage/content.
-    #[arg(long, value_name = "s3://BUCKET/PREFIX", requires = "hf_dataset")]
-    content_from_blob_id: Option<String>,
-    /// An S3 endpoint for --content-from-blob-id instead of AWS's (a mirror or a local server).
-    #[arg(long, requires = "content_from_blob_id")]
-    blob_endpoint: Option<String>,
-    /// Blob fetches in flight.
-    #[arg(long, default_value_t = 32)]
-    blobs_in_flight: usize,
+    #[command(flatten)]
+    hub: HubArgs,
     /// A file listing document paths, one per line (repeatable).
     #[arg(long = "file-list")]
     file_lists: Vec<PathBuf>,
@@ -152,6 +130,72 @@ pub struct TrainingOptions {
     embedding_data: Vec<PathBuf>,
 }
 
+/// A dataset on the Hugging Face Hub as a corpus source (`train`, `run`, `submit --auto`,
+/// `bench corpus`).
+#[derive(Args, Clone)]
+pub struct HubArgs {
+    /// A dataset on the Hugging Face Hub (OWNER/NAME), streamed: its Parquet files are read by
+    /// HTTP range requests, row group by row group. HF_TOKEN for gated datasets, HF_ENDPOINT
+    /// for a mirror.
+    #[arg(long, value_name = "OWNER/NAME")]
+    pub hf_dataset: Option<String>,
+    /// The dataset's config (its card's config_name; default: the card's default).
+    #[arg(long, requires = "hf_dataset")]
+    pub hf_config: Option<String>,
+    #[arg(long, default_value = "train")]
+    pub hf_split: String,
+    /// A branch, tag or commit; a branch is pinned to its commit when the dataset is listed.
+    #[arg(long, default_value = "main")]
+    pub hf_revision: String,
+    /// Column of each row that holds the text (without --content-from-blob-id).
+    #[arg(long, default_value = "content")]
+    pub hf_column: String,
+    /// Rows name their file by blob_id (and src_encoding), as The Stack v2 does: fetch each
+    /// from this bucket, gzip-compressed, without credentials, e.g.
+    /// s3://softwareheritage/content.
+    #[arg(long, value_name = "s3://BUCKET/PREFIX", requires = "hf_dataset")]
+    pub content_from_blob_id: Option<String>,
+    /// An S3 endpoint for --content-from-blob-id instead of AWS's (a mirror or a local server).
+    #[arg(long, requires = "content_from_blob_id")]
+    pub blob_endpoint: Option<String>,
+    /// Blob fetches in flight.
+    #[arg(long, default_value_t = 32)]
+    pub blobs_in_flight: usize,
+}
+
+impl HubArgs {
+    /// The Hub source these flags name, if any (the blob location checked).
+    pub fn source(&self) -> Result<Option<Source>> {
+        let Some(repo) = &self.hf_dataset else {
+            return Ok(None);
+        };
+        let content = match &self.content_from_blob_id {
+            Some(location) => {
+                let blobs = somatrain_hub::BlobSource {
+                    location: location.clone(),
+                    endpoint: self.blob_endpoint.clone(),
+                    in_flight: self.blobs_in_flight.max(1),
+                };
+                blobs.base_url()?;
+                somatrain_hub::Content::Blobs(blobs)
+            }
+            None => somatrain_hub::Content::Column {
+                name: self.hf_column.clone(),
+            },
+        };
+        Ok(Some(Source::Hub {
+            dataset: somatrain_hub::DatasetRef {
+                repo: repo.clone(),
+                config: self.hf_config.clone(),
+                split: self.hf_split.clone(),
+                revision: self.hf_revision.clone(),
+                endpoint: None,
+            },
+            content,
+        }))
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ScheduleArg {
     Constant,
@@ -190,32 +234,7 @@ impl TrainingOptions {
             path: p.clone(),
             column: args.parquet_column.clone(),
         }));
-        if let Some(repo) = &args.hf_dataset {
-            let content = match &args.content_from_blob_id {
-                Some(location) => {
-                    let blobs = somatrain_hub::BlobSource {
-                        location: location.clone(),
-                        endpoint: args.blob_endpoint.clone(),
-                        in_flight: args.blobs_in_flight.max(1),
-                    };
-                    blobs.base_url()?;
-                    somatrain_hub::Content::Blobs(blobs)
-                }
-                None => somatrain_hub::Content::Column {
-                    name: args.parquet_column.clone(),
-                },
-            };
-            sources.push(Source::Hub {
-                dataset: somatrain_hub::DatasetRef {
-                    repo: repo.clone(),
-                    config: args.hf_config.clone(),
-                    split: args.hf_split.clone(),
-                    revision: args.hf_revision.clone(),
-                    endpoint: None,
-                },
-                content,
-            });
-        }
+        sources.extend(args.hub.source()?);
         if sources.is_empty() {
             bail!(
                 "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE, --file-list FILE \
