@@ -247,27 +247,6 @@ fn missing_inputs_give_clear_errors() {
 }
 
 #[test]
-fn cuda_without_support_is_a_clear_error() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
-    let dir = case_dir("tiny_1b");
-    let out = somatrain(&[
-        "score",
-        "--weights",
-        path(&dir.join("weights.safetensors")),
-        "--data",
-        path(&dir.join("data.bin")),
-        "--num-heads",
-        "4",
-        "--device",
-        "cuda",
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
-}
-
-#[test]
 fn eval_and_embed_agree_with_the_scorer() {
     let dir = case_dir("small_40kb");
     let e = expected("small_40kb");

@@ -146,48 +146,6 @@ fn killed_and_resumed_run_is_bit_identical() {
     assert_eq!(losses(&clean_history), losses(&killed_history));
 }
 
-/// `train --device cuda`: without the `cuda` feature a clear error; with it, two steps on the
-/// GPU (burn autodiff, dropout, bf16 products), or a clear error where no driver is installed.
-#[test]
-fn cuda_training_runs_or_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = common::bin()
-        .args([
-            "train",
-            "--run-dir",
-            dir.path().to_str().unwrap(),
-            "--preset",
-            "tiny",
-        ])
-        .args([
-            "--corpus-dir",
-            corpus().to_str().unwrap(),
-            "--seq-len",
-            "64",
-        ])
-        .args(["--micro-batch", "2", "--accumulation", "1", "--steps", "2"])
-        .args([
-            "--dropout",
-            "0.1",
-            "--heldout-bytes",
-            "1024",
-            "--device",
-            "cuda",
-            "--bf16",
-        ])
-        .output_within(COMMAND_DEADLINE)
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !cfg!(feature = "cuda") {
-        assert!(!out.status.success());
-        assert!(stderr.contains("--features cuda"), "{stderr}");
-    } else if !out.status.success() {
-        assert!(stderr.contains("no usable CUDA device"), "{stderr}");
-    } else {
-        assert!(dir.path().join("round/weights.safetensors").exists());
-    }
-}
-
 /// Every file under `root`, by its path relative to `root`, with its bytes.
 fn snapshot(root: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut files = std::collections::BTreeMap::new();

@@ -367,7 +367,7 @@ pub enum Until {
 }
 
 /// Computes one micro-batch's training loss and adds its gradient into `grads`: the CPU's
-/// hand-written backward ([`TrainPass`]), or autodiff on a device (`somatrain-burn`). An engine
+/// hand-written backward ([`TrainPass`]), or autograd on a device (`somatrain-torch`). An engine
 /// may hold gradients back (summed on its device) until [`GradientEngine::flush_gradients`]:
 /// callers flush before they read `grads`.
 pub trait GradientEngine {

@@ -127,9 +127,9 @@ pub struct TrainBenchArgs {
     /// Dropout rate, as in the reference trainer.
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
-    /// cpu: the hand-written kernels; cuda or wgpu: burn's autodiff and AdamW on the device
-    /// (build with --features cuda or wgpu).
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// cpu: the hand-written kernels; cuda, cuda:N or torch-cpu: libtorch's autograd and AdamW
+    /// on the device (a build with --features torch).
+    #[arg(long, default_value = "cpu")]
     device: Device,
     /// Mixed precision (bf16 products, f32 masters) on a device with bf16 products.
     #[arg(long)]
@@ -150,7 +150,7 @@ pub struct ScoreBenchArgs {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, default_value = "cpu")]
     device: Device,
 }
 

@@ -21,25 +21,54 @@ use somatrain_model::Weights;
 use somatrain_model::cpu::CpuModel;
 use somatrain_model::score::BatchScorer;
 
-/// Where the model runs. CUDA needs a build with `--features cuda` and a driver; wgpu (burn's
-/// WebGPU backend: Vulkan, Metal, or a software Vulkan driver) a build with `--features wgpu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Where the model runs: `cpu` (the hand-written kernels, the default and the test oracle),
+/// or through libtorch (a build with `--features torch`): `cuda`, `cuda:N`, or `torch-cpu`
+/// (libtorch's CPU device: the GPU path's code where there is no GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    Cuda,
-    Wgpu,
+    TorchCpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "torch-cpu" => Ok(Device::TorchCpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(index)) => Ok(Device::Cuda(index)),
+                _ => Err(format!(
+                    "'{other}' is not a device: cpu, torch-cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::TorchCpu => write!(f, "torch-cpu"),
+            Device::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
 }
 
 /// A scorer for `weights` on `device`.
 pub fn scorer_for(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
     match device {
         Device::Cpu => Ok(Box::new(CpuModel::new(weights))),
-        other => burn_path::scorer(other, weights),
+        other => torch_path::scorer(other, weights),
     }
 }
 
 /// The matrix-multiply peak a bench on `device` is measured against: this CPU's f32 `gemm`
-/// rate, or the device's own (bf16 when `bf16`).
+/// rate, or the device's own through libtorch (bf16 when `bf16`).
 pub fn matmul_peak_for(device: Device, bf16: bool) -> Result<f64> {
     let (peak, what) = match device {
         Device::Cpu => (
@@ -47,9 +76,9 @@ pub fn matmul_peak_for(device: Device, bf16: bool) -> Result<f64> {
             "f32 matmul peak (gemm, 1536^3)".to_string(),
         ),
         other => (
-            burn_path::matmul_peak(other, bf16)?,
+            torch_path::matmul_peak(other, bf16)?,
             format!(
-                "{} matmul peak ({other:?}, square products)",
+                "{} matmul peak ({other}, libtorch square products)",
                 if bf16 { "bf16" } else { "f32" }
             ),
         ),
@@ -58,66 +87,69 @@ pub fn matmul_peak_for(device: Device, bf16: bool) -> Result<f64> {
     Ok(peak)
 }
 
-/// Whether `device` multiplies in bf16.
+/// Whether `device` multiplies in bf16 (the hand-written CPU kernels do not).
 pub fn device_supports_bf16(device: Device) -> Result<bool> {
     match device {
         Device::Cpu => Ok(false),
-        other => burn_path::supports_bf16(other),
+        other => torch_path::supports_bf16(other),
     }
 }
 
-/// Training gradients through burn's autodiff on `device` (not the CPU, which has its own
+/// Training gradients through libtorch's autograd on `device` (not `cpu`, which has its own
 /// hand-written backward).
 pub fn device_gradient_engine(
     device: Device,
     bf16: bool,
 ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    burn_path::engine(device, bf16)
+    torch_path::engine(device, bf16)
 }
 
-/// The devices burn runs: CUDA and wgpu, each behind its feature.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod burn_path {
+/// The libtorch devices, behind the `torch` feature.
+#[cfg(feature = "torch")]
+mod torch_path {
     use anyhow::{Result, bail};
-    use somatrain_burn::{BurnDevice, BurnModel, open_device};
     use somatrain_model::Weights;
     use somatrain_model::score::BatchScorer;
+    use somatrain_torch::{TorchDevice, TorchModel};
 
     use super::Device;
 
-    fn open(device: Device) -> Result<somatrain_burn::Device> {
+    fn open(device: Device) -> Result<tch_device::Device> {
         let which = match device {
-            Device::Cuda => BurnDevice::Cuda(0),
-            Device::Wgpu => BurnDevice::Wgpu,
-            Device::Cpu => bail!("the CPU path does not run on burn"),
+            Device::TorchCpu => TorchDevice::Cpu,
+            Device::Cuda(index) => TorchDevice::Cuda(index),
+            Device::Cpu => bail!("the hand-written CPU path does not run on libtorch"),
         };
-        let opened = open_device(which)?;
-        tracing::info!("running on {which:?}");
+        let opened = somatrain_torch::open(which)?;
+        tracing::info!("running on libtorch's {which:?} device");
         Ok(opened)
     }
 
-    pub fn scorer(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
-        Ok(Box::new(BurnModel::new(&weights, open(device)?)))
+    mod tch_device {
+        pub type Device = somatrain_torch::LibtorchDevice;
     }
 
-    /// The device's matrix-multiply rate (GFLOP/s), bf16 or f32 operands.
+    pub fn scorer(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
+        Ok(Box::new(TorchModel::new(&weights, open(device)?)))
+    }
+
     pub fn matmul_peak(device: Device, bf16: bool) -> Result<f64> {
-        Ok(somatrain_burn::matmul_peak_gflops(&open(device)?, bf16)?)
+        Ok(somatrain_torch::matmul_peak_gflops(open(device)?, bf16))
     }
 
     pub fn supports_bf16(device: Device) -> Result<bool> {
-        Ok(somatrain_burn::supports_bf16(&open(device)?))
+        Ok(somatrain_torch::supports_bf16(open(device)?))
     }
 
     pub fn engine(device: Device, bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-        let engine = somatrain_burn::train::BurnEngine::new(open(device)?);
-        tracing::info!("training with burn autodiff (bf16 products: {bf16})");
-        Ok(Box::new(engine.with_bf16_matmuls(bf16)?))
+        let engine = somatrain_torch::train::TorchEngine::new(open(device)?);
+        tracing::info!("training with libtorch autograd (bf16 products: {bf16})");
+        Ok(Box::new(engine.with_bf16(bf16)?))
     }
 }
 
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-mod burn_path {
+#[cfg(not(feature = "torch"))]
+mod torch_path {
     use anyhow::Result;
     use somatrain_model::Weights;
     use somatrain_model::score::BatchScorer;
@@ -125,12 +157,10 @@ mod burn_path {
     use super::Device;
 
     fn missing(device: Device) -> anyhow::Error {
-        let (name, feature) = match device {
-            Device::Wgpu => ("wgpu", "wgpu"),
-            _ => ("CUDA", "cuda"),
-        };
         anyhow::anyhow!(
-            "this somatrain was built without {name} support; rebuild with `cargo build --release --features {feature}`"
+            "--device {device} runs through libtorch, and this somatrain was built without it; \
+             rebuild with `eval \"$(scripts/setup-torch)\" && cargo build --release --features \
+             torch` (README: Devices)"
         )
     }
 

@@ -384,11 +384,11 @@ pub struct RunArgs {
     /// Serve the same on a second address too (e.g. 127.0.0.1:9184 for a Prometheus scraper).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// Where rounds train: cpu, or cuda / wgpu (burn autodiff and AdamW on the device; build with
-    /// --features cuda or wgpu).
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where rounds train: cpu, or through libtorch (autograd and AdamW on the device; a build
+    /// with --features torch): cuda, cuda:N or torch-cpu.
+    #[arg(long, default_value = "cpu")]
     device: super::Device,
-    /// Mixed precision on CUDA: bf16 products, f32 master weights.
+    /// Mixed precision on a libtorch device: bf16 products, f32 master weights.
     #[arg(long)]
     bf16: bool,
 }
@@ -397,7 +397,7 @@ pub fn run_loop(args: RunArgs) -> Result<()> {
     let settings = args.training.settings()?;
     let engine = match args.device {
         super::Device::Cpu if args.bf16 => {
-            bail!("--bf16 (mixed precision) needs a GPU device (--device cuda or wgpu)")
+            bail!("--bf16 (mixed precision) needs a libtorch device (--device cuda or torch-cpu)")
         }
         super::Device::Cpu => EngineFactory::cpu(),
         device => {

@@ -44,7 +44,7 @@ pub struct ScoreArgs {
     /// A JSON array of floats: print the cosine distance of the winner's embedding to it.
     #[arg(long, value_name = "EMBEDDING.json")]
     distance_to: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, default_value = "cpu")]
     device: Device,
     /// Print one JSON object instead of a table.
     #[arg(long)]

@@ -28,9 +28,11 @@ pub struct TrainArgs {
     /// Train until this many optimizer steps are done in total.
     #[arg(long)]
     until_step: Option<u64>,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// cpu (the hand-written kernels), or through libtorch (a build with --features torch):
+    /// cuda, cuda:N or torch-cpu.
+    #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Matrix products in bf16 with f32 master weights (mixed precision; a GPU device with bf16).
+    /// Matrix products in bf16 with f32 master weights (mixed precision; a libtorch device).
     #[arg(long)]
     bf16: bool,
     /// Print the run summary as JSON.
@@ -292,7 +294,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu if args.bf16 => {
             bail!(
-                "--bf16 (mixed precision) needs a GPU device (--device cuda or wgpu); the CPU path trains in f32"
+                "--bf16 (mixed precision) needs a libtorch device (--device cuda or torch-cpu); the CPU path trains in f32"
             )
         }
         Device::Cpu => Box::new(somatrain_model::cpu::train::TrainPass::new()),

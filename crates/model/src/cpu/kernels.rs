@@ -444,8 +444,8 @@ pub struct AttentionRecord<'a> {
 ///
 /// The hash uses only what a device computes exactly with integer tensor ops on `u32`:
 /// xor, logical right shifts, wrapping additions, and wrapping products by constants below
-/// 2^31 (a backend that widens `u32` to `i64` for a product cannot overflow). The GPU path
-/// (`somatrain-burn`) draws the same bits on the device from [`Dropout::HASH_STEPS`].
+/// 2^31 (a backend that widens `u32` to `i64` for a product cannot overflow). The libtorch path
+/// (`somatrain-torch`) draws its own masks with libtorch's generator instead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     pub rate: f32,

@@ -1,25 +1,26 @@
-//! The burn forward pass matches every canonical scoring case, and the hand-written CPU path on
-//! random weights of each small preset: on the flex CPU backend, or on the device named by
-//! `SOMATRAIN_BURN_DEVICE` (see `common`).
+//! The libtorch forward pass matches every canonical scoring case, and the hand-written CPU
+//! kernels on random weights of each small preset: on libtorch's CPU device, or the device named
+//! by `SOMATRAIN_TORCH_DEVICE`.
 
 use std::path::PathBuf;
 
-use somatrain_burn::{BurnDevice, BurnModel, open_device};
 use somatrain_model::cpu::CpuModel;
 use somatrain_model::io::{LoadOptions, load_file};
 use somatrain_model::score::{ScoreOptions, score_data};
 use somatrain_model::{Preset, Weights};
+use somatrain_torch::TorchModel;
 
 mod common;
 
 #[test]
-fn burn_device_matches_every_case() {
+fn libtorch_matches_every_case() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/scoring");
     let index = std::fs::read_to_string(dir.join("index.json"))
         .unwrap_or_else(|e| panic!("conformance index in {} is required: {e}", dir.display()));
     let names: Vec<String> = serde_json::from_str(&index).unwrap();
     assert!(!names.is_empty());
     let device = common::device();
+    let (mut worst_loss, mut worst_embedding) = (0f32, 0f32);
     for name in names {
         let case = dir.join(&name);
         let e: serde_json::Value =
@@ -40,14 +41,11 @@ fn burn_device_matches_every_case() {
             seed: e["seed"].as_u64().unwrap(),
         };
         let data = std::fs::read(case.join("data.bin")).unwrap();
-        let mut model = BurnModel::new(&weights, device.clone());
+        let mut model = TorchModel::new(&weights, device);
         let score = score_data(&mut model, &data, options, &mut |_, _| {}).unwrap();
         let expected = e["loss"].as_f64().unwrap() as f32;
         let rel = ((score.loss - expected) / expected).abs();
-        eprintln!(
-            "{name}: loss {} expected {expected} rel {rel:e}",
-            score.loss
-        );
+        worst_loss = worst_loss.max(rel);
         assert!(rel <= 1e-5, "{name}: loss {} vs {expected}", score.loss);
         for (i, (a, b)) in score
             .embedding
@@ -56,13 +54,15 @@ fn burn_device_matches_every_case() {
             .enumerate()
         {
             let b = b.as_f64().unwrap() as f32;
+            worst_embedding = worst_embedding.max((a - b).abs());
             assert!((a - b).abs() <= 1e-5, "{name}: embedding[{i}] {a} vs {b}");
         }
     }
+    eprintln!("worst loss error {worst_loss:e} (relative), embedding {worst_embedding:e}");
 }
 
 #[test]
-fn burn_device_matches_cpu_kernels_on_random_weights() {
+fn libtorch_matches_the_cpu_kernels_on_random_weights() {
     let device = common::device();
     let data: Vec<u8> = (0..2500u32).map(|i| (i * 131 % 251) as u8).collect();
     let options = ScoreOptions {
@@ -72,45 +72,21 @@ fn burn_device_matches_cpu_kernels_on_random_weights() {
     };
     for preset in [Preset::Tiny, Preset::Small] {
         let weights = Weights::init(preset.config(), 21);
-        let mut burn = BurnModel::new(&weights, device.clone());
+        let mut torch = TorchModel::new(&weights, device);
         let mut cpu = CpuModel::new(weights);
-        let a = score_data(&mut burn, &data, options, &mut |_, _| {}).unwrap();
+        let a = score_data(&mut torch, &data, options, &mut |_, _| {}).unwrap();
         let b = score_data(&mut cpu, &data, options, &mut |_, _| {}).unwrap();
         assert!(
             ((a.loss - b.loss) / b.loss).abs() < 1e-5,
-            "{preset}: {} vs {}",
+            "{preset:?}: {} vs {}",
             a.loss,
             b.loss
         );
-        for (x, y) in a.embedding.iter().zip(&b.embedding) {
-            assert!((x - y).abs() < 1e-5, "{preset}: embedding {x} vs {y}");
-        }
-    }
-}
-
-/// Where a GPU and the `cuda` feature exist, the GPU path scores like the CPU path (within the
-/// TF32-level tolerance GPU matmuls allow); elsewhere, asking for CUDA is a clear error.
-#[test]
-fn cuda_scores_like_cpu_or_is_a_clear_error() {
-    match open_device(BurnDevice::Cuda(0)) {
-        Ok(device) => {
-            let weights = Weights::init(Preset::Small.config(), 5);
-            let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 256) as u8).collect();
-            let options = ScoreOptions::default();
-            let mut gpu = BurnModel::new(&weights, device);
-            let mut cpu = CpuModel::new(weights);
-            let a = score_data(&mut gpu, &data, options, &mut |_, _| {}).unwrap();
-            let b = score_data(&mut cpu, &data, options, &mut |_, _| {}).unwrap();
-            assert!(
-                ((a.loss - b.loss) / b.loss).abs() < 1e-3,
-                "cuda {} vs cpu {}",
-                a.loss,
-                b.loss
-            );
-        }
-        Err(e) => {
-            let text = e.to_string();
-            assert!(text.contains("CUDA"), "{text}");
-        }
+        let drift = a
+            .embedding
+            .iter()
+            .zip(&b.embedding)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(drift < 1e-5, "{preset:?}: embeddings differ by {drift}");
     }
 }

@@ -1,0 +1,184 @@
+//! The libtorch devices through the binary. Without the `torch` feature every libtorch device
+//! is a clear error naming the build; with it (`scripts/test` runs this file again with
+//! `--features torch`), `torch-cpu` scores a conformance case as the network does and trains,
+//! resumes with the CPU trainer, and `cuda` trains or says why it cannot.
+
+mod common;
+use common::{COMMAND_DEADLINE, OutputWithin, TINY_SHAPE};
+use std::path::PathBuf;
+
+fn case(name: &str) -> (PathBuf, serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/conformance/scoring")
+        .join(name);
+    let expected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (dir, expected)
+}
+
+fn score(device: &str) -> std::process::Output {
+    let (dir, e) = case("small_40kb");
+    common::bin()
+        .args(["score", "--json", "--device", device, "--weights"])
+        .arg(dir.join("weights.safetensors"))
+        .arg("--data")
+        .arg(dir.join("data.bin"))
+        .args(["--num-heads", &e["config"]["num_heads"].to_string()])
+        .args(["--max-seq-len", &e["max_seq_len"].to_string()])
+        .args(["--batch-size", &e["batch_size"].to_string()])
+        .args(["--seed", &e["seed"].to_string()])
+        .output_within(COMMAND_DEADLINE)
+        .unwrap()
+}
+
+fn train(run: &std::path::Path, device: &str, extra: &[&str]) -> std::process::Output {
+    common::bin()
+        .args(["train", "--run-dir", run.to_str().unwrap()])
+        .args(["--corpus-dir", common::sources().to_str().unwrap()])
+        .args(TINY_SHAPE)
+        .args(["--heldout-bytes", "1024", "--dropout", "0.1"])
+        .args(["--device", device])
+        .args(extra)
+        .output_within(COMMAND_DEADLINE)
+        .unwrap()
+}
+
+#[test]
+fn libtorch_devices_score_and_train_or_name_the_build_they_need() {
+    if !cfg!(feature = "torch") {
+        for device in ["torch-cpu", "cuda", "cuda:1"] {
+            let out = score(device);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains("--features torch") && stderr.contains(device),
+                "{stderr}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = train(&dir.path().join("run"), "cuda", &["--steps", "1"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features torch"));
+        let bad = score("gpu");
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("cpu, torch-cpu, cuda or cuda:N"));
+        return;
+    }
+    // libtorch's CPU device: the network's loss and embedding for a conformance case.
+    let out = score("torch-cpu");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, e) = case("small_40kb");
+    let (loss, expected) = (
+        got["models"][0]["loss"].as_f64().unwrap(),
+        e["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((loss - expected) / expected).abs() <= 1e-5,
+        "{loss} vs {expected}"
+    );
+
+    // Two steps with bf16 products on libtorch, then one more on the CPU trainer from its
+    // checkpoint: one history line per step, the step count carried over.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = train(&run, "torch-cpu", &["--steps", "2", "--bf16"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = train(&run, "cpu", &["--until-step", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = std::fs::read_to_string(run.join("history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 3, "{history}");
+
+    // CUDA: trains where a GPU and its libraries are, else says what is missing.
+    let gpu = dir.path().join("gpu");
+    let out = train(&gpu, "cuda", &["--steps", "1", "--bf16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert!(gpu.join("round/weights.safetensors").exists());
+    } else {
+        assert!(stderr.contains("no usable CUDA device"), "{stderr}");
+        assert!(stderr.contains("LD_LIBRARY_PATH"), "{stderr}");
+    }
+}
+
+/// On libtorch's CPU device with dropout, a run SIGKILLed mid-run (kill points spread over the
+/// run, several while a checkpoint pauses half-written) and restarted ends bit-identical to one
+/// that was never killed: libtorch's masks are reseeded per micro-batch, so nothing about them
+/// needs saving.
+#[test]
+fn a_killed_libtorch_run_resumes_bit_identical() {
+    if !cfg!(feature = "torch") {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &std::path::Path, pause_ms: u64| {
+        let mut command = common::bin();
+        command
+            .args(["train", "--run-dir", dir.to_str().unwrap()])
+            .args(["--corpus-dir", common::sources().to_str().unwrap()])
+            .args(TINY_SHAPE)
+            .args([
+                "--heldout-bytes",
+                "1024",
+                "--dropout",
+                "0.1",
+                "--lr",
+                "3e-3",
+            ])
+            .args(["--device", "torch-cpu", "--until-step", "12"])
+            .env("SOMATRAIN_CHECKPOINT_PAUSE_MS", pause_ms.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command
+    };
+    let clean = tmp.path().join("clean");
+    let start = Instant::now();
+    assert!(run(&clean, 50).status().unwrap().success());
+    let clean_ms = start.elapsed().as_millis() as u64;
+    let killed = tmp.path().join("killed");
+    let mut kills = 0;
+    // Each restart resumes from its last checkpoint, so what is left shrinks: later kill points
+    // come sooner.
+    for percent in [30u64, 20, 15, 12, 10, 8] {
+        let mut child = run(&killed, 50).spawn().unwrap();
+        let started = Instant::now();
+        let deadline = Duration::from_millis(clean_ms * percent / 100);
+        let mut finished = false;
+        while started.elapsed() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                finished = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if finished {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(run(&killed, 0).status().unwrap().success());
+    assert!(kills >= 2, "only {kills} kills landed");
+    for file in [
+        "round/weights.safetensors",
+        "checkpoints/step-0000000012/optimizer.safetensors",
+    ] {
+        assert!(
+            std::fs::read(clean.join(file)).unwrap() == std::fs::read(killed.join(file)).unwrap(),
+            "{file} differs after {kills} kills"
+        );
+    }
+}

@@ -1,0 +1,405 @@
+//! Training through libtorch: the network's loss computed on the device (PAD-inclusive
+//! cross-entropy plus SIGReg over the step's random unit projections), gradients by autograd,
+//! summed on the device across the step's micro-batches, and AdamW there ([`TorchEngine`]).
+//!
+//! Per micro-batch only the batch goes up (tokens, targets, positions) and one tensor of three
+//! loss scalars comes back; the weights and moments come back only for a checkpoint or a
+//! round's artifacts ([`GradientEngine::sync_to_host`]). Dropout is libtorch's, its generator
+//! seeded from the micro-batch's key (seed, step, micro-batch): a resumed run draws the same
+//! masks on the same device without any generator state in the checkpoint.
+
+use somatrain_data::{Batch, PAD};
+use somatrain_model::Weights;
+use somatrain_model::config::SIGREG_SLICES;
+use somatrain_model::cpu::train::TrainOptions;
+use somatrain_model::loss::SigRegGrid;
+use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
+use somatrain_train::optim::{AdamState, OptimConfig, StepStats};
+use somatrain_train::trainer::{TransferStats, first_nonfinite};
+use somatrain_train::{GradientEngine, TrainError};
+use tch::{Kind, Tensor};
+
+use crate::{DeviceBatch, Dropout, TorchModel, download, panic_message, upload};
+
+/// Held while a micro-batch draws its dropout masks from libtorch's global generator.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A [`GradientEngine`] on a libtorch device.
+pub struct TorchEngine {
+    device: tch::Device,
+    bf16: bool,
+    /// The model, and the host weights' version it was loaded from while the host still owns
+    /// the weights (`u64::MAX` once the device does).
+    loaded: Option<(u64, TorchModel)>,
+    /// Adam's moments, in [`Weights::tensors`] order, once the device owns them.
+    moments: Option<Vec<(Tensor, Tensor)>>,
+    /// Whether the parameters hold gradients not yet used by an optimizer step.
+    pending_gradients: bool,
+    /// The last SIGReg projection matrix uploaded (the trainer uses one per step).
+    noise: Option<(Vec<f32>, Tensor)>,
+    /// The sum of every weight after the last step: read back as the finiteness check.
+    finite_sum: Option<Tensor>,
+    /// What crossed between host and device, and the time it took.
+    traffic: TransferStats,
+}
+
+impl TorchEngine {
+    pub fn new(device: tch::Device) -> Self {
+        TorchEngine {
+            device,
+            bf16: false,
+            loaded: None,
+            moments: None,
+            pending_gradients: false,
+            noise: None,
+            finite_sum: None,
+            traffic: TransferStats::default(),
+        }
+    }
+
+    /// Times an upload of `bytes` bytes.
+    fn uploaded<T>(&mut self, bytes: u64, upload: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let value = upload();
+        self.traffic.host_to_device_bytes += bytes;
+        self.traffic.upload_seconds += start.elapsed().as_secs_f64();
+        value
+    }
+
+    /// Times a read of `bytes` bytes (which waits for the device to finish what it reads).
+    fn read<T>(&mut self, bytes: u64, read: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let value = read();
+        self.traffic.device_to_host_bytes += bytes;
+        self.traffic.read_seconds += start.elapsed().as_secs_f64();
+        value
+    }
+
+    /// Mixed precision: bf16 matrix products and attention, f32 master weights, gradients,
+    /// moments and loss. Refused where the device has no bf16 products.
+    pub fn with_bf16(mut self, on: bool) -> Result<Self, crate::DeviceError> {
+        if on && !crate::supports_bf16(self.device) {
+            return Err(crate::DeviceError::NoBf16);
+        }
+        self.bf16 = on;
+        Ok(self)
+    }
+
+    fn load(&mut self, weights: &Weights, version: u64) {
+        let (device, bf16) = (self.device, self.bf16);
+        let bytes = 4 * weights.config.parameter_count();
+        let mut model = self.uploaded(bytes, || TorchModel::new(weights, device).with_bf16(bf16));
+        for p in model.parameters_mut() {
+            *p = p.set_requires_grad(true);
+        }
+        self.loaded = Some((version, model));
+        self.pending_gradients = false;
+    }
+
+    fn projections(&mut self, noise: &[f32], d: usize) -> Tensor {
+        if let Some((host, device)) = &self.noise
+            && host.as_slice() == noise
+        {
+            return device.shallow_clone();
+        }
+        let on = self.device;
+        let device = self.uploaded(4 * noise.len() as u64, || {
+            upload(noise, &[d as i64, SIGREG_SLICES as i64], on)
+        });
+        self.noise = Some((noise.to_vec(), device.shallow_clone()));
+        device
+    }
+}
+
+/// The network's training loss of one micro-batch on the device: `(loss, ce, sigreg)`.
+fn device_loss(
+    model: &TorchModel,
+    batch: &DeviceBatch,
+    projections: &Tensor,
+    options: &TrainOptions,
+) -> (Tensor, Tensor, Tensor) {
+    let c = model.config();
+    let (rows, d, v) = (
+        batch.batch * batch.seq,
+        c.embedding_dim as i64,
+        c.vocab_size as i64,
+    );
+    let device = model.device();
+    let (reps, logits) = model.forward_uploaded(
+        batch,
+        Some(Dropout {
+            rate: options.dropout as f64,
+        }),
+    );
+    // Cross-entropy: PAD targets count in the mean's denominator but add nothing.
+    let targets = &batch.targets;
+    let keep = targets.ne(PAD as i64).to_kind(Kind::Float);
+    let targets = targets.where_scalarother(&targets.ne(PAD as i64), 0);
+    let log_probs = logits
+        .reshape([rows, v])
+        .log_softmax(1, Kind::Float)
+        .gather(1, &targets.unsqueeze(1), false)
+        .squeeze_dim(1);
+    let ce = -(log_probs * keep).sum(Kind::Float) / rows as f64;
+    // SIGReg on the trapezoid grid (t = 0 adds nothing: cos 0 = phi(0), sin 0 = 0).
+    let grid = SigRegGrid::new();
+    let points = grid.t.len() as i64 - 1;
+    let t = upload(&grid.t[1..], &[1, 1, points], device);
+    let phi = upload(&grid.phi[1..], &[1, points], device);
+    let weight = upload(&grid.weight[1..], &[1, points], device);
+    let proj = reps.reshape([rows, d]).matmul(projections);
+    let angles = proj.reshape([rows, SIGREG_SLICES as i64, 1]) * t;
+    let mean_c = angles.cos().mean_dim(1, false, Kind::Float);
+    let mean_s = angles.sin().mean_dim(1, false, Kind::Float);
+    let gap = mean_c - phi;
+    let stat = (&gap * &gap + &mean_s * &mean_s) * weight;
+    let sigreg = stat.sum(Kind::Float) * (SIGREG_SLICES as f64 / rows as f64);
+    let loss = &ce + &sigreg * options.sigreg_coefficient as f64;
+    (loss, ce, sigreg)
+}
+
+/// The error for a libtorch failure during a micro-batch: out of memory names the micro-batch
+/// and what to lower; anything else is passed on as libtorch said it.
+pub fn device_failure(message: &str, batch: &Batch) -> ScoreError {
+    let lower = message.to_lowercase();
+    if lower.contains("out of memory") {
+        return ScoreError::Backend(format!(
+            "the device ran out of memory in a micro-batch of {} x {} ({}): try a smaller \
+             --micro-batch (and a larger --accumulation to keep the tokens per step)",
+            batch.batch,
+            batch.seq_len,
+            message.lines().next().unwrap_or(message)
+        ));
+    }
+    ScoreError::Backend(format!("libtorch failed during a micro-batch: {message}"))
+}
+
+impl GradientEngine for TorchEngine {
+    fn scorer(&self, weights: &Weights) -> Option<Box<dyn BatchScorer>> {
+        Some(Box::new(
+            TorchModel::new(weights, self.device).with_bf16(false),
+        ))
+    }
+
+    fn start_run(&mut self) {
+        self.loaded = None;
+        self.moments = None;
+        self.pending_gradients = false;
+        self.finite_sum = None;
+    }
+
+    fn loss_and_grad(
+        &mut self,
+        weights: &Weights,
+        version: u64,
+        batch: &Batch,
+        noise: &[f32],
+        options: TrainOptions,
+        // The gradients stay on the device; `optimizer_step` uses them there.
+        _grads: &mut Weights,
+    ) -> Result<BatchOutput, TrainError> {
+        let host_owns = self.moments.is_none();
+        if host_owns && self.loaded.as_ref().is_none_or(|(v, _)| *v != version) {
+            if self.pending_gradients {
+                return Err(TrainError::Settings(
+                    "the weights changed while gradients of the previous ones were held on the \
+                     device (flush_gradients was not called before the optimizer step)"
+                        .into(),
+                ));
+            }
+            self.load(weights, version);
+        }
+        let d = weights.config.embedding_dim;
+        let projections = self.projections(noise, d);
+        let (_, model) = self.loaded.as_ref().expect("just loaded");
+        let start = std::time::Instant::now();
+        let uploaded = model.upload_batch(batch);
+        self.traffic.host_to_device_bytes += uploaded.bytes();
+        self.traffic.upload_seconds += start.elapsed().as_secs_f64();
+        let (_, model) = self.loaded.as_ref().expect("just loaded");
+        let device = self.device;
+        let mut read_seconds = 0.0;
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // libtorch's generator is global: seeded for this micro-batch and held until its
+            // masks are drawn (the backward pass reuses them), so that another engine in the
+            // process cannot draw in between.
+            let (loss, ce, sigreg) = {
+                let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+                tch::manual_seed(options.dropout_key as i64);
+                if let tch::Device::Cuda(_) = device {
+                    tch::Cuda::manual_seed_all(options.dropout_key);
+                }
+                device_loss(model, &uploaded, &projections, &options)
+            };
+            (loss * options.grad_scale as f64).backward();
+            // The loss terms come back in one read, which waits for the micro-batch.
+            let start = std::time::Instant::now();
+            let values = download(&Tensor::stack(&[ce.detach(), sigreg.detach()], 0));
+            read_seconds = start.elapsed().as_secs_f64();
+            values
+        }));
+        self.traffic.device_to_host_bytes += 8;
+        self.traffic.read_seconds += read_seconds;
+        let values = match attempt {
+            Ok(values) => values?,
+            Err(panic) => {
+                return Err(TrainError::Score(device_failure(
+                    &panic_message(panic.as_ref()),
+                    batch,
+                )));
+            }
+        };
+        self.pending_gradients = true;
+        let (ce, sigreg) = (values[0], values[1]);
+        Ok(BatchOutput {
+            loss: ce + options.sigreg_coefficient * sigreg,
+            cross_entropy: ce,
+            sigreg,
+            embedding: Vec::new(),
+        })
+    }
+
+    fn flush_gradients(&mut self, grads: &mut Weights) -> Result<(), TrainError> {
+        if !self.pending_gradients {
+            return Ok(());
+        }
+        let Some((_, model)) = &self.loaded else {
+            return Ok(());
+        };
+        self.traffic.device_to_host_bytes += 4 * grads.config.parameter_count();
+        for (param, (_, dest)) in model.parameters().iter().zip(grads.tensors_mut()) {
+            let grad = download(&param.grad())?;
+            for (d, g) in dest.iter_mut().zip(&grad) {
+                *d += g;
+            }
+            let _ = param.grad().zero_();
+        }
+        self.pending_gradients = false;
+        Ok(())
+    }
+
+    fn optimizer_step(
+        &mut self,
+        config: &OptimConfig,
+        weights: &mut Weights,
+        adam: &mut AdamState,
+        _grads: &mut Weights,
+    ) -> Result<StepStats, TrainError> {
+        if !self.pending_gradients {
+            return Err(TrainError::Settings(
+                "an optimizer step without gradients".into(),
+            ));
+        }
+        let device = self.device;
+        let moments = match self.moments.take() {
+            Some(m) => m,
+            None => {
+                let start = std::time::Instant::now();
+                let (_, model) = self.loaded.as_ref().expect("gradients imply a model");
+                let moments: Vec<(Tensor, Tensor)> = adam
+                    .m
+                    .tensors()
+                    .into_iter()
+                    .zip(adam.v.tensors())
+                    .zip(model.parameters())
+                    .map(|(((_, m), (_, v)), p)| {
+                        let shape = p.size();
+                        (upload(m, &shape, device), upload(v, &shape, device))
+                    })
+                    .collect();
+                self.traffic.host_to_device_bytes += 8 * adam.m.config.parameter_count();
+                self.traffic.upload_seconds += start.elapsed().as_secs_f64();
+                moments
+            }
+        };
+        let (version, model) = self.loaded.as_mut().expect("gradients imply a model");
+        let lr = config.lr_at(adam.step);
+        adam.step += 1;
+        let t = adam.step as i32;
+        let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
+        // The scalars as the host optimizer computes them, in f32.
+        let (bias1, bias2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
+        let (norm, total) = tch::no_grad(|| {
+            let grads: Vec<Tensor> = model.parameters().iter().map(|p| p.grad()).collect();
+            let squares = grads
+                .iter()
+                .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
+                .fold(Tensor::zeros([], (Kind::Double, device)), |a, b| a + b);
+            let norm = squares.sqrt().to_kind(Kind::Float);
+            let factor = config
+                .grad_clip
+                .map(|max| (norm.reciprocal() * max as f64).clamp_max(1.0));
+            let mut total = Tensor::zeros([], (Kind::Float, device));
+            for ((param, grad), (m, v)) in model.parameters().iter().zip(&grads).zip(&moments) {
+                let g = match &factor {
+                    Some(f) => grad * f,
+                    None => grad.shallow_clone(),
+                };
+                let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
+                let _ = m
+                    .g_mul_scalar_(b1 as f64)
+                    .g_add_(&(&g * one_minus_b1 as f64));
+                let _ = v
+                    .g_mul_scalar_(b2 as f64)
+                    .g_add_(&(&g * &g * one_minus_b2 as f64));
+                let (m, v) = (&m, &v);
+                let update = (m / bias1 as f64) / ((v / bias2 as f64).sqrt() + eps as f64);
+                let step = (update + param * wd as f64) * lr as f64;
+                let mut param = param.shallow_clone();
+                let _ = param.g_sub_(&step);
+                total += param.sum(Kind::Float);
+                let _ = grad.shallow_clone().zero_();
+            }
+            (norm, total)
+        });
+        // The host's weights are stale from here; this version is never uploaded again.
+        *version = u64::MAX;
+        self.moments = Some(moments);
+        self.finite_sum = Some(total);
+        self.pending_gradients = false;
+        let grad_norm = self.read(4, || norm.double_value(&[]) as f32);
+        let _ = weights;
+        Ok(StepStats { lr, grad_norm })
+    }
+
+    fn first_nonfinite_parameter(
+        &mut self,
+        weights: &Weights,
+    ) -> Result<Option<String>, TrainError> {
+        if let Some(sum) = self.finite_sum.take()
+            && self.read(4, || sum.double_value(&[])).is_finite()
+        {
+            return Ok(None);
+        }
+        let mut host = weights.clone();
+        let mut adam = AdamState::new(weights);
+        self.sync_to_host(&mut host, &mut adam)?;
+        Ok(first_nonfinite(&host).or_else(|| Some("(the sum of all weights)".into())))
+    }
+
+    fn sync_to_host(
+        &mut self,
+        weights: &mut Weights,
+        adam: &mut AdamState,
+    ) -> Result<(), TrainError> {
+        let Some(moments) = &self.moments else {
+            return Ok(()); // the host owns the state
+        };
+        let start = std::time::Instant::now();
+        let (_, model) = self.loaded.as_ref().expect("moments imply a model");
+        model.read_into(weights)?;
+        let dests = adam.m.tensors_mut().into_iter().zip(adam.v.tensors_mut());
+        for ((m, v), ((_, dm), (_, dv))) in moments.iter().zip(dests) {
+            dm.copy_from_slice(&download(m)?);
+            dv.copy_from_slice(&download(v)?);
+        }
+        self.traffic.device_to_host_bytes += 12 * weights.config.parameter_count();
+        self.traffic.read_seconds += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn transfers(&self) -> Option<TransferStats> {
+        Some(self.traffic)
+    }
+}
