@@ -387,10 +387,11 @@ impl TorchModel {
             .to_kind(Kind::Float)
             .transpose(1, 2)
             .reshape([b, t, heads * hd]);
-            x += drop(self.linear(&ctx, &w[8], &w[9]));
+            // Not `+=`: that adds in place into a tensor autograd saved for LayerNorm.
+            x = &x + drop(self.linear(&ctx, &w[8], &w[9]));
             let h = self.layer_norm(&x, &w[10], &w[11]);
             let act = drop(self.linear(&h, &w[12], &w[13]).gelu("none"));
-            x += drop(self.linear(&act, &w[14], &w[15]));
+            x = &x + drop(self.linear(&act, &w[14], &w[15]));
         }
         let n = p.len();
         let reps = self.layer_norm(&x, &p[n - 4], &p[n - 3]);

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use somatrain_model::Preset;
-use somatrain_model::cpu::CpuModel;
 use somatrain_model::io::{LoadOptions, load_file};
 use somatrain_model::score::{ScoreOptions, score_data};
 use somatrain_train::corpus::{CorpusConfig, Source};
 use somatrain_train::optim::{OptimConfig, Schedule};
-use somatrain_train::trainer::evaluate;
+use somatrain_train::trainer::evaluate_scorer;
 use somatrain_train::{TrainSettings, Until};
 
 use super::{Device, read_input};
@@ -368,12 +367,17 @@ pub struct ModelOnData {
     num_heads: Option<usize>,
     #[arg(long)]
     preset: Option<Preset>,
+    /// cpu (the hand-written kernels), or through libtorch (a build with --features torch):
+    /// cuda, cuda:N or torch-cpu.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 impl ModelOnData {
-    fn load(&self) -> Result<(CpuModel, Vec<u8>)> {
-        let model = load_model(&self.weights, self.num_heads, self.preset)?;
-        Ok((model, read_all(&self.data)?))
+    fn load(&self) -> Result<(Box<dyn somatrain_model::score::BatchScorer>, Vec<u8>)> {
+        let weights = load_model(&self.weights, self.num_heads, self.preset)?;
+        let scorer = super::scorer_for(self.device, weights)?;
+        Ok((scorer, read_all(&self.data)?))
     }
 }
 
@@ -391,13 +395,12 @@ fn load_model(
     weights: &std::path::Path,
     num_heads: Option<usize>,
     preset: Option<Preset>,
-) -> Result<CpuModel> {
+) -> Result<somatrain_model::Weights> {
     if weights.is_dir() {
         bail!("{} is a directory, not a weights file", weights.display());
     }
-    let w = load_file(weights, LoadOptions { num_heads, preset })
-        .with_context(|| format!("loading {}", weights.display()))?;
-    Ok(CpuModel::new(w))
+    load_file(weights, LoadOptions { num_heads, preset })
+        .with_context(|| format!("loading {}", weights.display()))
 }
 
 fn read_all(paths: &[PathBuf]) -> Result<Vec<u8>> {
@@ -417,8 +420,8 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         seed: args.seed,
         ..ScoreOptions::default()
     };
-    let score = score_data(&mut model, &data, options, &mut |_, _| {})?;
-    let eval = evaluate(&mut model, &data)?;
+    let score = score_data(model.as_mut(), &data, options, &mut |_, _| {})?;
+    let eval = evaluate_scorer(model.as_mut(), &data)?;
     if args.json {
         let out = serde_json::json!({
             "bytes": data.len(),
@@ -450,7 +453,12 @@ pub struct EmbedArgs {
 
 pub fn run_embed(args: EmbedArgs) -> Result<()> {
     let (mut model, data) = args.input.load()?;
-    let score = score_data(&mut model, &data, ScoreOptions::default(), &mut |_, _| {})?;
+    let score = score_data(
+        model.as_mut(),
+        &data,
+        ScoreOptions::default(),
+        &mut |_, _| {},
+    )?;
     let text = serde_json::to_string(&score.embedding)?;
     match args.out {
         Some(path) => {

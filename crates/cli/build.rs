@@ -1,0 +1,23 @@
+//! A `--features torch` binary records where it was built against libtorch (its `lib` folder,
+//! and the CUDA runtime folder `scripts/setup-torch` installs beside it) as its run path, so it
+//! runs without LD_LIBRARY_PATH on the machine that built it. LD_LIBRARY_PATH is searched first,
+//! so another PyTorch 2.11 (a GPU machine's) still takes over where it is set.
+
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
+        return;
+    }
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        return;
+    };
+    let root = Path::new(&libtorch);
+    for dir in [root.join("lib"), root.join("../nvidia/cu13/lib")] {
+        if dir.is_dir() {
+            let dir = dir.canonicalize().unwrap_or(dir);
+            println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{}", dir.display());
+        }
+    }
+}
