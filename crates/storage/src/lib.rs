@@ -485,13 +485,17 @@ impl ProgressEvents {
     }
 
     fn emit(&self) {
+        self.emit_marked(false);
+    }
+
+    fn emit_marked(&self, abandoned: bool) {
         tracing::info!(
             target: "somatrain::progress",
             kind = self.kind,
             name = self.name.as_str(),
             done = self.done,
             total = self.total,
-            abandoned = false
+            abandoned
         );
     }
 
@@ -508,14 +512,7 @@ impl Drop for ProgressEvents {
     /// reported by whoever sees it).
     fn drop(&mut self) {
         if !self.finished {
-            tracing::info!(
-                target: "somatrain::progress",
-                kind = self.kind,
-                name = self.name.as_str(),
-                done = self.done,
-                total = self.total,
-                abandoned = true
-            );
+            self.emit_marked(true);
         }
     }
 }
