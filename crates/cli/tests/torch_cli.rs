@@ -59,6 +59,13 @@ fn libtorch_devices_score_and_train_or_name_the_build_they_need() {
         let out = train(&dir.path().join("run"), "cuda", &["--steps", "1"]);
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("--features torch"));
+        let cycle = common::bin()
+            .args(["localnet-cycle", "--device", "torch-cpu", "--dir"])
+            .arg(dir.path().join("cycle"))
+            .output_within(COMMAND_DEADLINE)
+            .unwrap();
+        assert!(!cycle.status.success());
+        assert!(String::from_utf8_lossy(&cycle.stderr).contains("--features torch"));
         let bad = score("gpu");
         assert!(String::from_utf8_lossy(&bad.stderr).contains("cpu, torch-cpu, cuda or cuda:N"));
         return;
@@ -99,6 +106,26 @@ fn libtorch_devices_score_and_train_or_name_the_build_they_need() {
     );
     let history = std::fs::read_to_string(run.join("history.jsonl")).unwrap();
     assert_eq!(history.lines().count(), 3, "{history}");
+
+    // The whole localnet flow on libtorch: the rounds train there, the localnet's scoring
+    // service and the submitter score there, and the hit is claimed.
+    let cycle = common::bin()
+        .args(["localnet-cycle", "--device", "torch-cpu", "--dir"])
+        .arg(dir.path().join("cycle"))
+        .arg("--corpus-dir")
+        .arg(common::sources())
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&cycle.stdout),
+        String::from_utf8_lossy(&cycle.stderr),
+    );
+    assert!(cycle.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("training with libtorch autograd"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("claimed target"), "{stdout}");
 
     // CUDA: trains where a GPU and its libraries are, else says what is missing.
     let gpu = dir.path().join("gpu");

@@ -88,6 +88,10 @@ pub struct Cycle {
     pub steps_per_round: u64,
     /// Rounds to train, commit and reveal in this invocation.
     pub rounds: u64,
+    /// Where the rounds train.
+    pub engine: EngineFactory,
+    /// What the submitter scores with.
+    pub scorers: somatrain_submit::ScorerFactory,
 }
 
 /// Runs the cycle: fund, the rounds, the model checked active, the submitter's side, the
@@ -110,7 +114,7 @@ pub async fn run(cycle: Cycle, report: &mut dyn FnMut(String)) -> Result<(), Dae
     let config = LoopConfig {
         run_dir: cycle.run_dir.clone(),
         train: cycle.train.clone(),
-        engine: EngineFactory::cpu(),
+        engine: cycle.engine.clone(),
         steps_per_round: cycle.steps_per_round,
         rounds: Some(publisher.journal().rounds_revealed + cycle.rounds),
         new_model: NewModel {
@@ -231,7 +235,8 @@ async fn economy(
         targets.len()
     ));
     let chunks = corpus_chunks(&cycle.corpus, 4096, 24);
-    let mut cache = somatrain_submit::ModelCache::new(&cycle.cache_dir);
+    let mut cache =
+        somatrain_submit::ModelCache::with_scorers(&cycle.cache_dir, cycle.scorers.clone());
     let mut candidates = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let scores =

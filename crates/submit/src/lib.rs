@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use somatrain_client::chain::{ChainClient, ChainError, Executed};
 use somatrain_client::view::{ModelState, ModelView, TargetView};
+use somatrain_model::Weights;
 use somatrain_model::cpu::CpuModel;
-use somatrain_model::score::{Score, ScoreOptions, cosine_distance, score_data};
+use somatrain_model::score::{BatchScorer, Score, ScoreOptions, cosine_distance, score_data};
 use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
 use somatrain_protocol::{Keypair, ObjectId, SomaTensor, TransactionKind};
 use somatrain_storage::{Storage, StorageError, download_verified};
@@ -40,25 +41,48 @@ pub enum SubmitError {
     Io(String),
 }
 
+/// Makes the scorer of loaded weights on a device (the CPU kernels, or libtorch's devices in the
+/// binary's `torch` build).
+pub type ScorerFactory =
+    std::sync::Arc<dyn Fn(Weights) -> Result<Box<dyn BatchScorer + Send>, String> + Send + Sync>;
+
+/// The hand-written CPU kernels as a [`ScorerFactory`].
+pub fn cpu_scorers() -> ScorerFactory {
+    std::sync::Arc::new(|weights| {
+        Ok(Box::new(CpuModel::new(weights)) as Box<dyn BatchScorer + Send>)
+    })
+}
+
 /// Revealed models, downloaded once (the encrypted file is cached on disk under its checksum and
 /// re-verified on every load) and kept in memory across targets.
 pub struct ModelCache {
     dir: PathBuf,
     http: reqwest::Client,
-    loaded: HashMap<ObjectId, (Commitment, CpuModel)>,
+    scorers: ScorerFactory,
+    loaded: HashMap<ObjectId, (Commitment, Box<dyn BatchScorer + Send>)>,
 }
 
 impl ModelCache {
+    /// Scores on the CPU kernels.
     pub fn new(dir: &Path) -> Self {
+        Self::with_scorers(dir, cpu_scorers())
+    }
+
+    /// Scores with what `scorers` makes (a device's scorer).
+    pub fn with_scorers(dir: &Path, scorers: ScorerFactory) -> Self {
         ModelCache {
             dir: dir.to_path_buf(),
             http: somatrain_client::http_client(),
+            scorers,
             loaded: HashMap::new(),
         }
     }
 
     /// The scorer of a revealed model (its current weights).
-    pub async fn model(&mut self, model: &ModelView) -> Result<&mut CpuModel, SubmitError> {
+    pub async fn model(
+        &mut self,
+        model: &ModelView,
+    ) -> Result<&mut (dyn BatchScorer + Send), SubmitError> {
         let (Some(manifest), Some(key)) = (&model.manifest, &model.decryption_key) else {
             return Err(SubmitError::NotRevealed(model.id, model.state.name()));
         };
@@ -84,13 +108,21 @@ impl ModelCache {
                 download_verified(&self.http, manifest, &encrypted).await?;
             }
             let key = EncryptionKey::from_bytes(key.0);
-            let (id, enc) = (model.id, encrypted.clone());
-            let loaded = tokio::task::spawn_blocking(move || decrypt_and_load(id, &key, &enc))
-                .await
-                .map_err(|e| SubmitError::Io(e.to_string()))??;
+            let (id, enc, scorers) = (model.id, encrypted.clone(), self.scorers.clone());
+            let loaded = tokio::task::spawn_blocking(move || {
+                let weights = decrypt_and_load(id, &key, &enc)?;
+                scorers(weights).map_err(|reason| SubmitError::Weights { model: id, reason })
+            })
+            .await
+            .map_err(|e| SubmitError::Io(e.to_string()))??;
             self.loaded.insert(model.id, (manifest.checksum, loaded));
         }
-        Ok(&mut self.loaded.get_mut(&model.id).expect("just loaded").1)
+        Ok(self
+            .loaded
+            .get_mut(&model.id)
+            .expect("just loaded")
+            .1
+            .as_mut())
     }
 }
 
@@ -98,7 +130,7 @@ fn decrypt_and_load(
     model: ObjectId,
     key: &EncryptionKey,
     encrypted: &Path,
-) -> Result<CpuModel, SubmitError> {
+) -> Result<Weights, SubmitError> {
     let fail = |reason: String| SubmitError::Weights { model, reason };
     let plain = encrypted.with_extension(format!("plain-{}", std::process::id()));
     let result = (|| {
@@ -110,16 +142,15 @@ fn decrypt_and_load(
             std::io::BufWriter::new(output),
         )
         .map_err(|e| fail(e.to_string()))?;
-        let weights = somatrain_model::io::load_file_any_width(&plain)
-            .map_err(|e| fail(format!("the decrypted weights do not load: {e}")))?;
-        Ok(CpuModel::new(weights))
+        somatrain_model::io::load_file_any_width(&plain)
+            .map_err(|e| fail(format!("the decrypted weights do not load: {e}")))
     })();
     let _ = std::fs::remove_file(&plain);
     result
 }
 
 /// One model's score of the data: the network's loss and embedding.
-pub fn score(model: &mut CpuModel, data: &[u8]) -> Result<Score, SubmitError> {
+pub fn score(model: &mut dyn BatchScorer, data: &[u8]) -> Result<Score, SubmitError> {
     score_data(model, data, ScoreOptions::default(), &mut |_, _| {})
         .map_err(|e| SubmitError::Score(e.to_string()))
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use somatrain_model::cpu::CpuModel;
 use somatrain_model::score::{ScoreOptions, cosine_distance, score_data};
 use somatrain_node::grpc::{Ports, ScoringBackend, Services};
 use somatrain_node::ledger::Params;
@@ -57,20 +56,25 @@ pub struct LocalnetArgs {
     /// distance disagree. The public network does not; this is for testing submitters.
     #[arg(long)]
     verify_submissions: bool,
+    /// Where the scoring service runs the models: cpu, or through libtorch (a build with
+    /// --features torch): cuda, cuda:N or torch-cpu.
+    #[arg(long, default_value = "cpu")]
+    device: super::Device,
 }
 
-/// Scores with this project's CPU scorer: downloads the data and every model's weights (size
-/// and checksum checked), decrypts, and applies the network's procedure.
-struct CpuScoring {
+/// Scores with this project's scorer on the chosen device: downloads the data and every model's
+/// weights (size and checksum checked), decrypts, and applies the network's procedure.
+struct Scoring {
     http: reqwest::Client,
     cache_dir: PathBuf,
+    scorers: somatrain_submit::ScorerFactory,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
 
-impl CpuScoring {
+impl Scoring {
     async fn fetch(
         &self,
         url: &str,
@@ -103,7 +107,10 @@ fn load_weights(path: &std::path::Path) -> Result<somatrain_model::weights::Weig
     somatrain_model::io::load_file_any_width(path).map_err(|e| e.to_string())
 }
 
-fn load_model(path: &std::path::Path, key: Option<&str>) -> Result<CpuModel, String> {
+fn load_model(
+    path: &std::path::Path,
+    key: Option<&str>,
+) -> Result<somatrain_model::weights::Weights, String> {
     let weights = match key {
         Some(key) => {
             let key =
@@ -125,11 +132,11 @@ fn load_model(path: &std::path::Path, key: Option<&str>) -> Result<CpuModel, Str
         }
         None => load_weights(path).map_err(|e| format!("the weights do not load: {e}"))?,
     };
-    Ok(CpuModel::new(weights))
+    Ok(weights)
 }
 
 #[tonic::async_trait]
-impl ScoringBackend for CpuScoring {
+impl ScoringBackend for Scoring {
     async fn score(&self, request: ScoreRequest) -> Result<ScoreResponse, Status> {
         if request.model_manifests.is_empty() {
             return Err(invalid("no models to score"));
@@ -151,18 +158,20 @@ impl ScoringBackend for CpuScoring {
         }
         let target = from_bits(&request.target_embedding);
         let seed = request.seed;
+        let scorers = self.scorers.clone();
         tokio::task::spawn_blocking(move || {
             let data = std::fs::read(&data_path).map_err(|e| Status::internal(e.to_string()))?;
             let mut losses = Vec::new();
             let mut embeddings = Vec::new();
             for (i, (path, key)) in weights.iter().enumerate() {
                 let mut model = load_model(path, key.as_deref())
+                    .and_then(|weights| scorers(weights))
                     .map_err(|e| invalid(format!("model {i}: {e}")))?;
                 let options = ScoreOptions {
                     seed,
                     ..ScoreOptions::default()
                 };
-                let score = score_data(&mut model, &data, options, &mut |_, _| {})
+                let score = score_data(model.as_mut(), &data, options, &mut |_, _| {})
                     .map_err(|e| invalid(format!("model {i}: {e}")))?;
                 losses.push(score.loss);
                 embeddings.push(score.embedding);
@@ -222,6 +231,7 @@ pub async fn start(
     data_dir: &std::path::Path,
     genesis: Params,
     verify_submissions: bool,
+    scorers: somatrain_submit::ScorerFactory,
     ports: Ports,
     blob: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -234,9 +244,10 @@ pub async fn start(
     };
     let node =
         Localnet::open(&config, somatrain_daemon::now_ms()).context("opening the localnet")?;
-    let scorer = CpuScoring {
+    let scorer = Scoring {
         http: somatrain_client::http_client(),
         cache_dir: data_dir.join("scoring-cache"),
+        scorers,
     };
     let services = Services {
         node,
@@ -314,6 +325,7 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
         scoring: SocketAddr::new(args.bind, args.scoring_port),
         admin: SocketAddr::new(loopback, args.admin_port),
     };
+    let scorers = super::device_scorers(args.device)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let blob = match args.blob_port {
@@ -335,6 +347,7 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
             &args.data_dir,
             genesis,
             args.verify_submissions,
+            scorers,
             ports,
             blob,
             shutdown,

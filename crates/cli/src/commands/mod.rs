@@ -63,7 +63,7 @@ impl std::fmt::Display for Device {
 pub fn scorer_for(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
     match device {
         Device::Cpu => Ok(Box::new(CpuModel::new(weights))),
-        other => torch_path::scorer(other, weights),
+        other => Ok(torch_path::scorer(other, weights)?),
     }
 }
 
@@ -104,6 +104,40 @@ pub fn device_gradient_engine(
     torch_path::engine(device, bf16)
 }
 
+/// What makes scorers on `device` for the submitter's weights cache and the localnet's scoring
+/// service; the device is opened now, so an unavailable one fails before any work.
+pub fn device_scorers(device: Device) -> Result<somatrain_submit::ScorerFactory> {
+    if device == Device::Cpu {
+        return Ok(somatrain_submit::cpu_scorers());
+    }
+    // Fail now rather than at the first model.
+    device_supports_bf16(device)?;
+    Ok(std::sync::Arc::new(move |weights| {
+        torch_path::scorer(device, weights)
+            .map(|scorer| scorer as Box<dyn BatchScorer + Send>)
+            .map_err(|e| format!("{e:#}"))
+    }))
+}
+
+/// What makes the training engine of each round on `device` (`run`, `localnet-cycle`).
+pub fn device_engines(device: Device, bf16: bool) -> Result<somatrain_daemon::EngineFactory> {
+    match device {
+        Device::Cpu if bf16 => {
+            anyhow::bail!(
+                "--bf16 (mixed precision) needs a libtorch device (--device cuda or torch-cpu)"
+            )
+        }
+        Device::Cpu => Ok(somatrain_daemon::EngineFactory::cpu()),
+        device => {
+            // Fail now, not at the first round, when the device is unavailable.
+            drop(device_gradient_engine(device, bf16)?);
+            Ok(somatrain_daemon::EngineFactory(std::sync::Arc::new(
+                move || device_gradient_engine(device, bf16).map_err(|e| format!("{e:#}")),
+            )))
+        }
+    }
+}
+
 /// The libtorch devices, behind the `torch` feature.
 #[cfg(feature = "torch")]
 mod torch_path {
@@ -129,7 +163,7 @@ mod torch_path {
         pub type Device = somatrain_torch::LibtorchDevice;
     }
 
-    pub fn scorer(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer>> {
+    pub fn scorer(device: Device, weights: Weights) -> Result<Box<dyn BatchScorer + Send>> {
         Ok(Box::new(TorchModel::new(&weights, open(device)?)))
     }
 
@@ -164,7 +198,7 @@ mod torch_path {
         )
     }
 
-    pub fn scorer(device: Device, _weights: Weights) -> Result<Box<dyn BatchScorer>> {
+    pub fn scorer(device: Device, _weights: Weights) -> Result<Box<dyn BatchScorer + Send>> {
         Err(missing(device))
     }
 

@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use somatrain_client::chain::ChainClient;
 use somatrain_daemon::{
-    Adopt, EngineFactory, EpochAdvance, LoopConfig, Metrics, NewModel, Publisher, RevealWindow,
-    Served, now_ms, serve_once,
+    Adopt, EpochAdvance, LoopConfig, Metrics, NewModel, Publisher, RevealWindow, Served, now_ms,
+    serve_once,
 };
 use somatrain_protocol::SHANNONS_PER_SOMA;
 use somatrain_protocol::{Keypair, ObjectId};
@@ -395,20 +395,7 @@ pub struct RunArgs {
 
 pub fn run_loop(args: RunArgs) -> Result<()> {
     let settings = args.training.settings()?;
-    let engine = match args.device {
-        super::Device::Cpu if args.bf16 => {
-            bail!("--bf16 (mixed precision) needs a libtorch device (--device cuda or torch-cpu)")
-        }
-        super::Device::Cpu => EngineFactory::cpu(),
-        device => {
-            // Fail now, not at the first round, when the device is unavailable.
-            drop(super::device_gradient_engine(device, args.bf16)?);
-            let bf16 = args.bf16;
-            EngineFactory(Arc::new(move || {
-                super::device_gradient_engine(device, bf16).map_err(|e| format!("{e:#}"))
-            }))
-        }
-    };
+    let engine = super::device_engines(args.device, args.bf16)?;
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         let new_model = args.model.new_model()?;
@@ -495,6 +482,14 @@ pub struct CycleArgs {
     /// the weights URLs of earlier rounds keep working, or any free port).
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// Where the rounds train and everything is scored (the localnet's scoring service and the
+    /// submitter): cpu, or through libtorch (a build with --features torch): cuda, cuda:N or
+    /// torch-cpu.
+    #[arg(long, default_value = "cpu")]
+    device: super::Device,
+    /// Mixed precision on a libtorch device: bf16 products, f32 master weights.
+    #[arg(long)]
+    bf16: bool,
 }
 
 impl CycleArgs {
@@ -578,6 +573,8 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             kp
         }
     };
+    let engine = super::device_engines(args.device, args.bf16)?;
+    let scorers = super::device_scorers(args.device)?;
     runtime()?.block_on(async move {
         let blob_listener = bind_cycle_port(&node_dir, args.port).await?;
         let any = |_| SocketAddr::from(([127, 0, 0, 1], 0));
@@ -595,6 +592,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             &node_dir,
             genesis,
             false,
+            scorers.clone(),
             ports,
             Some(blob_listener),
             std::future::pending(),
@@ -625,6 +623,8 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             train: settings,
             steps_per_round: args.steps_per_round,
             rounds: args.rounds,
+            engine,
+            scorers,
         };
         somatrain_daemon::cycle::run(cycle, &mut |line| println!("{line}")).await?;
         Ok(())

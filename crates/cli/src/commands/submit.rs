@@ -122,6 +122,10 @@ pub struct SubmitArgs {
     /// Total bond at most, in SOMA (--auto).
     #[arg(long, default_value_t = 1.0)]
     max_bond: f64,
+    /// Where the models score the data: cpu, or through libtorch (a build with --features
+    /// torch): cuda, cuda:N or torch-cpu.
+    #[arg(long, default_value = "cpu")]
+    device: super::Device,
     /// Where downloaded weights are kept, by checksum (default $HOME/.somatrain/cache/weights).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -143,7 +147,7 @@ fn cache_dir(args: &SubmitArgs) -> PathBuf {
 pub fn run_submit(args: SubmitArgs) -> Result<()> {
     super::publish::runtime()?.block_on(async {
         let client = args.network.chain.client()?;
-        let mut cache = ModelCache::new(&cache_dir(&args));
+        let mut cache = ModelCache::with_scorers(&cache_dir(&args), super::device_scorers(args.device)?);
         if args.auto {
             return submit_auto(&args, &client, &mut cache).await;
         }
