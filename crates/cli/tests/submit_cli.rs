@@ -190,6 +190,36 @@ fn embedding_of(weights: &Path, data: &Path) -> Vec<f32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitters_hit_miss_are_refused_and_claim() {
     let w = world(false).await;
+    // Anyone can download the revealed weights: checked against the commitment, decrypted,
+    // and they are the bytes the owner's round trained.
+    let downloaded = w.dir.path().join("downloads/model.safetensors");
+    ok(bin()
+        .args(["model", "download", "--run-dir"])
+        .arg(w.dir.path().join("run"))
+        .arg("--out")
+        .arg(&downloaded)
+        .args(w.net.chain_args())
+        .output_within(COMMAND_DEADLINE)
+        .unwrap());
+    assert!(
+        std::fs::read(&downloaded).unwrap() == std::fs::read(&w.weights).unwrap(),
+        "the downloaded weights differ from the round's"
+    );
+    let missing = failed(
+        bin()
+            .args([
+                "model",
+                "download",
+                "--model",
+                &format!("0x{}", "ab".repeat(32)),
+            ])
+            .arg("--out")
+            .arg(w.dir.path().join("downloads/none.safetensors"))
+            .args(w.net.chain_args())
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
+    );
+    assert!(missing.contains("no model"), "{missing}");
     let targets_out = ok(bin()
         .args(["targets", "--json"])
         .args(w.net.chain_args())

@@ -1,5 +1,6 @@
-//! `somatrain model show|stake|unstake|commission|deactivate` and `somatrain transfer`: managing
-//! a model and an account after `commit` created them. Every write is one signed transaction
+//! `somatrain model show|stake|unstake|commission|deactivate|download` and `somatrain transfer`:
+//! managing a model and an account after `commit` created them, and reading what any model
+//! published. Every write is one signed transaction
 //! paid from the wallet's richest coin; a refusal, or an executed transaction that failed (with
 //! the network's error kind), is the error.
 
@@ -103,6 +104,18 @@ pub enum ModelCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// The weights a model revealed, downloaded (size and checksum checked against its
+    /// commitment), decrypted with its revealed key and checked to load as V1, into a file:
+    /// to study what wins, or to train on from there (`train --init-weights`).
+    Download {
+        #[command(flatten)]
+        which: ModelChoice,
+        #[command(flatten)]
+        chain: ChainOptions,
+        /// Where the weights go (safetensors; written atomically, never over a directory).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -166,6 +179,51 @@ fn succeeded(executed: Executed) -> Result<Executed> {
             f.description
         ),
     }
+}
+
+/// `model`'s revealed weights into `out`: the encrypted file verified against the commitment,
+/// decrypted, loaded as V1 (any width), and only then renamed into place.
+async fn download_weights(model: &ModelView, out: &std::path::Path) -> Result<()> {
+    let (Some(manifest), Some(key)) = (&model.manifest, &model.decryption_key) else {
+        bail!(
+            "model {} has no revealed weights (it is {}; weights are public once revealed)",
+            model.id,
+            model.state.name()
+        );
+    };
+    if out.is_dir() {
+        bail!("{} is a directory; give a file", out.display());
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scratch = tempfile::tempdir_in(&dir)
+        .with_context(|| format!("a scratch folder in {}", dir.display()))?;
+    let encrypted = scratch.path().join("weights.enc");
+    let http = somatrain_client::http_client();
+    somatrain_storage::download_verified(&http, manifest, &encrypted).await?;
+    let plain = scratch.path().join("weights.safetensors");
+    let key = somatrain_protocol::crypto::EncryptionKey::from_bytes(key.0);
+    let (from, to) = (encrypted.clone(), plain.clone());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let input = std::fs::File::open(&from)?;
+        let output = std::fs::File::create(&to)?;
+        somatrain_protocol::crypto::decrypt_stream(
+            &key,
+            std::io::BufReader::new(input),
+            std::io::BufWriter::new(output),
+        )
+        .map_err(|e| anyhow::anyhow!("decrypting: {e}"))?;
+        somatrain_model::io::load_file_any_width(&to)
+            .map_err(|e| anyhow::anyhow!("the decrypted weights do not load: {e}"))?;
+        std::fs::File::open(&to)?.sync_all()?;
+        Ok(())
+    })
+    .await??;
+    std::fs::rename(&plain, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }
 
 async fn model_view(chain: &ChainClient, id: &ObjectId) -> Result<ModelView> {
@@ -247,6 +305,17 @@ async fn stakes_in(
 pub fn run_model(command: ModelCommand) -> Result<()> {
     super::publish::runtime()?.block_on(async {
         let (account, model_id, kind) = match command {
+            ModelCommand::Download { which, chain, out } => {
+                let model = model_view(&chain.client()?, &which.id()?).await?;
+                download_weights(&model, &out).await?;
+                println!(
+                    "model {}: {} bytes of weights into {}",
+                    model.id,
+                    std::fs::metadata(&out)?.len(),
+                    out.display()
+                );
+                return Ok(());
+            }
             ModelCommand::Show { which, chain, json } => {
                 let model = model_view(&chain.client()?, &which.id()?).await?;
                 if json {
