@@ -172,14 +172,22 @@ fn a_killed_libtorch_run_resumes_bit_identical() {
     };
     let clean = tmp.path().join("clean");
     let start = Instant::now();
-    assert!(run(&clean, 50).status().unwrap().success());
+    let run_to_end = |mut command: std::process::Command| {
+        let out = command.output_within(COMMAND_DEADLINE).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_to_end(run(&clean, 50));
     let clean_ms = start.elapsed().as_millis() as u64;
     let killed = tmp.path().join("killed");
     let mut kills = 0;
     // Each restart resumes from its last checkpoint, so what is left shrinks: later kill points
     // come sooner.
     for percent in [30u64, 20, 15, 12, 10, 8] {
-        let mut child = run(&killed, 50).spawn().unwrap();
+        let mut child = common::KillOnDrop(run(&killed, 50).spawn().unwrap());
         let started = Instant::now();
         let deadline = Duration::from_millis(clean_ms * percent / 100);
         let mut finished = false;
@@ -197,7 +205,7 @@ fn a_killed_libtorch_run_resumes_bit_identical() {
         child.wait().unwrap();
         kills += 1;
     }
-    assert!(run(&killed, 0).status().unwrap().success());
+    run_to_end(run(&killed, 0));
     assert!(kills >= 2, "only {kills} kills landed");
     for file in [
         "round/weights.safetensors",
