@@ -51,6 +51,12 @@ enum Command {
     Targets(commands::submit::TargetsArgs),
     /// Score data against a target's models and submit it if it lands within the threshold.
     Submit(Box<commands::submit::SubmitArgs>),
+    /// What an embedding is worth under the chain's assignment rule: its share of new targets,
+    /// targets and rewards per epoch, rivals, and a search for a better position.
+    Strategy(commands::strategy::StrategyArgs),
+    /// A target's submitted data: download.
+    #[command(subcommand)]
+    Target(commands::submit::TargetCommand),
     /// Claim every claimable reward of the wallet.
     Claim(commands::submit::ClaimArgs),
     /// Manage a model after it was created: show, stake, unstake, commission, deactivate.
@@ -149,6 +155,8 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::publish::run_loop(*args),
         Command::LocalnetCycle(args) => commands::publish::run_cycle(args),
         Command::Targets(args) => commands::submit::run_targets(args),
+        Command::Strategy(args) => commands::strategy::run_strategy(args),
+        Command::Target(command) => commands::submit::run_target(command),
         Command::Submit(args) => commands::submit::run_submit(*args),
         Command::Claim(args) => commands::submit::run_claim(args),
         Command::Model(cmd) => commands::model::run_model(cmd),

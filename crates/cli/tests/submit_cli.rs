@@ -207,12 +207,7 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     );
     let missing = failed(
         bin()
-            .args([
-                "model",
-                "download",
-                "--model",
-                &format!("0x{}", "ab".repeat(32)),
-            ])
+            .args(["model", "download", &format!("0x{}", "ab".repeat(32))])
             .arg("--out")
             .arg(w.dir.path().join("downloads/none.safetensors"))
             .args(w.net.chain_args())
@@ -326,6 +321,33 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     let filled = target_object(&w.client, &hit.id).await;
     assert_eq!(filled.status, TargetStatus::Filled { fill_epoch: 2 });
     assert_eq!(filled.submitter, Some(submitter.address()));
+    // Anyone can download what filled it, checked against the chain's manifest.
+    let fetched = w.dir.path().join("downloads/target.bin");
+    let said = ok(bin()
+        .args(["target", "download", &hit.id.to_string(), "--json", "--out"])
+        .arg(&fetched)
+        .args(w.net.chain_args())
+        .output_within(COMMAND_DEADLINE)
+        .unwrap());
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        std::fs::read(&data).unwrap()
+    );
+    let said: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    assert_eq!(
+        said["model"].as_str().unwrap(),
+        filled.winning_model_id.unwrap().to_string()
+    );
+    let unfilled = failed(
+        bin()
+            .args(["target", "download", &miss.1.id.to_string(), "--out"])
+            .arg(w.dir.path().join("downloads/none.bin"))
+            .args(w.net.chain_args())
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
+    );
+    assert!(unfilled.contains("has not been filled"), "{unfilled}");
+    assert!(!w.dir.path().join("downloads/none.bin").exists());
     let distance = filled
         .winning_distance_score
         .as_ref()

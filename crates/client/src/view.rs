@@ -49,6 +49,14 @@ pub struct ChainParams {
     /// The model owner's share of a claimed target's reward (`target_model_reward_share_bps`),
     /// where the node says.
     pub model_reward_share_bps: Option<u64>,
+    /// How many models each new target is assigned to (`target_models_per_target`).
+    pub models_per_target: u64,
+    /// Targets generated at each epoch change (`target_initial_targets_per_epoch`); each hit
+    /// spawns one more.
+    pub initial_targets_per_epoch: Option<u64>,
+    /// The hits the difficulty aims for, which also caps the targets funded in an epoch.
+    pub target_hits_per_epoch: Option<u64>,
+    pub emission_per_epoch: Option<u64>,
 }
 
 /// The current epoch: its number, when it started and what it will take.
@@ -59,6 +67,9 @@ pub struct EpochView {
     pub params: ChainParams,
     pub distance_threshold: f32,
     pub reward_per_target: u64,
+    /// The moving average of hits per epoch that steers the difficulty.
+    pub hits_ema: u64,
+    pub targets_generated_this_epoch: u64,
     pub emission_pool: u64,
     pub total_model_stake: u64,
     pub models: Vec<ModelView>,
@@ -94,6 +105,14 @@ impl EpochView {
             submission_bond_per_byte: p.submission_bond_per_byte.unwrap_or(0),
             max_submission_data_size: p.max_submission_data_size.unwrap_or(u64::MAX),
             model_reward_share_bps: p.target_model_reward_share_bps,
+            // The network's value since protocol version 1, where a node leaves it out.
+            models_per_target: p.target_models_per_target.unwrap_or(3),
+            initial_targets_per_epoch: p.target_initial_targets_per_epoch,
+            target_hits_per_epoch: p.target_hits_per_epoch,
+            emission_per_epoch: state
+                .emission_pool
+                .as_ref()
+                .and_then(|e| e.emission_per_epoch),
         };
         let start_ms = match (&state.epoch_start_timestamp_ms, &epoch.start) {
             (Some(ms), _) => *ms,
@@ -117,6 +136,8 @@ impl EpochView {
             params,
             distance_threshold: target_state.distance_threshold.unwrap_or(f32::NAN),
             reward_per_target: target_state.reward_per_target.unwrap_or(0),
+            hits_ema: target_state.hits_ema.unwrap_or(0),
+            targets_generated_this_epoch: target_state.targets_generated_this_epoch.unwrap_or(0),
             emission_pool: state
                 .emission_pool
                 .as_ref()

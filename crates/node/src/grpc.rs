@@ -446,7 +446,7 @@ impl Services {
         let true_embedding = from_bits(&scored.embedding);
         let claimed = embedding.values().unwrap_or_default();
         let apart = if claimed.len() == true_embedding.len() {
-            crate::ledger::targets::cosine_distance(&claimed, &true_embedding) as f32
+            somatrain_protocol::assignment::cosine_distance(&claimed, &true_embedding) as f32
         } else {
             f32::INFINITY
         };

@@ -14,9 +14,11 @@
 //! - [`tensor`]: [`SomaTensor`], how embeddings and scores travel.
 //! - [`keys`]: Ed25519 key pairs and addresses.
 //! - [`crypto`]: AES-256-CTR weights encryption and Blake2b-256 [`Commitment`]s.
+//! - [`assignment`]: the chain's rule for which models a new target goes to.
 
 #![forbid(unsafe_code)]
 
+pub mod assignment;
 pub mod crypto;
 pub mod effects;
 #[cfg(feature = "fixtures")]

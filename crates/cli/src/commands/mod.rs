@@ -9,6 +9,7 @@ pub mod network;
 pub mod plot;
 pub mod publish;
 pub mod score;
+pub mod strategy;
 pub mod submit;
 pub mod train;
 pub mod wallet;

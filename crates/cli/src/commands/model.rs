@@ -28,6 +28,9 @@ pub struct AccountOptions {
 /// Which model: an id, or the one a run directory's journal created.
 #[derive(Args, Clone)]
 pub struct ModelChoice {
+    /// The model's id (or give it with --model).
+    #[arg(value_name = "MODEL_ID", conflicts_with_all = ["model", "run_dir"])]
+    id: Option<String>,
     /// The model's id.
     #[arg(long, conflicts_with = "run_dir")]
     model: Option<String>,
@@ -38,7 +41,7 @@ pub struct ModelChoice {
 
 impl ModelChoice {
     fn id(&self) -> Result<ObjectId> {
-        if let Some(text) = &self.model {
+        if let Some(text) = self.id.as_ref().or(self.model.as_ref()) {
             return text
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--model {text}: {e}"));

@@ -417,3 +417,107 @@ pub fn run_claim(args: ClaimArgs) -> Result<()> {
         Ok(())
     })
 }
+
+#[derive(clap::Subcommand)]
+pub enum TargetCommand {
+    /// The data that filled a target, verified against the chain's manifest (size and
+    /// Blake2b-256), written atomically; its model, loss and distance are printed.
+    Download {
+        /// The target's id.
+        target: String,
+        #[command(flatten)]
+        chain: ChainOptions,
+        /// Where the data goes (never over a directory).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run_target(command: TargetCommand) -> Result<()> {
+    let TargetCommand::Download {
+        target,
+        chain,
+        out,
+        json,
+    } = command;
+    let id: ObjectId = target
+        .parse()
+        .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
+    if out.is_dir() {
+        bail!("{} is a directory; give a file", out.display());
+    }
+    super::publish::runtime()?.block_on(async {
+        let chain = chain.client()?;
+        let Some(object) = chain.object(&id).await? else {
+            bail!(
+                "no target {id} on chain: it never existed, or it was claimed (a claim deletes \
+                 the target, and its data is no longer named on chain)"
+            );
+        };
+        let target = object
+            .target()
+            .map_err(|e| anyhow::anyhow!("object {id} is not a target: {e}"))?;
+        let Some(manifest) = target.winning_data_manifest.clone() else {
+            bail!(
+                "target {id} has not been filled (it is {:?}); only a filled target has data",
+                target.status
+            );
+        };
+        let limit = chain.epoch_view().await?.params.max_submission_data_size;
+        if manifest.size > limit {
+            bail!(
+                "target {id}'s manifest declares {} bytes, over the chain's {limit}-byte \
+                 submission limit; not downloaded",
+                manifest.size
+            );
+        }
+        let http = somatrain_client::http_client();
+        somatrain_storage::download_verified(&http, &manifest, &out).await?;
+        let scalar = |t: &Option<somatrain_protocol::SomaTensor>| {
+            t.as_ref().and_then(|t| t.scalar_value().ok())
+        };
+        let loss = target
+            .winning_loss_score
+            .as_ref()
+            .and_then(|t| t.vector_values().ok())
+            .and_then(|v| v.first().copied());
+        let distance = scalar(&target.winning_distance_score);
+        let model = target.winning_model_id.map(|m| m.to_string());
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "target": id.to_string(),
+                    "out": out.display().to_string(),
+                    "bytes": manifest.size,
+                    "checksum": manifest.checksum.to_base58(),
+                    "url": manifest.url,
+                    "model": model,
+                    "loss": loss,
+                    "distance": distance,
+                    "threshold": target.distance_threshold.scalar_value().ok(),
+                })
+            );
+        } else {
+            println!(
+                "target {id}: {} bytes (checksum verified) into {}; won by model {} with loss {} \
+                 at distance {} (threshold {})",
+                manifest.size,
+                out.display(),
+                model.as_deref().unwrap_or("?"),
+                loss.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                distance
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                target
+                    .distance_threshold
+                    .scalar_value()
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|_| "?".into()),
+            );
+        }
+        Ok(())
+    })
+}

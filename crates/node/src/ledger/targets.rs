@@ -1,6 +1,7 @@
 //! Targets: generation, stake-weighted KNN model assignment, funding and the difficulty step
 //! (`shared/reference/protocol-targets.md`, sections 1 and 2).
 
+use somatrain_protocol::assignment::{self, Contender};
 use somatrain_protocol::hash::blake2b256;
 use somatrain_protocol::object::{Target, TargetStatus};
 use somatrain_protocol::{ObjectId, SomaTensor, TxDigest};
@@ -23,49 +24,30 @@ pub fn epoch_digest(new_epoch: u64) -> TxDigest {
     TxDigest::of_transaction_bytes(&[b"ChangeEpoch".as_slice(), &new_epoch.to_le_bytes()].concat())
 }
 
-pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let norm = |v: &[f32]| {
-        v.iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-8)
-    };
-    1.0 - dot / (norm(a) * norm(b))
-}
-
-/// Every active model with an embedding of the target's length, scored by
-/// `cosine distance / sqrt-stake share`, best first; ties keep ascending id order.
+/// Every active model with an embedding of the target's length, ranked by the chain's rule
+/// ([`somatrain_protocol::assignment`]), best first; ties keep ascending id order.
 pub fn rank_models<'a>(
     target: &[f32],
     models: impl Iterator<Item = &'a Model>,
 ) -> Vec<(ObjectId, f64)> {
-    let candidates: Vec<(&Model, &Vec<f32>)> = models
+    let candidates: Vec<(ObjectId, Contender)> = models
         .filter(|m| m.state == ModelState::Active)
         .filter_map(|m| {
-            m.embedding
-                .as_ref()
-                .filter(|e| e.len() == target.len())
-                .map(|e| (m, e))
+            let embedding = m.embedding.as_ref().filter(|e| e.len() == target.len())?;
+            Some((
+                m.id,
+                Contender {
+                    distance: assignment::cosine_distance(target, embedding),
+                    stake: m.staking_pool.soma_balance,
+                },
+            ))
         })
         .collect();
-    let stake = |m: &Model| (m.staking_pool.soma_balance as f64).sqrt();
-    let total_sqrt: f64 = candidates.iter().map(|(m, _)| stake(m)).sum();
-    let n = candidates.len() as f64;
-    let mut scored: Vec<(ObjectId, f64)> = candidates
-        .iter()
-        .map(|(m, e)| {
-            let share = if total_sqrt > 0.0 {
-                stake(m) / total_sqrt
-            } else {
-                1.0 / n
-            };
-            (m.id, cosine_distance(target, e) / (share + 1e-10))
-        })
-        .collect();
-    scored.sort_by(|a, b| a.1.total_cmp(&b.1));
-    scored
+    let contenders: Vec<Contender> = candidates.iter().map(|(_, c)| *c).collect();
+    assignment::rank(&contenders)
+        .into_iter()
+        .map(|(i, score)| (candidates[i].0, score))
+        .collect()
 }
 
 /// A new open target seeded `seed`, or `None` when no model is active.
@@ -76,7 +58,7 @@ pub fn generate<'a>(
     state: &TargetState,
     epoch: u64,
 ) -> Option<Target> {
-    let embedding = somatrain_noise::normal_array(seed, params.embedding_dim as usize, 0.0, 1.0);
+    let embedding = assignment::target_embedding(seed, params.embedding_dim as usize);
     let model_ids: Vec<ObjectId> = rank_models(&embedding, models)
         .into_iter()
         .take(params.models_per_target as usize)
@@ -182,20 +164,6 @@ mod tests {
             },
             commit_window_missed: false,
         }
-    }
-
-    /// The network's `test_stake_weighting`: two orthogonal models with stakes 100 and 1000, both
-    /// at cosine distance 1 from the target: shares 0.240/0.760, scores 4.16/1.32, the
-    /// high-stake model first.
-    #[test]
-    fn stake_weighting_matches_the_worked_example() {
-        let low = model(1, vec![1.0, 0.0, 0.0], 100);
-        let high = model(2, vec![0.0, 1.0, 0.0], 1000);
-        let target = [0.0f32, 0.0, 1.0];
-        let ranked = rank_models(&target, [&low, &high].into_iter());
-        assert_eq!(ranked[0].0, high.id);
-        assert!((ranked[0].1 - 1.32).abs() < 0.005, "{ranked:?}");
-        assert!((ranked[1].1 - 4.16).abs() < 0.005, "{ranked:?}");
     }
 
     /// With equal stakes the nearest direction wins; inactive models are never picked.
