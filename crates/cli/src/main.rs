@@ -57,6 +57,9 @@ enum Command {
     /// A target's submitted data: download.
     #[command(subcommand)]
     Target(commands::submit::TargetCommand),
+    /// The data submitter as a service: score corpus pieces against every open target for
+    /// days, submit hits in the background, claim as soon as allowed; journaled, resumable.
+    Submitter(Box<commands::submitter::SubmitterArgs>),
     /// Claim every claimable reward of the wallet.
     Claim(commands::submit::ClaimArgs),
     /// Manage a model after it was created: show, stake, unstake, commission, deactivate.
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Command::Targets(args) => commands::submit::run_targets(args),
         Command::Strategy(args) => commands::strategy::run_strategy(args),
         Command::Target(command) => commands::submit::run_target(command),
+        Command::Submitter(args) => commands::submitter::run_submitter(*args),
         Command::Submit(args) => commands::submit::run_submit(*args),
         Command::Claim(args) => commands::submit::run_claim(args),
         Command::Model(cmd) => commands::model::run_model(cmd),

@@ -60,6 +60,9 @@ pub struct ModelCache {
     http: reqwest::Client,
     scorers: ScorerFactory,
     loaded: HashMap<ObjectId, (Commitment, Box<dyn BatchScorer + Send>)>,
+    /// Encrypted files on disk are evicted, least recently used first, above this many bytes.
+    disk_limit: Option<u64>,
+    downloads: u64,
 }
 
 impl ModelCache {
@@ -75,6 +78,70 @@ impl ModelCache {
             http: somatrain_client::http_client(),
             scorers,
             loaded: HashMap::new(),
+            disk_limit: None,
+            downloads: 0,
+        }
+    }
+
+    /// Keeps the encrypted files on disk within `bytes` (the files of models in memory are
+    /// never evicted, so the limit may be exceeded by those).
+    pub fn with_disk_limit(mut self, bytes: u64) -> Self {
+        self.disk_limit = Some(bytes);
+        self
+    }
+
+    /// Weights downloaded by this cache (not found, or found corrupted, on disk).
+    pub fn downloads(&self) -> u64 {
+        self.downloads
+    }
+
+    /// Drops the models in memory that are not in `keep` (their files stay on disk).
+    pub fn retain(&mut self, keep: &std::collections::HashSet<ObjectId>) {
+        self.loaded.retain(|id, _| keep.contains(id));
+    }
+
+    fn evict(&self) {
+        let Some(limit) = self.disk_limit else {
+            return;
+        };
+        let in_use: std::collections::HashSet<String> = self
+            .loaded
+            .values()
+            .map(|(checksum, _)| format!("{checksum}.safetensors.enc"))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(".safetensors.enc")
+            })
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                let used = meta.modified().ok()?;
+                Some((used, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, size, _)| size).sum();
+        files.sort();
+        for (_, size, path) in files {
+            if total <= limit {
+                break;
+            }
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if in_use.contains(name.as_ref()) {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::info!(
+                    "weights cache over {limit} bytes: evicted {}",
+                    path.display()
+                );
+                total -= size;
+            }
         }
     }
 
@@ -106,6 +173,12 @@ impl ModelCache {
                     manifest.size
                 );
                 download_verified(&self.http, manifest, &encrypted).await?;
+                self.downloads += 1;
+            } else {
+                // Eviction goes by modification time: access times are often not kept.
+                if let Ok(file) = std::fs::File::options().append(true).open(&encrypted) {
+                    let _ = file.set_modified(std::time::SystemTime::now());
+                }
             }
             let key = EncryptionKey::from_bytes(key.0);
             let (id, enc, scorers) = (model.id, encrypted.clone(), self.scorers.clone());
@@ -116,6 +189,7 @@ impl ModelCache {
             .await
             .map_err(|e| SubmitError::Io(e.to_string()))??;
             self.loaded.insert(model.id, (manifest.checksum, loaded));
+            self.evict();
         }
         Ok(self
             .loaded

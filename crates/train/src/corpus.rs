@@ -801,6 +801,25 @@ impl TrainStream {
 
     /// The next training sequence.
     pub fn next_sequence(&mut self) -> Result<Sequence, CorpusError> {
+        let chunk = self.next_chunk()?;
+        Ok(sequence(
+            &chunk.document,
+            self.config.max_seq_len,
+            chunk.index,
+        ))
+    }
+
+    /// The next piece of raw document bytes: the same draw as [`TrainStream::next_sequence`],
+    /// untokenized, so each piece is at most `max_seq_len` bytes of one document (what a data
+    /// submitter submits).
+    pub fn next_piece(&mut self) -> Result<Vec<u8>, CorpusError> {
+        let chunk = self.next_chunk()?;
+        let start = chunk.index * self.config.max_seq_len;
+        let end = (start + self.config.max_seq_len).min(chunk.document.len());
+        Ok(chunk.document[start..end].to_vec())
+    }
+
+    fn next_chunk(&mut self) -> Result<Chunk, CorpusError> {
         let capacity = self.config.shuffle_buffer.max(1);
         loop {
             while self.buffer.len() < capacity && self.read_document() {}
@@ -814,11 +833,7 @@ impl TrainStream {
                 let chunk = self.buffer.swap_remove(slot);
                 self.sequences += 1;
                 self.emitted_any_in_epoch = true;
-                return Ok(sequence(
-                    &chunk.document,
-                    self.config.max_seq_len,
-                    chunk.index,
-                ));
+                return Ok(chunk);
             }
             if !self.emitted_any_in_epoch {
                 return Err(CorpusError::Empty {

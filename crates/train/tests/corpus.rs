@@ -569,3 +569,40 @@ fn directories_of_compressed_json_lines_and_parquet_files() {
         }
     }
 }
+
+/// A data submitter's pieces: the same draw as the sequences, as raw bytes of at most
+/// `max_seq_len`, and they resume from a position exactly as sequences do.
+#[test]
+fn pieces_are_the_sequences_raw_bytes_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("a.txt"),
+        b"the first document, long enough for three pieces",
+    );
+    write(&dir.path().join("b.txt"), b"second");
+    let c = config(vec![Source::Dir {
+        path: dir.path().to_path_buf(),
+    }]);
+    let (sequences, _) = one_epoch(c.clone());
+    let mut stream = TrainStream::open(c.clone(), Position::default()).unwrap();
+    let pieces: Vec<Vec<u8>> = (0..sequences.len())
+        .map(|_| stream.next_piece().unwrap())
+        .collect();
+    assert!(pieces.iter().all(|p| !p.is_empty() && p.len() <= 16));
+    assert_eq!(
+        pieces
+            .iter()
+            .map(|p| String::from_utf8(p.clone()).unwrap())
+            .collect::<Vec<_>>(),
+        as_text(&sequences)
+    );
+    // Stopped after three pieces and reopened at its position: the same pieces follow.
+    let mut first = TrainStream::open(c.clone(), Position::default()).unwrap();
+    for _ in 0..3 {
+        first.next_piece().unwrap();
+    }
+    let mut resumed = TrainStream::open(c, first.position()).unwrap();
+    for expected in &pieces[3..] {
+        assert_eq!(&resumed.next_piece().unwrap(), expected);
+    }
+}

@@ -11,6 +11,7 @@ pub mod publish;
 pub mod score;
 pub mod strategy;
 pub mod submit;
+pub mod submitter;
 pub mod train;
 pub mod wallet;
 

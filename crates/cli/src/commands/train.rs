@@ -39,12 +39,9 @@ pub struct TrainArgs {
     json: bool,
 }
 
-/// The model, corpus and optimizer of a training run (shared by `train` and `run`).
+/// Where documents come from (shared by `train`, `run` and `submitter`).
 #[derive(Args, Clone)]
-pub struct TrainingOptions {
-    /// Model shape (v1, medium, small, tiny).
-    #[arg(long, default_value = "tiny")]
-    preset: Preset,
+pub struct CorpusOptions {
     /// A directory tree of documents (repeatable).
     #[arg(long = "corpus-dir")]
     corpus_dirs: Vec<PathBuf>,
@@ -76,6 +73,69 @@ pub struct TrainingOptions {
     /// Documents larger than this are skipped (and counted).
     #[arg(long, default_value_t = 1 << 20)]
     max_document_bytes: u64,
+}
+
+impl CorpusOptions {
+    /// The sources named, or an error naming the flags when there are none.
+    pub fn sources(&self) -> Result<Vec<Source>> {
+        let mut sources: Vec<Source> = self
+            .corpus_dirs
+            .iter()
+            .map(|p| Source::Dir { path: p.clone() })
+            .collect();
+        sources.extend(self.jsonl.iter().map(|p| Source::Jsonl {
+            path: p.clone(),
+            field: self.text_field.clone(),
+        }));
+        sources.extend(
+            self.file_lists
+                .iter()
+                .map(|p| Source::List { path: p.clone() }),
+        );
+        sources.extend(self.parquet.iter().map(|p| Source::Parquet {
+            path: p.clone(),
+            column: self.parquet_column.clone(),
+        }));
+        sources.extend(self.hub.source()?);
+        if sources.is_empty() {
+            bail!(
+                "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE, --file-list FILE \
+                 or --hf-dataset OWNER/NAME"
+            );
+        }
+        Ok(sources)
+    }
+
+    /// A corpus of these sources, its documents cut at `max_seq_len` bytes.
+    pub fn config(
+        &self,
+        heldout_per_mille: u32,
+        shuffle_buffer: usize,
+        seed: u64,
+        max_seq_len: usize,
+    ) -> Result<CorpusConfig> {
+        Ok(CorpusConfig {
+            sources: self.sources()?,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            max_document_bytes: self.max_document_bytes,
+            heldout_per_mille,
+            shuffle_buffer,
+            seed,
+            max_seq_len,
+            skip_dir: None,
+        })
+    }
+}
+
+/// The model, corpus and optimizer of a training run (shared by `train` and `run`).
+#[derive(Args, Clone)]
+pub struct TrainingOptions {
+    /// Model shape (v1, medium, small, tiny).
+    #[arg(long, default_value = "tiny")]
+    preset: Preset,
+    #[command(flatten)]
+    pub corpus: CorpusOptions,
     /// Documents held out of training, per mille (by a hash of their path or line).
     #[arg(long, default_value_t = 20)]
     heldout_per_mille: u32,
@@ -217,42 +277,12 @@ impl TrainingOptions {
 
     pub fn settings(&self) -> Result<TrainSettings> {
         let args = self;
-        let mut sources: Vec<Source> = args
-            .corpus_dirs
-            .iter()
-            .map(|p| Source::Dir { path: p.clone() })
-            .collect();
-        sources.extend(args.jsonl.iter().map(|p| Source::Jsonl {
-            path: p.clone(),
-            field: args.text_field.clone(),
-        }));
-        sources.extend(
-            args.file_lists
-                .iter()
-                .map(|p| Source::List { path: p.clone() }),
-        );
-        sources.extend(args.parquet.iter().map(|p| Source::Parquet {
-            path: p.clone(),
-            column: args.parquet_column.clone(),
-        }));
-        sources.extend(args.hub.source()?);
-        if sources.is_empty() {
-            bail!(
-                "give a corpus: --corpus-dir DIR, --jsonl FILE, --parquet FILE, --file-list FILE \
-                 or --hf-dataset OWNER/NAME"
-            );
-        }
-        let corpus = CorpusConfig {
-            sources,
-            include: args.include.clone(),
-            exclude: args.exclude.clone(),
-            max_document_bytes: args.max_document_bytes,
-            heldout_per_mille: args.heldout_per_mille,
-            shuffle_buffer: args.shuffle_buffer,
-            seed: args.seed,
-            max_seq_len: args.seq_len,
-            skip_dir: None,
-        };
+        let corpus = args.corpus.config(
+            args.heldout_per_mille,
+            args.shuffle_buffer,
+            args.seed,
+            args.seq_len,
+        )?;
         let settings = TrainSettings {
             model: args.preset.config(),
             corpus,
