@@ -238,7 +238,10 @@ async fn balance(chain: &ChainClient, kp: &Keypair) -> u64 {
 async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
     let w = world().await;
     let kp = Keypair::generate();
-    w.chain.faucet(&kp.address()).await.unwrap();
+    // Eighteen coins: more than the 16 the submitter keeps before it merges them.
+    for _ in 0..18 {
+        w.chain.faucet(&kp.address()).await.unwrap();
+    }
     let start_balance = balance(&w.chain, &kp).await;
     let state = w.path("state");
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -377,6 +380,21 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
         .collect();
     assert_eq!(claims, vec![4, 4, 4]);
 
+    // The coins were merged once (the SDK's way: the smallest sent to ourselves, the others
+    // merged into the gas), in the first epoch.
+    let merges: Vec<u64> = sent
+        .iter()
+        .filter(|(data, e)| data.kind.name() == "TransferCoin" && e.effects.status.is_success())
+        .map(|(_, e)| e.effects.executed_epoch)
+        .collect();
+    assert_eq!(merges, vec![2], "{merges:?}");
+    let coins = w
+        .chain
+        .owned_objects(&kp.address(), Some(somatrain_protocol::ObjectType::Coin))
+        .await
+        .unwrap();
+    assert!(coins.len() < 18, "{} coins", coins.len());
+
     // The exact arithmetic: each claim returns the bond, the submitter's share and remainder
     // and the claimer's incentive (everything but the model's 49.75%), less its fee.
     let j = journal(&state);
@@ -438,6 +456,20 @@ async fn a_target_filled_first_and_a_failing_bucket_lose_nothing() {
     w.chain.faucet(&kp.address()).await.unwrap();
     let start_balance = balance(&w.chain, &kp).await;
     let state = w.path("state");
+
+    // A dry run scores and reports hits, needs no bucket and sends nothing.
+    let out = Running::start(w.submitter_to(
+        &kp,
+        "dry",
+        "http://127.0.0.1:1/v1/blobs",
+        &["--max-pieces", "2", "--dry-run"],
+    ))
+    .finish(Duration::from_secs(120));
+    let dry = summary(&out);
+    assert!(dry["hits"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(dry["submissions"], 0, "{dry}");
+    assert_eq!(dry["dropped"], dry["hits"], "{dry}");
+    assert_eq!(dry["run"]["pieces"], 2, "{dry}");
 
     // One piece scored; its hits queued; the transaction task held before it submits any.
     let mut cmd = w.submitter(&kp, "state", &["--max-pieces", "1"]);

@@ -641,3 +641,36 @@ mod tests {
         assert_eq!(corpus_chunks(dir.path(), 10, 2).unwrap().len(), 2);
     }
 }
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    /// Above the limit, the least recently used encrypted files go first; other files stay.
+    #[test]
+    fn the_disk_cache_evicts_the_least_recently_used_above_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        for (name, age_s) in [("old", 300), ("middle", 200), ("new", 100)] {
+            let path = dir.path().join(format!("{name}.safetensors.enc"));
+            std::fs::write(&path, [0u8; 100]).unwrap();
+            let file = std::fs::File::options().append(true).open(&path).unwrap();
+            file.set_modified(now - std::time::Duration::from_secs(age_s))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), [0u8; 1000]).unwrap();
+        let cache = ModelCache::new(dir.path()).with_disk_limit(250);
+        cache.evict();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["middle.safetensors.enc", "new.safetensors.enc", "notes.txt"]
+        );
+        ModelCache::new(dir.path()).with_disk_limit(0).evict();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

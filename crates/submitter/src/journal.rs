@@ -136,10 +136,15 @@ pub struct Hit {
     pub distance: f32,
     pub threshold: f32,
     pub reward_pool: u64,
-    /// Until the submission is sent (cleared after, to keep the journal small).
-    #[serde(default)]
-    pub embedding: Vec<f32>,
     pub state: State,
+}
+
+impl Hit {
+    /// The key of its embedding in [`Journal::embeddings`]: every target a piece hits with the
+    /// same model shares one.
+    pub fn embedding_key(&self) -> String {
+        format!("{}/{}", self.piece, self.model_id)
+    }
 }
 
 /// Spend in one epoch, held against the limits.
@@ -178,6 +183,8 @@ pub struct Journal {
     pub wallet: String,
     /// Keyed by target id.
     pub hits: BTreeMap<ObjectId, Hit>,
+    /// The embeddings queued hits will be submitted with, by [`Hit::embedding_key`].
+    pub embeddings: BTreeMap<String, Vec<f32>>,
     pub spend: BTreeMap<u64, EpochSpend>,
     pub totals: Totals,
 }
@@ -190,6 +197,7 @@ impl Journal {
             chain_id: chain_id.into(),
             wallet: wallet.into(),
             hits: BTreeMap::new(),
+            embeddings: BTreeMap::new(),
             spend: BTreeMap::new(),
             totals: Totals::default(),
         }
@@ -259,9 +267,18 @@ impl Journal {
             }
             self.spend.retain(|e, _| e + KEEP_SETTLED_EPOCHS >= epoch);
         }
+        // Only a hit not yet submitted may need its embedding (again, if its transaction
+        // never executes).
+        let needed: std::collections::HashSet<String> = self
+            .hits
+            .values()
+            .filter(|h| matches!(h.state, State::Queued | State::Submitting { .. }))
+            .map(Hit::embedding_key)
+            .collect();
+        self.embeddings.retain(|key, _| needed.contains(key));
         write_atomic(
             &Self::path_in(dir),
-            &serde_json::to_vec_pretty(self).expect("the journal serialises"),
+            &serde_json::to_vec(self).expect("the journal serialises"),
         )
     }
 

@@ -93,10 +93,16 @@ pub struct Settings {
     /// Stop scoring after this many pieces (in this process), then wait until every
     /// submission is settled (claimed, or refused) and exit.
     pub max_pieces: Option<u64>,
+    /// Once scoring is over, submit what is queued and exit without waiting for claims (they
+    /// stay journaled for the next start). `bench submitter` uses it.
+    pub exit_when_scored: bool,
     pub progress_every: Duration,
     /// How often the transaction task and an idle loop look at the chain.
     pub poll: Duration,
 }
+
+/// Counters are saved at least this often while nothing else changes.
+const JOURNAL_SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// A piece's hits are written under `pieces/` by checksum until they are submitted.
 fn piece_path(state_dir: &Path, checksum: &str) -> PathBuf {
@@ -124,9 +130,21 @@ struct Shared {
 impl Shared {
     /// Applies `change` to the journal and saves it; metrics follow.
     fn update<T>(&self, change: impl FnOnce(&mut Journal) -> T) -> Result<T, SubmitterError> {
+        self.change(true, change)
+    }
+
+    /// As [`Shared::update`], saving only when `save` (counters may wait for the next save;
+    /// anything that must survive a crash may not).
+    fn change<T>(
+        &self,
+        save: bool,
+        change: impl FnOnce(&mut Journal) -> T,
+    ) -> Result<T, SubmitterError> {
         let mut journal = self.journal.lock().expect("journal lock");
         let out = change(&mut journal);
-        journal.save(&self.settings.state_dir, self.epoch.load(Ordering::Relaxed))?;
+        if save {
+            journal.save(&self.settings.state_dir, self.epoch.load(Ordering::Relaxed))?;
+        }
         self.metrics.observe_journal(&journal);
         Ok(out)
     }
@@ -159,6 +177,20 @@ pub struct Summary {
     pub claimed_shannons: i128,
     pub bond_outstanding: u64,
     pub weights_downloads: u64,
+    /// This process's scoring loop: pieces, tokens, its wall time and the part spent scoring.
+    pub run: RunTiming,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RunTiming {
+    pub pieces: u64,
+    pub tokens: u64,
+    pub loop_seconds: f64,
+    pub scoring_seconds: f64,
+    /// The same until the first piece was done: it includes loading each model (from the
+    /// disk cache, or downloading it), once per process.
+    pub first_piece_loop_seconds: f64,
+    pub first_piece_scoring_seconds: f64,
 }
 
 impl Submitter {
@@ -231,7 +263,8 @@ impl Submitter {
         let shared = self.shared.clone();
         resolve_inflight(&shared).await?;
         let task = tokio::spawn(transactions(shared.clone()));
-        let scored = self.score_loop().await;
+        let mut timing = RunTiming::default();
+        let scored = self.score_loop(&mut timing).await;
         shared.scoring_done.store(true, Ordering::Relaxed);
         shared.wake.notify_one();
         let settled = task
@@ -251,10 +284,11 @@ impl Submitter {
             claimed_shannons: j.totals.claimed_shannons,
             bond_outstanding: j.bond_outstanding(),
             weights_downloads: downloads,
+            run: timing,
         }))
     }
 
-    async fn score_loop(&mut self) -> Result<(), SubmitterError> {
+    async fn score_loop(&mut self, timing: &mut RunTiming) -> Result<(), SubmitterError> {
         let shared = self.shared.clone();
         let settings = &shared.settings;
         let cursor_path = settings.state_dir.join("cursor.bin");
@@ -271,8 +305,14 @@ impl Submitter {
         let mut interval = (Instant::now(), 0u64, Duration::ZERO, 0u64);
         // Models whose weights failed to load: skipped until the next refresh.
         let mut broken: HashSet<ObjectId> = HashSet::new();
+        let mut last_save = Instant::now();
         loop {
+            timing.pieces = pieces;
+            timing.loop_seconds = started.elapsed().as_secs_f64();
+            timing.scoring_seconds = scoring_time.as_secs_f64();
             if shared.stopping() || settings.max_pieces.is_some_and(|max| pieces >= max) {
+                // The counters that waited for a save.
+                shared.update(|_| ())?;
                 return Ok(());
             }
             let epoch = match shared.chain.epoch_clock().await {
@@ -321,6 +361,10 @@ impl Submitter {
                 .filter(|t| !already.contains(&t.id))
                 .collect();
             if open.is_empty() {
+                if last_save.elapsed() >= JOURNAL_SAVE_EVERY {
+                    shared.update(|_| ())?;
+                    last_save = Instant::now();
+                }
                 // Nothing to score for: wait for a new epoch or a refresh.
                 tokio::time::sleep(settings.poll).await;
                 since_refresh = settings.refresh_every;
@@ -372,7 +416,6 @@ impl Submitter {
                     distance: e.distance,
                     threshold: e.threshold,
                     reward_pool: t.reward_pool,
-                    embedding: e.embedding,
                     state: if settings.dry_run {
                         State::Dropped {
                             reason: "dry run".into(),
@@ -397,7 +440,10 @@ impl Submitter {
                     if settings.dry_run { " (dry run)" } else { "" }
                 );
             }
-            shared.update(|j| {
+            // Hits are saved before the cursor moves past their piece; counters alone wait
+            // (at most a few seconds) for the next save.
+            let save = hits > 0 || last_save.elapsed() >= JOURNAL_SAVE_EVERY;
+            shared.change(save, |j| {
                 j.totals.pieces_scored += 1;
                 j.totals.tokens_scored += tokens;
                 j.totals.hits += hits;
@@ -405,14 +451,26 @@ impl Submitter {
                     j.totals.dropped += hits;
                 }
                 for hit in found {
+                    if !settings.dry_run {
+                        j.embeddings
+                            .insert(hit.embedding_key(), scores[&hit.model_id].embedding.clone());
+                    }
                     j.hits.insert(hit.target_id, hit);
                 }
             })?;
+            if save {
+                last_save = Instant::now();
+            }
             journal::write_atomic(&cursor_path, &stream.position().to_bytes())?;
             if hits > 0 {
                 shared.wake.notify_one();
             }
             pieces += 1;
+            timing.tokens += tokens;
+            if pieces == 1 {
+                timing.first_piece_loop_seconds = started.elapsed().as_secs_f64();
+                timing.first_piece_scoring_seconds = scoring_time.as_secs_f64();
+            }
             since_refresh += 1;
             interval.1 += 1;
             interval.3 += tokens;
@@ -538,15 +596,19 @@ async fn transactions(shared: Arc<Shared>) -> Result<(), SubmitterError> {
                 Err(e) => return Err(e),
             }
         }
-        let unsettled = shared.read(|j| {
-            j.hits
-                .values()
-                .filter(|h| {
-                    !(h.state.is_settled() || (shared.stopping() && h.state == State::Queued))
-                })
-                .count()
+        let (unsettled, unsent) = shared.read(|j| {
+            let open = |h: &&Hit| {
+                !(h.state.is_settled() || (shared.stopping() && h.state == State::Queued))
+            };
+            let unsent = |h: &&Hit| matches!(h.state, State::Queued | State::Submitting { .. });
+            (
+                j.hits.values().filter(open).count(),
+                j.hits.values().filter(unsent).count(),
+            )
         });
-        if shared.stopping() || (shared.scoring_done.load(Ordering::Relaxed) && unsettled == 0) {
+        let done = shared.scoring_done.load(Ordering::Relaxed)
+            && (unsettled == 0 || (shared.settings.exit_when_scored && unsent == 0));
+        if shared.stopping() || done {
             if unsettled > 0 {
                 tracing::info!(
                     "stopping with {unsettled} submissions to settle: they are journaled and the \
@@ -674,7 +736,6 @@ fn drop_hit(
     tracing::warn!("target {target}: {reason}");
     shared.update(|j| {
         if let Some(h) = j.hits.get_mut(&target) {
-            h.embedding.clear();
             h.state = if refused {
                 j.totals.refused += 1;
                 State::Refused { reason }
@@ -851,6 +912,14 @@ async fn submit_one(
         }
         Err(e) => return drop_hit(shared, target, false, format!("{}: {e}", path.display())),
     };
+    let Some(embedding) = shared.read(|j| j.embeddings.get(&hit.embedding_key()).cloned()) else {
+        return drop_hit(
+            shared,
+            target,
+            false,
+            "its embedding is not in the journal".into(),
+        );
+    };
     let storage = shared
         .storage
         .as_ref()
@@ -889,7 +958,7 @@ async fn submit_one(
             target_id: target,
             data_manifest: manifest.clone(),
             model_id: hit.model_id,
-            embedding: SomaTensor::vector(&hit.embedding),
+            embedding: SomaTensor::vector(&embedding),
             distance_score: SomaTensor::scalar(hit.distance),
             loss_score: SomaTensor::vector(&[hit.loss]),
             bond_coin: gas,
@@ -957,7 +1026,6 @@ fn settle_submission(
                 spend.fees += fee;
                 spend.submissions += 1;
                 if let Some(h) = j.hits.get_mut(&target) {
-                    h.embedding.clear();
                     h.state = State::Submitted {
                         digest: executed.digest,
                         fill_epoch: epoch,

@@ -32,6 +32,9 @@ pub enum BenchCommand {
     /// The host's share of a device training step, timed on this machine: the work the GPU path
     /// still does on the CPU per micro-batch and per optimizer step (see docs/gpu.md).
     Host(HostBenchArgs),
+    /// The data submitter against an embedded localnet with one revealed model of the preset:
+    /// pieces and tokens per second, and the scoring loop's time not spent scoring.
+    Submitter(super::submitter_bench::SubmitterBenchArgs),
 }
 
 #[derive(Args)]
@@ -176,11 +179,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Localnet(args) => bench_localnet(args),
         BenchCommand::Corpus(args) => bench_corpus(args),
         BenchCommand::Host(args) => bench_host(args),
+        BenchCommand::Submitter(args) => super::submitter_bench::bench_submitter(args),
     }
 }
 
 /// Writes `size_mb` of JSON lines whose documents are 1–8 KiB of printable text.
-fn synthetic_jsonl(path: &std::path::Path, size_mb: u64) -> Result<()> {
+pub fn synthetic_jsonl(path: &std::path::Path, size_mb: u64) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut state = 7u64;

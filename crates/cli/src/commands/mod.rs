@@ -12,6 +12,7 @@ pub mod score;
 pub mod strategy;
 pub mod submit;
 pub mod submitter;
+pub mod submitter_bench;
 pub mod train;
 pub mod wallet;
 

@@ -155,6 +155,7 @@ pub fn run_submitter(args: SubmitterArgs) -> Result<()> {
             merge_coins_above: args.merge_coins_above,
             dry_run: args.dry_run,
             max_pieces: args.max_pieces,
+            exit_when_scored: false,
             progress_every: Duration::from_secs(args.progress_secs.max(1)),
             poll: Duration::from_millis(args.poll_ms.max(10)),
         };
