@@ -66,7 +66,18 @@ enum Command {
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
     /// Send SOMA to another account.
+    #[command(alias = "send")]
     Transfer(commands::model::TransferArgs),
+    /// Pay several accounts in one transaction (`--to A,B --amount 1,2.5`).
+    Pay(commands::account::PayArgs),
+    /// The wallet's (or any address's) balance, and with --with-coins every coin.
+    Balance(commands::account::BalanceArgs),
+    /// Merge the wallet's coins into one (the smallest sent to itself, the rest as gas).
+    MergeCoins(commands::account::MergeCoinsArgs),
+    /// Objects an account owns (coins, staked SOMA), with versions and digests.
+    Objects(commands::account::ObjectsArgs),
+    /// One transaction: kind, status (with the network's error kind), fee, balance changes.
+    Tx(commands::account::TxArgs),
     /// The account key: new, import, show.
     #[command(subcommand)]
     Wallet(commands::wallet::WalletCommand),
@@ -159,6 +170,11 @@ fn main() -> ExitCode {
         Command::LocalnetCycle(args) => commands::publish::run_cycle(args),
         Command::Targets(args) => commands::submit::run_targets(args),
         Command::Strategy(args) => commands::strategy::run_strategy(args),
+        Command::Pay(args) => commands::account::run_pay(args),
+        Command::Balance(args) => commands::account::run_balance(args),
+        Command::MergeCoins(args) => commands::account::run_merge_coins(args),
+        Command::Objects(args) => commands::account::run_objects(args),
+        Command::Tx(args) => commands::account::run_tx(args),
         Command::Target(command) => commands::submit::run_target(command),
         Command::Submitter(args) => commands::submitter::run_submitter(*args),
         Command::Submit(args) => commands::submit::run_submit(*args),

@@ -772,6 +772,42 @@ impl ChainClient {
         Err(last.expect("at least one attempt"))
     }
 
+    /// The SDK's `merge_coins`: the smallest coin is sent to the owner and every other coin
+    /// (up to 255, richest first) pays gas, merged into the first. `None` when the owner holds
+    /// at most `keep` coins (nothing to do).
+    pub async fn merge_coins(
+        &self,
+        keypair: &Keypair,
+        keep: usize,
+    ) -> Result<Option<Executed>, ChainError> {
+        let me = keypair.address();
+        let mut coins: Vec<(u64, ObjectRef)> = self
+            .owned_objects(&me, Some(ObjectType::Coin))
+            .await?
+            .iter()
+            .filter_map(|o| Some((o.coin_balance().ok()?, o.reference().ok()?)))
+            .collect();
+        if coins.len() <= keep.max(1) {
+            return Ok(None);
+        }
+        coins.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let (_, smallest) = coins.pop().expect("more than one coin");
+        // The network takes at most 256 gas coins in one transaction.
+        let gas: Vec<ObjectRef> = coins.into_iter().take(255).map(|(_, r)| r).collect();
+        let data = TransactionData::new(
+            TransactionKind::TransferCoin {
+                coin: smallest,
+                amount: None,
+                recipient: me,
+            },
+            me,
+            gas,
+        );
+        self.execute(&SignedTransaction::sign(keypair, data))
+            .await
+            .map(Some)
+    }
+
     /// The reference of the owner's richest coin.
     pub async fn richest_coin(&self, owner: &Address) -> Result<ObjectRef, ChainError> {
         let coins = self.owned_objects(owner, Some(ObjectType::Coin)).await?;

@@ -433,8 +433,17 @@ impl Services {
                 "model {winner} has the lowest loss on this data, not {model_id}"
             )));
         }
-        let losses = from_bits(&scored.loss_score);
-        let true_loss = losses[scored.winner as usize];
+        // The scorer is another process: every index into its answer is checked.
+        let at = |values: Vec<f32>, what: &str| {
+            values.get(scored.winner as usize).copied().ok_or_else(|| {
+                Status::internal(format!(
+                    "the scorer's {what} has {} values and no entry for its winner {}",
+                    values.len(),
+                    scored.winner
+                ))
+            })
+        };
+        let true_loss = at(from_bits(&scored.loss_score), "loss_score")?;
         let claimed_loss = loss_score.values().ok().and_then(|v| v.first().copied());
         if !claimed_loss.is_some_and(|l| {
             (l - true_loss).abs() <= VERIFY_RELATIVE_LOSS * true_loss.abs().max(1.0)
@@ -455,7 +464,7 @@ impl Services {
                 "the claimed embedding is not the model's (cosine distance {apart})"
             )));
         }
-        let true_distance = from_bits(&scored.distance)[scored.winner as usize];
+        let true_distance = at(from_bits(&scored.distance), "distance")?;
         let claimed_distance = distance_score
             .values()
             .ok()
@@ -484,7 +493,8 @@ impl LedgerService for Services {
             chain_id: Some(self.node.chain_id().to_string()),
             chain: Some("localnet".into()),
             epoch: Some(epoch),
-            checkpoint_height: Some(height),
+            // The latest checkpoint's sequence number (genesis made checkpoint 0).
+            checkpoint_height: Some(height.saturating_sub(1)),
             timestamp: Some(convert::timestamp_from_ms(now_ms())),
             lowest_available_checkpoint: Some(0),
             lowest_available_checkpoint_objects: Some(0),
@@ -546,8 +556,8 @@ impl LedgerService for Services {
                     "checkpoints are looked up by sequence number on this localnet",
                 ));
             }
-            None if height == 0 => return Err(Status::not_found("no checkpoint yet")),
-            None => height - 1,
+            // Genesis made checkpoint 0; a height of 0 is never served.
+            None => height.saturating_sub(1),
         };
         let checkpoint = self
             .blocking(move |n| n.checkpoint(sequence))

@@ -81,6 +81,28 @@ pub struct Checkpoint {
     pub transactions: Vec<TxDigest>,
 }
 
+impl Checkpoint {
+    fn new(sequence: u64, timestamp_ms: u64, transactions: Vec<TxDigest>) -> Self {
+        let mut parts: Vec<&[u8]> = vec![b"Checkpoint::"];
+        let sequence_bytes = sequence.to_le_bytes();
+        parts.push(&sequence_bytes);
+        for d in &transactions {
+            parts.push(&d.0);
+        }
+        Checkpoint {
+            sequence,
+            digest: Digest(blake2b256(&parts)),
+            timestamp_ms,
+            transactions,
+        }
+    }
+}
+
+/// Checkpoint 0: genesis, with no transactions, at the chain's start.
+fn genesis_checkpoint(genesis_ms: u64) -> Checkpoint {
+    Checkpoint::new(0, genesis_ms, Vec::new())
+}
+
 fn checkpoint_key(sequence: u64) -> String {
     format!("{sequence:020}")
 }
@@ -177,7 +199,17 @@ impl Localnet {
                 chain_id
             }
         };
-        let ledger = load_ledger(&store)?;
+        let mut ledger = load_ledger(&store)?;
+        if ledger.system.checkpoint_height == 0 {
+            // The network always has its genesis checkpoint: a reader's first "latest
+            // checkpoint" finds it (a chain created before this existed gets it now).
+            let genesis = genesis_checkpoint(ledger.system.epoch_start_ms);
+            ledger.system.checkpoint_height = 1;
+            let mut batch = Batch::default();
+            batch.put(Table::Checkpoints, checkpoint_key(0), &genesis);
+            batch.put(Table::System, SYSTEM_KEY, &ledger.system);
+            store.commit(batch)?;
+        }
         let accounted = ledger.accounted_supply();
         if accounted != ledger.system.total_supply as u128 {
             return Err(LocalnetError::Supply {
@@ -378,18 +410,7 @@ impl Localnet {
         now_ms: u64,
     ) -> Checkpoint {
         let digests: Vec<TxDigest> = records.iter().map(|r| r.digest).collect();
-        let mut parts: Vec<&[u8]> = vec![b"Checkpoint::"];
-        let sequence_bytes = sequence.to_le_bytes();
-        parts.push(&sequence_bytes);
-        for d in &digests {
-            parts.push(&d.0);
-        }
-        let checkpoint = Checkpoint {
-            sequence,
-            digest: Digest(blake2b256(&parts)),
-            timestamp_ms: now_ms,
-            transactions: digests,
-        };
+        let checkpoint = Checkpoint::new(sequence, now_ms, digests);
         inner.ledger.system.checkpoint_height = sequence + 1;
         batch.put(Table::Checkpoints, checkpoint_key(sequence), &checkpoint);
         batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);

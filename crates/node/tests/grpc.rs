@@ -417,3 +417,53 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
     }
 }
+
+/// As the network: a fresh chain already has its genesis checkpoint (0, no transactions), so a
+/// newcomer's first "latest checkpoint" finds it; the first transaction lands in checkpoint 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_chain_serves_its_genesis_checkpoint() {
+    let net = start().await;
+    let mut ledger = LedgerServiceClient::new(net.rpc.clone());
+    let latest = |ledger: &mut LedgerServiceClient<Channel>, id| {
+        let mut ledger = ledger.clone();
+        async move {
+            ledger
+                .get_checkpoint(proto::GetCheckpointRequest {
+                    checkpoint_id: id,
+                    read_mask: None,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .checkpoint
+                .unwrap()
+        }
+    };
+    let info = ledger
+        .get_service_info(proto::GetServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.checkpoint_height,
+        Some(0),
+        "the latest checkpoint is genesis"
+    );
+    let genesis = latest(&mut ledger, None).await;
+    assert_eq!(genesis.sequence_number, Some(0));
+    assert!(genesis.transactions.is_empty());
+    let by_number = latest(
+        &mut ledger,
+        Some(proto::get_checkpoint_request::CheckpointId::SequenceNumber(
+            0,
+        )),
+    )
+    .await;
+    assert_eq!(by_number, genesis);
+
+    let alice = Keypair::from_secret([1; 32]);
+    fund(&net, &alice).await;
+    let after = latest(&mut ledger, None).await;
+    assert_eq!(after.sequence_number, Some(1));
+    assert_eq!(after.transactions.len(), 1);
+}

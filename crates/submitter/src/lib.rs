@@ -1185,36 +1185,16 @@ async fn settle_claim(
     }
 }
 
-/// The SDK's `merge_coins`: the smallest coin is sent to ourselves and every other coin pays
-/// gas, merged into the first. Done once per epoch when the wallet holds many coins.
+/// Merges the wallet's coins the SDK's way (see [`ChainClient::merge_coins`]) when it holds
+/// more than `merge_coins_above`. Done once per epoch.
 async fn merge_coins(shared: &Shared) -> Result<(), SubmitterError> {
-    let me = shared.keypair.address();
-    let mut coins: Vec<(u64, somatrain_protocol::ObjectRef)> = shared
+    let Some(executed) = shared
         .chain
-        .owned_objects(&me, Some(somatrain_protocol::ObjectType::Coin))
+        .merge_coins(&shared.keypair, shared.settings.merge_coins_above)
         .await?
-        .iter()
-        .filter_map(|o| Some((o.coin_balance().ok()?, o.reference().ok()?)))
-        .collect();
-    if coins.len() <= shared.settings.merge_coins_above.max(1) {
+    else {
         return Ok(());
-    }
-    coins.sort_by_key(|c| std::cmp::Reverse(c.0));
-    let (_, smallest) = coins.pop().expect("more than one coin");
-    // The network takes at most 256 gas coins in one transaction.
-    let gas: Vec<_> = coins.into_iter().take(255).map(|(_, r)| r).collect();
-    let count = gas.len() + 1;
-    let data = TransactionData::new(
-        TransactionKind::TransferCoin {
-            coin: smallest,
-            amount: None,
-            recipient: me,
-        },
-        me,
-        gas,
-    );
-    let tx = SignedTransaction::sign(&shared.keypair, data);
-    let executed = send(&shared.chain, &tx).await?;
+    };
     let fee = executed.effects.fee.total_fee;
     let epoch = executed.effects.executed_epoch;
     shared.update(|j| {
@@ -1223,7 +1203,7 @@ async fn merge_coins(shared: &Shared) -> Result<(), SubmitterError> {
     })?;
     match executed.status() {
         ExecutionStatus::Success => {
-            tracing::info!("merged {count} coins into 2 ({})", executed.digest)
+            tracing::info!("merged the wallet's coins ({})", executed.digest)
         }
         ExecutionStatus::Failure(f) => {
             tracing::warn!(

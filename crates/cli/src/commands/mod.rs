@@ -1,5 +1,6 @@
 //! One module per subcommand, plus what they share: reading inputs and choosing a device.
 
+pub mod account;
 pub mod bench;
 pub mod crypto;
 pub mod localnet;

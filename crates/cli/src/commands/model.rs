@@ -19,10 +19,10 @@ use super::network::{ChainOptions, soma};
 #[derive(Args, Clone)]
 pub struct AccountOptions {
     #[command(flatten)]
-    chain: ChainOptions,
+    pub chain: ChainOptions,
     /// Keystore file (default: $HOME/.somatrain/keystore.json; SOMA_SECRET_KEY wins).
     #[arg(long, env = "SOMATRAIN_KEYSTORE")]
-    keystore: Option<PathBuf>,
+    pub keystore: Option<PathBuf>,
 }
 
 /// Which model: an id, or the one a run directory's journal created.
@@ -172,7 +172,7 @@ fn signer(account: &AccountOptions) -> Result<(ChainClient, Keypair)> {
 }
 
 /// The executed transaction if it succeeded, else the failure as an error.
-fn succeeded(executed: Executed) -> Result<Executed> {
+pub fn succeeded(executed: Executed) -> Result<Executed> {
     match executed.status() {
         ExecutionStatus::Success => Ok(executed),
         ExecutionStatus::Failure(f) => bail!(
