@@ -510,10 +510,11 @@ impl Localnet {
             .get(Table::Checkpoints, &checkpoint_key(sequence))?)
     }
 
-    /// Runs a transaction against a copy of the state without committing it.
+    /// Runs a transaction against the current state without committing it. Execution only
+    /// reads the ledger (its writes go to an overlay), so nothing is copied, and the inputs
+    /// (gas and owned objects) are checked before any other work.
     pub fn simulate(&self, tx: &SignedTransaction) -> Result<Executed, Refusal> {
-        let ledger = self.read(|l| l.clone());
-        execute::execute(&ledger, tx)
+        self.read(|l| execute::execute(l, tx))
     }
 
     /// Objects of `owner` after `after` (exclusive), at most `limit`, optionally of one type.
