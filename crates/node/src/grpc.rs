@@ -29,6 +29,7 @@ use somatrain_rpc::side::{
 use somatrain_rpc::{MAX_MESSAGE_BYTES, admin, faucet, scoring};
 use tonic::{Request, Response, Status};
 
+use crate::ledger::execute::Refusal;
 use crate::ledger::system::{Model, PROTOCOL_VERSION};
 use crate::localnet::{Localnet, LocalnetError, TransactionRecord};
 
@@ -82,6 +83,9 @@ impl Services {
 
 fn localnet_status(e: LocalnetError) -> Status {
     match e {
+        LocalnetError::Refused(refusal @ Refusal::Panicked(_)) => {
+            Status::internal(refusal.to_string())
+        }
         LocalnetError::Refused(refusal) if refusal.is_precondition() => {
             Status::failed_precondition(refusal.to_string())
         }

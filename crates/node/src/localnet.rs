@@ -353,7 +353,7 @@ impl Localnet {
             let result = match previous {
                 Ok(Some(record)) => Ok(record),
                 Err(e) => Err(LocalnetError::Store(e)),
-                Ok(None) => match execute::execute(&inner.ledger, &q.tx) {
+                Ok(None) => match execute::execute_guarded(&inner.ledger, &q.tx) {
                     Ok(executed) => {
                         let record = record_of(
                             executed_parts(&executed),
@@ -514,7 +514,7 @@ impl Localnet {
     /// reads the ledger (its writes go to an overlay), so nothing is copied, and the inputs
     /// (gas and owned objects) are checked before any other work.
     pub fn simulate(&self, tx: &SignedTransaction) -> Result<Executed, Refusal> {
-        self.read(|l| execute::execute(l, tx))
+        self.read(|l| execute::execute_guarded(l, tx))
     }
 
     /// Objects of `owner` after `after` (exclusive), at most `limit`, optionally of one type.

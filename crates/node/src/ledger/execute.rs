@@ -60,7 +60,16 @@ pub enum Refusal {
     MergedInput(ObjectId),
     #[error("gas coins hold {balance} shannons, below the base fee of {base_fee}")]
     InsufficientGas { balance: u64, base_fee: u64 },
+    /// A bug met while executing this transaction: it is refused, nothing changed, and the
+    /// node goes on serving.
+    #[error("the node failed while executing this transaction ({0}); nothing changed")]
+    Panicked(String),
 }
+
+/// The amount that makes a `TransferCoin` panic inside execution, in a build with the `faults`
+/// feature (the node's own tests), to show that a panic fails one transaction and nothing else.
+#[cfg(feature = "faults")]
+pub const FAULT_AMOUNT: u64 = 64_023;
 
 impl Refusal {
     /// Refusals a client fixes by picking or re-reading a coin (FAILED_PRECONDITION); the rest
@@ -268,8 +277,33 @@ fn model_not_found(id: &ObjectId) -> ExecutionFailure {
 }
 
 /// Runs `tx` (already signature-checked) against `ledger`.
+/// [`execute`], with a panic inside it caught and turned into [`Refusal::Panicked`]: execution
+/// only reads the ledger (its writes go to the returned changes), so there is nothing to roll
+/// back and no lock is poisoned.
+pub fn execute_guarded(ledger: &Ledger, tx: &SignedTransaction) -> Result<Executed, Refusal> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(ledger, tx))).unwrap_or_else(
+        |payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!("executing transaction {} panicked: {message}", tx.digest());
+            Err(Refusal::Panicked(message))
+        },
+    )
+}
+
 pub fn execute(ledger: &Ledger, tx: &SignedTransaction) -> Result<Executed, Refusal> {
     let data = &tx.data;
+    #[cfg(feature = "faults")]
+    if let TransactionKind::TransferCoin {
+        amount: Some(FAULT_AMOUNT),
+        ..
+    } = &data.kind
+    {
+        panic!("fault injected: a TransferCoin of {FAULT_AMOUNT} shannons");
+    }
     let digest = data.digest();
     if data.kind.is_system() {
         return Err(Refusal::SystemKind(data.kind.name()));
