@@ -4,20 +4,10 @@
 use somatrain_protocol::{Keypair, ObjectType, SHANNONS_PER_SOMA};
 
 mod common;
-use common::{COMMAND_DEADLINE, GrpcLocalnet, OutputWithin, bin, sent_fees};
+use common::{GrpcLocalnet, sent_fees};
 
 fn run(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> (bool, String, String) {
-    let out = bin()
-        .args(args)
-        .args(net.chain_args())
-        .env("SOMA_SECRET_KEY", kp.secret_hex())
-        .output_within(COMMAND_DEADLINE)
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_as(net, kp, args)
 }
 
 fn json(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> serde_json::Value {

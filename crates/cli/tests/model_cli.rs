@@ -11,22 +11,10 @@ use somatrain_protocol::{
 };
 
 mod common;
-use common::{COMMAND_DEADLINE, OutputWithin};
-use common::{GrpcLocalnet, bin, sent_by, sent_fees};
+use common::{GrpcLocalnet, sent_by, sent_fees};
 
-/// Runs the binary as `kp` against `net`; (success, stdout, stderr).
 fn somatrain(net: &GrpcLocalnet, kp: &Keypair, args: &[&str]) -> (bool, String, String) {
-    let out = bin()
-        .args(args)
-        .args(net.chain_args())
-        .env("SOMA_SECRET_KEY", kp.secret_hex())
-        .output_within(COMMAND_DEADLINE)
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_as(net, kp, args)
 }
 
 async fn run(chain: &ChainClient, kp: &Keypair, kind: TransactionKind) {

@@ -50,20 +50,7 @@ async fn world() -> World {
 
 impl World {
     fn submitter(&self, kp: &Keypair, state: &str, extra: &[&str]) -> Command {
-        let mut cmd = bin();
-        cmd.arg("submitter")
-            .args(["--state-dir", self.path(state).to_str().unwrap()])
-            .args(["--cache-dir", self.path("cache").to_str().unwrap()])
-            .args(["--corpus-dir", common::sources().to_str().unwrap()])
-            .args(["--piece-bytes", "2048", "--poll-ms", "200", "--json"])
-            .args(self.net.args())
-            .args(extra)
-            .env("SOMA_SECRET_KEY", kp.secret_hex())
-            .env_remove("S3_BUCKET")
-            .env_remove("SOMATRAIN_PAUSE_AT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
+        self.submitter_to(kp, state, &self.net.blobs, extra)
     }
 
     /// As [`World::submitter`], uploading to `blob_url` instead of the localnet's host.

@@ -227,6 +227,17 @@ impl RunningLocalnet {
 
 /// Opens the chain in `data_dir` (created with `genesis` the first time) and serves it on
 /// `ports`, with a blob host on `blob` when given, until `shutdown` resolves.
+/// Every service on a free loopback port (embedded localnets: `localnet-cycle`, benches).
+pub fn loopback_ports() -> somatrain_node::grpc::Ports {
+    let any = || std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    somatrain_node::grpc::Ports {
+        rpc: any(),
+        faucet: any(),
+        scoring: any(),
+        admin: any(),
+    }
+}
+
 pub async fn start(
     data_dir: &std::path::Path,
     genesis: Params,

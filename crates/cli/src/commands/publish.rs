@@ -577,13 +577,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
     let scorers = super::device_scorers(args.device)?;
     runtime()?.block_on(async move {
         let blob_listener = bind_cycle_port(&node_dir, args.port).await?;
-        let any = |_| SocketAddr::from(([127, 0, 0, 1], 0));
-        let ports = somatrain_node::grpc::Ports {
-            rpc: any(0),
-            faucet: any(1),
-            scoring: any(2),
-            admin: any(3),
-        };
+        let ports = super::localnet::loopback_ports();
         let genesis = somatrain_node::ledger::Params {
             embedding_dim: settings.model.embedding_dim as u64,
             ..Default::default()

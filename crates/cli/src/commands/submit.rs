@@ -135,8 +135,9 @@ pub struct SubmitArgs {
     json: bool,
 }
 
-fn cache_dir(args: &SubmitArgs) -> PathBuf {
-    args.cache_dir.clone().unwrap_or_else(|| {
+/// `--cache-dir`, else `$HOME/.somatrain/cache/weights` (shared by `submit` and `submitter`).
+pub fn weights_cache_dir(given: Option<&std::path::Path>) -> PathBuf {
+    given.map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."));
@@ -147,7 +148,7 @@ fn cache_dir(args: &SubmitArgs) -> PathBuf {
 pub fn run_submit(args: SubmitArgs) -> Result<()> {
     super::publish::runtime()?.block_on(async {
         let client = args.network.chain.client()?;
-        let mut cache = ModelCache::with_scorers(&cache_dir(&args), super::device_scorers(args.device)?);
+        let mut cache = ModelCache::with_scorers(&weights_cache_dir(args.cache_dir.as_deref()), super::device_scorers(args.device)?);
         if args.auto {
             return submit_auto(&args, &client, &mut cache).await;
         }

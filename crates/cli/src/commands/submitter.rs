@@ -80,15 +80,6 @@ pub struct SubmitterArgs {
     json: bool,
 }
 
-fn cache_dir(args: &SubmitterArgs) -> PathBuf {
-    args.cache_dir.clone().unwrap_or_else(|| {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
-        home.join(".somatrain/cache/weights")
-    })
-}
-
 pub fn run_submitter(args: SubmitterArgs) -> Result<()> {
     if args.piece_bytes == 0 {
         bail!("--piece-bytes must be positive");
@@ -120,8 +111,11 @@ pub fn run_submitter(args: SubmitterArgs) -> Result<()> {
         } else {
             Some(args.network.storage.open()?)
         };
-        let cache = somatrain_submit::ModelCache::with_scorers(&cache_dir(&args), scorers)
-            .with_disk_limit((args.cache_max_gb * 1e9) as u64);
+        let cache = somatrain_submit::ModelCache::with_scorers(
+            &super::submit::weights_cache_dir(args.cache_dir.as_deref()),
+            scorers,
+        )
+        .with_disk_limit((args.cache_max_gb * 1e9) as u64);
         let metrics = Arc::new(Metrics::default());
         if let Some(addr) = args.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)

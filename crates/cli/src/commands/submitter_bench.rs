@@ -2,7 +2,6 @@
 //! with one revealed model of the preset: pieces and tokens per second, and the share of the
 //! scoring loop's time spent on anything but scoring, once the weights are cached.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -112,13 +111,7 @@ pub fn bench_submitter(args: SubmitterBenchArgs) -> Result<()> {
     super::bench::synthetic_jsonl(&corpus_file, 8)?;
     let config = args.preset.config();
     super::publish::runtime()?.block_on(async move {
-        let any = |_| SocketAddr::from(([127, 0, 0, 1], 0));
-        let ports = somatrain_node::grpc::Ports {
-            rpc: any(0),
-            faucet: any(1),
-            scoring: any(2),
-            admin: any(3),
-        };
+        let ports = super::localnet::loopback_ports();
         let genesis = somatrain_node::ledger::Params {
             embedding_dim: config.embedding_dim as u64,
             faucet_amount: 1000 * SHANNONS_PER_SOMA,

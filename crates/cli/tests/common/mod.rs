@@ -400,3 +400,23 @@ pub async fn sent_fees(
         .map(|(_, executed)| executed.effects.fee.total_fee)
         .sum()
 }
+
+/// Runs the binary with `args` as `kp` against `net` (chain flags only); (success, stdout,
+/// stderr).
+pub fn run_as(
+    net: &GrpcLocalnet,
+    kp: &somatrain_protocol::Keypair,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = bin()
+        .args(args)
+        .args(net.chain_args())
+        .env("SOMA_SECRET_KEY", kp.secret_hex())
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
