@@ -424,6 +424,28 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
         balance(&w.chain, &kp).await as i128,
         start_balance as i128 - (fees - claim_fees) as i128 - bonds as i128 + net_claims,
     );
+
+    // Later epochs, the same state: epoch 4's new targets are scored and one is submitted
+    // (this run's limit), then claimed in epoch 6.
+    let mut fourth = Running::start(w.submitter(
+        &kp,
+        "state",
+        &["--max-pieces", "3", "--max-submissions-per-epoch", "1"],
+    ));
+    fourth.wait_for("submitted to target", Duration::from_secs(180));
+    assert_eq!(w.chain.advance_epoch().await.unwrap(), 5);
+    assert_eq!(w.chain.advance_epoch().await.unwrap(), 6);
+    let later = crate::summary(&fourth.finish(Duration::from_secs(120)));
+    assert_eq!(later["submissions"], 4, "{later}");
+    assert_eq!(later["claims"], 4, "{later}");
+    assert_eq!(later["bond_outstanding"], 0, "{later}");
+    let claims: Vec<u64> = executed_by(&w.chain, &kp.address())
+        .await
+        .iter()
+        .filter(|(data, e)| data.kind.name() == "ClaimRewards" && e.effects.status.is_success())
+        .map(|(_, e)| e.effects.executed_epoch)
+        .collect();
+    assert_eq!(claims, vec![4, 4, 4, 6]);
 }
 
 /// A bucket that refuses every request (403, as S3 does for a wrong key): uploads fail fast.

@@ -79,7 +79,8 @@ pub enum State {
         digest: TxDigest,
         epoch: u64,
         bond: u64,
-        received: i128,
+        /// Shannons (i64: the whole supply fits, and JSON in a tagged enum takes no i128).
+        received: i64,
     },
     /// Someone else claimed it first: the chain paid our share and bond all the same.
     ClaimedByOther { bond: u64 },
@@ -169,7 +170,7 @@ pub struct Totals {
     pub upload_failures: u64,
     pub claims: u64,
     /// What claims moved into the wallet, bonds included, fees excluded.
-    pub claimed_shannons: i128,
+    pub claimed_shannons: i64,
     pub fees: u64,
 }
 
@@ -304,4 +305,71 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SubmitterError> {
         let _ = std::fs::remove_file(&tmp);
         SubmitterError::io(path, e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state, written and read back: what a restart reads is what was written.
+    #[test]
+    fn a_journal_with_every_state_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tx = Inflight {
+            digest: TxDigest([3; 32]),
+            signed_bcs: "00".into(),
+        };
+        let states = [
+            State::Queued,
+            State::Submitting {
+                inflight: tx.clone(),
+                bond: 5,
+            },
+            State::Submitted {
+                digest: TxDigest([4; 32]),
+                fill_epoch: 2,
+                bond: 5,
+            },
+            State::Claiming {
+                inflight: tx,
+                fill_epoch: 2,
+                bond: 5,
+            },
+            State::Claimed {
+                digest: TxDigest([5; 32]),
+                epoch: 4,
+                bond: 5,
+                received: -7,
+            },
+            State::ClaimedByOther { bond: 5 },
+            State::Refused {
+                reason: "filled".into(),
+            },
+            State::Dropped {
+                reason: "limit".into(),
+            },
+        ];
+        let mut journal = Journal::new("chain", "wallet");
+        for (i, state) in states.into_iter().enumerate() {
+            let hit = Hit {
+                target_id: ObjectId([i as u8; 32]),
+                generation_epoch: 2,
+                model_id: ObjectId([9; 32]),
+                piece: "piece".into(),
+                size: 10,
+                loss: 1.5,
+                distance: 0.9,
+                threshold: 1.05,
+                reward_pool: 100,
+                state,
+            };
+            journal.hits.insert(hit.target_id, hit);
+        }
+        journal
+            .embeddings
+            .insert("piece/0x09".into(), vec![0.5, -1.0]);
+        journal.totals.claimed_shannons = -7;
+        journal.save(dir.path(), 2).unwrap();
+        assert_eq!(Journal::load(dir.path()).unwrap().unwrap(), journal);
+    }
 }

@@ -174,7 +174,7 @@ pub struct Summary {
     pub dropped: u64,
     pub upload_failures: u64,
     pub claims: u64,
-    pub claimed_shannons: i128,
+    pub claimed_shannons: i64,
     pub bond_outstanding: u64,
     pub weights_downloads: u64,
     /// This process's scoring loop: pieces, tokens, its wall time and the part spent scoring.
@@ -1136,6 +1136,10 @@ async fn settle_claim(
         .filter(|c| c.address == me)
         .map(|c| c.amount)
         .sum();
+    // Within the total supply (10^16 shannons), far inside i64.
+    let received = i64::try_from(received).map_err(|_| {
+        SubmitterError::Journal(format!("a claim moved {received} shannons: out of range"))
+    })?;
     match executed.status() {
         ExecutionStatus::Success => {
             tracing::info!(
