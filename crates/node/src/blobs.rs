@@ -4,7 +4,8 @@
 //! An upload streams into a unique temporary file (a name no request can fetch), is fsynced and
 //! then renamed into place; a failed or oversized upload removes its temporary file. A published
 //! name is never overwritten (409), so a URL on chain keeps serving the bytes it was committed
-//! with.
+//! with. A quota bounds what all blobs together (uploads in progress included) may take on
+//! disk: an upload past it is refused with 507 before it can fill the disk the chain needs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,60 @@ struct Host {
     max_bytes: u64,
     /// How long an upload may go without data.
     idle: std::time::Duration,
+    /// Bytes all blobs and uploads in progress may take together.
+    quota: u64,
+    /// Bytes taken now: published blobs plus what uploads in progress have written.
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Host {
+    /// Takes `bytes` of the quota, or says why not.
+    fn reserve(&self, bytes: u64) -> Result<(), (StatusCode, String)> {
+        use std::sync::atomic::Ordering;
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let after = used.saturating_add(bytes);
+            if after > self.quota {
+                return Err((
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "the blob host's quota of {} bytes is full ({used} taken); nothing \
+                         was stored",
+                        self.quota
+                    ),
+                ));
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, after, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.used
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Bytes of the published blobs in `dir` (left-over temporary files are removed).
+fn published_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(".upload-") {
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        let meta = entry.metadata()?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -54,11 +109,28 @@ pub fn router_with_idle(
     max_bytes: u64,
     idle: std::time::Duration,
 ) -> std::io::Result<Router> {
+    build(dir, max_bytes, idle, u64::MAX)
+}
+
+/// As [`router`], with all blobs together (uploads in progress included) held to `quota` bytes.
+pub fn router_with_quota(dir: PathBuf, max_bytes: u64, quota: u64) -> std::io::Result<Router> {
+    build(dir, max_bytes, BODY_IDLE_TIMEOUT, quota)
+}
+
+fn build(
+    dir: PathBuf,
+    max_bytes: u64,
+    idle: std::time::Duration,
+    quota: u64,
+) -> std::io::Result<Router> {
     std::fs::create_dir_all(&dir)?;
+    let used = published_bytes(&dir)?;
     let host = Arc::new(Host {
         dir,
         max_bytes,
         idle,
+        quota,
+        used: used.into(),
     });
     Ok(Router::new()
         .route("/v1/blobs/{name}", put(put_blob).get(get_blob))
@@ -128,8 +200,21 @@ async fn put_blob(
     if path.exists() {
         return error(StatusCode::CONFLICT, format!("{name} is already published"));
     }
+    // A declared size past the quota is refused before a byte is read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared {
+        if let Err((status, message)) = host.reserve(declared) {
+            return error(status, message);
+        }
+        host.release(declared);
+    }
     let unique = somatrain_protocol::EncryptionKey::generate().to_base58();
     let tmp = host.dir.join(format!(".upload-{unique}"));
+    let mut reserved = 0u64;
     let outcome = async {
         let mut file = tokio::fs::File::create(&tmp)
             .await
@@ -159,6 +244,8 @@ async fn put_blob(
                     format!("blobs hold at most {} bytes", host.max_bytes),
                 ));
             }
+            host.reserve(chunk.len() as u64)?;
+            reserved += chunk.len() as u64;
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
@@ -180,6 +267,10 @@ async fn put_blob(
     }
     .await;
     let _ = tokio::fs::remove_file(&tmp).await;
+    if outcome.is_err() {
+        // A published blob keeps its bytes counted; a failed upload gives them back.
+        host.release(reserved);
+    }
     match outcome {
         Ok((size, checksum)) => axum::Json(serde_json::json!({
             "name": name,

@@ -105,3 +105,99 @@ async fn a_stalled_upload_is_abandoned_and_leaves_nothing() {
     .unwrap();
     assert!(cut < Duration::from_secs(5), "cut off after {cut:?}");
 }
+
+/// `PUT /v1/blobs/NAME` over a raw connection, with a declared length or chunked (no length
+/// known up front); the status code of the answer.
+fn put(addr: std::net::SocketAddr, name: &str, body: &[u8], chunked: bool) -> u16 {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let head = if chunked {
+        format!("PUT /v1/blobs/{name} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    } else {
+        format!(
+            "PUT /v1/blobs/{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    // The host may answer and close before the body is all sent: write errors are expected.
+    let _ = stream.write_all(head.as_bytes());
+    for piece in body.chunks(64 << 10) {
+        let sent = if chunked {
+            stream
+                .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                .and_then(|_| stream.write_all(piece))
+                .and_then(|_| stream.write_all(b"\r\n"))
+        } else {
+            stream.write_all(piece)
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    if chunked {
+        let _ = stream.write_all(b"0\r\n\r\n");
+    }
+    let mut answer = vec![0u8; 1024];
+    let n = stream.read(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+/// The quota holds every blob together: uploads past it are refused with 507 (a declared size
+/// before any byte is read, a chunked one as soon as it passes), leave nothing behind and give
+/// their bytes back; a restarted host counts what is already published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_the_quota_are_refused_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    const MIB: usize = 1 << 20;
+    let quota = (5 * MIB / 2) as u64;
+    let start = |dir: std::path::PathBuf| async move {
+        let router = somatrain_node::blobs::router_with_quota(dir, 16 << 20, quota).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(somatrain_node::blobs::serve(
+            listener,
+            router,
+            Duration::from_secs(10),
+        ));
+        addr
+    };
+    let addr = start(dir.path().to_path_buf()).await;
+    let mib = vec![7u8; MIB];
+    let statuses = tokio::task::spawn_blocking(move || {
+        vec![
+            put(addr, "a.bin", &mib, false),
+            put(addr, "b.bin", &mib, true),
+            // 2 MiB taken of 2.5: neither a declared nor a streamed 1 MiB fits.
+            put(addr, "c.bin", &mib, false),
+            put(addr, "d.bin", &mib, true),
+            // The refused ones gave their bytes back: 0.4 MiB still fits.
+            put(addr, "e.bin", &mib[..2 * MIB / 5], true),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec![200, 200, 507, 507, 200]);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a.bin", "b.bin", "e.bin"],
+        "no temporary file is left"
+    );
+
+    // A host restarted over the same directory counts the 2.4 MiB already there.
+    let again = start(dir.path().to_path_buf()).await;
+    let fifth = tokio::task::spawn_blocking(move || put(again, "f.bin", &[1u8; MIB / 5], false))
+        .await
+        .unwrap();
+    assert_eq!(fifth, 507);
+}

@@ -41,6 +41,10 @@ pub struct LocalnetArgs {
     /// HTTP blob host for weights and data (`PUT`/`GET /v1/blobs/NAME`); off unless given.
     #[arg(long)]
     blob_port: Option<u16>,
+    /// What all blobs together may take on disk, in GB (uploads past it are refused with 507,
+    /// so they never fill the disk the chain writes to).
+    #[arg(long, default_value_t = DEFAULT_BLOB_QUOTA_GB)]
+    blob_quota_gb: f64,
     /// Shannons per faucet request (one coin).
     #[arg(long, default_value_t = 2_000_000_000)]
     faucet_amount: u64,
@@ -227,6 +231,25 @@ impl RunningLocalnet {
 
 /// Opens the chain in `data_dir` (created with `genesis` the first time) and serves it on
 /// `ports`, with a blob host on `blob` when given, until `shutdown` resolves.
+/// What the blob host's files may take on disk unless told otherwise: twenty V1 weights files.
+pub const DEFAULT_BLOB_QUOTA_GB: f64 = 100.0;
+
+/// The blob host of an embedded localnet: where it listens and its disk quota in bytes.
+pub struct BlobHost {
+    pub listener: tokio::net::TcpListener,
+    pub quota: u64,
+}
+
+impl BlobHost {
+    /// On `listener`, with the default quota.
+    pub fn new(listener: tokio::net::TcpListener) -> Self {
+        BlobHost {
+            listener,
+            quota: (DEFAULT_BLOB_QUOTA_GB * 1e9) as u64,
+        }
+    }
+}
+
 /// Every service on a free loopback port (embedded localnets: `localnet-cycle`, benches).
 pub fn loopback_ports() -> somatrain_node::grpc::Ports {
     let any = || std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -244,7 +267,7 @@ pub async fn start(
     verify_submissions: bool,
     scorers: somatrain_submit::ScorerFactory,
     ports: Ports,
-    blob: Option<tokio::net::TcpListener>,
+    blob: Option<BlobHost>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<RunningLocalnet> {
     std::fs::create_dir_all(data_dir)
@@ -281,11 +304,12 @@ pub async fn start(
         .map(|l| l.local_addr())
         .collect::<std::io::Result<_>>()?;
     let blobs = match blob {
-        Some(listener) => {
+        Some(BlobHost { listener, quota }) => {
             let addr = listener.local_addr()?;
-            let router = somatrain_node::blobs::router(
+            let router = somatrain_node::blobs::router_with_quota(
                 data_dir.join("blobs"),
                 somatrain_node::blobs::DEFAULT_MAX_BLOB_BYTES,
+                quota,
             )?;
             tokio::spawn(somatrain_node::blobs::serve(
                 listener,
@@ -339,14 +363,18 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
     let scorers = super::device_scorers(args.device)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        if !(args.blob_quota_gb.is_finite() && args.blob_quota_gb > 0.0) {
+            bail!("--blob-quota-gb must be a positive number");
+        }
         let blob = match args.blob_port {
             Some(port) => {
                 let addr = SocketAddr::new(args.bind, port);
-                Some(
-                    tokio::net::TcpListener::bind(addr)
+                Some(BlobHost {
+                    listener: tokio::net::TcpListener::bind(addr)
                         .await
                         .with_context(|| format!("binding the blob host to {addr}"))?,
-                )
+                    quota: (args.blob_quota_gb * 1e9) as u64,
+                })
             }
             None => None,
         };

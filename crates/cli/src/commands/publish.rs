@@ -588,7 +588,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
             false,
             scorers.clone(),
             ports,
-            Some(blob_listener),
+            Some(super::localnet::BlobHost::new(blob_listener)),
             std::future::pending(),
         )
         .await?;

@@ -123,7 +123,9 @@ pub fn bench_submitter(args: SubmitterBenchArgs) -> Result<()> {
             false,
             scorers.clone(),
             ports,
-            Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+            Some(super::localnet::BlobHost::new(
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            )),
             std::future::pending(),
         )
         .await?;
