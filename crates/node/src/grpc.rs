@@ -497,8 +497,9 @@ impl LedgerService for Services {
             chain_id: Some(self.node.chain_id().to_string()),
             chain: Some("localnet".into()),
             epoch: Some(epoch),
-            // The latest checkpoint's sequence number (genesis made checkpoint 0).
-            checkpoint_height: Some(height.saturating_sub(1)),
+            // Checkpoints sealed so far, genesis included (the official SDK breaks on the
+            // latest sequence number here).
+            checkpoint_height: Some(height),
             timestamp: Some(convert::timestamp_from_ms(now_ms())),
             lowest_available_checkpoint: Some(0),
             lowest_available_checkpoint_objects: Some(0),

@@ -446,8 +446,8 @@ async fn a_fresh_chain_serves_its_genesis_checkpoint() {
         .into_inner();
     assert_eq!(
         info.checkpoint_height,
-        Some(0),
-        "the latest checkpoint is genesis"
+        Some(1),
+        "genesis is the one checkpoint"
     );
     let genesis = latest(&mut ledger, None).await;
     assert_eq!(genesis.sequence_number, Some(0));
