@@ -427,12 +427,29 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
 
     // Later epochs, the same state: epoch 4's new targets are scored and one is submitted
     // (this run's limit), then claimed in epoch 6.
-    let mut fourth = Running::start(w.submitter(
+    let scored_before = journal(&state)["totals"]["pieces_scored"].as_u64().unwrap();
+    let fourth = Running::start(w.submitter(
         &kp,
         "state",
         &["--max-pieces", "3", "--max-submissions-per-epoch", "1"],
     ));
-    fourth.wait_for("submitted to target", Duration::from_secs(180));
+    // Its three pieces scored before the epoch moves on (so none meets epoch 5's targets),
+    // and its one submission made.
+    until(
+        &state,
+        Duration::from_secs(180),
+        "3 pieces and a submission in epoch 4",
+        |s| {
+            let j = journal(&state);
+            j["totals"]["pieces_scored"].as_u64() == Some(scored_before + 3)
+                && j["hits"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .any(|h| h["state"]["fill_epoch"] == 4)
+                && !s.iter().any(|(_, st)| st == "queued" || st == "submitting")
+        },
+    );
     assert_eq!(w.chain.advance_epoch().await.unwrap(), 5);
     assert_eq!(w.chain.advance_epoch().await.unwrap(), 6);
     let later = crate::summary(&fourth.finish(Duration::from_secs(120)));
