@@ -28,6 +28,13 @@ fn transfer(node: &Localnet, from: &Keypair, amount: u64) -> SignedTransaction {
     SignedTransaction::sign(from, data)
 }
 
+/// A queued transaction's answer, or a failure after 30 s (a dead writer must not hang the test).
+async fn within<T>(answer: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(30), answer)
+        .await
+        .expect("the writer thread answered within 30 s")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_transaction_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,7 +54,7 @@ async fn a_panicking_transaction_fails_alone() {
         node.simulate(&faulty)
             .map(|_| ())
             .map_err(LocalnetError::Refused),
-        node.submit_queued(faulty.clone()).await.map(|_| ()),
+        within(node.submit_queued(faulty.clone())).await.map(|_| ()),
     ] {
         match result {
             Err(LocalnetError::Refused(Refusal::Panicked(message))) => {
@@ -64,8 +71,7 @@ async fn a_panicking_transaction_fails_alone() {
     // The node goes on: the next transactions execute, on both paths.
     let ok = node.submit(transfer(&node, &alice, 1000), 3).unwrap();
     assert!(ok.effects.status.is_success());
-    let ok = node
-        .submit_queued(transfer(&node, &alice, 1000))
+    let ok = within(node.submit_queued(transfer(&node, &alice, 1000)))
         .await
         .unwrap();
     assert!(ok.effects.status.is_success());

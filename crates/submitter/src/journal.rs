@@ -283,6 +283,13 @@ impl Journal {
         )
     }
 
+    /// Moves the hit of `target` (if the journal has it) to `state`.
+    pub fn set_state(&mut self, target: &ObjectId, state: State) {
+        if let Some(hit) = self.hits.get_mut(target) {
+            hit.state = state;
+        }
+    }
+
     pub fn spend_in(&mut self, epoch: u64) -> &mut EpochSpend {
         self.spend.entry(epoch).or_default()
     }

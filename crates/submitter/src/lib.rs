@@ -149,6 +149,11 @@ impl Shared {
         Ok(out)
     }
 
+    /// Moves a hit to `state` and saves the journal.
+    fn set_state(&self, target: ObjectId, state: State) -> Result<(), SubmitterError> {
+        self.update(|j| j.set_state(&target, state))
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Journal) -> T) -> T {
         f(&self.journal.lock().expect("journal lock"))
     }
@@ -695,11 +700,7 @@ async fn resolve_inflight(shared: &Shared) -> Result<(), SubmitterError> {
                             "submission {} never executed; target {target} is queued again",
                             inflight.digest
                         );
-                        shared.update(|j| {
-                            if let Some(h) = j.hits.get_mut(&target) {
-                                h.state = State::Queued;
-                            }
-                        })?;
+                        shared.set_state(target, State::Queued)?;
                     }
                 }
             }
@@ -711,15 +712,14 @@ async fn resolve_inflight(shared: &Shared) -> Result<(), SubmitterError> {
                 Outcome::Executed(executed) => {
                     settle_claim(shared, target, fill_epoch, bond, &executed).await?
                 }
-                Outcome::Never => shared.update(|j| {
-                    if let Some(h) = j.hits.get_mut(&target) {
-                        h.state = State::Submitted {
-                            digest: inflight.digest,
-                            fill_epoch,
-                            bond,
-                        };
-                    }
-                })?,
+                Outcome::Never => shared.set_state(
+                    target,
+                    State::Submitted {
+                        digest: inflight.digest,
+                        fill_epoch,
+                        bond,
+                    },
+                )?,
             },
             _ => {}
         }
@@ -735,15 +735,14 @@ fn drop_hit(
 ) -> Result<(), SubmitterError> {
     tracing::warn!("target {target}: {reason}");
     shared.update(|j| {
-        if let Some(h) = j.hits.get_mut(&target) {
-            h.state = if refused {
-                j.totals.refused += 1;
-                State::Refused { reason }
-            } else {
-                j.totals.dropped += 1;
-                State::Dropped { reason }
-            };
-        }
+        let state = if refused {
+            j.totals.refused += 1;
+            State::Refused { reason }
+        } else {
+            j.totals.dropped += 1;
+            State::Dropped { reason }
+        };
+        j.set_state(&target, state);
     })?;
     remove_unused_pieces(shared);
     Ok(())
@@ -966,14 +965,13 @@ async fn submit_one(
         let data = TransactionData::new(kind, shared.keypair.address(), vec![gas]);
         let tx = SignedTransaction::sign(&shared.keypair, data);
         let inflight = Inflight::new(&tx);
-        shared.update(|j| {
-            if let Some(h) = j.hits.get_mut(&target) {
-                h.state = State::Submitting {
-                    inflight: inflight.clone(),
-                    bond,
-                };
-            }
-        })?;
+        shared.set_state(
+            target,
+            State::Submitting {
+                inflight: inflight.clone(),
+                bond,
+            },
+        )?;
         pause_point("submitter-journaled").await;
         match send(&shared.chain, &tx).await {
             Ok(executed) => {
@@ -983,11 +981,7 @@ async fn submit_one(
             }
             Err(e) if e.is_coin_conflict() && attempt < 3 => {
                 attempt += 1;
-                shared.update(|j| {
-                    if let Some(h) = j.hits.get_mut(&target) {
-                        h.state = State::Queued;
-                    }
-                })?;
+                shared.set_state(target, State::Queued)?;
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
             Err(ChainError::Refused { message, .. }) => {
@@ -1025,13 +1019,14 @@ fn settle_submission(
                 spend.bond += bond;
                 spend.fees += fee;
                 spend.submissions += 1;
-                if let Some(h) = j.hits.get_mut(&target) {
-                    h.state = State::Submitted {
+                j.set_state(
+                    &target,
+                    State::Submitted {
                         digest: executed.digest,
                         fill_epoch: epoch,
                         bond,
-                    };
-                }
+                    },
+                );
             })?;
             remove_unused_pieces(shared);
         }
@@ -1076,11 +1071,7 @@ async fn claim_due(shared: &Shared, epoch: u64) -> Result<(), SubmitterError> {
         }
         if shared.chain.object(&target).await?.is_none() {
             tracing::info!("target {target} was claimed by someone else; the chain paid us");
-            shared.update(|j| {
-                if let Some(h) = j.hits.get_mut(&target) {
-                    h.state = State::ClaimedByOther { bond };
-                }
-            })?;
+            shared.set_state(target, State::ClaimedByOther { bond })?;
             continue;
         }
         let gas = shared.chain.richest_coin(&shared.keypair.address()).await?;
@@ -1091,28 +1082,26 @@ async fn claim_due(shared: &Shared, epoch: u64) -> Result<(), SubmitterError> {
         );
         let tx = SignedTransaction::sign(&shared.keypair, data);
         let inflight = Inflight::new(&tx);
-        shared.update(|j| {
-            if let Some(h) = j.hits.get_mut(&target) {
-                h.state = State::Claiming {
-                    inflight: inflight.clone(),
-                    fill_epoch,
-                    bond,
-                };
-            }
-        })?;
+        shared.set_state(
+            target,
+            State::Claiming {
+                inflight: inflight.clone(),
+                fill_epoch,
+                bond,
+            },
+        )?;
         match send(&shared.chain, &tx).await {
             Ok(executed) => settle_claim(shared, target, fill_epoch, bond, &executed).await?,
             Err(e) if !e.is_transient() => {
                 tracing::warn!("claiming target {target}: {e}; tried again later");
-                shared.update(|j| {
-                    if let Some(h) = j.hits.get_mut(&target) {
-                        h.state = State::Submitted {
-                            digest: inflight.digest,
-                            fill_epoch,
-                            bond,
-                        };
-                    }
-                })?;
+                shared.set_state(
+                    target,
+                    State::Submitted {
+                        digest: inflight.digest,
+                        fill_epoch,
+                        bond,
+                    },
+                )?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -1152,14 +1141,15 @@ async fn settle_claim(
                 j.totals.claimed_shannons += received;
                 j.totals.fees += fee;
                 j.spend_in(epoch).fees += fee;
-                if let Some(h) = j.hits.get_mut(&target) {
-                    h.state = State::Claimed {
+                j.set_state(
+                    &target,
+                    State::Claimed {
                         digest: executed.digest,
                         epoch,
                         bond,
                         received,
-                    };
-                }
+                    },
+                );
             })
         }
         ExecutionStatus::Failure(f) => {
@@ -1173,8 +1163,9 @@ async fn settle_claim(
             shared.update(|j| {
                 j.totals.fees += fee;
                 j.spend_in(epoch).fees += fee;
-                if let Some(h) = j.hits.get_mut(&target) {
-                    h.state = if gone {
+                j.set_state(
+                    &target,
+                    if gone {
                         State::ClaimedByOther { bond }
                     } else {
                         State::Submitted {
@@ -1182,8 +1173,8 @@ async fn settle_claim(
                             fill_epoch,
                             bond,
                         }
-                    };
-                }
+                    },
+                );
             })
         }
     }
