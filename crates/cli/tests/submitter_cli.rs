@@ -217,6 +217,27 @@ fn until(state: &Path, limit: Duration, what: &str, check: impl Fn(&[(String, St
     }
 }
 
+/// Waits (at most 180 s) until the journal counts `pieces` scored, nothing is queued or being
+/// submitted, and `check` holds: a run's scoring is over and its submissions are settled.
+fn until_scored(
+    state: &Path,
+    pieces: u64,
+    what: &str,
+    check: impl Fn(&[(String, String)], &serde_json::Value) -> bool,
+) {
+    until(
+        state,
+        Duration::from_secs(180),
+        &format!("{pieces} pieces and {what}"),
+        |s| {
+            let j = journal(state);
+            j["totals"]["pieces_scored"].as_u64() == Some(pieces)
+                && !s.iter().any(|(_, st)| st == "queued" || st == "submitting")
+                && check(s, &j)
+        },
+    );
+}
+
 async fn balance(chain: &ChainClient, kp: &Keypair) -> u64 {
     chain.balance(&kp.address()).await.unwrap()
 }
@@ -320,16 +341,9 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
     ));
     // Its 40 pieces scored (so none is scored against the next epoch's targets) and three
     // submissions made.
-    until(
-        &state,
-        Duration::from_secs(180),
-        "40 pieces and three submissions",
-        |s| {
-            journal(&state)["totals"]["pieces_scored"].as_u64() == Some(scored_before + 40)
-                && s.iter().filter(|(_, st)| st == "submitted").count() == 3
-                && !s.iter().any(|(_, st)| st == "queued" || st == "submitting")
-        },
-    );
+    until_scored(&state, scored_before + 40, "three submissions", |s, _| {
+        s.iter().filter(|(_, st)| st == "submitted").count() == 3
+    });
     // Not claimable before epoch fill + 2 = 4.
     assert_eq!(w.chain.advance_epoch().await.unwrap(), 3);
     std::thread::sleep(Duration::from_secs(1));
@@ -435,19 +449,16 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
     ));
     // Its three pieces scored before the epoch moves on (so none meets epoch 5's targets),
     // and its one submission made.
-    until(
+    until_scored(
         &state,
-        Duration::from_secs(180),
-        "3 pieces and a submission in epoch 4",
-        |s| {
-            let j = journal(&state);
-            j["totals"]["pieces_scored"].as_u64() == Some(scored_before + 3)
-                && j["hits"]
-                    .as_object()
-                    .unwrap()
-                    .values()
-                    .any(|h| h["state"]["fill_epoch"] == 4)
-                && !s.iter().any(|(_, st)| st == "queued" || st == "submitting")
+        scored_before + 3,
+        "a submission in epoch 4",
+        |_, j| {
+            j["hits"]
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|h| h["state"]["fill_epoch"] == 4)
         },
     );
     assert_eq!(w.chain.advance_epoch().await.unwrap(), 5);
