@@ -65,6 +65,12 @@ enum Command {
     /// Manage a model after it was created: show, stake, unstake, commission, deactivate.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// Stake SOMA with a validator (or a model): it earns from the next epoch.
+    Stake(commands::stake::StakeArgs),
+    /// Withdraw a StakedSoma: its principal and the rewards it earned.
+    Unstake(commands::stake::UnstakeArgs),
+    /// The validators: voting power, commission, stake and yield.
+    Validators(commands::stake::ValidatorsArgs),
     /// Send SOMA to another account.
     #[command(alias = "send")]
     Transfer(commands::model::TransferArgs),
@@ -181,6 +187,9 @@ fn main() -> ExitCode {
         Command::Claim(args) => commands::submit::run_claim(args),
         Command::Model(cmd) => commands::model::run_model(cmd),
         Command::Transfer(args) => commands::model::run_transfer(args),
+        Command::Stake(args) => commands::stake::run_stake(args),
+        Command::Unstake(args) => commands::stake::run_unstake(args),
+        Command::Validators(args) => commands::stake::run_validators(args),
         Command::Wallet(cmd) => commands::wallet::run(cmd),
         Command::Plot(args) => commands::plot::run_plot(args),
         Command::Completions { shell } => {

@@ -439,6 +439,86 @@ async fn commit_and_reveal_commands_reupload_weights_the_host_lost() {
         ModelState::Active
     );
     assert_revealed_weights_load(&client, &id).await;
+    // The validators check the re-uploaded weights as the epoch closes: nothing is reported,
+    // and the model keeps its whole stake.
+    let stake_before = client.model(&id).await.unwrap().unwrap().stake;
+    assert_eq!(advance(&client).await, 2);
+    let model = client.model(&id).await.unwrap().unwrap();
+    assert_eq!(model.state, ModelState::Active);
+    assert_eq!(model.stake, stake_before);
+}
+
+/// Publishes one round of `run_dir` on `net` (commit, epoch change, reveal) as `kp`.
+async fn publish_round(net: &GrpcLocalnet, kp: &Keypair, run_dir: &Path) -> ObjectId {
+    let client = net.client();
+    client.faucet(&kp.address()).await.unwrap();
+    common::train_tiny(run_dir, &["--steps", "2", "--heldout-per-mille", "200"]);
+    for verb in ["commit", "reveal"] {
+        let out = bin()
+            .args([verb, "--run-dir", run_dir.to_str().unwrap()])
+            .args(net.args())
+            .env("SOMA_SECRET_KEY", kp.secret_hex())
+            .env_remove("S3_BUCKET")
+            .output_within(COMMAND_DEADLINE)
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if verb == "commit" {
+            advance(&client).await;
+        }
+    }
+    model_id(run_dir)
+}
+
+fn delete_blobs(net: &GrpcLocalnet) {
+    for entry in std::fs::read_dir(net.dir.join("blobs")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_gone_after_the_reveal_are_reported_and_slashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = localnet(&dir.path().join("node"), 86_400_000);
+    let client = net.client();
+    let kp = Keypair::generate();
+    let id = publish_round(&net, &kp, &dir.path().join("run")).await;
+    let model = client.model(&id).await.unwrap().unwrap();
+    assert_eq!(model.state, ModelState::Active);
+    let stake = model.stake;
+    // Right after the reveal the host loses the weights; the epoch closes.
+    delete_blobs(&net);
+    assert_eq!(advance(&client).await, 2);
+    let model = client.model(&id).await.unwrap().unwrap();
+    assert_eq!(model.state, ModelState::Inactive);
+    // The tally slash: 95% of the pool, as the network's `model_tally_slash_rate_bps`.
+    assert_eq!(model.stake, stake - stake * 9_500 / 10_000);
+    // The report came from the validator, on the chain.
+    let validator: somatrain_protocol::Address =
+        client.epoch_view().await.unwrap().validators[0].address;
+    let reports = sent_by(&client, &validator).await;
+    assert_eq!(
+        reports,
+        vec![("ReportModel".to_string(), true)],
+        "{reports:?}"
+    );
+
+    // The same loss on a localnet without weight checks changes nothing.
+    let quiet = GrpcLocalnet::start(
+        &dir.path().join("quiet"),
+        &["--embedding-dim", "16", "--no-weight-checks"],
+    );
+    let id = publish_round(&quiet, &kp, &dir.path().join("run2")).await;
+    delete_blobs(&quiet);
+    let client = quiet.client();
+    assert_eq!(advance(&client).await, 2);
+    assert_eq!(
+        client.model(&id).await.unwrap().unwrap().state,
+        ModelState::Active
+    );
 }
 
 #[test]

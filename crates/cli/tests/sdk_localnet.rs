@@ -188,3 +188,23 @@ fn the_sdk_reads_what_our_publisher_wrote() {
     );
     assert!(out.contains("the SDK reads what somatrain wrote"), "{out}");
 }
+
+#[test]
+fn the_sdk_stakes_with_the_validator_and_withdraws_rewards() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrpcLocalnet::start(
+        &dir.path().join("chain"),
+        &[
+            "--embedding-dim",
+            "16",
+            "--faucet-amount",
+            "100000000000000",
+        ],
+    );
+    let out = run_sdk_script(
+        "staking.py",
+        &[&node.rpc, &node.faucet, &node.admin],
+        Duration::from_secs(180),
+    );
+    assert!(out.contains("staking flow passed"), "{out}");
+}

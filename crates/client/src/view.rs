@@ -73,6 +73,87 @@ pub struct EpochView {
     pub emission_pool: u64,
     pub total_model_stake: u64,
     pub models: Vec<ModelView>,
+    pub validators: Vec<ValidatorView>,
+}
+
+/// A validator as the system state shows it: its pool, commission and voting power.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ValidatorView {
+    pub address: Address,
+    pub voting_power: u64,
+    pub commission_bps: u64,
+    pub next_commission_bps: u64,
+    pub pool_id: ObjectId,
+    /// Shannons in the pool (stake and compounded rewards).
+    pub stake: u64,
+    /// Stake that joins at the next epoch change.
+    pub pending_stake: u64,
+    pub next_epoch_stake: u64,
+    /// `(epoch, soma, pool tokens)` at the start of each epoch, oldest first.
+    pub exchange_rates: Vec<(u64, u64, u64)>,
+}
+
+impl ValidatorView {
+    pub fn from_proto(v: &proto::Validator, field: &str) -> Result<Self, ChainError> {
+        let pool = v
+            .staking_pool
+            .as_ref()
+            .ok_or_else(|| protocol(field, "no staking_pool"))?;
+        let mut exchange_rates: Vec<(u64, u64, u64)> = pool
+            .exchange_rates
+            .iter()
+            .map(|(epoch, r)| {
+                (
+                    *epoch,
+                    r.soma_amount.unwrap_or(0),
+                    r.pool_token_amount.unwrap_or(0),
+                )
+            })
+            .collect();
+        exchange_rates.sort_unstable();
+        Ok(ValidatorView {
+            address: address(
+                v.soma_address
+                    .as_deref()
+                    .ok_or_else(|| protocol(field, "no soma_address"))?,
+                field,
+            )?,
+            voting_power: v.voting_power.unwrap_or(0),
+            commission_bps: v.commission_rate.unwrap_or(0),
+            next_commission_bps: v.next_epoch_commission_rate.unwrap_or(0),
+            pool_id: object_id(
+                pool.id
+                    .as_deref()
+                    .ok_or_else(|| protocol(field, "no staking_pool.id"))?,
+                field,
+            )?,
+            stake: pool.soma_balance.unwrap_or(0),
+            pending_stake: pool.pending_stake.unwrap_or(0),
+            next_epoch_stake: v.next_epoch_stake.unwrap_or(0),
+            exchange_rates,
+        })
+    }
+
+    /// The yearly yield of one pool token over the last `epochs` epochs, compounded over a
+    /// year of epochs of `epoch_duration_ms`; `None` until two rates are recorded.
+    pub fn apy(&self, epochs: u64, epoch_duration_ms: u64) -> Option<f64> {
+        let &(last_epoch, last_soma, last_tokens) = self.exchange_rates.last()?;
+        let &(from_epoch, first_soma, first_tokens) = self
+            .exchange_rates
+            .iter()
+            .find(|r| r.0 >= last_epoch.saturating_sub(epochs))?;
+        if from_epoch == last_epoch
+            || [first_soma, first_tokens, last_soma, last_tokens].contains(&0)
+            || epoch_duration_ms == 0
+        {
+            return None;
+        }
+        let growth =
+            (last_soma as f64 / last_tokens as f64) / (first_soma as f64 / first_tokens as f64);
+        let per_epoch = growth.powf(1.0 / (last_epoch - from_epoch) as f64);
+        let epochs_per_year = 365.0 * 24.0 * 3600.0 * 1000.0 / epoch_duration_ms as f64;
+        Some(per_epoch.powf(epochs_per_year) - 1.0)
+    }
 }
 
 impl EpochView {
@@ -145,6 +226,20 @@ impl EpochView {
                 .unwrap_or(0),
             total_model_stake: registry.total_model_stake.unwrap_or(0),
             models,
+            validators: state
+                .validators
+                .as_ref()
+                .map(|set| {
+                    set.validators
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            ValidatorView::from_proto(v, &format!("validators.validators[{i}]"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -397,5 +492,37 @@ impl TargetView {
             bond_amount: t.bond_amount.unwrap_or(0),
             data_url: t.data_url.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validator(exchange_rates: Vec<(u64, u64, u64)>) -> ValidatorView {
+        ValidatorView {
+            address: Address([1; 32]),
+            voting_power: 10_000,
+            commission_bps: 0,
+            next_commission_bps: 0,
+            pool_id: ObjectId([2; 32]),
+            stake: 0,
+            pending_stake: 0,
+            next_epoch_stake: 0,
+            exchange_rates,
+        }
+    }
+
+    #[test]
+    fn apy_compounds_the_growth_of_a_pool_token() {
+        // 1% in one epoch of a day: 1.01^365 - 1 a year.
+        let v = validator(vec![(0, 1_000, 1_000), (1, 1_010, 1_000)]);
+        let apy = v.apy(7, 86_400_000).unwrap();
+        assert!((apy - (1.01f64.powf(365.0) - 1.0)).abs() < 1e-9, "{apy}");
+        // 21% over two epochs is 10% per epoch; the window skips older rates.
+        let v = validator(vec![(0, 1, 1), (3, 1_000, 1_000), (5, 1_210, 1_000)]);
+        let apy = v.apy(2, 365 * 86_400_000).unwrap();
+        assert!((apy - 0.1).abs() < 1e-9, "{apy}");
+        assert!(validator(vec![(0, 1_000, 1_000)]).apy(7, 1).is_none());
     }
 }

@@ -66,9 +66,30 @@ pub struct Services {
     /// claimed model, loss, embedding or distance disagree (`--verify-submissions`). The public
     /// network does not do this; it is for testing submitters.
     pub verify_submissions: bool,
+    /// The validators' weight checks run before each epoch closes (`None`: off).
+    pub weight_checks: Option<Arc<crate::weight_checks::WeightChecks>>,
+    /// One epoch change at a time (the admin service and the clock both close epochs).
+    pub closing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Services {
+    /// Closes the epoch: the validators check this epoch's reveals (and report failures), then
+    /// the epoch changes. With `only_if_due`, nothing happens before the epoch's time is up.
+    pub async fn close_epoch(&self, only_if_due: bool) -> Result<Option<u64>, Status> {
+        let _closing = self.closing.lock().await;
+        if only_if_due && now_ms() < self.node.read(|l| l.system.next_epoch_ms()) {
+            return Ok(None);
+        }
+        if let Some(checks) = &self.weight_checks {
+            checks.check_revealed(&self.node).await;
+        }
+        let epoch = self
+            .blocking(|n| n.advance_epoch(now_ms()))
+            .await?
+            .map_err(localnet_status)?;
+        Ok(Some(epoch))
+    }
+
     /// Runs `f` on a blocking thread so that disk writes never stall the async workers.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -95,7 +116,9 @@ fn localnet_status(e: LocalnetError) -> Status {
             tracing::error!("store failure: {store}");
             Status::unavailable(format!("the node could not write to disk: {store}"))
         }
-        LocalnetError::Supply { .. } => Status::internal(e.to_string()),
+        LocalnetError::Supply { .. } | LocalnetError::ValidatorKeys(_) => {
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -195,6 +218,55 @@ fn model_to_proto(m: &Model) -> proto::Model {
     }
 }
 
+fn reporter_set(reporters: &std::collections::BTreeSet<Address>) -> proto::ReporterSet {
+    proto::ReporterSet {
+        reporters: reporters.iter().map(|a| convert::hex_id(&a.0)).collect(),
+    }
+}
+
+fn validator_to_proto(v: &crate::ledger::validators::Validator) -> proto::Validator {
+    let pool = &v.pool;
+    proto::Validator {
+        soma_address: Some(convert::hex_id(&v.address.0)),
+        protocol_pubkey: Some(v.protocol_pubkey.clone()),
+        network_pubkey: Some(v.network_pubkey.clone()),
+        worker_pubkey: Some(v.worker_pubkey.clone()),
+        net_address: Some(v.net_address.clone()),
+        p2p_address: Some(v.p2p_address.clone()),
+        primary_address: Some(v.primary_address.clone()),
+        voting_power: Some(v.voting_power),
+        commission_rate: Some(v.commission_rate),
+        next_epoch_stake: Some(v.next_epoch_stake),
+        next_epoch_commission_rate: Some(v.next_epoch_commission_rate),
+        staking_pool: Some(proto::StakingPool {
+            id: Some(convert::prefixed_id(&pool.id)),
+            activation_epoch: pool.activation_epoch,
+            deactivation_epoch: pool.deactivation_epoch,
+            soma_balance: Some(pool.soma_balance),
+            rewards_pool: Some(pool.rewards_pool),
+            pool_token_balance: Some(pool.pool_token_balance),
+            exchange_rates: pool
+                .exchange_rates
+                .iter()
+                .map(|(epoch, rate)| {
+                    (
+                        *epoch,
+                        proto::PoolTokenExchangeRate {
+                            soma_amount: Some(rate.soma_amount),
+                            pool_token_amount: Some(rate.pool_token_amount),
+                        },
+                    )
+                })
+                .collect(),
+            pending_stake: Some(pool.pending_stake),
+            pending_total_soma_withdraw: Some(pool.pending_total_soma_withdraw),
+            pending_pool_token_withdraw: Some(pool.pending_pool_token_withdraw),
+        }),
+        proxy_address: Some(v.proxy_address.clone()),
+        proof_of_possession: Some(v.proof_of_possession.clone()),
+    }
+}
+
 fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
     let p = &s.params;
     proto::SystemState {
@@ -233,9 +305,25 @@ fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
             max_submission_data_size: Some(p.max_submission_bytes),
         }),
         validators: Some(proto::ValidatorSet {
-            total_stake: Some(0),
+            total_stake: Some(s.validators.iter().map(|v| v.pool.soma_balance).sum()),
+            validators: s.validators.iter().map(validator_to_proto).collect(),
+            staking_pool_mappings: s
+                .validators
+                .iter()
+                .map(|v| {
+                    (
+                        convert::prefixed_id(&v.pool.id),
+                        convert::hex_id(&v.address.0),
+                    )
+                })
+                .collect(),
+            at_risk_validators: Default::default(),
         }),
-        validator_report_records: Default::default(),
+        validator_report_records: s
+            .validator_reports
+            .iter()
+            .map(|(reportee, reporters)| (convert::hex_id(&reportee.0), reporter_set(reporters)))
+            .collect(),
         emission_pool: Some(proto::EmissionPool {
             balance: Some(s.emission_pool),
             emission_per_epoch: Some(p.emission_per_epoch),
@@ -252,7 +340,11 @@ fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
                 })
                 .collect(),
             total_model_stake: Some(s.models.values().map(|m| m.staking_pool.soma_balance).sum()),
-            model_report_records: Default::default(),
+            model_report_records: s
+                .model_reports
+                .iter()
+                .map(|(model, reporters)| (convert::prefixed_id(model), reporter_set(reporters)))
+                .collect(),
             models: s
                 .models
                 .values()
@@ -896,9 +988,9 @@ impl admin::admin_server::Admin for Services {
         _: Request<AdvanceEpochRequest>,
     ) -> Result<Response<AdvanceEpochResponse>, Status> {
         let epoch = self
-            .blocking(|n| n.advance_epoch(now_ms()))
+            .close_epoch(false)
             .await?
-            .map_err(localnet_status)?;
+            .expect("an unconditional close");
         Ok(Response::new(AdvanceEpochResponse { epoch }))
     }
 }
@@ -1007,14 +1099,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let node = services.node.clone();
+    let clock_services = services.clone();
     let clock = tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_millis(200));
         loop {
             interval.tick().await;
-            let node = node.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || node.tick(now_ms())).await {
-                tracing::error!("epoch change failed: {e}");
+            if let Err(e) = clock_services.close_epoch(true).await {
+                tracing::error!("epoch change failed: {}", e.message());
             }
         }
     });

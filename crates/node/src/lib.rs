@@ -8,6 +8,9 @@
 //!   the [`grpc::ScoringBackend`] trait the binary implements with its scorer).
 //! - [`blobs`]: the HTTP blob host.
 //! - [`idle`]: connections closed after a while without traffic.
+//! - [`validator_keys`]: the localnet's validators' keys, made at genesis.
+//! - [`weight_checks`]: the validators fetch and check each revealed model's weights before the
+//!   epoch closes and report failures (loading is the binary's [`weight_checks::WeightChecker`]).
 //!
 //! It depends only on the protocol types, the rpc crate and the store: it never trains or scores
 //! a model itself, and it never depends on the client.
@@ -19,3 +22,5 @@ pub mod grpc;
 pub mod idle;
 pub mod ledger;
 pub mod localnet;
+pub mod validator_keys;
+pub mod weight_checks;

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use somatrain_protocol::effects::{BalanceChange, TransactionEffects};
 use somatrain_protocol::hash::blake2b256;
+use somatrain_protocol::object::StakedSoma;
 use somatrain_protocol::{
-    Address, Digest, Object, ObjectId, ObjectType, SignedTransaction, TxDigest,
+    Address, Digest, Object, ObjectId, ObjectType, Owner, SignedTransaction, TxDigest,
 };
 use somatrain_store::{Batch, Store, StoreError, Table};
 use tokio::sync::broadcast;
@@ -27,6 +28,22 @@ pub struct LocalnetConfig {
     pub data_dir: PathBuf,
     /// Parameters for a new chain; an existing data directory keeps its own.
     pub genesis: Params,
+    /// Validators of a new chain, each staking [`GENESIS_VALIDATOR_STAKE`] from the faucet's
+    /// reserve; an existing data directory keeps its own.
+    ///
+    /// [`GENESIS_VALIDATOR_STAKE`]: crate::ledger::validators::GENESIS_VALIDATOR_STAKE
+    pub validators: usize,
+}
+
+impl LocalnetConfig {
+    /// A config with the network's default of one validator.
+    pub fn new(data_dir: PathBuf, genesis: Params) -> Self {
+        LocalnetConfig {
+            data_dir,
+            genesis,
+            validators: 1,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +54,8 @@ pub enum LocalnetError {
     Refused(#[from] Refusal),
     #[error("the faucet reserve is empty")]
     FaucetEmpty,
+    #[error(transparent)]
+    ValidatorKeys(#[from] crate::validator_keys::KeyFileError),
     #[error("stored state does not conserve supply ({accounted} accounted, {total} total)")]
     Supply { accounted: u128, total: u64 },
 }
@@ -106,6 +125,9 @@ fn genesis_checkpoint(genesis_ms: u64) -> Checkpoint {
 fn checkpoint_key(sequence: u64) -> String {
     format!("{sequence:020}")
 }
+
+/// Each genesis validator's gas coin, from the faucet's reserve: 1,000 SOMA.
+pub const VALIDATOR_GAS: u64 = 1_000 * somatrain_protocol::SHANNONS_PER_SOMA;
 
 const CHAIN_ID_KEY: &str = "chain_id";
 const SYSTEM_KEY: &str = "object_chain";
@@ -189,9 +211,37 @@ impl Localnet {
         let chain_id = match store.get::<Digest>(Table::System, CHAIN_ID_KEY)? {
             Some(id) => id,
             None => {
-                let system = SystemState::genesis(config.genesis.clone(), now_ms);
+                let (_, validators) =
+                    crate::validator_keys::create(&config.data_dir, config.validators)?;
                 let chain_id = Digest(blake2b256(&[b"somatrain-localnet", &now_ms.to_le_bytes()]));
                 let mut batch = Batch::default();
+                // Each validator's own stake, as the StakedSoma genesis gives it.
+                for v in &validators {
+                    let receipt = StakedSoma {
+                        pool_id: v.pool.id,
+                        stake_activation_epoch: 0,
+                        principal: v.pool.soma_balance,
+                    };
+                    let id = ObjectId(blake2b256(&[b"soma-genesis-validator-stake", &v.address.0]));
+                    let object = Object::new(
+                        ObjectType::StakedSoma,
+                        id,
+                        1,
+                        &receipt,
+                        Owner::AddressOwner(v.address),
+                        TxDigest(chain_id.0),
+                    );
+                    batch.put(Table::Objects, id.hex(), &object);
+                }
+                // And a gas coin, to pay for its reports.
+                for v in &validators {
+                    let id = ObjectId(blake2b256(&[b"soma-genesis-validator-gas", &v.address.0]));
+                    let coin = Object::coin(id, 1, VALIDATOR_GAS, v.address, TxDigest(chain_id.0));
+                    batch.put(Table::Objects, id.hex(), &coin);
+                }
+                let gas = VALIDATOR_GAS * validators.len() as u64;
+                let mut system = SystemState::genesis(config.genesis.clone(), now_ms, validators);
+                system.faucet_reserve -= gas;
                 batch.put(Table::System, SYSTEM_KEY, &system);
                 batch.put(Table::System, CHAIN_ID_KEY, &chain_id);
                 store.commit(batch)?;
@@ -479,15 +529,6 @@ impl Localnet {
         }
         tracing::info!("epoch {} started", inner.ledger.system.epoch);
         Ok(inner.ledger.system.epoch)
-    }
-
-    /// Closes the epoch if its duration has run out; called by the clock task.
-    pub fn tick(&self, now_ms: u64) -> Result<bool, LocalnetError> {
-        let due = now_ms >= self.read(|l| l.system.next_epoch_ms());
-        if due {
-            self.advance_epoch(now_ms)?;
-        }
-        Ok(due)
     }
 
     /// Runs `f` on the current state under the lock; keep `f` short.

@@ -103,6 +103,7 @@ fn transfer(node: &Localnet, from: &Keypair, to: Address, amount: u64) -> Signed
 fn a_full_disk_is_reported_changes_nothing_and_is_recovered_from_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = LocalnetConfig {
+        validators: 1,
         data_dir: dir.path().to_path_buf(),
         genesis: Params {
             embedding_dim: 4,

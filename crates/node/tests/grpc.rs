@@ -32,6 +32,7 @@ struct Net {
 async fn start() -> Net {
     let dir = tempfile::tempdir().unwrap();
     let config = LocalnetConfig {
+        validators: 1,
         data_dir: dir.path().to_path_buf(),
         genesis: Params {
             embedding_dim: 4,
@@ -51,6 +52,8 @@ async fn start() -> Net {
             node,
             scorer: None,
             verify_submissions: false,
+            weight_checks: None,
+            closing: Default::default(),
         },
         listeners,
         async move {

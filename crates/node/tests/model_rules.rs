@@ -27,7 +27,7 @@ impl Chain {
             embedding_dim: 4,
             ..Params::default()
         };
-        let ledger = Ledger::new(SystemState::genesis(params, 0), []);
+        let ledger = Ledger::new(SystemState::genesis(params, 0, vec![]), []);
         let supply = ledger.accounted_supply();
         Chain {
             ledger,

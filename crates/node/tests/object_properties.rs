@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use somatrain_node::ledger::execute::{execute, faucet};
+use somatrain_node::ledger::validators::{GENESIS_VALIDATOR_STAKE, Validator, ValidatorPool};
 use somatrain_node::ledger::{Ledger, ModelState, Params, SystemState, epoch};
+use somatrain_node::validator_keys::ValidatorKeys;
 use somatrain_protocol::crypto::embedding_commitment;
 use somatrain_protocol::effects::{ExecutionStatus, IdOperation};
 use somatrain_protocol::{
@@ -32,6 +34,15 @@ fn coins(ledger: &Ledger, owner: &Address) -> Vec<ObjectRef> {
         .owned_objects(owner, Some(ObjectType::Coin))
         .map(|o| o.reference().unwrap())
         .collect()
+}
+
+/// A validator whose account is the world's key 3. Its pool id is fixed: it is inside every
+/// StakedSoma, so a random one would make the run differ from one time to the next.
+fn validator() -> Validator {
+    let mut v = ValidatorKeys::generate("v".into()).genesis_validator(0, GENESIS_VALIDATOR_STAKE);
+    v.address = Keypair::from_secret([4; 32]).address();
+    v.pool = ValidatorPool::genesis(ObjectId([0xaa; 32]), GENESIS_VALIDATOR_STAKE);
+    v
 }
 
 struct World {
@@ -182,6 +193,15 @@ impl World {
                     embedding: SomaTensor::vector(&embedding),
                 }
             }
+            6 if rng.random_bool(0.5) => TransactionKind::AddStake {
+                validator: self.ledger.system.validators[0].address,
+                coin_ref: coin.unwrap_or(ObjectRef {
+                    id: ObjectId([6; 32]),
+                    version: 1,
+                    digest: Default::default(),
+                }),
+                amount: (amount > 0).then_some(amount),
+            },
             6 => TransactionKind::AddStakeToModel {
                 model_id: model,
                 coin_ref: coin.unwrap_or(ObjectRef {
@@ -230,6 +250,8 @@ impl World {
                 }
             }
             9 => TransactionKind::ClaimRewards { target_id: target },
+            // Only the validator (key 3) may report; anyone else fails with NotAValidator.
+            10 if rng.random_bool(0.1) => TransactionKind::ReportModel { model_id: model },
             _ => TransactionKind::SetModelCommissionRate {
                 model_id: model,
                 new_rate: [100, 20_000][rng.random_range(0..2)],
@@ -265,7 +287,7 @@ fn coin_balance(ledger: &Ledger, id: &ObjectId) -> u64 {
 fn random_object_transactions_keep_every_invariant() {
     for seed in 0..4u64 {
         let mut world = World {
-            ledger: Ledger::new(SystemState::genesis(params(), 0), []),
+            ledger: Ledger::new(SystemState::genesis(params(), 0, vec![validator()]), []),
             keys: (0..4)
                 .map(|i| Keypair::from_secret([i as u8 + 1; 32]))
                 .collect(),
@@ -397,6 +419,8 @@ fn random_object_transactions_keep_every_invariant() {
             "{refused}/{failed}/{succeeded}"
         );
         for kind in [
+            "AddStake",
+            "WithdrawStake",
             "TransferCoin",
             "CreateModel",
             "CommitModel",

@@ -39,6 +39,7 @@ async fn within<T>(answer: impl std::future::Future<Output = T>) -> T {
 async fn a_panicking_transaction_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let config = LocalnetConfig {
+        validators: 1,
         data_dir: dir.path().to_path_buf(),
         genesis: Params::default(),
     };

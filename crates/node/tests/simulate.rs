@@ -33,6 +33,7 @@ fn gas_of(node: &Localnet, kp: &Keypair) -> ObjectRef {
 fn concurrent_simulations_over_a_large_ledger_leave_memory_flat() {
     let dir = tempfile::tempdir().unwrap();
     let config = LocalnetConfig {
+        validators: 1,
         data_dir: dir.path().to_path_buf(),
         genesis: Params {
             embedding_dim: 4,

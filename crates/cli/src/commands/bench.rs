@@ -762,6 +762,7 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let config = LocalnetConfig {
+        validators: 1,
         data_dir: dir.path().to_path_buf(),
         genesis: Params::default(),
     };
@@ -796,6 +797,8 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
             node: node.clone(),
             scorer: None,
             verify_submissions: false,
+            weight_checks: None,
+            closing: Default::default(),
         };
         tokio::spawn(serve(services, listeners, std::future::pending()));
         // A few connections, as a few client processes would open.

@@ -12,6 +12,7 @@ use somatrain_model::score::{ScoreOptions, cosine_distance, score_data};
 use somatrain_node::grpc::{Ports, ScoringBackend, Services};
 use somatrain_node::ledger::Params;
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_node::weight_checks::{RevealedWeights, WeightChecker, WeightChecks};
 use somatrain_protocol::Manifest;
 use somatrain_protocol::crypto::{Commitment, EncryptionKey, decrypt_stream};
 use somatrain_rpc::side::{ScoreRequest, ScoreResponse, from_bits, to_bits};
@@ -48,6 +49,15 @@ pub struct LocalnetArgs {
     /// Shannons per faucet request (one coin).
     #[arg(long, default_value_t = 2_000_000_000)]
     faucet_amount: u64,
+    /// Validators of a new chain, each with 20,000 SOMA of stake and keys in
+    /// `<data dir>/validators/` (as the network's own localnet, one by default).
+    #[arg(long, default_value_t = 1)]
+    validators: usize,
+    /// Do not have the validators check revealed weights (by default each model revealed in
+    /// an epoch is fetched, verified, decrypted and loaded before the epoch closes, and one
+    /// that fails is reported by every validator and slashed 95% at the change).
+    #[arg(long)]
+    no_weight_checks: bool,
     /// Address for every service but admin. Anything but a loopback address also needs
     /// `--allow-remote`.
     #[arg(long, default_value = "127.0.0.1")]
@@ -261,9 +271,69 @@ pub fn loopback_ports() -> somatrain_node::grpc::Ports {
     }
 }
 
+/// What a new chain starts with (an existing data directory keeps its own), and whether its
+/// validators check revealed weights.
+pub struct ChainSetup {
+    pub genesis: Params,
+    /// Validators at genesis; the network's own localnet starts with one.
+    pub validators: usize,
+    pub weight_checks: bool,
+}
+
+impl ChainSetup {
+    pub fn new(genesis: Params) -> Self {
+        ChainSetup {
+            genesis,
+            validators: 1,
+            weight_checks: true,
+        }
+    }
+}
+
+/// The validators' check of revealed weights: downloaded within the network's deadline (size
+/// and checksum checked), decrypted with the revealed key, loaded as V1 of the chain's width.
+struct WeightCheck {
+    http: reqwest::Client,
+    scratch: PathBuf,
+}
+
+#[tonic::async_trait]
+impl WeightChecker for WeightCheck {
+    async fn check(
+        &self,
+        weights: &RevealedWeights,
+        _deadline: std::time::Duration,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
+        let path = self.scratch.join(format!("{}.bin", weights.model_id));
+        let result = async {
+            somatrain_storage::download_verified(&self.http, &weights.manifest, &path)
+                .await
+                .map_err(|e| e.to_string())?;
+            let key = EncryptionKey::from_bytes(weights.decryption_key.0).to_base58();
+            let (path, dim) = (path.clone(), weights.embedding_dim);
+            tokio::task::spawn_blocking(move || {
+                let loaded = load_model(&path, Some(&key))?;
+                if loaded.config.embedding_dim as u64 != dim {
+                    return Err(format!(
+                        "the weights are {} wide; the chain's models are {dim}",
+                        loaded.config.embedding_dim
+                    ));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        }
+        .await;
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+}
+
 pub async fn start(
     data_dir: &std::path::Path,
-    genesis: Params,
+    chain: ChainSetup,
     verify_submissions: bool,
     scorers: somatrain_submit::ScorerFactory,
     ports: Ports,
@@ -274,7 +344,8 @@ pub async fn start(
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let config = LocalnetConfig {
         data_dir: data_dir.to_path_buf(),
-        genesis,
+        genesis: chain.genesis,
+        validators: chain.validators,
     };
     let node =
         Localnet::open(&config, somatrain_daemon::now_ms()).context("opening the localnet")?;
@@ -283,10 +354,23 @@ pub async fn start(
         cache_dir: data_dir.join("scoring-cache"),
         scorers,
     };
+    let weight_checks = if chain.weight_checks {
+        let keys = somatrain_node::validator_keys::load(data_dir)
+            .context("reading the validators' keys")?;
+        let checker = WeightCheck {
+            http: somatrain_client::http_client(),
+            scratch: data_dir.join("weight-checks"),
+        };
+        Some(Arc::new(WeightChecks::new(keys, Arc::new(checker))))
+    } else {
+        None
+    };
     let services = Services {
         node,
         scorer: Some(Arc::new(scorer)),
         verify_submissions,
+        weight_checks,
+        closing: Default::default(),
     };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
@@ -384,7 +468,11 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
         };
         let running = start(
             &args.data_dir,
-            genesis,
+            ChainSetup {
+                genesis,
+                validators: args.validators,
+                weight_checks: !args.no_weight_checks,
+            },
             args.verify_submissions,
             scorers,
             ports,

@@ -10,6 +10,7 @@ pub mod network;
 pub mod plot;
 pub mod publish;
 pub mod score;
+pub mod stake;
 pub mod strategy;
 pub mod submit;
 pub mod submitter;

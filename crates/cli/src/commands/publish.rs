@@ -584,7 +584,7 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
         };
         let localnet = super::localnet::start(
             &node_dir,
-            genesis,
+            super::localnet::ChainSetup::new(genesis),
             false,
             scorers.clone(),
             ports,

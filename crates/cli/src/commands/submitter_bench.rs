@@ -119,7 +119,7 @@ pub fn bench_submitter(args: SubmitterBenchArgs) -> Result<()> {
         };
         let localnet = super::localnet::start(
             &scratch.path().join("node"),
-            genesis,
+            super::localnet::ChainSetup::new(genesis),
             false,
             scorers.clone(),
             ports,

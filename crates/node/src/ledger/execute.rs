@@ -235,6 +235,58 @@ impl Context<'_> {
         Ok(amount)
     }
 
+    /// Takes stake out of `coin` as the network does: `amount`, or with `None` the whole
+    /// coin (the gas coin: all but the fees). A coin other than gas emptied by it is deleted.
+    /// Charges the staking value fee (half the rate) and returns the stake.
+    fn take_stake(&mut self, coin: ObjectId, amount: Option<u64>) -> Rule<u64> {
+        let params = &self.o.system().params;
+        let balance = self.coin_balance(&coin);
+        let is_gas = coin == self.gas;
+        let value_fee = bps(amount.unwrap_or(balance), params.value_fee_bps / 2);
+        // The fees of a staking transaction paid from the same coin: the StakedSoma, the gas
+        // coin and the system state written.
+        let fees = value_fee + params.base_fee + params.write_object_fee * 3;
+        let stake = match amount {
+            Some(0) => return fail(Kind::InvalidArguments, "amount must be positive"),
+            Some(amount) if balance < amount + if is_gas { fees } else { 0 } => {
+                return fail_on(
+                    Kind::InsufficientCoinBalance,
+                    coin,
+                    format!("coin holds {balance} shannons; {amount} and the fees needed"),
+                );
+            }
+            Some(amount) => amount,
+            None if is_gas => {
+                if balance <= fees {
+                    return fail_on(
+                        Kind::InsufficientCoinBalance,
+                        coin,
+                        format!("the gas coin's {balance} shannons do not cover fees of {fees}"),
+                    );
+                }
+                balance - fees
+            }
+            None => balance,
+        };
+        if !is_gas && stake == balance {
+            self.o.delete(coin);
+        } else {
+            self.set_coin(coin, balance - stake);
+        }
+        self.value_fee += value_fee;
+        Ok(stake)
+    }
+
+    fn validator_sender(&self) -> Rule<()> {
+        if self.o.system().validator(&self.sender).is_none() {
+            return fail(
+                Kind::NotAValidator,
+                format!("{} is not a validator", self.sender),
+            );
+        }
+        Ok(())
+    }
+
     fn owned_model(&self, id: &ObjectId) -> Rule<Model> {
         let model = self
             .o
@@ -479,8 +531,28 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 transfer(cx, object.id, *recipient);
             }
         }
-        TransactionKind::AddStake { .. } => {
-            return fail(Kind::ValidatorNotFound, "a localnet has no validators");
+        TransactionKind::AddStake {
+            validator: address,
+            coin_ref,
+            amount,
+        } => {
+            if cx.o.system().validator(address).is_none() {
+                return fail(
+                    Kind::ValidatorNotFound,
+                    format!("{address} is not a validator"),
+                );
+            }
+            let stake = cx.take_stake(coin_ref.id, *amount)?;
+            let receipt =
+                cx.o.system_mut()
+                    .validator_mut(address)
+                    .expect("checked above")
+                    .request_add_stake(stake, epoch);
+            cx.staked_soma(
+                receipt.pool_id,
+                receipt.stake_activation_epoch,
+                receipt.principal,
+            );
         }
         TransactionKind::WithdrawStake { staked_soma } => {
             let receipt =
@@ -492,6 +564,20 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                         description: e.to_string(),
                         object_id: Some(staked_soma.id),
                     })?;
+            // The network's value fee is on the principal, whatever the stake is worth now.
+            cx.value_fee += bps(receipt.principal, half_rate);
+            if let Some(validator) =
+                cx.o.system_mut()
+                    .validators
+                    .iter_mut()
+                    .find(|v| v.pool.id == receipt.pool_id)
+            {
+                let amount = validator.request_withdraw_stake(&receipt, epoch);
+                cx.o.delete(staked_soma.id);
+                let sender = cx.sender;
+                cx.new_coin(sender, amount);
+                return Ok(());
+            }
             let Some(mut model) =
                 cx.o.system()
                     .models
@@ -508,7 +594,6 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             cx.o.delete(staked_soma.id);
             let sender = cx.sender;
             cx.new_coin(sender, value);
-            cx.value_fee += bps(value, half_rate);
         }
         TransactionKind::CreateModel {
             stake_amount,
@@ -691,6 +776,11 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 model.state = ModelState::Active;
             }
             cx.o.put_model(model);
+            // The validators check these weights before the epoch closes.
+            let revealed = &mut cx.o.system_mut().revealed_this_epoch;
+            if !revealed.contains(model_id) {
+                revealed.push(*model_id);
+            }
         }
         TransactionKind::AddStakeToModel {
             model_id,
@@ -708,13 +798,7 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                     "the model is inactive",
                 );
             }
-            if *amount == Some(0) {
-                return fail(Kind::InvalidArguments, "amount must be positive");
-            }
-            let staked = cx.debit(coin_ref.id, *amount, Kind::InsufficientCoinBalance)?;
-            if amount.is_none() && coin_ref.id != cx.gas {
-                cx.o.delete(coin_ref.id);
-            }
+            let staked = cx.take_stake(coin_ref.id, *amount)?;
             let pool = &mut model.staking_pool;
             let tokens = if pool.soma_balance == 0 || pool.pool_token_balance == 0 {
                 staked
@@ -727,7 +811,6 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             let pool_id = pool.id;
             cx.o.put_model(model);
             cx.staked_soma(pool_id, epoch + 1, tokens);
-            cx.value_fee += bps(staked, half_rate);
         }
         TransactionKind::SetModelCommissionRate { model_id, new_rate } => {
             let mut model = cx.owned_model(model_id)?;
@@ -762,6 +845,7 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             model.staking_pool.deactivation_epoch = Some(epoch);
             model.pending = None;
             cx.o.put_model(model);
+            cx.o.system_mut().model_reports.remove(model_id);
         }
         TransactionKind::SubmitData {
             target_id,
@@ -782,19 +866,106 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             bond_coin.id,
         )?,
         TransactionKind::ClaimRewards { target_id } => claim_rewards(cx, *target_id)?,
-        TransactionKind::SetCommissionRate { .. }
-        | TransactionKind::AddValidator(_)
+        TransactionKind::SetCommissionRate { new_rate } => {
+            let sender = cx.sender;
+            let Some(validator) = cx.o.system_mut().validator_mut(&sender) else {
+                return fail(Kind::NotAValidator, "only a validator sets its commission");
+            };
+            if *new_rate > BPS_DENOMINATOR {
+                return fail(
+                    Kind::InvalidArguments,
+                    format!("commission {new_rate} bps exceeds 10000"),
+                );
+            }
+            validator.next_epoch_commission_rate = *new_rate;
+        }
+        TransactionKind::ReportModel { model_id } => {
+            cx.validator_sender()?;
+            let model =
+                cx.o.model(model_id)
+                    .ok_or_else(|| model_not_found(model_id))?;
+            if model.state != ModelState::Active {
+                return fail_on(Kind::ModelNotActive, *model_id, "the model is not active");
+            }
+            let sender = cx.sender;
+            let system = cx.o.system_mut();
+            system
+                .model_reports
+                .entry(*model_id)
+                .or_default()
+                .insert(sender);
+        }
+        TransactionKind::UndoReportModel { model_id } => {
+            cx.validator_sender()?;
+            let sender = cx.sender;
+            let system = cx.o.system_mut();
+            let removed = system
+                .model_reports
+                .get_mut(model_id)
+                .is_some_and(|reporters| reporters.remove(&sender));
+            if !removed {
+                return fail_on(
+                    Kind::ReportRecordNotFound,
+                    *model_id,
+                    "this validator has not reported the model",
+                );
+            }
+            system
+                .model_reports
+                .retain(|_, reporters| !reporters.is_empty());
+        }
+        TransactionKind::ReportValidator { reportee } => {
+            cx.validator_sender()?;
+            if cx.o.system().validator(reportee).is_none() {
+                return fail(
+                    Kind::NotAValidator,
+                    format!("{reportee} is not a validator"),
+                );
+            }
+            if *reportee == cx.sender {
+                return fail(
+                    Kind::CannotReportOneself,
+                    "a validator cannot report itself",
+                );
+            }
+            let sender = cx.sender;
+            let system = cx.o.system_mut();
+            system
+                .validator_reports
+                .entry(*reportee)
+                .or_default()
+                .insert(sender);
+        }
+        TransactionKind::UndoReportValidator { reportee } => {
+            cx.validator_sender()?;
+            let sender = cx.sender;
+            let system = cx.o.system_mut();
+            let removed = system
+                .validator_reports
+                .get_mut(reportee)
+                .is_some_and(|reporters| reporters.remove(&sender));
+            if !removed {
+                return fail(
+                    Kind::ReportRecordNotFound,
+                    "this validator has not reported that validator",
+                );
+            }
+            system
+                .validator_reports
+                .retain(|_, reporters| !reporters.is_empty());
+        }
+        TransactionKind::AddValidator(_)
         | TransactionKind::RemoveValidator { .. }
-        | TransactionKind::ReportValidator { .. }
-        | TransactionKind::UndoReportValidator { .. }
         | TransactionKind::UpdateValidatorMetadata(_)
-        | TransactionKind::ReportModel { .. }
-        | TransactionKind::UndoReportModel { .. }
         | TransactionKind::ReportSubmission { .. }
         | TransactionKind::UndoReportSubmission { .. } => {
+            cx.validator_sender()?;
             return fail(
-                Kind::NotAValidator,
-                format!("{} needs a validator; a localnet has none", kind.name()),
+                Kind::InvalidTransactionType,
+                format!(
+                    "{} is not supported by this localnet: its validators are fixed at genesis",
+                    kind.name()
+                ),
             );
         }
         TransactionKind::Genesis { .. }

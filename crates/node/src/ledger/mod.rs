@@ -12,6 +12,7 @@ pub mod epoch;
 pub mod execute;
 pub mod system;
 pub mod targets;
+pub mod validators;
 
 use std::collections::{BTreeMap, BTreeSet};
 

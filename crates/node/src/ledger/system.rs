@@ -2,10 +2,12 @@
 //! the model registry. It lives in the system state object (`0x…05`), which clients read through
 //! `GetEpoch`, never as BCS, so this is a storage type, not a wire type.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use somatrain_protocol::{Address, Commitment, Digest, Manifest, ObjectId};
+
+use super::validators::Validator;
 
 pub use somatrain_protocol::SHANNONS_PER_SOMA;
 /// Total supply: 10 million SOMA. On a localnet half starts in the faucet, half in emissions.
@@ -137,7 +139,10 @@ pub struct PendingCommit {
 }
 
 /// A model's staking pool. Pool tokens are minted 1:1 with stake and redeemed pro rata, so a
-/// slash (which lowers `soma_balance` only) is shared by every staker.
+/// slash (which lowers `soma_balance` only) is shared by every staker. The network keeps model
+/// pools with its validator-pool rule ([`super::validators::ValidatorPool`]); no reward ever
+/// reaches a model pool, so the two agree until a slash, after which the network pays each
+/// withdrawal its whole principal out of what is left (the last stakers can find it empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StakingPool {
@@ -194,16 +199,34 @@ pub struct SystemState {
     pub total_supply: u64,
     pub faucet_reserve: u64,
     pub emission_pool: u64,
+    /// Fees of the current epoch; the epoch change pays them out as rewards.
     pub fees_collected: u64,
     pub burned: u64,
     pub target_state: TargetState,
     pub models: BTreeMap<ObjectId, Model>,
     /// Checkpoints sealed so far.
     pub checkpoint_height: u64,
+    /// The active validators (a chain created before validators existed has none).
+    #[serde(default)]
+    pub validators: Vec<Validator>,
+    /// Validators reported by validators this epoch: reportee → reporters.
+    #[serde(default)]
+    pub validator_reports: BTreeMap<Address, BTreeSet<Address>>,
+    /// Models reported by validators this epoch: model → reporters.
+    #[serde(default)]
+    pub model_reports: BTreeMap<ObjectId, BTreeSet<Address>>,
+    /// Models that revealed weights this epoch (first reveals and updates), in order: the
+    /// localnet's validators check them before the epoch closes.
+    #[serde(default)]
+    pub revealed_this_epoch: Vec<ObjectId>,
 }
 
 impl SystemState {
-    pub fn genesis(params: Params, now_ms: u64) -> Self {
+    /// A new chain at `now_ms` whose validators' stake (already in their pools) comes out of
+    /// the faucet's half of the supply.
+    pub fn genesis(params: Params, now_ms: u64, mut validators: Vec<Validator>) -> Self {
+        super::validators::set_voting_power(&mut validators);
+        let staked: u64 = validators.iter().map(|v| v.pool.held()).sum();
         let target_state = TargetState {
             distance_threshold: params.initial_distance_threshold,
             targets_generated_this_epoch: 0,
@@ -216,13 +239,17 @@ impl SystemState {
             epoch_start_ms: now_ms,
             params,
             total_supply: TOTAL_SUPPLY,
-            faucet_reserve: TOTAL_SUPPLY / 2,
+            faucet_reserve: TOTAL_SUPPLY / 2 - staked,
             emission_pool: TOTAL_SUPPLY - TOTAL_SUPPLY / 2,
             fees_collected: 0,
             burned: 0,
             target_state,
             models: BTreeMap::new(),
             checkpoint_height: 0,
+            validators,
+            validator_reports: BTreeMap::new(),
+            model_reports: BTreeMap::new(),
+            revealed_this_epoch: Vec::new(),
         }
     }
 
@@ -233,11 +260,21 @@ impl SystemState {
             .values()
             .map(|m| m.staking_pool.soma_balance as u128)
             .sum();
+        let validator_pools: u128 = self.validators.iter().map(|v| v.pool.held() as u128).sum();
         pools
+            + validator_pools
             + self.faucet_reserve as u128
             + self.emission_pool as u128
             + self.fees_collected as u128
             + self.burned as u128
+    }
+
+    pub fn validator(&self, address: &Address) -> Option<&Validator> {
+        self.validators.iter().find(|v| v.address == *address)
+    }
+
+    pub fn validator_mut(&mut self, address: &Address) -> Option<&mut Validator> {
+        self.validators.iter_mut().find(|v| v.address == *address)
     }
 
     pub fn next_epoch_ms(&self) -> u64 {

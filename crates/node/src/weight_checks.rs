@@ -1,0 +1,153 @@
+//! The localnet's validators checking published weights, as the network's validators do: each
+//! model revealed in an epoch is fetched from its committed URL (within the network's time
+//! limit, 30 s + 50 ns per byte), its size and checksum checked, decrypted with the revealed key
+//! and loaded as V1 of the chain's width. A model that fails is reported (`ReportModel`) by every
+//! validator; the epoch change then slashes it by the network's tally rule.
+//!
+//! The check runs when the reveal's epoch closes, just before the change that counts the
+//! reports: a publisher must keep its weights fetchable at least until then. How weights are
+//! loaded is the binary's business ([`WeightChecker`]); the node never loads a model.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use somatrain_protocol::effects::ExecutionStatus;
+use somatrain_protocol::{
+    Digest, Manifest, ObjectId, ObjectType, SignedTransaction, TransactionData, TransactionKind,
+};
+
+use crate::ledger::ModelState;
+use crate::localnet::Localnet;
+use crate::validator_keys::ValidatorKeys;
+
+/// What a validator fetches and checks for one reveal.
+#[derive(Debug, Clone)]
+pub struct RevealedWeights {
+    pub model_id: ObjectId,
+    pub manifest: Manifest,
+    pub decryption_key: Digest,
+    /// The chain's embedding width, which the weights must have.
+    pub embedding_dim: u64,
+}
+
+/// Fetches, verifies, decrypts and loads revealed weights; implemented by the binary.
+#[tonic::async_trait]
+pub trait WeightChecker: Send + Sync + 'static {
+    /// `Ok` when the weights arrive within `deadline`, match the committed size and checksum,
+    /// decrypt with the revealed key and load as V1 of `embedding_dim`; else why not.
+    async fn check(&self, weights: &RevealedWeights, deadline: Duration) -> Result<(), String>;
+}
+
+/// The network's time limit for fetching `size` bytes of weights: 30 s plus 50 ns per byte.
+pub fn fetch_deadline(size: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_nanos(size.saturating_mul(50))
+}
+
+/// The validators' duty of checking weights: their keys and the checker.
+pub struct WeightChecks {
+    keys: Vec<ValidatorKeys>,
+    checker: Arc<dyn WeightChecker>,
+}
+
+impl WeightChecks {
+    pub fn new(keys: Vec<ValidatorKeys>, checker: Arc<dyn WeightChecker>) -> Self {
+        WeightChecks { keys, checker }
+    }
+
+    /// Checks every model revealed this epoch that is still active; each that fails is
+    /// reported by every validator that holds a key here. Returns the models reported.
+    pub async fn check_revealed(&self, node: &Arc<Localnet>) -> Vec<ObjectId> {
+        let revealed: Vec<RevealedWeights> = node.read(|l| {
+            let system = &l.system;
+            system
+                .revealed_this_epoch
+                .iter()
+                .filter_map(|id| system.models.get(id))
+                .filter(|m| m.state == ModelState::Active)
+                .filter_map(|m| {
+                    Some(RevealedWeights {
+                        model_id: m.id,
+                        manifest: m.manifest.clone()?,
+                        decryption_key: m.decryption_key?,
+                        embedding_dim: system.params.embedding_dim,
+                    })
+                })
+                .collect()
+        });
+        let checks = revealed.iter().map(|weights| async move {
+            let deadline = fetch_deadline(weights.manifest.size);
+            let outcome = tokio::time::timeout(deadline, self.checker.check(weights, deadline))
+                .await
+                .unwrap_or_else(|_| Err(format!("not fetched within {deadline:?}")));
+            (weights, outcome)
+        });
+        let mut reported = Vec::new();
+        for (weights, outcome) in futures_util::future::join_all(checks).await {
+            match outcome {
+                Ok(()) => tracing::info!(
+                    "validators checked model {}: its weights are fetchable and load",
+                    weights.model_id
+                ),
+                Err(reason) => {
+                    tracing::warn!(
+                        "validators report model {}: its weights failed the check ({reason})",
+                        weights.model_id
+                    );
+                    for key in &self.keys {
+                        if let Err(e) = report(node, key, weights.model_id).await {
+                            tracing::error!(
+                                "validator {} could not report model {}: {e}",
+                                key.address(),
+                                weights.model_id
+                            );
+                        }
+                    }
+                    reported.push(weights.model_id);
+                }
+            }
+        }
+        reported
+    }
+}
+
+/// Sends `ReportModel` from validator `key`'s account, paying from its richest coin.
+async fn report(
+    node: &Arc<Localnet>,
+    key: &ValidatorKeys,
+    model_id: ObjectId,
+) -> Result<(), String> {
+    let address = key.address();
+    if node.read(|l| l.system.validator(&address).is_none()) {
+        return Err("not a validator of this chain".into());
+    }
+    let (coins, _) = node.owned_page(&address, Some(ObjectType::Coin), None, 1000);
+    let gas = coins
+        .iter()
+        .max_by_key(|c| c.coin_balance().unwrap_or(0))
+        .ok_or("the validator has no coin to pay the fee")?
+        .reference()
+        .map_err(|e| e.to_string())?;
+    let data = TransactionData::new(
+        TransactionKind::ReportModel { model_id },
+        address,
+        vec![gas],
+    );
+    let record = node
+        .submit_queued(SignedTransaction::sign(&key.account(), data))
+        .await
+        .map_err(|e| e.to_string())?;
+    match record.effects.status {
+        ExecutionStatus::Success => Ok(()),
+        ExecutionStatus::Failure(f) => Err(format!("{}: {}", f.kind.name(), f.description)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_fetch_deadline_is_the_networks() {
+        assert_eq!(super::fetch_deadline(0).as_secs(), 30);
+        // 2.4 GB of V1 weights: 30 s + 120 s.
+        assert_eq!(super::fetch_deadline(2_400_000_000).as_secs(), 150);
+    }
+}
