@@ -148,14 +148,18 @@ async fn staking_with_a_validator_earns_what_the_rules_say() {
         .unwrap();
     assert_eq!(staked.len(), 1);
     let staked_id = staked[0].id().unwrap().to_string();
-    let pending = json(&staker, &["validators", "--json"]);
-    let shown = pending["validators"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["address"] == validator.as_str())
-        .unwrap()
-        .clone();
+    // Our validator as `validators --json` shows it now.
+    let shown_now = || {
+        let listed = json(&staker, &["validators", "--json"]);
+        listed["validators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["address"] == validator.as_str())
+            .unwrap()
+            .clone()
+    };
+    let shown = shown_now();
     assert_eq!(shown["pending_stake"], principal);
     assert_eq!(shown["stake"], GENESIS_STAKE);
 
@@ -188,14 +192,7 @@ async fn staking_with_a_validator_earns_what_the_rules_say() {
     epoch_change(&mut pools, 3, epoch_fees);
     let pool = &pools[staked_with];
 
-    let after = json(&staker, &["validators", "--json"]);
-    let shown = after["validators"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["address"] == validator.as_str())
-        .unwrap()
-        .clone();
+    let shown = shown_now();
     assert_eq!(shown["stake"], pool.soma, "{shown} {:?}", pool.rates);
     assert_eq!(shown["voting_power"], pool.voting_power);
     assert!(shown["apy"].as_f64().unwrap() > 0.0, "{shown}");
