@@ -1,4 +1,8 @@
-//! The object-chain node: the [`Ledger`] behind a lock, made durable in redb, with checkpoints.
+//! The object-chain node: the [`Ledger`] made durable in redb, with checkpoints.
+//!
+//! One writer holds the ledger it executes against; readers see a snapshot of the ledger as of
+//! the last commit, swapped in after each commit, and read the store beside the writer's
+//! commits, so a read never waits for execution or a disk sync.
 //!
 //! Every executed transaction (success or failure) is in the store before its answer, and is
 //! sealed into a checkpoint that subscribers receive. Group commit: submitters queue their
@@ -8,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use somatrain_protocol::effects::{BalanceChange, TransactionEffects};
@@ -134,7 +138,7 @@ const SYSTEM_KEY: &str = "object_chain";
 
 struct Inner {
     ledger: Ledger,
-    store: Store,
+    store: SharedStore,
     /// A disk write failed and the store has not been reopened since (memory holds exactly
     /// what is durable: a failed batch is rolled back).
     needs_reopen: bool,
@@ -144,7 +148,7 @@ struct Inner {
 
 impl Inner {
     fn reopen(&mut self) -> Result<(), StoreError> {
-        self.store.reopen()?;
+        self.store.write().expect("store lock").reopen()?;
         self.needs_reopen = false;
         // Reopening needs no space; only a write that lands says the disk has room again.
         self.recovering = true;
@@ -153,7 +157,8 @@ impl Inner {
     }
 
     fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
-        self.store.commit(batch)?;
+        // A shared lock: readers of the store go on while the batch is written and synced.
+        self.store.read().expect("store lock").commit(batch)?;
         if self.recovering {
             self.recovering = false;
             tracing::info!("the store is writable again: a write reached the disk");
@@ -183,8 +188,17 @@ struct Queued {
     reply: Reply,
 }
 
+/// The store, shared by the writer (commits take the shared side too: redb lets reads run
+/// beside a write) and readers; only a reopen after a failed write takes it exclusively.
+type SharedStore = Arc<RwLock<Store>>;
+
 pub struct Localnet {
+    /// The writer's state: the ledger it executes against. Readers never take this lock.
     inner: Mutex<Inner>,
+    /// The ledger as of the last commit, for readers: replaced (never mutated) after each
+    /// commit, so a read never waits for execution or a disk sync.
+    snapshot: RwLock<Arc<Ledger>>,
+    store: SharedStore,
     queue: Mutex<Vec<Queued>>,
     /// Wakes the writer thread when transactions are queued.
     queued: std::sync::Condvar,
@@ -249,15 +263,21 @@ impl Localnet {
                 chain_id
             }
         };
-        let mut ledger = load_ledger(&store)?;
+        let (mut ledger, models_inline) = load_ledger(&store)?;
+        let mut batch = Batch::default();
+        if models_inline {
+            // An earlier build kept the models inside the system value: store them apart.
+            stage_system(&mut batch, None, &ledger.system);
+        }
         if ledger.system.checkpoint_height == 0 {
             // The network always has its genesis checkpoint: a reader's first "latest
             // checkpoint" finds it (a chain created before this existed gets it now).
             let genesis = genesis_checkpoint(ledger.system.epoch_start_ms);
             ledger.system.checkpoint_height = 1;
-            let mut batch = Batch::default();
             batch.put(Table::Checkpoints, checkpoint_key(0), &genesis);
             batch.put(Table::System, SYSTEM_KEY, &ledger.system);
+        }
+        if !batch.is_empty() {
             store.commit(batch)?;
         }
         let accounted = ledger.accounted_supply();
@@ -268,7 +288,10 @@ impl Localnet {
             });
         }
         let (checkpoints, _) = broadcast::channel(1024);
+        let store: SharedStore = Arc::new(RwLock::new(store));
         Ok(Arc::new(Localnet {
+            snapshot: RwLock::new(Arc::new(ledger.clone())),
+            store: store.clone(),
             inner: Mutex::new(Inner {
                 ledger,
                 store,
@@ -398,6 +421,8 @@ impl Localnet {
                 Some(r) => Ok(Some(r.clone())),
                 None => inner
                     .store
+                    .read()
+                    .expect("store lock")
                     .get::<TransactionRecord>(Table::Transactions, &q.digest.to_string()),
             };
             let result = match previous {
@@ -425,7 +450,13 @@ impl Localnet {
         let checkpoint = if records.is_empty() {
             None
         } else {
-            Some(self.seal(inner, &mut batch, &records, sequence, now_ms))
+            Some(self.seal(
+                inner,
+                &mut batch,
+                &records,
+                &system_before,
+                (sequence, now_ms),
+            ))
         };
         if !batch.is_empty()
             && let Err(e) = inner.commit(batch)
@@ -438,6 +469,8 @@ impl Localnet {
                 .map(|_| Err(LocalnetError::Store(StoreError::Db(message.clone()))))
                 .collect();
         } else if let Some(checkpoint) = checkpoint {
+            // Readers see the new state before anyone hears of it.
+            self.publish(&inner.ledger);
             let _ = self.checkpoints.send(Arc::new(checkpoint));
         }
         debug_assert_eq!(
@@ -450,20 +483,21 @@ impl Localnet {
         }
     }
 
-    /// Seals the batch's transactions into checkpoint `sequence` (staged in `batch`).
+    /// Seals the batch's transactions into checkpoint `sequence` (staged in `batch`, with the
+    /// system value and the models that changed since `system_before`).
     fn seal(
         &self,
         inner: &mut Inner,
         batch: &mut Batch,
         records: &[TransactionRecord],
-        sequence: u64,
-        now_ms: u64,
+        system_before: &SystemState,
+        (sequence, now_ms): (u64, u64),
     ) -> Checkpoint {
         let digests: Vec<TxDigest> = records.iter().map(|r| r.digest).collect();
         let checkpoint = Checkpoint::new(sequence, now_ms, digests);
         inner.ledger.system.checkpoint_height = sequence + 1;
         batch.put(Table::Checkpoints, checkpoint_key(sequence), &checkpoint);
-        batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
+        stage_system(batch, Some(system_before), &inner.ledger.system);
         checkpoint
     }
 
@@ -499,14 +533,15 @@ impl Localnet {
             &mut inner,
             &mut batch,
             std::slice::from_ref(&record),
-            sequence,
-            now_ms,
+            &system_before,
+            (sequence, now_ms),
         );
         if let Err(e) = inner.commit(batch) {
             inner.ledger.roll_back(undo, system_before);
             after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
+        self.publish(&inner.ledger);
         let _ = self.checkpoints.send(Arc::new(checkpoint));
         Ok(record)
     }
@@ -521,34 +556,41 @@ impl Localnet {
         let system_before = inner.ledger.system.clone();
         let mut undo = UndoLog::default();
         inner.ledger.apply_logged(changes, &mut undo);
-        batch.put(Table::System, SYSTEM_KEY, &inner.ledger.system);
+        stage_system(&mut batch, Some(&system_before), &inner.ledger.system);
         if let Err(e) = inner.commit(batch) {
             inner.ledger.roll_back(undo, system_before);
             after_failed_commit(&mut inner, &e);
             return Err(e.into());
         }
+        self.publish(&inner.ledger);
         tracing::info!("epoch {} started", inner.ledger.system.epoch);
         Ok(inner.ledger.system.epoch)
     }
 
-    /// Runs `f` on the current state under the lock; keep `f` short.
+    /// Runs `f` on the state as of the last commit. It takes no lock the writer holds while
+    /// executing or syncing: the snapshot is an `Arc` taken in a moment.
     pub fn read<T>(&self, f: impl FnOnce(&Ledger) -> T) -> T {
-        f(&self.inner.lock().expect("node lock").ledger)
+        let snapshot = self.snapshot.read().expect("snapshot lock").clone();
+        f(&snapshot)
+    }
+
+    /// Makes `ledger` (just committed) what readers see. Cheap: the object maps are shared.
+    fn publish(&self, ledger: &Ledger) {
+        let snapshot = Arc::new(ledger.clone());
+        *self.snapshot.write().expect("snapshot lock") = snapshot;
     }
 
     pub fn transaction(
         &self,
         digest: &TxDigest,
     ) -> Result<Option<TransactionRecord>, LocalnetError> {
-        let inner = self.inner.lock().expect("node lock");
-        Ok(inner.store.get(Table::Transactions, &digest.to_string())?)
+        let store = self.store.read().expect("store lock");
+        Ok(store.get(Table::Transactions, &digest.to_string())?)
     }
 
     pub fn checkpoint(&self, sequence: u64) -> Result<Option<Checkpoint>, LocalnetError> {
-        let inner = self.inner.lock().expect("node lock");
-        Ok(inner
-            .store
-            .get(Table::Checkpoints, &checkpoint_key(sequence))?)
+        let store = self.store.read().expect("store lock");
+        Ok(store.get(Table::Checkpoints, &checkpoint_key(sequence))?)
     }
 
     /// Runs a transaction against the current state without committing it. Execution only
@@ -612,8 +654,25 @@ fn stage_changes(batch: &mut Batch, changes: &Changes) {
     for id in &changes.deleted {
         batch.delete(Table::Objects, id.hex());
     }
-    if let Some(system) = &changes.system {
-        batch.put(Table::System, SYSTEM_KEY, system);
+}
+
+/// Stages the system value (models apart) and each model that differs from `before` (every
+/// model without it): a checkpoint writes the models that changed, not the whole registry.
+fn stage_system(batch: &mut Batch, before: Option<&SystemState>, after: &SystemState) {
+    batch.put(Table::System, SYSTEM_KEY, after);
+    for (id, model) in &after.models {
+        if before.and_then(|b| b.models.get(id)) != Some(model) {
+            batch.put(Table::Models, id.hex(), model);
+        }
+    }
+    if let Some(before) = before {
+        for id in before
+            .models
+            .keys()
+            .filter(|id| !after.models.contains_key(id))
+        {
+            batch.delete(Table::Models, id.hex());
+        }
     }
 }
 
@@ -633,15 +692,22 @@ fn after_failed_commit(inner: &mut Inner, error: &StoreError) {
     }
 }
 
-fn load_ledger(store: &Store) -> Result<Ledger, StoreError> {
-    let system: SystemState = store
+/// The ledger as stored, and whether its models were still inside the system value (a data
+/// directory of an earlier build).
+fn load_ledger(store: &Store) -> Result<(Ledger, bool), StoreError> {
+    let mut system: SystemState = store
         .get(Table::System, SYSTEM_KEY)?
         .ok_or_else(|| StoreError::Db("the system state is missing".into()))?;
+    let stored = store.load_all::<crate::ledger::Model>(Table::Models)?;
+    let models_inline = stored.is_empty() && !system.models.is_empty();
+    if !models_inline {
+        system.models = stored.into_iter().map(|(_, m)| (m.id, m)).collect();
+    }
     let objects = store
         .load_all::<Object>(Table::Objects)?
         .into_iter()
         .map(|(_, o)| o);
-    Ok(Ledger::new(system, objects))
+    Ok((Ledger::new(system, objects), models_inline))
 }
 
 pub fn default_data_dir() -> PathBuf {

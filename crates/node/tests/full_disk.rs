@@ -3,101 +3,15 @@
 //! once space is back the same node process writes again, without a restart. Reopening the data
 //! directory afterwards finds exactly the acknowledged state.
 
-use std::ops::Bound;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use redb::{BackendError, StorageBackend};
+use common::{hooked_backend, transfer};
 use somatrain_node::ledger::Params;
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
-use somatrain_protocol::{
-    Address, Keypair, ObjectType, SignedTransaction, TransactionData, TransactionKind,
-};
-
-/// The file backend, failing every write, resize and sync while `full` is set.
-#[derive(Debug)]
-struct FillingDisk {
-    inner: Box<dyn StorageBackend>,
-    full: Arc<AtomicBool>,
-}
-
-impl FillingDisk {
-    fn check(&self) -> std::io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl StorageBackend for FillingDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.inner.close()
-    }
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
-
-fn transfer(node: &Localnet, from: &Keypair, to: Address, amount: u64) -> SignedTransaction {
-    let gas = node.read(|l| {
-        l.owned_objects(&from.address(), Some(ObjectType::Coin))
-            .max_by_key(|o| o.coin_balance().unwrap())
-            .unwrap()
-            .reference()
-            .unwrap()
-    });
-    SignedTransaction::sign(
-        from,
-        TransactionData::new(
-            TransactionKind::TransferCoin {
-                coin: gas,
-                amount: Some(amount),
-                recipient: to,
-            },
-            from.address(),
-            vec![gas],
-        ),
-    )
-}
+use somatrain_protocol::Keypair;
 
 #[test]
 fn a_full_disk_is_reported_changes_nothing_and_is_recovered_from_without_a_restart() {
@@ -112,13 +26,14 @@ fn a_full_disk_is_reported_changes_nothing_and_is_recovered_from_without_a_resta
     };
     let full = Arc::new(AtomicBool::new(false));
     let disk = full.clone();
-    let backend: somatrain_store::BackendFactory = Arc::new(move |path: &std::path::Path| {
-        let inner = (somatrain_store::file_backend())(path)?;
-        Ok(Box::new(FillingDisk {
-            inner,
-            full: disk.clone(),
-        }) as Box<dyn StorageBackend>)
-    });
+    // Every write, resize and sync fails (as ENOSPC does) while `full` is set.
+    let backend = hooked_backend(Arc::new(move |_| {
+        if disk.load(Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(28))
+        } else {
+            Ok(())
+        }
+    }));
     let node = Localnet::open_with(&config, 1_000, backend).unwrap();
     let (alice, bob) = (Keypair::generate(), Keypair::generate().address());
     node.faucet(alice.address(), 1_001).unwrap();

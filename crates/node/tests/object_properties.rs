@@ -117,13 +117,14 @@ impl World {
             .get(rng.random_range(0..models.len().max(1)))
             .copied()
             .unwrap_or(ObjectId([9; 32]));
-        let all_targets = self
+        let all_targets: Vec<&somatrain_protocol::Object> = self
             .ledger
             .objects
             .values()
-            .filter(|o| o.object_type() == ObjectType::Target);
+            .filter(|o| o.object_type() == ObjectType::Target)
+            .collect();
         let live: Vec<ObjectId> = all_targets
-            .clone()
+            .iter()
             .filter(|o| {
                 o.target()
                     .is_ok_and(|t| t.generation_epoch == self.ledger.system.epoch)
@@ -134,7 +135,7 @@ impl World {
         let targets: Vec<ObjectId> = if !live.is_empty() && rng.random_bool(0.7) {
             live
         } else {
-            all_targets.map(|o| o.id().unwrap()).collect()
+            all_targets.iter().map(|o| o.id().unwrap()).collect()
         };
         let target = targets
             .get(rng.random_range(0..targets.len().max(1)))

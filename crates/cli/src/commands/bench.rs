@@ -829,7 +829,15 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
                     let t0 = Instant::now();
                     let result = client.execute(&tx).await;
                     let ok = matches!(&result, Ok(e) if e.status().is_success());
-                    out.push((t0.elapsed().as_secs_f64(), ok, tx.digest()));
+                    let write = t0.elapsed().as_secs_f64();
+                    // A read beside the writes: the sender's balance.
+                    let t1 = Instant::now();
+                    let read = client
+                        .balance(&k.address())
+                        .await
+                        .ok()
+                        .map(|_| t1.elapsed().as_secs_f64());
+                    out.push((write, read, ok, tx.digest()));
                     // The coin's next reference, read from the effects.
                     let Some(next) = result.ok().and_then(|e| {
                         e.effects
@@ -851,25 +859,37 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
             }));
         }
         let mut latencies = Vec::new();
+        let mut reads = Vec::new();
         let mut acknowledged = Vec::new();
         for t in tasks {
-            for (latency, ok, digest) in t.await? {
+            for (latency, read, ok, digest) in t.await? {
                 latencies.push(latency);
+                reads.extend(read);
                 if ok {
                     acknowledged.push(digest);
                 }
             }
         }
-        anyhow::Ok((latencies, acknowledged, start.elapsed().as_secs_f64()))
+        anyhow::Ok((
+            (latencies, reads),
+            acknowledged,
+            start.elapsed().as_secs_f64(),
+        ))
     })?;
+    let (latencies, reads) = latencies;
     let total = args.accounts * args.transactions_per_account as usize;
     let lost = acknowledged
         .iter()
         .filter(|d| node.transaction(d).ok().flatten().is_none())
         .count();
-    let mut sorted = latencies.clone();
-    sorted.sort_by(f64::total_cmp);
-    let p = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] * 1e3;
+    let quantile = |values: &[f64], q: f64| {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted
+            .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+            .map_or(f64::NAN, |v| v * 1e3)
+    };
+    let p = |q: f64| quantile(&latencies, q);
     let conserved = node.read(|l| l.accounted_supply() == l.system.total_supply as u128);
     let out = serde_json::json!({
         "bench": "localnet",
@@ -883,6 +903,9 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
         "tx_per_s": acknowledged.len() as f64 / secs,
         "p50_ms": p(0.5),
         "p99_ms": p(0.99),
+        "reads": reads.len(),
+        "read_p50_ms": quantile(&reads, 0.5),
+        "read_p99_ms": quantile(&reads, 0.99),
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");

@@ -27,21 +27,23 @@ pub struct UndoLog {
     objects: Vec<(ObjectId, Option<Object>)>,
 }
 
-/// Everything the chain holds.
+/// Everything the chain holds. The object maps are persistent (`imbl`): a clone shares
+/// everything unchanged, so the node publishes a snapshot after every commit for readers at
+/// the cost of the system state alone.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pub system: SystemState,
-    pub objects: BTreeMap<ObjectId, Object>,
+    pub objects: imbl::OrdMap<ObjectId, Object>,
     /// Address-owned objects by owner.
-    pub owned: BTreeMap<Address, BTreeSet<ObjectId>>,
+    pub owned: imbl::OrdMap<Address, imbl::OrdSet<ObjectId>>,
 }
 
 impl Ledger {
     pub fn new(system: SystemState, objects: impl IntoIterator<Item = Object>) -> Self {
         let mut ledger = Ledger {
             system,
-            objects: BTreeMap::new(),
-            owned: BTreeMap::new(),
+            objects: imbl::OrdMap::new(),
+            owned: imbl::OrdMap::new(),
         };
         for object in objects {
             ledger.put(object);

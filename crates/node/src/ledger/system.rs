@@ -203,6 +203,9 @@ pub struct SystemState {
     pub fees_collected: u64,
     pub burned: u64,
     pub target_state: TargetState,
+    /// Stored apart, one entry per model, so that a checkpoint writes only the models that
+    /// changed; read from the system value only in data directories of earlier builds.
+    #[serde(default, skip_serializing)]
     pub models: BTreeMap<ObjectId, Model>,
     /// Checkpoints sealed so far.
     pub checkpoint_height: u64,
