@@ -30,6 +30,8 @@ struct Host {
     idle: std::time::Duration,
     /// Bytes all blobs and uploads in progress may take together.
     quota: u64,
+    /// Bytes the disk holding the blobs must keep free for the chain.
+    disk_reserve: u64,
     /// Bytes taken now: published blobs plus what uploads in progress have written.
     used: std::sync::atomic::AtomicU64,
 }
@@ -55,10 +57,25 @@ impl Host {
                 .used
                 .compare_exchange_weak(used, after, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => break,
                 Err(now) => used = now,
             }
         }
+        // The chain writes to the same disk: it keeps its reserve whatever the quota says.
+        if let Some(free) = available_bytes(&self.dir)
+            && free < bytes.saturating_add(self.disk_reserve)
+        {
+            self.release(bytes);
+            return Err((
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "the disk has {free} bytes free and keeps {} for the chain; nothing was \
+                     stored",
+                    self.disk_reserve
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn release(&self, bytes: u64) {
@@ -109,12 +126,32 @@ pub fn router_with_idle(
     max_bytes: u64,
     idle: std::time::Duration,
 ) -> std::io::Result<Router> {
-    build(dir, max_bytes, idle, u64::MAX)
+    build(dir, max_bytes, idle, u64::MAX, 0)
 }
 
-/// As [`router`], with all blobs together (uploads in progress included) held to `quota` bytes.
+/// What the disk holding the blobs keeps free for the chain unless told otherwise: 1 GiB.
+pub const CHAIN_DISK_RESERVE: u64 = 1 << 30;
+
+/// As [`router`], with all blobs together (uploads in progress included) held to `quota` bytes
+/// and [`CHAIN_DISK_RESERVE`] kept free on the disk.
 pub fn router_with_quota(dir: PathBuf, max_bytes: u64, quota: u64) -> std::io::Result<Router> {
-    build(dir, max_bytes, BODY_IDLE_TIMEOUT, quota)
+    router_with_limits(dir, max_bytes, quota, CHAIN_DISK_RESERVE)
+}
+
+/// As [`router_with_quota`], keeping `disk_reserve` bytes free on the disk.
+pub fn router_with_limits(
+    dir: PathBuf,
+    max_bytes: u64,
+    quota: u64,
+    disk_reserve: u64,
+) -> std::io::Result<Router> {
+    build(dir, max_bytes, BODY_IDLE_TIMEOUT, quota, disk_reserve)
+}
+
+/// Bytes an unprivileged writer may still put on the filesystem holding `path`.
+pub fn available_bytes(path: &std::path::Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 fn build(
@@ -122,6 +159,7 @@ fn build(
     max_bytes: u64,
     idle: std::time::Duration,
     quota: u64,
+    disk_reserve: u64,
 ) -> std::io::Result<Router> {
     std::fs::create_dir_all(&dir)?;
     let used = published_bytes(&dir)?;
@@ -130,6 +168,7 @@ fn build(
         max_bytes,
         idle,
         quota,
+        disk_reserve,
         used: used.into(),
     });
     Ok(Router::new()
@@ -158,9 +197,14 @@ pub async fn serve_with(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
+    let limits = crate::limits::ConnectionLimits::for_this_process();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, permit) = match listener.accept().await {
+            Ok((stream, peer)) => match limits.admit(peer.ip()) {
+                Some(permit) => (stream, permit),
+                // Over the limit: closed before anything is read.
+                None => continue,
+            },
             Err(e) => {
                 tracing::warn!("blob host: accepting a connection: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -174,7 +218,7 @@ pub async fn serve_with(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            let io = TokioIo::new(crate::idle::IdleTimeout::new(stream, idle));
+            let io = TokioIo::new(crate::idle::IdleTimeout::new(stream, idle).holding(permit));
             if let Err(e) = builder.serve_connection(io, service).await {
                 tracing::debug!("blob host connection ended: {e}");
             }

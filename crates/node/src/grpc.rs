@@ -70,6 +70,8 @@ pub struct Services {
     pub weight_checks: Option<Arc<crate::weight_checks::WeightChecks>>,
     /// One epoch change at a time (the admin service and the clock both close epochs).
     pub closing: Arc<tokio::sync::Mutex<()>>,
+    /// Open connections per peer and in all, across the four services.
+    pub connection_limits: Arc<crate::limits::ConnectionLimits>,
 }
 
 impl Services {
@@ -1082,17 +1084,8 @@ pub fn routers(services: Services) -> [tonic::service::Routes; 4] {
     [rpc, faucet, scoring, admin]
 }
 
-/// Serves every service on its listener and runs the epoch clock, until `shutdown` resolves.
-/// The listener's connections, each closed after `idle` without a byte from the peer.
-pub fn idle_connections(
-    listener: tokio::net::TcpListener,
-    idle: Duration,
-) -> impl futures_util::Stream<Item = std::io::Result<crate::idle::IdleTimeout>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(move |c| c.map(|stream| crate::idle::IdleTimeout::new(stream, idle)))
-}
-
+/// Serves every service on its listener (within the connection limits, each connection closed
+/// after a while without traffic) and runs the epoch clock, until `shutdown` resolves.
 pub async fn serve(
     services: Services,
     listeners: [tokio::net::TcpListener; 4],
@@ -1110,9 +1103,14 @@ pub async fn serve(
         }
     });
     let mut tasks = Vec::new();
+    let limits = services.connection_limits.clone();
     for (routes, listener) in routers(services).into_iter().zip(listeners) {
         let mut stop = stop_rx.clone();
-        let incoming = idle_connections(listener, crate::idle::CONNECTION_IDLE_TIMEOUT);
+        let incoming = crate::limits::limited_connections(
+            listener,
+            limits.clone(),
+            crate::idle::CONNECTION_IDLE_TIMEOUT,
+        );
         tasks.push(tokio::spawn(
             server()
                 .add_routes(routes)

@@ -18,6 +18,8 @@ pub struct IdleTimeout {
     inner: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The connection's place under the node's connection limits, freed when it closes.
+    _permit: Option<crate::limits::Permit>,
 }
 
 impl IdleTimeout {
@@ -26,7 +28,14 @@ impl IdleTimeout {
             inner,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            _permit: None,
         }
+    }
+
+    /// Holds `permit` for as long as the connection is open.
+    pub fn holding(mut self, permit: crate::limits::Permit) -> Self {
+        self._permit = Some(permit);
+        self
     }
 }
 

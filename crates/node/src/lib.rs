@@ -8,6 +8,7 @@
 //!   the [`grpc::ScoringBackend`] trait the binary implements with its scorer).
 //! - [`blobs`]: the HTTP blob host.
 //! - [`idle`]: connections closed after a while without traffic.
+//! - [`limits`]: connections per peer and in all; the accept loop never spins.
 //! - [`validator_keys`]: the localnet's validators' keys, made at genesis.
 //! - [`weight_checks`]: the validators fetch and check each revealed model's weights before the
 //!   epoch closes and report failures (loading is the binary's [`weight_checks::WeightChecker`]).
@@ -21,6 +22,7 @@ pub mod blobs;
 pub mod grpc;
 pub mod idle;
 pub mod ledger;
+pub mod limits;
 pub mod localnet;
 pub mod validator_keys;
 pub mod weight_checks;

@@ -201,3 +201,45 @@ async fn uploads_past_the_quota_are_refused_and_leave_nothing() {
         .unwrap();
     assert_eq!(fifth, 507);
 }
+
+/// Whatever the quota, the disk keeps the chain's reserve: an upload that would leave less
+/// free is refused with 507 and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_would_eat_the_chains_disk_reserve_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = somatrain_node::blobs::available_bytes(dir.path()).expect("statvfs works here");
+    let start = |reserve: u64| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let router =
+                somatrain_node::blobs::router_with_limits(dir, 16 << 20, u64::MAX, reserve)
+                    .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(somatrain_node::blobs::serve(
+                listener,
+                router,
+                Duration::from_secs(10),
+            ));
+            addr
+        }
+    };
+    // A reserve above what is free: nothing fits, declared or streamed.
+    let tight = start(free + (1 << 30)).await;
+    let refused = tokio::task::spawn_blocking(move || {
+        [
+            put(tight, "a.bin", b"x", false),
+            put(tight, "b.bin", b"x", true),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused, [507, 507]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // With room above the reserve the same upload is stored.
+    let roomy = start(0).await;
+    let stored = tokio::task::spawn_blocking(move || put(roomy, "a.bin", b"x", false))
+        .await
+        .unwrap();
+    assert_eq!(stored, 200);
+}

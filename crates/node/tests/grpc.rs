@@ -54,6 +54,7 @@ async fn start() -> Net {
             verify_submissions: false,
             weight_checks: None,
             closing: Default::default(),
+            connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
         },
         listeners,
         async move {

@@ -799,6 +799,7 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
             verify_submissions: false,
             weight_checks: None,
             closing: Default::default(),
+            connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
         };
         tokio::spawn(serve(services, listeners, std::future::pending()));
         // A few connections, as a few client processes would open.

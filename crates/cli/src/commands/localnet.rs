@@ -371,6 +371,7 @@ pub async fn start(
         verify_submissions,
         weight_checks,
         closing: Default::default(),
+        connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
     };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
