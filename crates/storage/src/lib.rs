@@ -192,7 +192,7 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Storage {
     pub fn open(backend: &Backend) -> Result<Self, StorageError> {
-        somatrain_client::init_tls();
+        somatrain_http::init_tls();
         let config = |e: object_store::Error| StorageError::Config(e.to_string());
         let (store, public_base, multipart): (Arc<dyn ObjectStore>, String, bool) = match backend {
             Backend::Dir { dir, public_base } => {
@@ -241,7 +241,7 @@ impl Storage {
             store,
             public_base: public_base.trim_end_matches('/').to_string(),
             multipart,
-            http: somatrain_client::http_client(),
+            http: somatrain_http::http_client(),
             retry: RetryPolicy::default(),
         })
     }

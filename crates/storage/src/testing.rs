@@ -39,7 +39,7 @@ impl MotoServer {
             addr,
             bucket: bucket.to_string(),
         };
-        let http = somatrain_client::http_client();
+        let http = somatrain_http::http_client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match http.put(format!("http://{addr}/{bucket}")).send().await {
