@@ -13,7 +13,8 @@
 //! - [`weight_checks`]: the validators fetch and check each revealed model's weights before the
 //!   epoch closes and report failures (loading is the binary's [`weight_checks::WeightChecker`]).
 //!
-//! It depends only on the protocol types, the rpc crate and the store: it never trains or scores
+//! Of this workspace it depends only on the protocol types, the rpc crate and the store (and
+//! outside it on crates for the server, BLS keys and persistent maps): it never trains or scores
 //! a model itself, and it never depends on the client.
 
 #![forbid(unsafe_code)]

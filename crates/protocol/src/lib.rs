@@ -3,7 +3,9 @@
 //! Owns: the network's wire types and their BCS encoding (ids, digests, `TransactionData` with
 //! all 26 kinds, the signed envelope, objects, effects, `SomaTensor`), every hash the protocol
 //! defines, account keys and signing, and the weights encryption and commitments. Everything
-//! here is pure computation over bytes: no IO, no clock, no networking, no model code. The
+//! here is computation over bytes: it opens no file or socket and reads no clock (streams come
+//! in as the caller's `Read`/`Write`, fresh keys from the OS random generator), and holds no
+//! model code. The
 //! protobuf forms live in `somatrain-rpc`; storage schemas live with the store.
 //!
 //! - [`ids`]: [`ObjectId`], [`TxDigest`], [`ObjectDigest`] and their text forms.

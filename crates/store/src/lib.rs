@@ -2,8 +2,8 @@
 //!
 //! Owns the database file, its schema version and atomic batches: a [`Batch`] of puts and
 //! deletes across tables commits in one durable write transaction, so after a crash (even
-//! `kill -9`) the node finds either all of a transaction's effects or none. It knows nothing of
-//! what the values mean; the node decides that.
+//! `kill -9`) the node finds either all of a transaction's effects or none. It names the
+//! tables but knows nothing of what their values mean (each is JSON the node decides).
 
 #![forbid(unsafe_code)]
 

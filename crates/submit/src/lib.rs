@@ -4,7 +4,8 @@
 //!
 //! Owns the weights cache (encrypted downloads kept by checksum, verified on every use, models
 //! kept in memory across targets) and the choice of hits. It uses the model crate's scorer, the
-//! storage crate's uploads and the client's transactions; it never touches the chain directly.
+//! storage crate's uploads and the client's transactions: it reaches the chain only through the
+//! client crate's `ChainClient`, never over a protocol of its own.
 
 #![forbid(unsafe_code)]
 
