@@ -244,25 +244,7 @@ impl EpochView {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelState {
-    Created,
-    Pending,
-    Active,
-    Inactive,
-}
-
-impl ModelState {
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelState::Created => "created",
-            ModelState::Pending => "pending",
-            ModelState::Active => "active",
-            ModelState::Inactive => "inactive",
-        }
-    }
-}
+pub use somatrain_protocol::ModelState;
 
 /// The three commitments of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -308,13 +290,11 @@ impl ModelView {
     pub fn from_proto(key: &str, m: &proto::Model) -> Result<Self, ChainError> {
         let id = object_id(key, "model_registry.models key")?;
         let f = |name: &str| format!("models[{key}].{name}");
-        let state = match m.state.as_deref() {
-            Some("created") => ModelState::Created,
-            Some("pending") => ModelState::Pending,
-            Some("active") => ModelState::Active,
-            Some("inactive") => ModelState::Inactive,
-            other => return Err(protocol(&f("state"), format!("unknown state {other:?}"))),
-        };
+        let state = m
+            .state
+            .as_deref()
+            .and_then(ModelState::parse)
+            .ok_or_else(|| protocol(&f("state"), format!("unknown state {:?}", m.state)))?;
         let manifest = m
             .manifest
             .as_ref()

@@ -35,7 +35,7 @@ pub mod transaction;
 pub use crypto::{Commitment, CryptoError, EncryptionKey};
 pub use ids::{Digest, IdError, ObjectDigest, ObjectId, TxDigest};
 pub use keys::{Address, Keypair};
-pub use object::{Object, ObjectType, Owner};
+pub use object::{ModelState, Object, ObjectType, Owner};
 pub use tensor::SomaTensor;
 pub use transaction::{
     Manifest, ObjectRef, SignedTransaction, TransactionData, TransactionKind, UserSignature,

@@ -259,6 +259,19 @@ pub struct Target {
 
 #[cfg(test)]
 mod tests {
+    /// The protobuf's names, which the node's stored state also uses: each parses back.
+    #[test]
+    fn model_states_have_the_networks_names() {
+        let names: Vec<&str> = ModelState::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["created", "pending", "active", "inactive"]);
+        for state in ModelState::ALL {
+            assert_eq!(ModelState::parse(state.name()), Some(state));
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.name()));
+        }
+        assert_eq!(ModelState::parse("Active"), None);
+    }
+
     use super::*;
 
     #[test]
@@ -298,5 +311,39 @@ mod tests {
         assert_eq!(truncated.id(), Err(ObjectError::NoId(10)));
         assert_eq!(ObjectType::from_name("Target"), Some(ObjectType::Target));
         assert_eq!(ObjectType::from_name("target"), None);
+    }
+}
+
+/// A model's place in its lifecycle, as the network names it (`Model.state` in the protobuf:
+/// `created`, `pending`, `active`, `inactive`). The one definition the node and the client share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    Created,
+    Pending,
+    Active,
+    Inactive,
+}
+
+impl ModelState {
+    pub const ALL: [ModelState; 4] = [
+        ModelState::Created,
+        ModelState::Pending,
+        ModelState::Active,
+        ModelState::Inactive,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelState::Created => "created",
+            ModelState::Pending => "pending",
+            ModelState::Active => "active",
+            ModelState::Inactive => "inactive",
+        }
+    }
+
+    /// The state named `name`, as the protobuf spells it.
+    pub fn parse(name: &str) -> Option<ModelState> {
+        ModelState::ALL.into_iter().find(|s| s.name() == name)
     }
 }

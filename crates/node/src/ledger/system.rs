@@ -107,25 +107,7 @@ pub struct TargetState {
     pub reward_per_target: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelState {
-    Created,
-    Pending,
-    Active,
-    Inactive,
-}
-
-impl ModelState {
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelState::Created => "created",
-            ModelState::Pending => "pending",
-            ModelState::Active => "active",
-            ModelState::Inactive => "inactive",
-        }
-    }
-}
+pub use somatrain_protocol::ModelState;
 
 /// A commit waiting for its reveal: the first one, or an update of an active model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
