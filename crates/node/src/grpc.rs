@@ -989,9 +989,12 @@ impl admin::admin_server::Admin for Services {
         &self,
         _: Request<AdvanceEpochRequest>,
     ) -> Result<Response<AdvanceEpochResponse>, Status> {
-        let epoch = self
-            .close_epoch(false)
-            .await?
+        // On its own task: the validators' weight checks can outlast the caller's deadline
+        // (large weights), and a caller that gives up must not leave the epoch half closed.
+        let services = self.clone();
+        let epoch = tokio::spawn(async move { services.close_epoch(false).await })
+            .await
+            .map_err(|e| Status::internal(format!("the epoch change task failed: {e}")))??
             .expect("an unconditional close");
         Ok(Response::new(AdvanceEpochResponse { epoch }))
     }
