@@ -156,16 +156,8 @@ async fn uploads_past_the_quota_are_refused_and_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     const MIB: usize = 1 << 20;
     let quota = (5 * MIB / 2) as u64;
-    let start = |dir: std::path::PathBuf| async move {
-        let router = somatrain_node::blobs::router_with_quota(dir, 16 << 20, quota).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(somatrain_node::blobs::serve(
-            listener,
-            router,
-            Duration::from_secs(10),
-        ));
-        addr
+    let start = |dir: std::path::PathBuf| {
+        serve_host(somatrain_node::blobs::router_with_quota(dir, 16 << 20, quota).unwrap())
     };
     let addr = start(dir.path().to_path_buf()).await;
     let mib = vec![7u8; MIB];
@@ -210,19 +202,9 @@ async fn uploads_that_would_eat_the_chains_disk_reserve_are_refused() {
     let free = somatrain_node::blobs::available_bytes(dir.path()).expect("statvfs works here");
     let start = |reserve: u64| {
         let dir = dir.path().to_path_buf();
-        async move {
-            let router =
-                somatrain_node::blobs::router_with_limits(dir, 16 << 20, u64::MAX, reserve)
-                    .unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(somatrain_node::blobs::serve(
-                listener,
-                router,
-                Duration::from_secs(10),
-            ));
-            addr
-        }
+        serve_host(
+            somatrain_node::blobs::router_with_limits(dir, 16 << 20, u64::MAX, reserve).unwrap(),
+        )
     };
     // A reserve above what is free: nothing fits, declared or streamed.
     let tight = start(free + (1 << 30)).await;
@@ -242,4 +224,16 @@ async fn uploads_that_would_eat_the_chains_disk_reserve_are_refused() {
         .await
         .unwrap();
     assert_eq!(stored, 200);
+}
+
+/// Serves `router` on a fresh loopback port (connections idle for 10 s are closed).
+async fn serve_host(router: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(somatrain_node::blobs::serve(
+        listener,
+        router,
+        Duration::from_secs(10),
+    ));
+    addr
 }

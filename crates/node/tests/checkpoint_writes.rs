@@ -8,21 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{DiskOp, hooked_backend, transfer};
-use somatrain_node::ledger::Params;
-use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_node::localnet::Localnet;
 use somatrain_protocol::{Keypair, SignedTransaction, TransactionData, TransactionKind};
 
 #[test]
 fn what_a_transfer_writes_does_not_grow_with_the_model_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LocalnetConfig {
-        validators: 1,
-        data_dir: dir.path().to_path_buf(),
-        genesis: Params {
-            embedding_dim: 4,
-            ..Params::default()
-        },
-    };
+    let config = common::small_chain(dir.path());
     let written = Arc::new(AtomicUsize::new(0));
     let counter = written.clone();
     let backend = hooked_backend(Arc::new(move |op| {

@@ -9,21 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{hooked_backend, transfer};
-use somatrain_node::ledger::Params;
-use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_node::localnet::Localnet;
 use somatrain_protocol::Keypair;
 
 #[test]
 fn a_full_disk_is_reported_changes_nothing_and_is_recovered_from_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LocalnetConfig {
-        validators: 1,
-        data_dir: dir.path().to_path_buf(),
-        genesis: Params {
-            embedding_dim: 4,
-            ..Params::default()
-        },
-    };
+    let config = common::small_chain(dir.path());
     let full = Arc::new(AtomicBool::new(false));
     let disk = full.clone();
     // Every write, resize and sync fails (as ENOSPC does) while `full` is set.

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{DiskOp, hooked_backend, transfer};
-use somatrain_node::ledger::Params;
-use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_node::localnet::Localnet;
 use somatrain_protocol::Keypair;
 
 const SLOW_SYNC: Duration = Duration::from_millis(1_500);
@@ -18,14 +17,7 @@ const SLOW_SYNC: Duration = Duration::from_millis(1_500);
 #[test]
 fn reads_do_not_wait_for_a_commit_in_its_disk_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LocalnetConfig {
-        validators: 1,
-        data_dir: dir.path().to_path_buf(),
-        genesis: Params {
-            embedding_dim: 4,
-            ..Params::default()
-        },
-    };
+    let config = common::small_chain(dir.path());
     let slow = Arc::new(AtomicBool::new(false));
     let syncing = Arc::new(AtomicBool::new(false));
     let (disk_slow, disk_syncing) = (slow.clone(), syncing.clone());

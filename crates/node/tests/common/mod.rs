@@ -7,7 +7,8 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use redb::{BackendError, StorageBackend};
-use somatrain_node::localnet::Localnet;
+use somatrain_node::ledger::Params;
+use somatrain_node::localnet::{Localnet, LocalnetConfig};
 use somatrain_protocol::{
     Address, Keypair, ObjectType, SignedTransaction, TransactionData, TransactionKind,
 };
@@ -113,4 +114,16 @@ pub fn transfer(node: &Localnet, from: &Keypair, to: Address, amount: u64) -> Si
             vec![gas],
         ),
     )
+}
+
+/// A chain in `dir` with one validator and 4-wide embeddings.
+pub fn small_chain(dir: &std::path::Path) -> LocalnetConfig {
+    LocalnetConfig {
+        validators: 1,
+        data_dir: dir.to_path_buf(),
+        genesis: Params {
+            embedding_dim: 4,
+            ..Params::default()
+        },
+    }
 }
