@@ -93,7 +93,7 @@ impl Drop for Permit {
 }
 
 /// The soft limit on open files (Linux: `/proc/self/limits`).
-fn open_file_limit() -> Option<u64> {
+pub fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use somatrain_node::grpc::{Services, serve};
 use somatrain_node::ledger::Params;
-use somatrain_node::limits::ConnectionLimits;
+use somatrain_node::limits::{ConnectionLimits, open_file_limit};
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
 use somatrain_rpc::proto::{self, ledger_service_client::LedgerServiceClient};
 
@@ -23,15 +23,6 @@ fn cpu_seconds() -> f64 {
         .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn open_file_limit() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    line.split_whitespace().nth(3).unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +52,8 @@ async fn idle_connections_past_the_limit_are_closed_and_a_new_client_is_served()
     tokio::spawn(serve(services, listeners, std::future::pending()));
 
     // Idle connections from 127.0.0.1, as many as the file limit leaves room for.
-    let wanted = 20_000.min(open_file_limit().saturating_sub(PER_PEER + 200));
+    let file_limit = open_file_limit().expect("the open-file limit is readable") as usize;
+    let wanted = 20_000.min(file_limit.saturating_sub(PER_PEER + 200));
     assert!(
         wanted > 2 * PER_PEER,
         "the file limit leaves room for {wanted}"

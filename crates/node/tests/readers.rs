@@ -63,6 +63,15 @@ fn reads_do_not_wait_for_a_commit_in_its_disk_sync() {
     assert_eq!((balance, bob_balance), (before, 0));
     assert!(old.is_some() && genesis.is_some());
 
+    // The writer finishes after its slow sync; a hung one fails the test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !writer.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never finished its commit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let record = writer.join().unwrap().unwrap();
     slow.store(false, Ordering::SeqCst);
     assert_eq!(node.read(|l| l.balance(&bob)), 7);
