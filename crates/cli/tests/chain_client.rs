@@ -4,6 +4,7 @@
 
 mod common;
 
+use somatrain_protocol::transaction::{CreateModel, DeactivateModel, TransferCoin};
 use std::time::{Duration, Instant};
 
 use common::GrpcLocalnet;
@@ -38,10 +39,12 @@ async fn the_chain_client_funds_transfers_and_creates_over_grpc() {
     );
 
     let sent = client
-        .sign_and_execute(&alice, |gas| TransactionKind::TransferCoin {
-            coin: gas[0],
-            amount: Some(300_000_000),
-            recipient: bob.address(),
+        .sign_and_execute(&alice, |gas| {
+            TransactionKind::TransferCoin(TransferCoin {
+                coin: gas[0],
+                amount: Some(300_000_000),
+                recipient: bob.address(),
+            })
         })
         .await
         .unwrap()
@@ -68,11 +71,11 @@ async fn the_chain_client_funds_transfers_and_creates_over_grpc() {
     let stale = SignedTransaction::sign(
         &alice,
         TransactionData::new(
-            TransactionKind::TransferCoin {
+            TransactionKind::TransferCoin(TransferCoin {
                 coin: spent,
                 amount: Some(1),
                 recipient: bob.address(),
-            },
+            }),
             alice.address(),
             vec![spent],
         ),
@@ -88,10 +91,12 @@ async fn the_chain_client_funds_transfers_and_creates_over_grpc() {
     }
 
     let created = client
-        .sign_and_execute(&alice, |_| TransactionKind::CreateModel {
-            stake_amount: 1_000_000_000,
-            commission_rate: 500,
-            architecture_version: 1,
+        .sign_and_execute(&alice, |_| {
+            TransactionKind::CreateModel(CreateModel {
+                stake_amount: 1_000_000_000,
+                commission_rate: 500,
+                architecture_version: 1,
+            })
         })
         .await
         .unwrap()
@@ -120,7 +125,9 @@ async fn the_chain_client_funds_transfers_and_creates_over_grpc() {
 
     // A chain rule's failure is an executed transaction, not an error.
     let failed = client
-        .sign_and_execute(&bob, |_| TransactionKind::DeactivateModel { model_id })
+        .sign_and_execute(&bob, |_| {
+            TransactionKind::DeactivateModel(DeactivateModel { model_id })
+        })
         .await
         .unwrap();
     assert!(failed.success().is_err());

@@ -1,6 +1,7 @@
 //! The localnet as a real process: `kill -9` while signed transactions are in flight loses none
 //! that the node acknowledged, and `somatrain status` reads the restarted node.
 
+use somatrain_protocol::transaction::TransferCoin;
 use somatrain_protocol::{Keypair, TransactionKind};
 
 mod common;
@@ -26,10 +27,12 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
             let mut acknowledged = Vec::new();
             for _ in 0..10_000u64 {
                 let sent = client
-                    .sign_and_execute(&kp, |gas| TransactionKind::TransferCoin {
-                        coin: gas[0],
-                        amount: Some(1),
-                        recipient: sink,
+                    .sign_and_execute(&kp, |gas| {
+                        TransactionKind::TransferCoin(TransferCoin {
+                            coin: gas[0],
+                            amount: Some(1),
+                            recipient: sink,
+                        })
                     })
                     .await;
                 match sent {

@@ -5,6 +5,7 @@
 use somatrain_client::chain::ChainClient;
 use somatrain_client::view::ModelState;
 use somatrain_protocol::crypto::embedding_commitment;
+use somatrain_protocol::transaction::{CommitModel, CreateModel, RevealModel};
 use somatrain_protocol::{
     Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, ObjectType, SomaTensor,
     TransactionKind,
@@ -29,10 +30,12 @@ async fn run(chain: &ChainClient, kp: &Keypair, kind: TransactionKind) {
 /// A model taken through create, commit and reveal by the test itself.
 async fn active_model(chain: &ChainClient, owner: &Keypair) -> ObjectId {
     let created = chain
-        .sign_and_execute(owner, |_| TransactionKind::CreateModel {
-            stake_amount: 1_000_000_000,
-            commission_rate: 0,
-            architecture_version: 1,
+        .sign_and_execute(owner, |_| {
+            TransactionKind::CreateModel(CreateModel {
+                stake_amount: 1_000_000_000,
+                commission_rate: 0,
+                architecture_version: 1,
+            })
         })
         .await
         .unwrap()
@@ -42,7 +45,7 @@ async fn active_model(chain: &ChainClient, owner: &Keypair) -> ObjectId {
     let key = EncryptionKey::generate();
     let embedding = vec![0.5, -1.0, 0.25, 2.0];
     let checksum = Commitment::of_bytes(b"weights");
-    let commit = TransactionKind::CommitModel {
+    let commit = TransactionKind::CommitModel(CommitModel {
         model_id,
         manifest: Manifest {
             url: "http://127.0.0.1/weights".into(),
@@ -52,14 +55,14 @@ async fn active_model(chain: &ChainClient, owner: &Keypair) -> ObjectId {
         weights_commitment: checksum,
         embedding_commitment: embedding_commitment(&embedding),
         decryption_key_commitment: key.commitment(),
-    };
+    });
     run(chain, owner, commit).await;
     chain.advance_epoch().await.unwrap();
-    let reveal = TransactionKind::RevealModel {
+    let reveal = TransactionKind::RevealModel(RevealModel {
         model_id,
         decryption_key: Digest(*key.as_bytes()),
         embedding: SomaTensor::vector(&embedding),
-    };
+    });
     run(chain, owner, reveal).await;
     let model = chain.model(&model_id).await.unwrap().unwrap();
     assert_eq!(model.state, ModelState::Active);

@@ -5,6 +5,7 @@
 //! (nothing signed, the way out named), `reveal` with the journal gone, and a journal taken to
 //! another chain.
 
+use somatrain_protocol::transaction::{CommitModel, CreateModel};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -297,10 +298,12 @@ async fn inflate_registry(chain: &ChainClient, count: usize, url_bytes: usize) {
     let url = format!("http://127.0.0.1/{}", "a".repeat(url_bytes));
     for _ in 0..count {
         let created = chain
-            .sign_and_execute(&attacker, |_| TransactionKind::CreateModel {
-                stake_amount: SHANNONS_PER_SOMA,
-                commission_rate: 0,
-                architecture_version: 1,
+            .sign_and_execute(&attacker, |_| {
+                TransactionKind::CreateModel(CreateModel {
+                    stake_amount: SHANNONS_PER_SOMA,
+                    commission_rate: 0,
+                    architecture_version: 1,
+                })
             })
             .await
             .unwrap()
@@ -309,16 +312,18 @@ async fn inflate_registry(chain: &ChainClient, count: usize, url_bytes: usize) {
         let model_id = somatrain_protocol::ObjectId::derive(&created.digest, 0);
         let zero = Commitment([0; 32]);
         chain
-            .sign_and_execute(&attacker, |_| TransactionKind::CommitModel {
-                model_id,
-                manifest: Manifest {
-                    url: url.clone(),
-                    checksum: zero,
-                    size: 1,
-                },
-                weights_commitment: zero,
-                embedding_commitment: zero,
-                decryption_key_commitment: zero,
+            .sign_and_execute(&attacker, |_| {
+                TransactionKind::CommitModel(CommitModel {
+                    model_id,
+                    manifest: Manifest {
+                        url: url.clone(),
+                        checksum: zero,
+                        size: 1,
+                    },
+                    weights_commitment: zero,
+                    embedding_commitment: zero,
+                    decryption_key_commitment: zero,
+                })
             })
             .await
             .unwrap()

@@ -5,6 +5,7 @@
 use somatrain_client::chain::ChainClient;
 use somatrain_protocol::assignment::target_embedding;
 use somatrain_protocol::crypto::embedding_commitment;
+use somatrain_protocol::transaction::{CommitModel, CreateModel, RevealModel};
 use somatrain_protocol::{
     Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, SHANNONS_PER_SOMA, SomaTensor,
     TransactionKind,
@@ -39,11 +40,11 @@ async fn commit(chain: &ChainClient, stake_soma: u64, embedding: Vec<f32>) -> Co
     let id = run(
         chain,
         &owner,
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount: stake_soma * SHANNONS_PER_SOMA,
             commission_rate: 0,
             architecture_version: 1,
-        },
+        }),
     )
     .await;
     let key = EncryptionKey::generate();
@@ -51,7 +52,7 @@ async fn commit(chain: &ChainClient, stake_soma: u64, embedding: Vec<f32>) -> Co
     run(
         chain,
         &owner,
-        TransactionKind::CommitModel {
+        TransactionKind::CommitModel(CommitModel {
             model_id: id,
             manifest: Manifest {
                 url: "http://127.0.0.1/weights".into(),
@@ -61,7 +62,7 @@ async fn commit(chain: &ChainClient, stake_soma: u64, embedding: Vec<f32>) -> Co
             weights_commitment: checksum,
             embedding_commitment: embedding_commitment(&embedding),
             decryption_key_commitment: key.commitment(),
-        },
+        }),
     )
     .await;
     Committed {
@@ -76,11 +77,11 @@ async fn reveal(chain: &ChainClient, m: &Committed) {
     run(
         chain,
         &m.owner,
-        TransactionKind::RevealModel {
+        TransactionKind::RevealModel(RevealModel {
             model_id: m.id,
             decryption_key: Digest(*m.key.as_bytes()),
             embedding: SomaTensor::vector(&m.embedding),
-        },
+        }),
     )
     .await;
 }

@@ -3,6 +3,7 @@
 //! rule; `--auto` scans a corpus; a corrupted weights download is caught by its checksum; claims
 //! fail before the audit window ends and pay the exact shares after it.
 
+use somatrain_protocol::transaction::{SubmitData, TransferCoin};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -431,10 +432,12 @@ async fn submitters_hit_miss_are_refused_and_claim() {
     // A wallet that can pay the fee but not the bond: refused by the chain.
     let poor = Keypair::generate();
     w.client
-        .sign_and_execute(&submitter, |gas| TransactionKind::TransferCoin {
-            coin: gas[0],
-            amount: Some(100_000),
-            recipient: poor.address(),
+        .sign_and_execute(&submitter, |gas| {
+            TransactionKind::TransferCoin(TransferCoin {
+                coin: gas[0],
+                amount: Some(100_000),
+                recipient: poor.address(),
+            })
         })
         .await
         .unwrap()
@@ -647,14 +650,16 @@ async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
     };
     let claim = |target: &TargetView, distance: f64, loss: f32, embedding: Vec<f32>| {
         let (manifest, target_id, model_id) = (manifest.clone(), target.id, target.model_ids[0]);
-        move |gas: &[somatrain_protocol::ObjectRef]| TransactionKind::SubmitData {
-            target_id,
-            data_manifest: manifest.clone(),
-            model_id,
-            embedding: somatrain_protocol::SomaTensor::vector(&embedding),
-            distance_score: somatrain_protocol::SomaTensor::scalar(distance as f32),
-            loss_score: somatrain_protocol::SomaTensor::vector(&[loss]),
-            bond_coin: gas[0],
+        move |gas: &[somatrain_protocol::ObjectRef]| {
+            TransactionKind::SubmitData(SubmitData {
+                target_id,
+                data_manifest: manifest.clone(),
+                model_id,
+                embedding: somatrain_protocol::SomaTensor::vector(&embedding),
+                distance_score: somatrain_protocol::SomaTensor::scalar(distance as f32),
+                loss_score: somatrain_protocol::SomaTensor::vector(&[loss]),
+                bond_coin: gas[0],
+            })
         }
     };
     let (d, t) = reachable[0];

@@ -3,6 +3,7 @@
 //! the first epoch allowed with the exact shares, the weights cache kept across restarts, a
 //! target filled by someone else first, and a bucket that refuses uploads.
 
+use somatrain_protocol::transaction::SubmitData;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -366,7 +367,9 @@ async fn submits_across_epochs_survives_sigkill_and_claims_exactly() {
         .iter()
         .filter(|(_, e)| e.effects.status.is_success())
         .filter_map(|(data, _)| match &data.kind {
-            somatrain_protocol::TransactionKind::SubmitData { target_id, .. } => Some(*target_id),
+            somatrain_protocol::TransactionKind::SubmitData(SubmitData { target_id, .. }) => {
+                Some(*target_id)
+            }
             _ => None,
         })
         .collect();

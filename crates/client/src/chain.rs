@@ -11,6 +11,7 @@
 //! - An executed transaction whose effects say failure is `Ok`: it ran, paid its fee, and
 //!   [`Executed::status`] says why it failed.
 
+use somatrain_protocol::transaction::TransferCoin;
 use std::time::Duration;
 
 use somatrain_protocol::effects::{
@@ -795,11 +796,11 @@ impl ChainClient {
         // The network takes at most 256 gas coins in one transaction.
         let gas: Vec<ObjectRef> = coins.into_iter().take(255).map(|(_, r)| r).collect();
         let data = TransactionData::new(
-            TransactionKind::TransferCoin {
+            TransactionKind::TransferCoin(TransferCoin {
                 coin: smallest,
                 amount: None,
                 recipient: me,
-            },
+            }),
             me,
             gas,
         );

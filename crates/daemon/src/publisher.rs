@@ -11,6 +11,7 @@
 //! Three outcomes stay apart: the node refused (nothing happened), the node was unreachable
 //! (look the digest up later), and the transaction executed but failed (its fee was paid).
 
+use somatrain_protocol::transaction::{CommitModel, CreateModel, RevealModel};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,11 +45,12 @@ pub enum RevealWindow {
     Missed,
 }
 
-/// Test hook: `SOMATRAIN_PAUSE_AT=NAME` stops the process at the named point (announced on
-/// stderr) so a test can `kill -9` it exactly there.
+/// Test hook: `SOMATRAIN_PAUSE_AT=NAME` stops the process at the named point (announced in
+/// the log) so a test can `kill -9` it exactly there.
 pub fn pause_point(name: &str) {
     if std::env::var("SOMATRAIN_PAUSE_AT").is_ok_and(|v| v == name) {
-        eprintln!("PAUSED AT {name}");
+        // Through the log, like everything a library says: the binary decides where it goes.
+        tracing::info!("PAUSED AT {name}");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -501,11 +503,11 @@ impl Publisher {
         self.set_phase(Phase::CreatingModel)?;
         self.send(
             Purpose::CreateModel,
-            TransactionKind::CreateModel {
+            TransactionKind::CreateModel(CreateModel {
                 stake_amount: new.stake,
                 commission_rate: new.commission_bps,
                 architecture_version: new.architecture_version,
-            },
+            }),
         )
         .await?;
         self.journal
@@ -681,13 +683,13 @@ impl Publisher {
         let executed = self
             .send(
                 Purpose::Commit,
-                TransactionKind::CommitModel {
+                TransactionKind::CommitModel(CommitModel {
                     model_id,
                     manifest: pending.manifest.clone(),
                     weights_commitment: pending.commitments.weights,
                     embedding_commitment: pending.commitments.embedding,
                     decryption_key_commitment: pending.commitments.decryption_key,
-                },
+                }),
             )
             .await?;
         self.set_phase(Phase::AwaitingReveal)?;
@@ -844,11 +846,11 @@ impl Publisher {
         let executed = self
             .send(
                 Purpose::Reveal,
-                TransactionKind::RevealModel {
+                TransactionKind::RevealModel(RevealModel {
                     model_id,
                     decryption_key: Digest(*key.as_bytes()),
                     embedding: SomaTensor::vector(&pending.embedding),
-                },
+                }),
             )
             .await?;
         Ok(executed.effects.executed_epoch)
@@ -920,11 +922,11 @@ impl Publisher {
         let executed = self
             .send(
                 Purpose::Reveal,
-                TransactionKind::RevealModel {
+                TransactionKind::RevealModel(RevealModel {
                     model_id: id,
                     decryption_key: Digest(*key.as_bytes()),
                     embedding: SomaTensor::vector(embedding),
-                },
+                }),
             )
             .await?;
         Ok(executed.effects.executed_epoch)

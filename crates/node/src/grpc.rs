@@ -6,6 +6,7 @@
 //! malformed or mis-signed request is INVALID_ARGUMENT and changes nothing. A stale or locked
 //! coin is FAILED_PRECONDITION with the network's wording, so the SDK retries with another coin.
 
+use somatrain_protocol::transaction::SubmitData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -470,7 +471,7 @@ impl Services {
     /// scorer's. Other kinds, and submissions the chain will refuse anyway (no such target, no
     /// revealed model), pass through to execution.
     async fn verify_submission(&self, kind: &TransactionKind) -> Result<(), Status> {
-        let TransactionKind::SubmitData {
+        let TransactionKind::SubmitData(SubmitData {
             target_id,
             data_manifest,
             model_id,
@@ -478,7 +479,7 @@ impl Services {
             distance_score,
             loss_score,
             ..
-        } = kind
+        }) = kind
         else {
             return Ok(());
         };

@@ -8,6 +8,7 @@
 //! reports: a publisher must keep its weights fetchable at least until then. How weights are
 //! loaded is the binary's business ([`WeightChecker`]); the node never loads a model.
 
+use somatrain_protocol::transaction::ReportModel;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,7 +129,7 @@ async fn report(
         .reference()
         .map_err(|e| e.to_string())?;
     let data = TransactionData::new(
-        TransactionKind::ReportModel { model_id },
+        TransactionKind::ReportModel(ReportModel { model_id }),
         address,
         vec![gas],
     );

@@ -4,6 +4,7 @@
 
 mod common;
 
+use somatrain_protocol::transaction::CreateModel;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -40,11 +41,11 @@ fn what_a_transfer_writes_does_not_grow_with_the_model_registry() {
             let create = SignedTransaction::sign(
                 &owner,
                 TransactionData::new(
-                    TransactionKind::CreateModel {
+                    TransactionKind::CreateModel(CreateModel {
                         stake_amount: 1_000_000_000,
                         commission_rate: 0,
                         architecture_version: 1,
-                    },
+                    }),
                     owner.address(),
                     vec![gas],
                 ),

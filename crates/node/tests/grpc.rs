@@ -2,6 +2,7 @@
 //! execution and its checkpoint, idempotent resubmission, paging, and every kind of bad input
 //! refused without changing state.
 
+use somatrain_protocol::transaction::TransferCoin;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
@@ -136,11 +137,11 @@ fn transfer(from: &Keypair, gas: ObjectRef, to: Address, amount: u64) -> SignedT
     SignedTransaction::sign(
         from,
         TransactionData::new(
-            TransactionKind::TransferCoin {
+            TransactionKind::TransferCoin(TransferCoin {
                 coin: gas,
                 amount: Some(amount),
                 recipient: to,
-            },
+            }),
             from.address(),
             vec![gas],
         ),

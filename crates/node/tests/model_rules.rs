@@ -8,6 +8,9 @@ use somatrain_node::ledger::execute::{execute, faucet};
 use somatrain_node::ledger::{Ledger, ModelState, Params, SystemState, epoch};
 use somatrain_protocol::crypto::embedding_commitment;
 use somatrain_protocol::effects::{ExecutionErrorKind as Kind, ExecutionStatus};
+use somatrain_protocol::transaction::{
+    CommitModel, CreateModel, DeactivateModel, RevealModel, SetModelCommissionRate,
+};
 use somatrain_protocol::{
     Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, ObjectType, SignedTransaction,
     SomaTensor, TransactionData, TransactionKind, TxDigest,
@@ -102,7 +105,7 @@ fn commit_for(model_id: ObjectId, seed: f32) -> Commit {
     let key = EncryptionKey::generate();
     let embedding = vec![seed, 1.0 - seed, 0.25, -seed];
     let checksum = Commitment::of_bytes(&seed.to_le_bytes());
-    let kind = TransactionKind::CommitModel {
+    let kind = TransactionKind::CommitModel(CommitModel {
         model_id,
         manifest: Manifest {
             url: "http://127.0.0.1/weights".into(),
@@ -112,7 +115,7 @@ fn commit_for(model_id: ObjectId, seed: f32) -> Commit {
         weights_commitment: checksum,
         embedding_commitment: embedding_commitment(&embedding),
         decryption_key_commitment: key.commitment(),
-    };
+    });
     Commit {
         key,
         embedding,
@@ -121,19 +124,19 @@ fn commit_for(model_id: ObjectId, seed: f32) -> Commit {
 }
 
 fn reveal(model_id: ObjectId, key: &EncryptionKey, embedding: &[f32]) -> TransactionKind {
-    TransactionKind::RevealModel {
+    TransactionKind::RevealModel(RevealModel {
         model_id,
         decryption_key: Digest(*key.as_bytes()),
         embedding: SomaTensor::vector(embedding),
-    }
+    })
 }
 
 fn create(stake: u64, commission: u64, version: u64) -> TransactionKind {
-    TransactionKind::CreateModel {
+    TransactionKind::CreateModel(CreateModel {
         stake_amount: stake,
         commission_rate: commission,
         architecture_version: version,
-    }
+    })
 }
 
 #[test]
@@ -261,19 +264,22 @@ fn the_model_lifecycle_with_an_update_and_both_slashing_paths() {
     // deactivate the model.
     c.ok(
         &owner,
-        TransactionKind::SetModelCommissionRate {
+        TransactionKind::SetModelCommissionRate(SetModelCommissionRate {
             model_id: a,
             new_rate: 2500,
-        },
+        }),
     );
     assert_eq!(c.model(&a).commission_rate, 1000);
     c.advance();
     assert_eq!(c.model(&a).commission_rate, 2500);
     c.fails(
         &stranger,
-        TransactionKind::DeactivateModel { model_id: a },
+        TransactionKind::DeactivateModel(DeactivateModel { model_id: a }),
         Kind::NotModelOwner,
     );
-    c.ok(&owner, TransactionKind::DeactivateModel { model_id: a });
+    c.ok(
+        &owner,
+        TransactionKind::DeactivateModel(DeactivateModel { model_id: a }),
+    );
     assert_eq!(c.model(&a).state, ModelState::Inactive);
 }

@@ -4,6 +4,10 @@
 //! the fees collected; a successful one writes every object at the new lamport version, and the
 //! balance changes it reports are what the coins show.
 
+use somatrain_protocol::transaction::{
+    AddStake, AddStakeToModel, ClaimRewards, CommitModel, CreateModel, DeactivateModel, PayCoins,
+    ReportModel, RevealModel, SetModelCommissionRate, SubmitData, TransferCoin, WithdrawStake,
+};
 use std::collections::BTreeMap;
 
 use rand::rngs::StdRng;
@@ -74,15 +78,15 @@ impl World {
         {
             if let (Some(_), Some((key, embedding))) = (&model.pending, self.secrets.get(&model.id))
             {
-                return TransactionKind::RevealModel {
+                return TransactionKind::RevealModel(RevealModel {
                     model_id: model.id,
                     decryption_key: Digest(*key.as_bytes()),
                     embedding: SomaTensor::vector(embedding),
-                };
+                });
             }
             let key = EncryptionKey::from_bytes(self.rng.random());
             let embedding: Vec<f32> = (0..DIM).map(|_| self.rng.random_range(-1.0..1.0)).collect();
-            let kind = TransactionKind::CommitModel {
+            let kind = TransactionKind::CommitModel(CommitModel {
                 model_id: model.id,
                 manifest: Manifest {
                     url: "http://127.0.0.1/w".into(),
@@ -92,7 +96,7 @@ impl World {
                 weights_commitment: Commitment([1; 32]),
                 embedding_commitment: embedding_commitment(&embedding),
                 decryption_key_commitment: key.commitment(),
-            };
+            });
             self.proposed_secret = Some((model.id, key, embedding));
             return kind;
         }
@@ -146,7 +150,7 @@ impl World {
             .copied();
         let amount = [0, 1, 1000, 300_000_000, 5_000_000_000][rng.random_range(0..5)];
         match rng.random_range(0..11) {
-            0 | 1 => TransactionKind::TransferCoin {
+            0 | 1 => TransactionKind::TransferCoin(TransferCoin {
                 coin: coin.unwrap_or(ObjectRef {
                     id: ObjectId([7; 32]),
                     version: 1,
@@ -154,21 +158,21 @@ impl World {
                 }),
                 amount: (amount > 0).then_some(amount),
                 recipient: other,
-            },
-            2 => TransactionKind::PayCoins {
+            }),
+            2 => TransactionKind::PayCoins(PayCoins {
                 coins: my_coins.clone(),
                 amounts: Some(vec![amount, amount / 2]),
                 recipients: vec![other, me],
-            },
-            3 => TransactionKind::CreateModel {
+            }),
+            3 => TransactionKind::CreateModel(CreateModel {
                 stake_amount: [1_000_000_000, 10, 1_200_000_000][rng.random_range(0..3)],
                 commission_rate: [0, 1000, 20_000][rng.random_range(0..3)],
                 architecture_version: [1, 1, 2][rng.random_range(0..3)],
-            },
+            }),
             4 => {
                 let key = EncryptionKey::from_bytes(rng.random());
                 let embedding: Vec<f32> = (0..DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let kind = TransactionKind::CommitModel {
+                let kind = TransactionKind::CommitModel(CommitModel {
                     model_id: model,
                     manifest: Manifest {
                         url: "http://127.0.0.1/w".into(),
@@ -178,7 +182,7 @@ impl World {
                     weights_commitment: Commitment([1; 32]),
                     embedding_commitment: embedding_commitment(&embedding),
                     decryption_key_commitment: key.commitment(),
-                };
+                });
                 self.proposed_secret = Some((model, key, embedding));
                 kind
             }
@@ -188,13 +192,13 @@ impl World {
                     .get(&model)
                     .cloned()
                     .unwrap_or_else(|| (EncryptionKey::from_bytes([0; 32]), vec![0.5; DIM]));
-                TransactionKind::RevealModel {
+                TransactionKind::RevealModel(RevealModel {
                     model_id: model,
                     decryption_key: Digest(*key.as_bytes()),
                     embedding: SomaTensor::vector(&embedding),
-                }
+                })
             }
-            6 if rng.random_bool(0.5) => TransactionKind::AddStake {
+            6 if rng.random_bool(0.5) => TransactionKind::AddStake(AddStake {
                 validator: self.ledger.system.validators[0].address,
                 coin_ref: coin.unwrap_or(ObjectRef {
                     id: ObjectId([6; 32]),
@@ -202,8 +206,8 @@ impl World {
                     digest: Default::default(),
                 }),
                 amount: (amount > 0).then_some(amount),
-            },
-            6 => TransactionKind::AddStakeToModel {
+            }),
+            6 => TransactionKind::AddStakeToModel(AddStakeToModel {
                 model_id: model,
                 coin_ref: coin.unwrap_or(ObjectRef {
                     id: ObjectId([6; 32]),
@@ -211,7 +215,7 @@ impl World {
                     digest: Default::default(),
                 }),
                 amount: (amount > 0).then_some(amount),
-            },
+            }),
             7 => {
                 let staked: Vec<ObjectRef> = self
                     .ledger
@@ -219,8 +223,8 @@ impl World {
                     .map(|o| o.reference().unwrap())
                     .collect();
                 match staked.first() {
-                    Some(s) => TransactionKind::WithdrawStake { staked_soma: *s },
-                    None => TransactionKind::DeactivateModel { model_id: model },
+                    Some(s) => TransactionKind::WithdrawStake(WithdrawStake { staked_soma: *s }),
+                    None => TransactionKind::DeactivateModel(DeactivateModel { model_id: model }),
                 }
             }
             8 => {
@@ -232,7 +236,7 @@ impl World {
                     .and_then(|o| o.target().ok())
                     .and_then(|t| t.model_ids.first().copied())
                     .filter(|_| rng.random_bool(0.8));
-                TransactionKind::SubmitData {
+                TransactionKind::SubmitData(SubmitData {
                     target_id: target,
                     data_manifest: Manifest {
                         url: "http://127.0.0.1/d".into(),
@@ -248,15 +252,17 @@ impl World {
                         version: 1,
                         digest: Default::default(),
                     }),
-                }
+                })
             }
-            9 => TransactionKind::ClaimRewards { target_id: target },
+            9 => TransactionKind::ClaimRewards(ClaimRewards { target_id: target }),
             // Only the validator (key 3) may report; anyone else fails with NotAValidator.
-            10 if rng.random_bool(0.1) => TransactionKind::ReportModel { model_id: model },
-            _ => TransactionKind::SetModelCommissionRate {
+            10 if rng.random_bool(0.1) => {
+                TransactionKind::ReportModel(ReportModel { model_id: model })
+            }
+            _ => TransactionKind::SetModelCommissionRate(SetModelCommissionRate {
                 model_id: model,
                 new_rate: [100, 20_000][rng.random_range(0..2)],
-            },
+            }),
         }
     }
 

@@ -5,6 +5,7 @@
 use somatrain_node::ledger::Params;
 use somatrain_node::ledger::execute::{FAULT_AMOUNT, Refusal};
 use somatrain_node::localnet::{Localnet, LocalnetConfig, LocalnetError};
+use somatrain_protocol::transaction::TransferCoin;
 use somatrain_protocol::{
     Keypair, ObjectType, SignedTransaction, TransactionData, TransactionKind,
 };
@@ -17,11 +18,11 @@ fn transfer(node: &Localnet, from: &Keypair, amount: u64) -> SignedTransaction {
             .unwrap()
     });
     let data = TransactionData::new(
-        TransactionKind::TransferCoin {
+        TransactionKind::TransferCoin(TransferCoin {
             coin: gas,
             amount: Some(amount),
             recipient: Keypair::generate().address(),
-        },
+        }),
         from.address(),
         vec![gas],
     );

@@ -4,6 +4,7 @@
 
 use somatrain_node::ledger::Params;
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
+use somatrain_protocol::transaction::{PayCoins, TransferCoin};
 use somatrain_protocol::{
     Keypair, ObjectDigest, ObjectId, ObjectRef, ObjectType, SHANNONS_PER_SOMA, SignedTransaction,
     TransactionData, TransactionKind,
@@ -49,11 +50,11 @@ fn concurrent_simulations_over_a_large_ledger_leave_memory_flat() {
     for _ in 0..100 {
         let gas = gas_of(&node, &whale);
         let data = TransactionData::new(
-            TransactionKind::PayCoins {
+            TransactionKind::PayCoins(PayCoins {
                 coins: vec![gas],
                 amounts: Some(vec![1; 1000]),
                 recipients: vec![sink; 1000],
-            },
+            }),
             whale.address(),
             vec![gas],
         );
@@ -81,11 +82,11 @@ fn concurrent_simulations_over_a_large_ledger_leave_memory_flat() {
                     let gas = if i % 2 == 0 { gas } else { made_up };
                     let tx = SignedTransaction {
                         data: TransactionData::new(
-                            TransactionKind::TransferCoin {
+                            TransactionKind::TransferCoin(TransferCoin {
                                 coin: gas,
                                 amount: Some(1),
                                 recipient: whale.address(),
-                            },
+                            }),
                             whale.address(),
                             vec![gas],
                         ),

@@ -90,124 +90,223 @@ pub fn normalize_url(text: &str) -> Result<String, url::ParseError> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TransactionKind {
     // System transactions (0-2): users never send these.
-    Genesis {
-        objects: Vec<Object>,
-    },
-    ConsensusCommitPrologueV1 {
-        epoch: u64,
-        round: u64,
-        sub_dag_index: Option<u64>,
-        commit_timestamp_ms: u64,
-        consensus_commit_digest: Digest,
-        additional_state_digest: Digest,
-    },
-    ChangeEpoch {
-        epoch: u64,
-        epoch_start_timestamp_ms: u64,
-        protocol_version: u64,
-        fees: u64,
-        #[serde(with = "serde_bytes")]
-        epoch_randomness: Vec<u8>,
-    },
+    Genesis(Genesis),
+    ConsensusCommitPrologueV1(ConsensusCommitPrologueV1),
+    ChangeEpoch(ChangeEpoch),
     // Validator management (3-8). The BCS order of AddValidator differs from its proto numbers.
     AddValidator(ValidatorInfo),
-    RemoveValidator {
-        #[serde(with = "serde_bytes")]
-        pubkey_bytes: Vec<u8>,
-    },
-    ReportValidator {
-        reportee: Address,
-    },
-    UndoReportValidator {
-        reportee: Address,
-    },
+    RemoveValidator(RemoveValidator),
+    ReportValidator(ReportValidator),
+    UndoReportValidator(UndoReportValidator),
     UpdateValidatorMetadata(ValidatorMetadataUpdate),
-    SetCommissionRate {
-        new_rate: u64,
-    },
+    SetCommissionRate(SetCommissionRate),
     // Coins and objects (9-13).
-    TransferCoin {
-        coin: ObjectRef,
-        amount: Option<u64>,
-        recipient: Address,
-    },
-    PayCoins {
-        coins: Vec<ObjectRef>,
-        /// Always `Some` when signed: the network rebuilds an absent list as `Some([])`.
-        amounts: Option<Vec<u64>>,
-        recipients: Vec<Address>,
-    },
-    TransferObjects {
-        objects: Vec<ObjectRef>,
-        recipient: Address,
-    },
-    AddStake {
-        validator: Address,
-        coin_ref: ObjectRef,
-        amount: Option<u64>,
-    },
-    WithdrawStake {
-        staked_soma: ObjectRef,
-    },
+    TransferCoin(TransferCoin),
+    PayCoins(PayCoins),
+    TransferObjects(TransferObjects),
+    AddStake(AddStake),
+    WithdrawStake(WithdrawStake),
     // Models (14-21). There is no UpdateModel: CommitModel on an active model stages an update.
-    CreateModel {
-        stake_amount: u64,
-        /// Basis points.
-        commission_rate: u64,
-        architecture_version: u64,
-    },
-    CommitModel {
-        model_id: ObjectId,
-        manifest: Manifest,
-        weights_commitment: Commitment,
-        embedding_commitment: Commitment,
-        decryption_key_commitment: Commitment,
-    },
-    RevealModel {
-        model_id: ObjectId,
-        /// The 32-byte AES-256 key, public from this transaction on.
-        decryption_key: Digest,
-        embedding: SomaTensor,
-    },
-    AddStakeToModel {
-        model_id: ObjectId,
-        coin_ref: ObjectRef,
-        amount: Option<u64>,
-    },
-    SetModelCommissionRate {
-        model_id: ObjectId,
-        new_rate: u64,
-    },
-    DeactivateModel {
-        model_id: ObjectId,
-    },
-    ReportModel {
-        model_id: ObjectId,
-    },
-    UndoReportModel {
-        model_id: ObjectId,
-    },
+    CreateModel(CreateModel),
+    CommitModel(CommitModel),
+    RevealModel(RevealModel),
+    AddStakeToModel(AddStakeToModel),
+    SetModelCommissionRate(SetModelCommissionRate),
+    DeactivateModel(DeactivateModel),
+    ReportModel(ReportModel),
+    UndoReportModel(UndoReportModel),
     // Targets (22-25).
-    SubmitData {
-        target_id: ObjectId,
-        /// `SubmissionManifest`, which is exactly one manifest.
-        data_manifest: Manifest,
-        model_id: ObjectId,
-        embedding: SomaTensor,
-        /// Shape `[1]`.
-        distance_score: SomaTensor,
-        loss_score: SomaTensor,
-        bond_coin: ObjectRef,
-    },
-    ClaimRewards {
-        target_id: ObjectId,
-    },
-    ReportSubmission {
-        target_id: ObjectId,
-    },
-    UndoReportSubmission {
-        target_id: ObjectId,
-    },
+    SubmitData(SubmitData),
+    ClaimRewards(ClaimRewards),
+    ReportSubmission(ReportSubmission),
+    UndoReportSubmission(UndoReportSubmission),
+}
+
+// One struct per kind, as sui-sdk-types does: a kind's fields can be named, passed and matched
+// without the enum.
+
+/// The objects the chain starts with (tag 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Genesis {
+    pub objects: Vec<Object>,
+}
+
+/// Opens each consensus commit: its round and time (tag 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsensusCommitPrologueV1 {
+    pub epoch: u64,
+    pub round: u64,
+    pub sub_dag_index: Option<u64>,
+    pub commit_timestamp_ms: u64,
+    pub consensus_commit_digest: Digest,
+    pub additional_state_digest: Digest,
+}
+
+/// Closes an epoch and opens the next, with the fees it collected (tag 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEpoch {
+    pub epoch: u64,
+    pub epoch_start_timestamp_ms: u64,
+    pub protocol_version: u64,
+    pub fees: u64,
+    #[serde(with = "serde_bytes")]
+    pub epoch_randomness: Vec<u8>,
+}
+
+/// Takes a validator out of the next epoch's set (tag 4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoveValidator {
+    #[serde(with = "serde_bytes")]
+    pub pubkey_bytes: Vec<u8>,
+}
+
+/// A validator reports another; a quorum halves the reportee's reward share (tag 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportValidator {
+    pub reportee: Address,
+}
+
+/// Withdraws a `ReportValidator` (tag 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UndoReportValidator {
+    pub reportee: Address,
+}
+
+/// A validator's commission from the next epoch, in basis points (tag 8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetCommissionRate {
+    pub new_rate: u64,
+}
+
+/// Sends a coin, or `amount` split from it, to one recipient (tag 9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferCoin {
+    pub coin: ObjectRef,
+    pub amount: Option<u64>,
+    pub recipient: Address,
+}
+
+/// Merges `coins` and pays each recipient its amount (tag 10).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PayCoins {
+    pub coins: Vec<ObjectRef>,
+    /// Always `Some` when signed: the network rebuilds an absent list as `Some([])`.
+    pub amounts: Option<Vec<u64>>,
+    pub recipients: Vec<Address>,
+}
+
+/// Hands owned objects to a recipient (tag 11).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferObjects {
+    pub objects: Vec<ObjectRef>,
+    pub recipient: Address,
+}
+
+/// Stakes a coin, or `amount` of it, with a validator; earns from the next epoch (tag 12).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddStake {
+    pub validator: Address,
+    pub coin_ref: ObjectRef,
+    pub amount: Option<u64>,
+}
+
+/// Returns a `StakedSoma`'s principal and rewards (tag 13).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WithdrawStake {
+    pub staked_soma: ObjectRef,
+}
+
+/// Registers a model with its stake and commission (tag 14).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateModel {
+    pub stake_amount: u64,
+    /// Basis points.
+    pub commission_rate: u64,
+    pub architecture_version: u64,
+}
+
+/// Commits to encrypted weights, the embedding and the key; on an active model, stages an update (tag 15).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitModel {
+    pub model_id: ObjectId,
+    pub manifest: Manifest,
+    pub weights_commitment: Commitment,
+    pub embedding_commitment: Commitment,
+    pub decryption_key_commitment: Commitment,
+}
+
+/// Publishes the key and the embedding committed the epoch before (tag 16).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevealModel {
+    pub model_id: ObjectId,
+    /// The 32-byte AES-256 key, public from this transaction on.
+    pub decryption_key: Digest,
+    pub embedding: SomaTensor,
+}
+
+/// Stakes a coin, or `amount` of it, with a model (tag 17).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddStakeToModel {
+    pub model_id: ObjectId,
+    pub coin_ref: ObjectRef,
+    pub amount: Option<u64>,
+}
+
+/// A model's commission from the next epoch, in basis points (tag 18).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetModelCommissionRate {
+    pub model_id: ObjectId,
+    pub new_rate: u64,
+}
+
+/// The owner retires a model (tag 19).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeactivateModel {
+    pub model_id: ObjectId,
+}
+
+/// A validator reports a model whose weights fail the check; a quorum slashes it (tag 20).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportModel {
+    pub model_id: ObjectId,
+}
+
+/// Withdraws a `ReportModel` (tag 21).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UndoReportModel {
+    pub model_id: ObjectId,
+}
+
+/// Submits data that a model scored against a target, with a bond (tag 22).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitData {
+    pub target_id: ObjectId,
+    /// `SubmissionManifest`, which is exactly one manifest.
+    pub data_manifest: Manifest,
+    pub model_id: ObjectId,
+    pub embedding: SomaTensor,
+    /// Shape `[1]`.
+    pub distance_score: SomaTensor,
+    pub loss_score: SomaTensor,
+    pub bond_coin: ObjectRef,
+}
+
+/// Settles a filled or expired target's rewards (tag 23).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRewards {
+    pub target_id: ObjectId,
+}
+
+/// A validator reports a target's winning submission (tag 24).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportSubmission {
+    pub target_id: ObjectId,
+}
+
+/// Withdraws a `ReportSubmission` (tag 25).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UndoReportSubmission {
+    pub target_id: ObjectId,
 }
 
 /// The payload of `AddValidator`, in BCS order.
@@ -253,32 +352,32 @@ impl TransactionKind {
     /// The network's name of the kind, as error messages and the SDK show it.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Genesis { .. } => "Genesis",
-            Self::ConsensusCommitPrologueV1 { .. } => "ConsensusCommitPrologueV1",
-            Self::ChangeEpoch { .. } => "ChangeEpoch",
+            Self::Genesis(_) => "Genesis",
+            Self::ConsensusCommitPrologueV1(_) => "ConsensusCommitPrologueV1",
+            Self::ChangeEpoch(_) => "ChangeEpoch",
             Self::AddValidator(_) => "AddValidator",
-            Self::RemoveValidator { .. } => "RemoveValidator",
-            Self::ReportValidator { .. } => "ReportValidator",
-            Self::UndoReportValidator { .. } => "UndoReportValidator",
+            Self::RemoveValidator(_) => "RemoveValidator",
+            Self::ReportValidator(_) => "ReportValidator",
+            Self::UndoReportValidator(_) => "UndoReportValidator",
             Self::UpdateValidatorMetadata(_) => "UpdateValidatorMetadata",
-            Self::SetCommissionRate { .. } => "SetCommissionRate",
-            Self::TransferCoin { .. } => "TransferCoin",
-            Self::PayCoins { .. } => "PayCoins",
-            Self::TransferObjects { .. } => "TransferObjects",
-            Self::AddStake { .. } => "AddStake",
-            Self::WithdrawStake { .. } => "WithdrawStake",
-            Self::CreateModel { .. } => "CreateModel",
-            Self::CommitModel { .. } => "CommitModel",
-            Self::RevealModel { .. } => "RevealModel",
-            Self::AddStakeToModel { .. } => "AddStakeToModel",
-            Self::SetModelCommissionRate { .. } => "SetModelCommissionRate",
-            Self::DeactivateModel { .. } => "DeactivateModel",
-            Self::ReportModel { .. } => "ReportModel",
-            Self::UndoReportModel { .. } => "UndoReportModel",
-            Self::SubmitData { .. } => "SubmitData",
-            Self::ClaimRewards { .. } => "ClaimRewards",
-            Self::ReportSubmission { .. } => "ReportSubmission",
-            Self::UndoReportSubmission { .. } => "UndoReportSubmission",
+            Self::SetCommissionRate(_) => "SetCommissionRate",
+            Self::TransferCoin(_) => "TransferCoin",
+            Self::PayCoins(_) => "PayCoins",
+            Self::TransferObjects(_) => "TransferObjects",
+            Self::AddStake(_) => "AddStake",
+            Self::WithdrawStake(_) => "WithdrawStake",
+            Self::CreateModel(_) => "CreateModel",
+            Self::CommitModel(_) => "CommitModel",
+            Self::RevealModel(_) => "RevealModel",
+            Self::AddStakeToModel(_) => "AddStakeToModel",
+            Self::SetModelCommissionRate(_) => "SetModelCommissionRate",
+            Self::DeactivateModel(_) => "DeactivateModel",
+            Self::ReportModel(_) => "ReportModel",
+            Self::UndoReportModel(_) => "UndoReportModel",
+            Self::SubmitData(_) => "SubmitData",
+            Self::ClaimRewards(_) => "ClaimRewards",
+            Self::ReportSubmission(_) => "ReportSubmission",
+            Self::UndoReportSubmission(_) => "UndoReportSubmission",
         }
     }
 
@@ -286,9 +385,7 @@ impl TransactionKind {
     pub fn is_system(&self) -> bool {
         matches!(
             self,
-            Self::Genesis { .. }
-                | Self::ConsensusCommitPrologueV1 { .. }
-                | Self::ChangeEpoch { .. }
+            Self::Genesis(_) | Self::ConsensusCommitPrologueV1(_) | Self::ChangeEpoch(_)
         )
     }
 }
@@ -550,9 +647,9 @@ mod tests {
     fn tampered_or_foreign_signatures_are_refused() {
         let owner = Keypair::from_secret([1; 32]);
         let data = TransactionData::new(
-            TransactionKind::ClaimRewards {
+            TransactionKind::ClaimRewards(ClaimRewards {
                 target_id: ObjectId([9; 32]),
-            },
+            }),
             owner.address(),
             vec![],
         );
@@ -560,9 +657,9 @@ mod tests {
         signed.verify().unwrap();
 
         let mut changed = signed.clone();
-        changed.data.kind = TransactionKind::ClaimRewards {
+        changed.data.kind = TransactionKind::ClaimRewards(ClaimRewards {
             target_id: ObjectId([8; 32]),
-        };
+        });
         assert_eq!(
             changed.verify(),
             Err(SignatureError::Key(KeyError::BadSignature))
@@ -596,9 +693,9 @@ mod tests {
         let signed = SignedTransaction::sign(
             &owner,
             TransactionData::new(
-                TransactionKind::DeactivateModel {
+                TransactionKind::DeactivateModel(DeactivateModel {
                     model_id: ObjectId([4; 32]),
-                },
+                }),
                 owner.address(),
                 vec![],
             ),

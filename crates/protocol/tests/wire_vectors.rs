@@ -4,6 +4,7 @@
 
 use somatrain_protocol::crypto::embedding_commitment;
 use somatrain_protocol::fixtures::{all_kinds, gas, signer};
+use somatrain_protocol::transaction::{ClaimRewards, CreateModel, TransferCoin};
 use somatrain_protocol::{
     Address, Keypair, Object, ObjectId, SignedTransaction, SomaTensor, TransactionData,
     TransactionKind, TxDigest,
@@ -67,29 +68,29 @@ fn transaction_vectors() -> Vec<TxVector> {
     let trailer = format!("{SENDER}01{}", gas_ref_hex());
     vec![
         TxVector {
-            kind: TransactionKind::ClaimRewards {
+            kind: TransactionKind::ClaimRewards(ClaimRewards {
                 target_id: ObjectId([0xaa; 32]),
-            },
+            }),
             data_hex: format!("0017{}{trailer}", "aa".repeat(32)),
             digest: "GuNd1gVc9ToE2KGRabQCYgjXoLSW7eo27AjjbS53wXzb",
             signature: "0075fad98a9b675ca0d62f0ae47bd82608a354ff11541df2a90203e8a9495b47568e6e83684d6aa817898484f01bb37764f5848815d6937956ec92495f71ee0c0803a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8",
         },
         TxVector {
-            kind: TransactionKind::CreateModel {
+            kind: TransactionKind::CreateModel(CreateModel {
                 stake_amount: 1_000_000_000,
                 commission_rate: 1000,
                 architecture_version: 1,
-            },
+            }),
             data_hex: format!("000e00ca9a3b00000000e8030000000000000100000000000000{trailer}"),
             digest: "FrRXtGLSPbbairB8bwqYcKXMcPdTveomKE9ddS5QDRS5",
             signature: "00cb11142cc654dbff8c0f4f017421d3f44f6310a01a9aa6eed1f7471769bf38c24f6c41d1f25afe4b017ec2e1b97d3c577dea84f606691856479545560083420c03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8",
         },
         TxVector {
-            kind: TransactionKind::TransferCoin {
+            kind: TransactionKind::TransferCoin(TransferCoin {
                 coin: gas(),
                 amount: Some(1000),
                 recipient: Address([0x11; 32]),
-            },
+            }),
             data_hex: format!(
                 "0009{}01e803000000000000{}{trailer}",
                 gas_ref_hex(),
@@ -123,9 +124,9 @@ fn the_three_transaction_vectors_encode_digest_and_sign_as_the_sdk() {
 #[test]
 fn signing_hashes_and_derived_ids_match() {
     let claim = TransactionData::new(
-        TransactionKind::ClaimRewards {
+        TransactionKind::ClaimRewards(ClaimRewards {
             target_id: ObjectId([0xaa; 32]),
-        },
+        }),
         signer().address(),
         vec![gas()],
     );
@@ -139,11 +140,11 @@ fn signing_hashes_and_derived_ids_match() {
     );
 
     let create = TransactionData::new(
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount: 1_000_000_000,
             commission_rate: 1000,
             architecture_version: 1,
-        },
+        }),
         signer().address(),
         vec![gas()],
     );
@@ -250,9 +251,9 @@ fn every_kind_has_the_sdk_length_and_digest_and_round_trips() {
 #[test]
 fn decoding_refuses_unknown_tags_truncation_and_trailing_bytes() {
     let data = TransactionData::new(
-        TransactionKind::ClaimRewards {
+        TransactionKind::ClaimRewards(ClaimRewards {
             target_id: ObjectId([0xaa; 32]),
-        },
+        }),
         signer().address(),
         vec![gas()],
     );

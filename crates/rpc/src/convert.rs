@@ -11,6 +11,13 @@ use somatrain_protocol::effects::{
     BalanceChange, ChangedObject, ExecutionErrorKind, ExecutionFailure, ExecutionStatus,
     IdOperation, ObjectState, TransactionEffects, TransactionFee, UnchangedSharedObject,
 };
+use somatrain_protocol::transaction::{
+    AddStake, AddStakeToModel, ChangeEpoch, ClaimRewards, CommitModel, ConsensusCommitPrologueV1,
+    CreateModel, DeactivateModel, Genesis, PayCoins, RemoveValidator, ReportModel,
+    ReportSubmission, ReportValidator, RevealModel, SetCommissionRate, SetModelCommissionRate,
+    SubmitData, TransferCoin, TransferObjects, UndoReportModel, UndoReportSubmission,
+    UndoReportValidator, WithdrawStake,
+};
 use somatrain_protocol::transaction::{ValidatorInfo, ValidatorMetadataUpdate, normalize_url};
 use somatrain_protocol::{
     Address, Commitment, Digest, Manifest, Object, ObjectDigest, ObjectId, ObjectRef, ObjectType,
@@ -298,17 +305,17 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
     let model = |id: &ObjectId| Some(prefixed_id(id));
     let values = |t: &SomaTensor| t.values().unwrap_or_default();
     let kind = match kind {
-        TransactionKind::Genesis { objects } => Kind::Genesis(proto::GenesisTransaction {
+        TransactionKind::Genesis(Genesis { objects }) => Kind::Genesis(proto::GenesisTransaction {
             objects: objects.iter().map(object_to_proto).collect(),
         }),
-        TransactionKind::ConsensusCommitPrologueV1 {
+        TransactionKind::ConsensusCommitPrologueV1(ConsensusCommitPrologueV1 {
             epoch,
             round,
             sub_dag_index,
             commit_timestamp_ms,
             consensus_commit_digest,
             additional_state_digest,
-        } => Kind::ConsensusCommitPrologue(proto::ConsensusCommitPrologue {
+        }) => Kind::ConsensusCommitPrologue(proto::ConsensusCommitPrologue {
             epoch: Some(*epoch),
             round: Some(*round),
             sub_dag_index: *sub_dag_index,
@@ -316,13 +323,13 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
             consensus_commit_digest: Some(consensus_commit_digest.to_string()),
             additional_state_digest: Some(additional_state_digest.to_string()),
         }),
-        TransactionKind::ChangeEpoch {
+        TransactionKind::ChangeEpoch(ChangeEpoch {
             epoch,
             epoch_start_timestamp_ms,
             protocol_version,
             fees,
             epoch_randomness,
-        } => Kind::ChangeEpoch(proto::ChangeEpoch {
+        }) => Kind::ChangeEpoch(proto::ChangeEpoch {
             epoch: Some(*epoch),
             epoch_start_timestamp: Some(timestamp_from_ms(*epoch_start_timestamp_ms)),
             protocol_version: Some(*protocol_version),
@@ -339,17 +346,17 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
             proxy_address: Some(v.proxy_address.clone()),
             proof_of_possession: Some(v.proof_of_possession.clone()),
         }),
-        TransactionKind::RemoveValidator { pubkey_bytes } => {
+        TransactionKind::RemoveValidator(RemoveValidator { pubkey_bytes }) => {
             Kind::RemoveValidator(proto::RemoveValidator {
                 pubkey_bytes: Some(pubkey_bytes.clone()),
             })
         }
-        TransactionKind::ReportValidator { reportee } => {
+        TransactionKind::ReportValidator(ReportValidator { reportee }) => {
             Kind::ReportValidator(proto::ReportValidator {
                 reportee: Some(hex_id(&reportee.0)),
             })
         }
-        TransactionKind::UndoReportValidator { reportee } => {
+        TransactionKind::UndoReportValidator(UndoReportValidator { reportee }) => {
             Kind::UndoReportValidator(proto::UndoReportValidator {
                 reportee: Some(hex_id(&reportee.0)),
             })
@@ -366,109 +373,111 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
                 next_epoch_proof_of_possession: u.next_epoch_proof_of_possession.clone(),
             })
         }
-        TransactionKind::SetCommissionRate { new_rate } => {
+        TransactionKind::SetCommissionRate(SetCommissionRate { new_rate }) => {
             Kind::SetCommissionRate(proto::SetCommissionRate {
                 new_rate: Some(*new_rate),
             })
         }
-        TransactionKind::TransferCoin {
+        TransactionKind::TransferCoin(TransferCoin {
             coin,
             amount,
             recipient,
-        } => Kind::TransferCoin(proto::TransferCoin {
+        }) => Kind::TransferCoin(proto::TransferCoin {
             coin: Some(object_ref_to_proto(coin)),
             amount: *amount,
             recipient: Some(hex_id(&recipient.0)),
         }),
-        TransactionKind::PayCoins {
+        TransactionKind::PayCoins(PayCoins {
             coins,
             amounts,
             recipients,
-        } => Kind::PayCoins(proto::PayCoins {
+        }) => Kind::PayCoins(proto::PayCoins {
             coins: coins.iter().map(object_ref_to_proto).collect(),
             amounts: amounts.clone().unwrap_or_default(),
             recipients: recipients.iter().map(|a| hex_id(&a.0)).collect(),
         }),
-        TransactionKind::TransferObjects { objects, recipient } => {
+        TransactionKind::TransferObjects(TransferObjects { objects, recipient }) => {
             Kind::TransferObjects(proto::TransferObjects {
                 objects: objects.iter().map(object_ref_to_proto).collect(),
                 recipient: Some(hex_id(&recipient.0)),
             })
         }
-        TransactionKind::AddStake {
+        TransactionKind::AddStake(AddStake {
             validator,
             coin_ref,
             amount,
-        } => Kind::AddStake(proto::AddStake {
+        }) => Kind::AddStake(proto::AddStake {
             address: Some(hex_id(&validator.0)),
             coin_ref: Some(object_ref_to_proto(coin_ref)),
             amount: *amount,
         }),
-        TransactionKind::WithdrawStake { staked_soma } => {
+        TransactionKind::WithdrawStake(WithdrawStake { staked_soma }) => {
             Kind::WithdrawStake(proto::WithdrawStake {
                 staked_soma: Some(object_ref_to_proto(staked_soma)),
             })
         }
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount,
             commission_rate,
             architecture_version,
-        } => Kind::CreateModel(proto::CreateModel {
+        }) => Kind::CreateModel(proto::CreateModel {
             stake_amount: Some(*stake_amount),
             commission_rate: Some(*commission_rate),
             architecture_version: Some(*architecture_version),
         }),
-        TransactionKind::CommitModel {
+        TransactionKind::CommitModel(CommitModel {
             model_id,
             manifest,
             weights_commitment,
             embedding_commitment,
             decryption_key_commitment,
-        } => Kind::CommitModel(proto::CommitModel {
+        }) => Kind::CommitModel(proto::CommitModel {
             model_id: model(model_id),
             manifest: Some(manifest_to_proto(manifest)),
             weights_commitment: Some(weights_commitment.0.to_vec()),
             embedding_commitment: Some(embedding_commitment.0.to_vec()),
             decryption_key_commitment: Some(decryption_key_commitment.0.to_vec()),
         }),
-        TransactionKind::RevealModel {
+        TransactionKind::RevealModel(RevealModel {
             model_id,
             decryption_key,
             embedding,
-        } => Kind::RevealModel(proto::RevealModel {
+        }) => Kind::RevealModel(proto::RevealModel {
             model_id: model(model_id),
             decryption_key: Some(decryption_key.0.to_vec()),
             embedding: values(embedding),
         }),
-        TransactionKind::AddStakeToModel {
+        TransactionKind::AddStakeToModel(AddStakeToModel {
             model_id,
             coin_ref,
             amount,
-        } => Kind::AddStakeToModel(proto::AddStakeToModel {
+        }) => Kind::AddStakeToModel(proto::AddStakeToModel {
             model_id: model(model_id),
             coin_ref: Some(object_ref_to_proto(coin_ref)),
             amount: *amount,
         }),
-        TransactionKind::SetModelCommissionRate { model_id, new_rate } => {
+        TransactionKind::SetModelCommissionRate(SetModelCommissionRate { model_id, new_rate }) => {
             Kind::SetModelCommissionRate(proto::SetModelCommissionRate {
                 model_id: model(model_id),
                 new_rate: Some(*new_rate),
             })
         }
-        TransactionKind::DeactivateModel { model_id } => {
+        TransactionKind::DeactivateModel(DeactivateModel { model_id }) => {
             Kind::DeactivateModel(proto::DeactivateModel {
                 model_id: model(model_id),
             })
         }
-        TransactionKind::ReportModel { model_id } => Kind::ReportModel(proto::ReportModel {
-            model_id: model(model_id),
-        }),
-        TransactionKind::UndoReportModel { model_id } => {
+        TransactionKind::ReportModel(ReportModel { model_id }) => {
+            Kind::ReportModel(proto::ReportModel {
+                model_id: model(model_id),
+            })
+        }
+        TransactionKind::UndoReportModel(UndoReportModel { model_id }) => {
             Kind::UndoReportModel(proto::UndoReportModel {
                 model_id: model(model_id),
             })
         }
-        TransactionKind::SubmitData {
+        TransactionKind::SubmitData(SubmitData {
             target_id,
             data_manifest,
             model_id,
@@ -476,7 +485,7 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
             distance_score,
             loss_score,
             bond_coin,
-        } => Kind::SubmitData(proto::SubmitData {
+        }) => Kind::SubmitData(proto::SubmitData {
             target_id: model(target_id),
             data_manifest: Some(proto::SubmissionManifest {
                 manifest: Some(manifest_to_proto(data_manifest)),
@@ -487,16 +496,18 @@ pub fn kind_to_proto(kind: &TransactionKind) -> proto::TransactionKind {
             bond_coin: Some(object_ref_to_proto(bond_coin)),
             loss_score: values(loss_score),
         }),
-        TransactionKind::ClaimRewards { target_id } => Kind::ClaimRewards(proto::ClaimRewards {
-            target_id: model(target_id),
-        }),
-        TransactionKind::ReportSubmission { target_id } => {
+        TransactionKind::ClaimRewards(ClaimRewards { target_id }) => {
+            Kind::ClaimRewards(proto::ClaimRewards {
+                target_id: model(target_id),
+            })
+        }
+        TransactionKind::ReportSubmission(ReportSubmission { target_id }) => {
             Kind::ReportSubmission(proto::ReportSubmission {
                 target_id: model(target_id),
                 challenger: None,
             })
         }
-        TransactionKind::UndoReportSubmission { target_id } => {
+        TransactionKind::UndoReportSubmission(UndoReportSubmission { target_id }) => {
             Kind::UndoReportSubmission(proto::UndoReportSubmission {
                 target_id: model(target_id),
             })
@@ -515,17 +526,17 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
         ));
     };
     Ok(match kind {
-        Kind::Genesis(g) => TransactionKind::Genesis {
+        Kind::Genesis(g) => TransactionKind::Genesis(Genesis {
             objects: g
                 .objects
                 .iter()
                 .enumerate()
                 .map(|(i, o)| object_from_proto(o, &f(&format!("genesis.objects[{i}]"))))
                 .collect::<Result<_>>()?,
-        },
+        }),
         Kind::ConsensusCommitPrologue(c) => {
             let p = |n: &str| f(&format!("consensus_commit_prologue.{n}"));
-            TransactionKind::ConsensusCommitPrologueV1 {
+            TransactionKind::ConsensusCommitPrologueV1(ConsensusCommitPrologueV1 {
                 epoch: required(c.epoch, &p("epoch"))?,
                 round: required(c.round, &p("round"))?,
                 sub_dag_index: c.sub_dag_index,
@@ -547,11 +558,11 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                     )?,
                     &p("additional_state_digest"),
                 )?,
-            }
+            })
         }
         Kind::ChangeEpoch(c) => {
             let p = |n: &str| f(&format!("change_epoch.{n}"));
-            TransactionKind::ChangeEpoch {
+            TransactionKind::ChangeEpoch(ChangeEpoch {
                 epoch: required(c.epoch, &p("epoch"))?,
                 epoch_start_timestamp_ms: timestamp_to_ms(
                     required(
@@ -563,7 +574,7 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                 protocol_version: required(c.protocol_version, &p("protocol_version"))?,
                 fees: required(c.fees, &p("fees"))?,
                 epoch_randomness: c.epoch_randomness.clone().unwrap_or_default(),
-            }
+            })
         }
         Kind::AddValidator(v) => {
             let p = |n: &str| f(&format!("add_validator.{n}"));
@@ -579,15 +590,15 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                 proxy_address: b(&v.proxy_address, "proxy_address")?,
             })
         }
-        Kind::RemoveValidator(r) => TransactionKind::RemoveValidator {
+        Kind::RemoveValidator(r) => TransactionKind::RemoveValidator(RemoveValidator {
             pubkey_bytes: required(r.pubkey_bytes.clone(), &f("remove_validator.pubkey_bytes"))?,
-        },
-        Kind::ReportValidator(r) => TransactionKind::ReportValidator {
+        }),
+        Kind::ReportValidator(r) => TransactionKind::ReportValidator(ReportValidator {
             reportee: required_address(&r.reportee, &f("report_validator.reportee"))?,
-        },
-        Kind::UndoReportValidator(r) => TransactionKind::UndoReportValidator {
+        }),
+        Kind::UndoReportValidator(r) => TransactionKind::UndoReportValidator(UndoReportValidator {
             reportee: required_address(&r.reportee, &f("undo_report_validator.reportee"))?,
-        },
+        }),
         Kind::UpdateValidatorMetadata(u) => {
             TransactionKind::UpdateValidatorMetadata(ValidatorMetadataUpdate {
                 next_epoch_network_address: u.next_epoch_network_address.clone(),
@@ -600,15 +611,15 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                 next_epoch_proof_of_possession: u.next_epoch_proof_of_possession.clone(),
             })
         }
-        Kind::SetCommissionRate(s) => TransactionKind::SetCommissionRate {
+        Kind::SetCommissionRate(s) => TransactionKind::SetCommissionRate(SetCommissionRate {
             new_rate: required(s.new_rate, &f("set_commission_rate.new_rate"))?,
-        },
-        Kind::TransferCoin(t) => TransactionKind::TransferCoin {
+        }),
+        Kind::TransferCoin(t) => TransactionKind::TransferCoin(TransferCoin {
             coin: object_ref_field(&t.coin, &f("transfer_coin.coin"))?,
             amount: t.amount,
             recipient: required_address(&t.recipient, &f("transfer_coin.recipient"))?,
-        },
-        Kind::PayCoins(p) => TransactionKind::PayCoins {
+        }),
+        Kind::PayCoins(p) => TransactionKind::PayCoins(PayCoins {
             coins: object_refs(&p.coins, &f("pay_coins.coins"))?,
             amounts: pay_amounts(&p.amounts),
             recipients: p
@@ -617,30 +628,30 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                 .enumerate()
                 .map(|(i, r)| parse_address(r, &f(&format!("pay_coins.recipients[{i}]"))))
                 .collect::<Result<_>>()?,
-        },
-        Kind::TransferObjects(t) => TransactionKind::TransferObjects {
+        }),
+        Kind::TransferObjects(t) => TransactionKind::TransferObjects(TransferObjects {
             objects: object_refs(&t.objects, &f("transfer_objects.objects"))?,
             recipient: required_address(&t.recipient, &f("transfer_objects.recipient"))?,
-        },
-        Kind::AddStake(a) => TransactionKind::AddStake {
+        }),
+        Kind::AddStake(a) => TransactionKind::AddStake(AddStake {
             validator: required_address(&a.address, &f("add_stake.address"))?,
             coin_ref: object_ref_field(&a.coin_ref, &f("add_stake.coin_ref"))?,
             amount: a.amount,
-        },
-        Kind::WithdrawStake(w) => TransactionKind::WithdrawStake {
+        }),
+        Kind::WithdrawStake(w) => TransactionKind::WithdrawStake(WithdrawStake {
             staked_soma: object_ref_field(&w.staked_soma, &f("withdraw_stake.staked_soma"))?,
-        },
-        Kind::CreateModel(c) => TransactionKind::CreateModel {
+        }),
+        Kind::CreateModel(c) => TransactionKind::CreateModel(CreateModel {
             stake_amount: required(c.stake_amount, &f("create_model.stake_amount"))?,
             commission_rate: required(c.commission_rate, &f("create_model.commission_rate"))?,
             architecture_version: required(
                 c.architecture_version,
                 &f("create_model.architecture_version"),
             )?,
-        },
+        }),
         Kind::CommitModel(c) => {
             let p = |n: &str| f(&format!("commit_model.{n}"));
-            TransactionKind::CommitModel {
+            TransactionKind::CommitModel(CommitModel {
                 model_id: required_object_id(&c.model_id, &p("model_id"))?,
                 manifest: manifest_field(&c.manifest, &p("manifest"))?,
                 weights_commitment: Commitment(required_bytes32(
@@ -655,38 +666,43 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                     &c.decryption_key_commitment,
                     &p("decryption_key_commitment"),
                 )?),
-            }
+            })
         }
-        Kind::RevealModel(r) => TransactionKind::RevealModel {
+        Kind::RevealModel(r) => TransactionKind::RevealModel(RevealModel {
             model_id: required_object_id(&r.model_id, &f("reveal_model.model_id"))?,
             decryption_key: Digest(required_bytes32(
                 &r.decryption_key,
                 &f("reveal_model.decryption_key"),
             )?),
             embedding: SomaTensor::vector(&r.embedding),
-        },
-        Kind::AddStakeToModel(a) => TransactionKind::AddStakeToModel {
+        }),
+        Kind::AddStakeToModel(a) => TransactionKind::AddStakeToModel(AddStakeToModel {
             model_id: required_object_id(&a.model_id, &f("add_stake_to_model.model_id"))?,
             coin_ref: object_ref_field(&a.coin_ref, &f("add_stake_to_model.coin_ref"))?,
             amount: a.amount,
-        },
-        Kind::SetModelCommissionRate(s) => TransactionKind::SetModelCommissionRate {
-            model_id: required_object_id(&s.model_id, &f("set_model_commission_rate.model_id"))?,
-            new_rate: required(s.new_rate, &f("set_model_commission_rate.new_rate"))?,
-        },
-        Kind::DeactivateModel(d) => TransactionKind::DeactivateModel {
+        }),
+        Kind::SetModelCommissionRate(s) => {
+            TransactionKind::SetModelCommissionRate(SetModelCommissionRate {
+                model_id: required_object_id(
+                    &s.model_id,
+                    &f("set_model_commission_rate.model_id"),
+                )?,
+                new_rate: required(s.new_rate, &f("set_model_commission_rate.new_rate"))?,
+            })
+        }
+        Kind::DeactivateModel(d) => TransactionKind::DeactivateModel(DeactivateModel {
             model_id: required_object_id(&d.model_id, &f("deactivate_model.model_id"))?,
-        },
-        Kind::ReportModel(r) => TransactionKind::ReportModel {
+        }),
+        Kind::ReportModel(r) => TransactionKind::ReportModel(ReportModel {
             model_id: required_object_id(&r.model_id, &f("report_model.model_id"))?,
-        },
-        Kind::UndoReportModel(r) => TransactionKind::UndoReportModel {
+        }),
+        Kind::UndoReportModel(r) => TransactionKind::UndoReportModel(UndoReportModel {
             model_id: required_object_id(&r.model_id, &f("undo_report_model.model_id"))?,
-        },
+        }),
         Kind::SubmitData(s) => {
             let p = |n: &str| f(&format!("submit_data.{n}"));
             let manifest = required(s.data_manifest.as_ref(), &p("data_manifest"))?;
-            TransactionKind::SubmitData {
+            TransactionKind::SubmitData(SubmitData {
                 target_id: required_object_id(&s.target_id, &p("target_id"))?,
                 data_manifest: manifest_field(&manifest.manifest, &p("data_manifest.manifest"))?,
                 model_id: required_object_id(&s.model_id, &p("model_id"))?,
@@ -697,17 +713,22 @@ pub fn kind_from_proto(kind: &proto::TransactionKind, field: &str) -> Result<Tra
                 )?),
                 loss_score: SomaTensor::vector(&s.loss_score),
                 bond_coin: object_ref_field(&s.bond_coin, &p("bond_coin"))?,
-            }
+            })
         }
-        Kind::ClaimRewards(c) => TransactionKind::ClaimRewards {
+        Kind::ClaimRewards(c) => TransactionKind::ClaimRewards(ClaimRewards {
             target_id: required_object_id(&c.target_id, &f("claim_rewards.target_id"))?,
-        },
-        Kind::ReportSubmission(r) => TransactionKind::ReportSubmission {
+        }),
+        Kind::ReportSubmission(r) => TransactionKind::ReportSubmission(ReportSubmission {
             target_id: required_object_id(&r.target_id, &f("report_submission.target_id"))?,
-        },
-        Kind::UndoReportSubmission(r) => TransactionKind::UndoReportSubmission {
-            target_id: required_object_id(&r.target_id, &f("undo_report_submission.target_id"))?,
-        },
+        }),
+        Kind::UndoReportSubmission(r) => {
+            TransactionKind::UndoReportSubmission(UndoReportSubmission {
+                target_id: required_object_id(
+                    &r.target_id,
+                    &f("undo_report_submission.target_id"),
+                )?,
+            })
+        }
     })
 }
 

@@ -8,6 +8,7 @@ use somatrain_protocol::effects::{
     TransactionEffects, TransactionFee,
 };
 use somatrain_protocol::fixtures::{all_kinds, gas, signer};
+use somatrain_protocol::transaction::{ClaimRewards, CommitModel, CreateModel, PayCoins};
 use somatrain_protocol::{
     Object, ObjectDigest, ObjectId, Owner, SignedTransaction, TransactionData, TransactionKind,
     TxDigest,
@@ -44,11 +45,11 @@ fn every_kind_rebuilds_to_the_signed_bytes() {
 #[test]
 fn zero_values_are_still_present_on_the_wire() {
     let data = TransactionData::new(
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount: 0,
             commission_rate: 0,
             architecture_version: 0,
-        },
+        }),
         signer().address(),
         vec![],
     );
@@ -65,15 +66,15 @@ fn zero_values_are_still_present_on_the_wire() {
 #[test]
 fn pay_coins_amounts_are_always_some() {
     let data = TransactionData::new(
-        TransactionKind::PayCoins {
+        TransactionKind::PayCoins(PayCoins {
             coins: vec![gas()],
             amounts: None,
             recipients: vec![signer().address()],
-        },
+        }),
         signer().address(),
         vec![gas()],
     );
-    let TransactionKind::PayCoins { amounts, .. } = through_the_wire(&data).kind else {
+    let TransactionKind::PayCoins(PayCoins { amounts, .. }) = through_the_wire(&data).kind else {
         panic!("kind changed");
     };
     assert_eq!(amounts, Some(vec![]));
@@ -82,12 +83,13 @@ fn pay_coins_amounts_are_always_some() {
 #[test]
 fn manifest_urls_are_normalized_and_bad_ones_refused() {
     let mut kind = all_kinds().remove(15);
-    let TransactionKind::CommitModel { manifest, .. } = &mut kind else {
+    let TransactionKind::CommitModel(CommitModel { manifest, .. }) = &mut kind else {
         panic!("index 15 is CommitModel");
     };
     manifest.url = "HTTPS://Example.com".into();
     let data = TransactionData::new(kind, signer().address(), vec![]);
-    let TransactionKind::CommitModel { manifest, .. } = through_the_wire(&data).kind else {
+    let TransactionKind::CommitModel(CommitModel { manifest, .. }) = through_the_wire(&data).kind
+    else {
         panic!("kind changed");
     };
     assert_eq!(manifest.url, "https://example.com/");
@@ -111,9 +113,9 @@ fn manifest_urls_are_normalized_and_bad_ones_refused() {
 #[test]
 fn malformed_fields_are_refused_by_path() {
     let data = TransactionData::new(
-        TransactionKind::ClaimRewards {
+        TransactionKind::ClaimRewards(ClaimRewards {
             target_id: ObjectId([0xaa; 32]),
-        },
+        }),
         signer().address(),
         vec![gas()],
     );

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+use somatrain_protocol::transaction::{ClaimRewards, SubmitData};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -345,14 +346,16 @@ pub async fn submit_hit(
     let manifest = storage.upload_bytes(&name, data).await?;
     let embedding = SomaTensor::vector(&evaluation.embedding);
     let executed = chain
-        .sign_and_execute(keypair, |gas| TransactionKind::SubmitData {
-            target_id: evaluation.target_id,
-            data_manifest: manifest.clone(),
-            model_id: evaluation.model_id,
-            embedding: embedding.clone(),
-            distance_score: SomaTensor::scalar(evaluation.distance),
-            loss_score: SomaTensor::vector(&[evaluation.loss]),
-            bond_coin: gas[0],
+        .sign_and_execute(keypair, |gas| {
+            TransactionKind::SubmitData(SubmitData {
+                target_id: evaluation.target_id,
+                data_manifest: manifest.clone(),
+                model_id: evaluation.model_id,
+                embedding: embedding.clone(),
+                distance_score: SomaTensor::scalar(evaluation.distance),
+                loss_score: SomaTensor::vector(&[evaluation.loss]),
+                bond_coin: gas[0],
+            })
         })
         .await?;
     Ok(executed)
@@ -388,8 +391,10 @@ pub async fn claim_all(
             continue;
         }
         let result = chain
-            .sign_and_execute(keypair, |_| TransactionKind::ClaimRewards {
-                target_id: target.id,
+            .sign_and_execute(keypair, |_| {
+                TransactionKind::ClaimRewards(ClaimRewards {
+                    target_id: target.id,
+                })
             })
             .await;
         outcomes.push(ClaimOutcome {

@@ -18,6 +18,7 @@
 pub mod journal;
 pub mod metrics;
 
+use somatrain_protocol::transaction::{ClaimRewards, SubmitData};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -953,7 +954,7 @@ async fn submit_one(
     let mut attempt = 0;
     loop {
         let gas = shared.chain.richest_coin(&shared.keypair.address()).await?;
-        let kind = TransactionKind::SubmitData {
+        let kind = TransactionKind::SubmitData(SubmitData {
             target_id: target,
             data_manifest: manifest.clone(),
             model_id: hit.model_id,
@@ -961,7 +962,7 @@ async fn submit_one(
             distance_score: SomaTensor::scalar(hit.distance),
             loss_score: SomaTensor::vector(&[hit.loss]),
             bond_coin: gas,
-        };
+        });
         let data = TransactionData::new(kind, shared.keypair.address(), vec![gas]);
         let tx = SignedTransaction::sign(&shared.keypair, data);
         let inflight = Inflight::new(&tx);
@@ -1076,7 +1077,7 @@ async fn claim_due(shared: &Shared, epoch: u64) -> Result<(), SubmitterError> {
         }
         let gas = shared.chain.richest_coin(&shared.keypair.address()).await?;
         let data = TransactionData::new(
-            TransactionKind::ClaimRewards { target_id: target },
+            TransactionKind::ClaimRewards(ClaimRewards { target_id: target }),
             shared.keypair.address(),
             vec![gas],
         );
@@ -1215,7 +1216,8 @@ async fn merge_coins(shared: &Shared) -> Result<(), SubmitterError> {
 /// kill the process there); scoring and `/metrics` go on.
 async fn pause_point(name: &str) {
     if std::env::var("SOMATRAIN_PAUSE_AT").is_ok_and(|v| v == name) {
-        eprintln!("PAUSED AT {name}");
+        // Through the log, like everything a library says: the binary decides where it goes.
+        tracing::info!("PAUSED AT {name}");
         std::future::pending::<()>().await;
     }
 }

@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::json;
 use somatrain_protocol::effects::ExecutionStatus;
+use somatrain_protocol::transaction::PayCoins;
 use somatrain_protocol::{Address, ObjectType, TransactionKind, TxDigest};
 
 use super::model::{AccountOptions, parse_soma};
@@ -150,10 +151,12 @@ pub fn run_pay(args: PayArgs) -> Result<()> {
         let chain = args.account.chain.client()?;
         let keypair = super::wallet::load_keypair(args.account.keystore.as_deref())?;
         let executed = chain
-            .sign_and_execute(&keypair, |gas| TransactionKind::PayCoins {
-                coins: vec![gas[0]],
-                amounts: Some(amounts.clone()),
-                recipients: recipients.clone(),
+            .sign_and_execute(&keypair, |gas| {
+                TransactionKind::PayCoins(PayCoins {
+                    coins: vec![gas[0]],
+                    amounts: Some(amounts.clone()),
+                    recipients: recipients.clone(),
+                })
             })
             .await?;
         let executed = super::model::succeeded(executed)?;

@@ -3,6 +3,7 @@
 //! Every bench also measures the f32 matrix-multiply peak of this machine with the same `gemm`
 //! library the model uses, so a result can be read as a fraction of what the hardware gives.
 
+use somatrain_protocol::transaction::TransferCoin;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -818,11 +819,11 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
                     let tx = SignedTransaction::sign(
                         &k,
                         TransactionData::new(
-                            TransactionKind::TransferCoin {
+                            TransactionKind::TransferCoin(TransferCoin {
                                 coin,
                                 amount: Some(1),
                                 recipient: sink,
-                            },
+                            }),
                             k.address(),
                             vec![coin],
                         ),

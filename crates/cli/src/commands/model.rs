@@ -4,6 +4,9 @@
 //! paid from the wallet's richest coin; a refusal, or an executed transaction that failed (with
 //! the network's error kind), is the error.
 
+use somatrain_protocol::transaction::{
+    AddStakeToModel, DeactivateModel, SetModelCommissionRate, TransferCoin, WithdrawStake,
+};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -335,10 +338,12 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
             } => {
                 let model_id = which.id()?;
                 let amount = parse_soma(&amount)?;
-                let kind: KindFor = Box::new(move |gas| TransactionKind::AddStakeToModel {
-                    model_id,
-                    coin_ref: gas[0],
-                    amount: Some(amount),
+                let kind: KindFor = Box::new(move |gas| {
+                    TransactionKind::AddStakeToModel(AddStakeToModel {
+                        model_id,
+                        coin_ref: gas[0],
+                        amount: Some(amount),
+                    })
                 });
                 (account, model_id, kind)
             }
@@ -367,8 +372,10 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
                 for staked in stakes {
                     let executed = succeeded(
                         chain
-                            .sign_and_execute(&keypair, |_| TransactionKind::WithdrawStake {
-                                staked_soma: staked,
+                            .sign_and_execute(&keypair, |_| {
+                                TransactionKind::WithdrawStake(WithdrawStake {
+                                    staked_soma: staked,
+                                })
                             })
                             .await?,
                     )?;
@@ -389,9 +396,11 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
                     bail!("--bps {bps} is above 10000 (100%)");
                 }
                 let model_id = which.id()?;
-                let kind: KindFor = Box::new(move |_| TransactionKind::SetModelCommissionRate {
-                    model_id,
-                    new_rate: bps,
+                let kind: KindFor = Box::new(move |_| {
+                    TransactionKind::SetModelCommissionRate(SetModelCommissionRate {
+                        model_id,
+                        new_rate: bps,
+                    })
                 });
                 (account, model_id, kind)
             }
@@ -404,8 +413,9 @@ pub fn run_model(command: ModelCommand) -> Result<()> {
                     bail!("deactivating a model cannot be undone; pass --yes to do it");
                 }
                 let model_id = which.id()?;
-                let kind: KindFor =
-                    Box::new(move |_| TransactionKind::DeactivateModel { model_id });
+                let kind: KindFor = Box::new(move |_| {
+                    TransactionKind::DeactivateModel(DeactivateModel { model_id })
+                });
                 (account, model_id, kind)
             }
         };
@@ -430,10 +440,12 @@ pub fn run_transfer(args: TransferArgs) -> Result<()> {
         let (chain, keypair) = signer(&args.account)?;
         let executed = succeeded(
             chain
-                .sign_and_execute(&keypair, |gas| TransactionKind::TransferCoin {
-                    coin: gas[0],
-                    amount: Some(amount),
-                    recipient: to,
+                .sign_and_execute(&keypair, |gas| {
+                    TransactionKind::TransferCoin(TransferCoin {
+                        coin: gas[0],
+                        amount: Some(amount),
+                        recipient: to,
+                    })
                 })
                 .await?,
         )?;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use somatrain_client::view::ValidatorView;
+use somatrain_protocol::transaction::{AddStake, AddStakeToModel, WithdrawStake};
 use somatrain_protocol::{Address, ObjectId, ObjectType, TransactionKind};
 
 use super::model::{AccountOptions, parse_soma, succeeded};
@@ -64,11 +65,11 @@ pub fn run_stake(args: StakeArgs) -> Result<()> {
                     );
                 }
                 chain
-                    .sign_and_execute(&keypair, |gas| TransactionKind::AddStake {
+                    .sign_and_execute(&keypair, |gas| TransactionKind::AddStake(AddStake {
                         validator,
                         coin_ref: gas[0],
                         amount,
-                    })
+                    }))
                     .await?
             }
             (None, Some(text)) => {
@@ -76,11 +77,11 @@ pub fn run_stake(args: StakeArgs) -> Result<()> {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--model {text}: {e}"))?;
                 chain
-                    .sign_and_execute(&keypair, |gas| TransactionKind::AddStakeToModel {
+                    .sign_and_execute(&keypair, |gas| TransactionKind::AddStakeToModel(AddStakeToModel {
                         model_id,
                         coin_ref: gas[0],
                         amount,
-                    })
+                    }))
                     .await?
             }
             (None, None) => unreachable!("clap requires one"),
@@ -132,8 +133,10 @@ pub fn run_unstake(args: UnstakeArgs) -> Result<()> {
         let reference = object.reference()?;
         let executed = succeeded(
             chain
-                .sign_and_execute(&keypair, |_| TransactionKind::WithdrawStake {
-                    staked_soma: reference,
+                .sign_and_execute(&keypair, |_| {
+                    TransactionKind::WithdrawStake(WithdrawStake {
+                        staked_soma: reference,
+                    })
                 })
                 .await?,
         )?;

@@ -2,6 +2,7 @@
 //! with one revealed model of the preset: pieces and tokens per second, and the share of the
 //! scoring loop's time spent on anything but scoring, once the weights are cached.
 
+use somatrain_protocol::transaction::{CommitModel, CreateModel, RevealModel};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -67,34 +68,34 @@ async fn reveal_model(
     let model_id = run_tx(
         chain,
         &owner,
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount: SHANNONS_PER_SOMA,
             commission_rate: 0,
             architecture_version: 1,
-        },
+        }),
     )
     .await?;
     run_tx(
         chain,
         &owner,
-        TransactionKind::CommitModel {
+        TransactionKind::CommitModel(CommitModel {
             model_id,
             manifest: manifest.clone(),
             weights_commitment: manifest.checksum,
             embedding_commitment: embedding_commitment(&embedding),
             decryption_key_commitment: key.commitment(),
-        },
+        }),
     )
     .await?;
     chain.advance_epoch().await?;
     run_tx(
         chain,
         &owner,
-        TransactionKind::RevealModel {
+        TransactionKind::RevealModel(RevealModel {
             model_id,
             decryption_key: Digest(*key.as_bytes()),
             embedding: SomaTensor::vector(&embedding),
-        },
+        }),
     )
     .await?;
     chain.advance_epoch().await?;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use somatrain_protocol::transaction::TransferCoin;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -105,11 +106,11 @@ pub fn transfer(node: &Localnet, from: &Keypair, to: Address, amount: u64) -> Si
     SignedTransaction::sign(
         from,
         TransactionData::new(
-            TransactionKind::TransferCoin {
+            TransactionKind::TransferCoin(TransferCoin {
                 coin: gas,
                 amount: Some(amount),
                 recipient: to,
-            },
+            }),
             from.address(),
             vec![gas],
         ),

@@ -1,15 +1,16 @@
 //! Coins: transfers, payments to several recipients and transfers of any owned object.
 
 use super::*;
+use somatrain_protocol::transaction::{PayCoins, TransferCoin, TransferObjects};
 
 pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     let params = cx.o.system().params.clone();
     match kind {
-        TransactionKind::TransferCoin {
+        TransactionKind::TransferCoin(TransferCoin {
             coin,
             amount,
             recipient,
-        } => {
+        }) => {
             if *amount == Some(0) {
                 return fail(Kind::InvalidArguments, "amount must be positive");
             }
@@ -26,11 +27,11 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 }
             }
         }
-        TransactionKind::PayCoins {
+        TransactionKind::PayCoins(PayCoins {
             coins,
             amounts,
             recipients,
-        } => {
+        }) => {
             let amounts = amounts.clone().unwrap_or_default();
             let Some(first) = coins.first() else {
                 return fail(Kind::InvalidArguments, "no coins to pay from");
@@ -71,7 +72,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 cx.value_fee += bps(sum, params.value_fee_bps);
             }
         }
-        TransactionKind::TransferObjects { objects, recipient } => {
+        TransactionKind::TransferObjects(TransferObjects { objects, recipient }) => {
             for object in objects {
                 transfer(cx, object.id, *recipient);
             }

@@ -15,6 +15,9 @@
 //! family: `coins`, `staking` (validators and stake), `models` and `submissions`
 //! (targets and claims).
 
+use somatrain_protocol::transaction::{
+    AddStake, AddStakeToModel, PayCoins, SubmitData, TransferCoin, TransferObjects, WithdrawStake,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 use somatrain_protocol::crypto::embedding_commitment;
@@ -121,21 +124,25 @@ fn fail_on<T>(kind: Kind, id: ObjectId, description: impl Into<String>) -> Rule<
 /// The owned objects a kind consumes besides gas, each checked like gas.
 fn owned_inputs(kind: &TransactionKind) -> Vec<(ObjectRef, Option<ObjectType>)> {
     match kind {
-        TransactionKind::TransferCoin { coin, .. } => vec![(*coin, Some(ObjectType::Coin))],
-        TransactionKind::PayCoins { coins, .. } => {
+        TransactionKind::TransferCoin(TransferCoin { coin, .. }) => {
+            vec![(*coin, Some(ObjectType::Coin))]
+        }
+        TransactionKind::PayCoins(PayCoins { coins, .. }) => {
             coins.iter().map(|c| (*c, Some(ObjectType::Coin))).collect()
         }
-        TransactionKind::TransferObjects { objects, .. } => {
+        TransactionKind::TransferObjects(TransferObjects { objects, .. }) => {
             objects.iter().map(|o| (*o, None)).collect()
         }
-        TransactionKind::AddStake { coin_ref, .. }
-        | TransactionKind::AddStakeToModel { coin_ref, .. } => {
+        TransactionKind::AddStake(AddStake { coin_ref, .. })
+        | TransactionKind::AddStakeToModel(AddStakeToModel { coin_ref, .. }) => {
             vec![(*coin_ref, Some(ObjectType::Coin))]
         }
-        TransactionKind::WithdrawStake { staked_soma } => {
+        TransactionKind::WithdrawStake(WithdrawStake { staked_soma }) => {
             vec![(*staked_soma, Some(ObjectType::StakedSoma))]
         }
-        TransactionKind::SubmitData { bond_coin, .. } => vec![(*bond_coin, Some(ObjectType::Coin))],
+        TransactionKind::SubmitData(SubmitData { bond_coin, .. }) => {
+            vec![(*bond_coin, Some(ObjectType::Coin))]
+        }
         _ => vec![],
     }
 }
@@ -358,10 +365,10 @@ pub fn execute_guarded(ledger: &Ledger, tx: &SignedTransaction) -> Result<Execut
 pub fn execute(ledger: &Ledger, tx: &SignedTransaction) -> Result<Executed, Refusal> {
     let data = &tx.data;
     #[cfg(feature = "faults")]
-    if let TransactionKind::TransferCoin {
+    if let TransactionKind::TransferCoin(TransferCoin {
         amount: Some(FAULT_AMOUNT),
         ..
-    } = &data.kind
+    }) = &data.kind
     {
         panic!("fault injected: a TransferCoin of {FAULT_AMOUNT} shannons");
     }
@@ -468,28 +475,26 @@ fn charge_fees(cx: &mut Context<'_>) -> Rule<()> {
 fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     use TransactionKind as K;
     match kind {
-        K::TransferCoin { .. } | K::PayCoins { .. } | K::TransferObjects { .. } => {
-            coins::run(cx, kind)
-        }
-        K::AddStake { .. }
-        | K::WithdrawStake { .. }
-        | K::SetCommissionRate { .. }
-        | K::ReportValidator { .. }
-        | K::UndoReportValidator { .. } => staking::run(cx, kind),
-        K::CreateModel { .. }
-        | K::CommitModel { .. }
-        | K::RevealModel { .. }
-        | K::AddStakeToModel { .. }
-        | K::SetModelCommissionRate { .. }
-        | K::DeactivateModel { .. }
-        | K::ReportModel { .. }
-        | K::UndoReportModel { .. } => models::run(cx, kind),
-        K::SubmitData { .. } | K::ClaimRewards { .. } => submissions::run(cx, kind),
+        K::TransferCoin(_) | K::PayCoins(_) | K::TransferObjects(_) => coins::run(cx, kind),
+        K::AddStake(_)
+        | K::WithdrawStake(_)
+        | K::SetCommissionRate(_)
+        | K::ReportValidator(_)
+        | K::UndoReportValidator(_) => staking::run(cx, kind),
+        K::CreateModel(_)
+        | K::CommitModel(_)
+        | K::RevealModel(_)
+        | K::AddStakeToModel(_)
+        | K::SetModelCommissionRate(_)
+        | K::DeactivateModel(_)
+        | K::ReportModel(_)
+        | K::UndoReportModel(_) => models::run(cx, kind),
+        K::SubmitData(_) | K::ClaimRewards(_) => submissions::run(cx, kind),
         TransactionKind::AddValidator(_)
-        | TransactionKind::RemoveValidator { .. }
+        | TransactionKind::RemoveValidator(_)
         | TransactionKind::UpdateValidatorMetadata(_)
-        | TransactionKind::ReportSubmission { .. }
-        | TransactionKind::UndoReportSubmission { .. } => {
+        | TransactionKind::ReportSubmission(_)
+        | TransactionKind::UndoReportSubmission(_) => {
             cx.validator_sender()?;
             fail(
                 Kind::InvalidTransactionType,
@@ -499,9 +504,9 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 ),
             )
         }
-        TransactionKind::Genesis { .. }
-        | TransactionKind::ConsensusCommitPrologueV1 { .. }
-        | TransactionKind::ChangeEpoch { .. } => unreachable!("refused before execution"),
+        TransactionKind::Genesis(_)
+        | TransactionKind::ConsensusCommitPrologueV1(_)
+        | TransactionKind::ChangeEpoch(_) => unreachable!("refused before execution"),
     }
 }
 

@@ -2,17 +2,21 @@
 //! of a model.
 
 use super::*;
+use somatrain_protocol::transaction::{
+    AddStakeToModel, CommitModel, CreateModel, DeactivateModel, ReportModel, RevealModel,
+    SetModelCommissionRate, UndoReportModel,
+};
 
 pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     let params = cx.o.system().params.clone();
     let epoch = cx.epoch();
     let half_rate = params.value_fee_bps / 2;
     match kind {
-        TransactionKind::CreateModel {
+        TransactionKind::CreateModel(CreateModel {
             stake_amount,
             commission_rate,
             architecture_version,
-        } => {
+        }) => {
             if *architecture_version != params.model_architecture_version {
                 return fail(
                     Kind::ModelArchitectureVersionMismatch,
@@ -77,13 +81,13 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             cx.staked_soma(pool_id, epoch + 1, *stake_amount);
             cx.value_fee += value_fee;
         }
-        TransactionKind::CommitModel {
+        TransactionKind::CommitModel(CommitModel {
             model_id,
             manifest,
             weights_commitment,
             embedding_commitment,
             decryption_key_commitment,
-        } => {
+        }) => {
             let mut model = cx.owned_model(model_id)?;
             let pending = PendingCommit {
                 manifest: manifest.clone(),
@@ -116,11 +120,11 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             }
             cx.o.put_model(model);
         }
-        TransactionKind::RevealModel {
+        TransactionKind::RevealModel(RevealModel {
             model_id,
             decryption_key,
             embedding,
-        } => {
+        }) => {
             let mut model = cx.owned_model(model_id)?;
             let Some(pending) = model.pending.clone() else {
                 return match model.state {
@@ -195,11 +199,11 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 revealed.push(*model_id);
             }
         }
-        TransactionKind::AddStakeToModel {
+        TransactionKind::AddStakeToModel(AddStakeToModel {
             model_id,
             coin_ref,
             amount,
-        } => {
+        }) => {
             let mut model =
                 cx.o.model(model_id)
                     .cloned()
@@ -225,7 +229,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             cx.o.put_model(model);
             cx.staked_soma(pool_id, epoch + 1, tokens);
         }
-        TransactionKind::SetModelCommissionRate { model_id, new_rate } => {
+        TransactionKind::SetModelCommissionRate(SetModelCommissionRate { model_id, new_rate }) => {
             let mut model = cx.owned_model(model_id)?;
             if model.state != ModelState::Active {
                 return fail_on(Kind::ModelNotActive, *model_id, "the model is not active");
@@ -239,7 +243,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             model.next_epoch_commission_rate = *new_rate;
             cx.o.put_model(model);
         }
-        TransactionKind::DeactivateModel { model_id } => {
+        TransactionKind::DeactivateModel(DeactivateModel { model_id }) => {
             let mut model = cx.owned_model(model_id)?;
             match model.state {
                 ModelState::Active => {}
@@ -260,7 +264,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             cx.o.put_model(model);
             cx.o.system_mut().model_reports.remove(model_id);
         }
-        TransactionKind::ReportModel { model_id } => {
+        TransactionKind::ReportModel(ReportModel { model_id }) => {
             cx.validator_sender()?;
             let model =
                 cx.o.model(model_id)
@@ -276,7 +280,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 .or_default()
                 .insert(sender);
         }
-        TransactionKind::UndoReportModel { model_id } => {
+        TransactionKind::UndoReportModel(UndoReportModel { model_id }) => {
             cx.validator_sender()?;
             let sender = cx.sender;
             let system = cx.o.system_mut();

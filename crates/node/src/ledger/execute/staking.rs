@@ -2,17 +2,20 @@
 //! validator's pool or a model's), a validator's commission and its reports of other validators.
 
 use super::*;
+use somatrain_protocol::transaction::{
+    AddStake, ReportValidator, SetCommissionRate, UndoReportValidator, WithdrawStake,
+};
 
 pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     let params = cx.o.system().params.clone();
     let epoch = cx.epoch();
     let half_rate = params.value_fee_bps / 2;
     match kind {
-        TransactionKind::AddStake {
+        TransactionKind::AddStake(AddStake {
             validator: address,
             coin_ref,
             amount,
-        } => {
+        }) => {
             if cx.o.system().validator(address).is_none() {
                 return fail(
                     Kind::ValidatorNotFound,
@@ -31,7 +34,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 receipt.principal,
             );
         }
-        TransactionKind::WithdrawStake { staked_soma } => {
+        TransactionKind::WithdrawStake(WithdrawStake { staked_soma }) => {
             let receipt =
                 cx.o.object(&staked_soma.id)
                     .expect("checked input")
@@ -72,7 +75,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             let sender = cx.sender;
             cx.new_coin(sender, value);
         }
-        TransactionKind::SetCommissionRate { new_rate } => {
+        TransactionKind::SetCommissionRate(SetCommissionRate { new_rate }) => {
             let sender = cx.sender;
             let Some(validator) = cx.o.system_mut().validator_mut(&sender) else {
                 return fail(Kind::NotAValidator, "only a validator sets its commission");
@@ -85,7 +88,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             }
             validator.next_epoch_commission_rate = *new_rate;
         }
-        TransactionKind::ReportValidator { reportee } => {
+        TransactionKind::ReportValidator(ReportValidator { reportee }) => {
             cx.validator_sender()?;
             if cx.o.system().validator(reportee).is_none() {
                 return fail(
@@ -107,7 +110,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
                 .or_default()
                 .insert(sender);
         }
-        TransactionKind::UndoReportValidator { reportee } => {
+        TransactionKind::UndoReportValidator(UndoReportValidator { reportee }) => {
             cx.validator_sender()?;
             let sender = cx.sender;
             let system = cx.o.system_mut();

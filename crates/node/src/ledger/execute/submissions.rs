@@ -1,10 +1,11 @@
 //! Targets and submissions: submitting data that hits a target, and claiming its reward.
 
 use super::*;
+use somatrain_protocol::transaction::{ClaimRewards, SubmitData};
 
 pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     match kind {
-        TransactionKind::SubmitData {
+        TransactionKind::SubmitData(SubmitData {
             target_id,
             data_manifest,
             model_id,
@@ -12,7 +13,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             distance_score,
             loss_score,
             bond_coin,
-        } => submit_data(
+        }) => submit_data(
             cx,
             *target_id,
             data_manifest,
@@ -22,7 +23,7 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             loss_score,
             bond_coin.id,
         )?,
-        TransactionKind::ClaimRewards { target_id } => claim_rewards(cx, *target_id)?,
+        TransactionKind::ClaimRewards(ClaimRewards { target_id }) => claim_rewards(cx, *target_id)?,
         _ => unreachable!("{} is dispatched to another family", kind.name()),
     }
     Ok(())
