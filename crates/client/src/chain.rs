@@ -14,9 +14,6 @@
 use somatrain_protocol::transaction::TransferCoin;
 use std::time::Duration;
 
-use somatrain_protocol::effects::{
-    BalanceChange, ExecutionFailure, ExecutionStatus, TransactionEffects,
-};
 use somatrain_protocol::{
     Address, Keypair, Object, ObjectId, ObjectRef, ObjectType, SignedTransaction, TransactionData,
     TransactionKind, TxDigest,
@@ -32,6 +29,8 @@ use somatrain_rpc::proto::{
 use somatrain_rpc::side::{AdvanceEpochRequest, FaucetRequest, FaucetResponse};
 use tonic::Code;
 
+/// What an executed transaction did (the shared view, here where every call returns it).
+pub use crate::view::Executed;
 use crate::view::{EpochView, ModelView, TargetView};
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -206,42 +205,6 @@ fn status_error(endpoint: &str, status: tonic::Status) -> ChainError {
             code,
             message: status.message().to_string(),
         },
-    }
-}
-
-/// What an executed transaction did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Executed {
-    pub digest: TxDigest,
-    /// The transaction itself, when the reply carries it (lookups by digest do).
-    pub transaction: Option<TransactionData>,
-    pub effects: TransactionEffects,
-    pub balance_changes: Vec<BalanceChange>,
-    pub checkpoint: Option<u64>,
-}
-
-impl Executed {
-    pub fn status(&self) -> &ExecutionStatus {
-        &self.effects.status
-    }
-
-    /// The effects if the transaction succeeded, else why it failed.
-    pub fn success(self) -> Result<Executed, ExecutionFailure> {
-        match &self.effects.status {
-            ExecutionStatus::Success => Ok(self),
-            ExecutionStatus::Failure(f) => Err(f.clone()),
-        }
-    }
-
-    /// The ids of objects this transaction created, in the order the chain lists them.
-    pub fn created(&self) -> Vec<ObjectId> {
-        use somatrain_protocol::effects::IdOperation;
-        self.effects
-            .changed_objects
-            .iter()
-            .filter(|c| c.id_operation == IdOperation::Created)
-            .map(|c| c.id)
-            .collect()
     }
 }
 
@@ -494,7 +457,7 @@ impl ChainClient {
 
     /// The current epoch, its clock, parameters and the model registry.
     pub async fn epoch_view(&self) -> Result<EpochView, ChainError> {
-        EpochView::from_proto(&self.epoch().await?)
+        Ok(EpochView::from_proto(&self.epoch().await?)?)
     }
 
     /// One model of the registry, if it exists.
@@ -508,7 +471,7 @@ impl ChainClient {
             .await?
             .iter()
             .enumerate()
-            .map(|(i, t)| TargetView::from_proto(t, &format!("targets[{i}]")))
+            .map(|(i, t)| Ok(TargetView::from_proto(t, &format!("targets[{i}]"))?))
             .collect()
     }
 
@@ -570,7 +533,7 @@ impl ChainClient {
                 let executed = reply.into_inner().transaction.ok_or_else(|| {
                     ChainError::Protocol("GetTransaction without a transaction".into())
                 })?;
-                executed_from_proto(&executed).map(Some)
+                Ok(Some(Executed::from_proto(&executed)?))
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(self.err("GetTransaction", status)),
@@ -679,7 +642,7 @@ impl ChainClient {
             .ok_or_else(|| {
                 ChainError::Protocol("ExecuteTransaction without a transaction".into())
             })?;
-        let mut executed = executed_from_proto(&reply)?;
+        let mut executed = Executed::from_proto(&reply)?;
         if executed.effects.transaction_digest != digest {
             return Err(ChainError::Protocol(format!(
                 "the node executed {} for our {digest}",
@@ -823,36 +786,6 @@ impl ChainClient {
             .reference()
             .map_err(|e| ChainError::Protocol(e.to_string()))
     }
-}
-
-fn executed_from_proto(t: &proto::ExecutedTransaction) -> Result<Executed, ChainError> {
-    let protocol = |e: convert::FieldError| ChainError::Protocol(e.to_string());
-    let effects = convert::effects_from_proto(
-        t.effects
-            .as_ref()
-            .ok_or_else(|| ChainError::Protocol("a transaction without effects".into()))?,
-    )
-    .map_err(protocol)?;
-    let balance_changes = t
-        .balance_changes
-        .iter()
-        .enumerate()
-        .map(|(i, b)| convert::balance_change_from_proto(b, &format!("balance_changes[{i}]")))
-        .collect::<Result<_, _>>()
-        .map_err(protocol)?;
-    let transaction = t
-        .transaction
-        .as_ref()
-        .map(convert::transaction_from_proto)
-        .transpose()
-        .map_err(protocol)?;
-    Ok(Executed {
-        digest: effects.transaction_digest,
-        transaction,
-        effects,
-        balance_changes,
-        checkpoint: t.checkpoint,
-    })
 }
 
 #[cfg(test)]

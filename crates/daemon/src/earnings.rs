@@ -165,6 +165,7 @@ mod tests {
             fill_epoch: Some(fill_epoch),
             submitter: None,
             winning_model_id: Some(model),
+            winning_model_owner: None,
             bond_amount: 0,
             data_url: None,
         }

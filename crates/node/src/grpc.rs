@@ -31,8 +31,8 @@ use somatrain_rpc::{MAX_MESSAGE_BYTES, admin, faucet, scoring};
 use tonic::{Request, Response, Status};
 
 use crate::ledger::execute::Refusal;
-use crate::ledger::system::{Model, PROTOCOL_VERSION};
-use crate::localnet::{Localnet, LocalnetError, TransactionRecord};
+use crate::ledger::system::PROTOCOL_VERSION;
+use crate::localnet::{Localnet, LocalnetError};
 
 /// What `GetServiceInfo` reports as the server; the SDK compares the text after the last `/`
 /// with its own version, so it names the API version this localnet speaks.
@@ -132,241 +132,6 @@ fn parse_owner(text: Option<&str>, field: &str) -> Result<Address, Status> {
 
 // ---- Protobuf views of chain state -----------------------------------------------------------
 
-fn executed_to_proto(record: &TransactionRecord) -> proto::ExecutedTransaction {
-    let signed = record
-        .signed
-        .as_deref()
-        .and_then(|b| SignedTransaction::from_bcs(b).ok());
-    proto::ExecutedTransaction {
-        digest: Some(record.digest.to_string()),
-        transaction: signed
-            .as_ref()
-            .map(|s| convert::transaction_to_proto(&s.data)),
-        signatures: signed
-            .iter()
-            .flat_map(|s| s.signatures.iter().map(convert::signature_to_proto))
-            .collect(),
-        effects: Some(convert::effects_to_proto(&record.effects)),
-        checkpoint: Some(record.checkpoint),
-        timestamp: Some(convert::timestamp_from_ms(record.timestamp_ms)),
-        balance_changes: record
-            .balance_changes
-            .iter()
-            .map(convert::balance_change_to_proto)
-            .collect(),
-        objects: Some(proto::ObjectSet {
-            objects: record
-                .objects
-                .iter()
-                .map(convert::object_to_proto)
-                .collect(),
-        }),
-    }
-}
-
-fn model_to_proto(m: &Model) -> proto::Model {
-    // A pending model shows its commit as its manifest and commitments, as the network does.
-    let first_commit = m.manifest.is_none().then_some(m.pending.as_ref()).flatten();
-    let bytes = |c: Option<somatrain_protocol::Commitment>| c.map(|c| c.0.to_vec());
-    proto::Model {
-        owner: Some(convert::hex_id(&m.owner.0)),
-        architecture_version: Some(m.architecture_version),
-        manifest: m
-            .manifest
-            .as_ref()
-            .or(first_commit.map(|p| &p.manifest))
-            .map(convert::manifest_to_proto),
-        weights_commitment: bytes(
-            m.weights_commitment
-                .or(first_commit.map(|p| p.weights_commitment)),
-        ),
-        embedding_commitment: bytes(
-            m.embedding_commitment
-                .or(first_commit.map(|p| p.embedding_commitment)),
-        ),
-        decryption_key_commitment: bytes(
-            m.decryption_key_commitment
-                .or(first_commit.map(|p| p.decryption_key_commitment)),
-        ),
-        commit_epoch: m.pending.as_ref().map(|p| p.commit_epoch),
-        decryption_key: m.decryption_key.map(|k| k.0.to_vec()),
-        embedding: m.embedding.clone().unwrap_or_default(),
-        staking_pool: Some(proto::StakingPool {
-            id: Some(convert::prefixed_id(&m.staking_pool.id)),
-            activation_epoch: m.staking_pool.activation_epoch,
-            deactivation_epoch: m.staking_pool.deactivation_epoch,
-            soma_balance: Some(m.staking_pool.soma_balance),
-            rewards_pool: Some(0),
-            pool_token_balance: Some(m.staking_pool.pool_token_balance),
-            exchange_rates: Default::default(),
-            pending_stake: Some(0),
-            pending_total_soma_withdraw: Some(0),
-            pending_pool_token_withdraw: Some(0),
-        }),
-        commission_rate: Some(m.commission_rate),
-        next_epoch_commission_rate: Some(m.next_epoch_commission_rate),
-        pending_update: m
-            .pending
-            .as_ref()
-            .filter(|_| m.manifest.is_some())
-            .map(|p| proto::PendingModelUpdate {
-                manifest: Some(convert::manifest_to_proto(&p.manifest)),
-                weights_commitment: Some(p.weights_commitment.0.to_vec()),
-                embedding_commitment: Some(p.embedding_commitment.0.to_vec()),
-                decryption_key_commitment: Some(p.decryption_key_commitment.0.to_vec()),
-                commit_epoch: Some(p.commit_epoch),
-            }),
-        state: Some(m.state.name().to_string()),
-        create_epoch: Some(m.create_epoch),
-    }
-}
-
-fn reporter_set(reporters: &std::collections::BTreeSet<Address>) -> proto::ReporterSet {
-    proto::ReporterSet {
-        reporters: reporters.iter().map(|a| convert::hex_id(&a.0)).collect(),
-    }
-}
-
-fn validator_to_proto(v: &crate::ledger::validators::Validator) -> proto::Validator {
-    let pool = &v.pool;
-    proto::Validator {
-        soma_address: Some(convert::hex_id(&v.address.0)),
-        protocol_pubkey: Some(v.protocol_pubkey.clone()),
-        network_pubkey: Some(v.network_pubkey.clone()),
-        worker_pubkey: Some(v.worker_pubkey.clone()),
-        net_address: Some(v.net_address.clone()),
-        p2p_address: Some(v.p2p_address.clone()),
-        primary_address: Some(v.primary_address.clone()),
-        voting_power: Some(v.voting_power),
-        commission_rate: Some(v.commission_rate),
-        next_epoch_stake: Some(v.next_epoch_stake),
-        next_epoch_commission_rate: Some(v.next_epoch_commission_rate),
-        staking_pool: Some(proto::StakingPool {
-            id: Some(convert::prefixed_id(&pool.id)),
-            activation_epoch: pool.activation_epoch,
-            deactivation_epoch: pool.deactivation_epoch,
-            soma_balance: Some(pool.soma_balance),
-            rewards_pool: Some(pool.rewards_pool),
-            pool_token_balance: Some(pool.pool_token_balance),
-            exchange_rates: pool
-                .exchange_rates
-                .iter()
-                .map(|(epoch, rate)| {
-                    (
-                        *epoch,
-                        proto::PoolTokenExchangeRate {
-                            soma_amount: Some(rate.soma_amount),
-                            pool_token_amount: Some(rate.pool_token_amount),
-                        },
-                    )
-                })
-                .collect(),
-            pending_stake: Some(pool.pending_stake),
-            pending_total_soma_withdraw: Some(pool.pending_total_soma_withdraw),
-            pending_pool_token_withdraw: Some(pool.pending_pool_token_withdraw),
-        }),
-        proxy_address: Some(v.proxy_address.clone()),
-        proof_of_possession: Some(v.proof_of_possession.clone()),
-    }
-}
-
-fn system_state_to_proto(s: &crate::ledger::SystemState) -> proto::SystemState {
-    let p = &s.params;
-    proto::SystemState {
-        epoch: Some(s.epoch),
-        epoch_start_timestamp_ms: Some(s.epoch_start_ms),
-        protocol_version: Some(PROTOCOL_VERSION),
-        parameters: Some(proto::SystemParameters {
-            epoch_duration_ms: Some(p.epoch_duration_ms),
-            validator_reward_allocation_bps: Some(p.validator_reward_allocation_bps),
-            model_min_stake: Some(p.model_min_stake),
-            model_architecture_version: Some(p.model_architecture_version),
-            model_reveal_slash_rate_bps: Some(p.model_reveal_slash_rate_bps),
-            model_tally_slash_rate_bps: Some(p.model_tally_slash_rate_bps),
-            target_epoch_fee_collection: Some(p.target_epoch_fee_collection),
-            base_fee: Some(p.base_fee),
-            write_object_fee: Some(p.write_object_fee),
-            value_fee_bps: Some(p.value_fee_bps),
-            min_value_fee_bps: Some(p.min_value_fee_bps),
-            max_value_fee_bps: Some(p.max_value_fee_bps),
-            fee_adjustment_rate_bps: Some(p.fee_adjustment_rate_bps),
-            target_models_per_target: Some(p.models_per_target),
-            target_embedding_dim: Some(p.embedding_dim),
-            target_initial_distance_threshold: Some(p.initial_distance_threshold),
-            target_reward_allocation_bps: Some(p.target_reward_allocation_bps),
-            target_hits_per_epoch: Some(p.target_hits_per_epoch),
-            target_hits_ema_decay_bps: Some(p.hits_ema_decay_bps),
-            target_difficulty_adjustment_rate_bps: Some(p.difficulty_adjustment_rate_bps),
-            target_max_distance_threshold: Some(p.max_distance_threshold),
-            target_min_distance_threshold: Some(p.min_distance_threshold),
-            target_initial_targets_per_epoch: Some(p.initial_targets_per_epoch),
-            target_submitter_reward_share_bps: Some(p.submitter_share_bps),
-            target_model_reward_share_bps: Some(p.model_share_bps),
-            target_claimer_incentive_bps: Some(p.claimer_share_bps),
-            submission_bond_per_byte: Some(p.submission_bond_per_byte),
-            challenger_bond_per_byte: None,
-            max_submission_data_size: Some(p.max_submission_bytes),
-        }),
-        validators: Some(proto::ValidatorSet {
-            total_stake: Some(s.validators.iter().map(|v| v.pool.soma_balance).sum()),
-            validators: s.validators.iter().map(validator_to_proto).collect(),
-            staking_pool_mappings: s
-                .validators
-                .iter()
-                .map(|v| {
-                    (
-                        convert::prefixed_id(&v.pool.id),
-                        convert::hex_id(&v.address.0),
-                    )
-                })
-                .collect(),
-            at_risk_validators: Default::default(),
-        }),
-        validator_report_records: s
-            .validator_reports
-            .iter()
-            .map(|(reportee, reporters)| (convert::hex_id(&reportee.0), reporter_set(reporters)))
-            .collect(),
-        emission_pool: Some(proto::EmissionPool {
-            balance: Some(s.emission_pool),
-            emission_per_epoch: Some(p.emission_per_epoch),
-        }),
-        model_registry: Some(proto::ModelRegistry {
-            staking_pool_mappings: s
-                .models
-                .values()
-                .map(|m| {
-                    (
-                        convert::prefixed_id(&m.staking_pool.id),
-                        convert::prefixed_id(&m.id),
-                    )
-                })
-                .collect(),
-            total_model_stake: Some(s.models.values().map(|m| m.staking_pool.soma_balance).sum()),
-            model_report_records: s
-                .model_reports
-                .iter()
-                .map(|(model, reporters)| (convert::prefixed_id(model), reporter_set(reporters)))
-                .collect(),
-            models: s
-                .models
-                .values()
-                .map(|m| (convert::prefixed_id(&m.id), model_to_proto(m)))
-                .collect(),
-        }),
-        target_state: Some(proto::TargetState {
-            distance_threshold: Some(s.target_state.distance_threshold),
-            targets_generated_this_epoch: Some(s.target_state.targets_generated_this_epoch),
-            hits_this_epoch: Some(s.target_state.hits_this_epoch),
-            hits_ema: Some(s.target_state.hits_ema),
-            reward_per_target: Some(s.target_state.reward_per_target),
-        }),
-        safe_mode: Some(false),
-        safe_mode_accumulated_fees: Some(0),
-        safe_mode_accumulated_emissions: Some(0),
-    }
-}
-
 /// The network's `GetEpoch` fields when the request has no read mask.
 const EPOCH_DEFAULT_MASK: [&str; 7] = [
     "epoch",
@@ -400,50 +165,14 @@ fn protocol_config(s: &crate::ledger::SystemState) -> proto::ProtocolConfig {
     }
 }
 
-/// A target's status as the network derives it, virtual `expired` included.
-fn target_status(t: &somatrain_protocol::object::Target, epoch: u64) -> &'static str {
-    match t.status {
-        TargetStatus::Open if t.generation_epoch < epoch => "expired",
-        TargetStatus::Open => "open",
-        TargetStatus::Filled { .. } => "filled",
-        TargetStatus::Claimed => "claimed",
-    }
-}
-
 fn target_matches(t: &somatrain_protocol::object::Target, filter: &str, epoch: u64) -> bool {
-    let status = target_status(t, epoch);
+    let status = crate::views::target_status(t, epoch);
     match filter {
         "claimable" => {
             status == "expired"
                 || matches!(t.status, TargetStatus::Filled { fill_epoch } if epoch > fill_epoch + 1)
         }
         other => status == other,
-    }
-}
-
-fn target_to_proto(
-    id: ObjectId,
-    t: &somatrain_protocol::object::Target,
-    epoch: u64,
-) -> proto::Target {
-    let values = |tensor: &somatrain_protocol::SomaTensor| tensor.values().unwrap_or_default();
-    proto::Target {
-        id: Some(convert::prefixed_id(&id)),
-        embedding: values(&t.embedding),
-        model_ids: t.model_ids.iter().map(convert::prefixed_id).collect(),
-        distance_threshold: t.distance_threshold.scalar_value().ok(),
-        reward_pool: Some(t.reward_pool),
-        generation_epoch: Some(t.generation_epoch),
-        status: Some(target_status(t, epoch).to_string()),
-        fill_epoch: match t.status {
-            TargetStatus::Filled { fill_epoch } => Some(fill_epoch),
-            _ => None,
-        },
-        submitter: t.submitter.map(|a| convert::hex_id(&a.0)),
-        winning_model_id: t.winning_model_id.as_ref().map(convert::prefixed_id),
-        winning_model_owner: t.winning_model_owner.map(|a| convert::hex_id(&a.0)),
-        bond_amount: Some(t.bond_amount),
-        data_url: t.winning_data_manifest.as_ref().map(|m| m.url.clone()),
     }
 }
 
@@ -639,7 +368,7 @@ impl LedgerService for Services {
             .map_err(localnet_status)?
             .ok_or_else(|| Status::not_found(format!("Transaction {digest} not found")))?;
         Ok(Response::new(proto::GetTransactionResponse {
-            transaction: Some(executed_to_proto(&record)),
+            transaction: Some(crate::views::executed(&record).to_proto()),
         }))
     }
 
@@ -694,7 +423,8 @@ impl LedgerService for Services {
         Ok(Response::new(proto::GetEpochResponse {
             epoch: Some(proto::Epoch {
                 epoch: wants("epoch").then_some(system.epoch),
-                system_state: wants("system_state").then(|| system_state_to_proto(&system)),
+                system_state: wants("system_state")
+                    .then(|| crate::views::epoch(&system).system_state_to_proto()),
                 first_checkpoint: wants("first_checkpoint").then_some(0),
                 last_checkpoint: None,
                 start: wants("start").then(|| convert::timestamp_from_ms(system.epoch_start_ms)),
@@ -819,7 +549,7 @@ impl StateService for Services {
                     break;
                 }
                 bytes += size;
-                page.push(target_to_proto(*id, &target, epoch));
+                page.push(crate::views::target(*id, &target, epoch).to_proto());
             }
             (page, more)
         });
@@ -877,7 +607,7 @@ impl TransactionExecutionService for Services {
             .await
             .map_err(localnet_status)?;
         Ok(Response::new(proto::ExecuteTransactionResponse {
-            transaction: Some(executed_to_proto(&record)),
+            transaction: Some(crate::views::executed(&record).to_proto()),
         }))
     }
 

@@ -6,6 +6,8 @@
 //! - [`localnet::Localnet`]: the ledger made durable in redb, group commit, checkpoints.
 //! - [`grpc`]: the `soma.rpc` services and the BCS side services (faucet, admin, scoring through
 //!   the [`grpc::ScoringBackend`] trait the binary implements with its scorer).
+//! - [`views`]: the ledger as the network shows it, in the views the client reads back
+//!   (`somatrain_rpc::view`).
 //! - [`blobs`]: the HTTP blob host.
 //! - [`idle`]: connections closed after a while without traffic.
 //! - [`limits`]: connections per peer and in all; the accept loop never spins.
@@ -26,4 +28,5 @@ pub mod ledger;
 pub mod limits;
 pub mod localnet;
 pub mod validator_keys;
+pub mod views;
 pub mod weight_checks;

@@ -10,6 +10,8 @@
 //! - [`side`]: the BCS request and response types, [`side::BcsCodec`], and the generated
 //!   `faucet`, `admin` and `scoring` stubs.
 //! - [`convert`]: protobuf ↔ protocol, naming the offending field on failure.
+//! - [`view`]: chain state (epoch, validators, models, targets, executed transactions) as
+//!   plain Rust, to and from its messages: the node writes them, the client reads them.
 //! - [`codec::ProtoCodec`]: prost, with malformed messages refused as INVALID_ARGUMENT.
 
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@
 pub mod codec;
 pub mod convert;
 pub mod side;
+pub mod view;
 
 /// Messages and services of package `soma.rpc`.
 #[allow(clippy::all, missing_docs)]

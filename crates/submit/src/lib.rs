@@ -535,6 +535,7 @@ mod tests {
             fill_epoch: None,
             submitter: None,
             winning_model_id: None,
+            winning_model_owner: None,
             bond_amount: 0,
             data_url: None,
         }
