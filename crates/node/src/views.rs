@@ -16,10 +16,12 @@ use crate::ledger::system::{Model, PROTOCOL_VERSION, PendingCommit};
 use crate::ledger::validators::Validator;
 use crate::localnet::TransactionRecord;
 
-pub fn executed(record: &TransactionRecord) -> Executed {
+/// With `with_transaction`, the signed transaction too (what lookups by digest send).
+pub fn executed(record: &TransactionRecord, with_transaction: bool) -> Executed {
     let signed = record
         .signed
         .as_deref()
+        .filter(|_| with_transaction)
         .and_then(|b| SignedTransaction::from_bcs(b).ok());
     Executed {
         digest: record.digest,

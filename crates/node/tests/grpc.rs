@@ -56,6 +56,7 @@ async fn start() -> Net {
             weight_checks: None,
             closing: Default::default(),
             connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
+            execution_slots: Default::default(),
         },
         listeners,
         async move {
@@ -168,7 +169,10 @@ async fn a_transfer_executes_once_is_checkpointed_and_found_by_digest() {
         .await
         .unwrap()
         .into_inner();
-    let effects = first.transaction.unwrap().effects.unwrap();
+    let first = first.transaction.unwrap();
+    // The network's default mask is `effects`: the sender's own transaction is not sent back.
+    assert!(first.transaction.is_none() && first.signatures.is_empty());
+    let effects = first.effects.unwrap();
     assert_eq!(effects.status.as_ref().unwrap().success, Some(true));
     assert_eq!(
         effects.transaction_digest.as_deref(),
@@ -193,13 +197,24 @@ async fn a_transfer_executes_once_is_checkpointed_and_found_by_digest() {
     .expect("no checkpoint with the transaction within 10 s");
     assert!(seen);
 
-    // The same signed transaction again: its first outcome, executed once.
+    // The same signed transaction again: its first outcome, executed once; asked for, the
+    // transaction comes back as signed.
+    let mut with_transaction = request(&tx);
+    with_transaction.read_mask = Some(prost_types::FieldMask {
+        paths: vec!["effects".into(), "transaction".into()],
+    });
     let again = exec
-        .execute_transaction(request(&tx))
+        .execute_transaction(with_transaction)
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(again.transaction.unwrap().effects.unwrap(), effects);
+        .into_inner()
+        .transaction
+        .unwrap();
+    assert_eq!(
+        convert::transaction_from_proto(&again.transaction.unwrap()).unwrap(),
+        tx.data
+    );
+    assert_eq!(again.effects.unwrap(), effects);
     assert_eq!(balance(&net, bob.address()).await, 1_000_000);
     let fee = effects.fee.unwrap().total_fee.unwrap();
     assert_eq!(

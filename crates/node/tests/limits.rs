@@ -48,6 +48,7 @@ async fn idle_connections_past_the_limit_are_closed_and_a_new_client_is_served()
         weight_checks: None,
         closing: Default::default(),
         connection_limits: limits.clone(),
+        execution_slots: Default::default(),
     };
     tokio::spawn(serve(services, listeners, std::future::pending()));
 

@@ -4,9 +4,10 @@
 //! library the model uses, so a result can be read as a fraction of what the hardware gives.
 
 use somatrain_protocol::transaction::TransferCoin;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use somatrain_model::score::{ScoreOptions, score_data};
@@ -784,8 +785,10 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
         });
         gas.push(anyhow::Context::context(coin, "the faucet paid no coin")??);
     }
-    let runtime = tokio::runtime::Runtime::new()?;
-    let (latencies, acknowledged, secs) = runtime.block_on(async {
+    // The node on the runtime `somatrain localnet` runs it on; the load on another, as its
+    // clients would be elsewhere.
+    let node_runtime = somatrain_node::limits::runtime()?;
+    let rpc = node_runtime.block_on(async {
         let mut listeners = Vec::new();
         for _ in 0..4 {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
@@ -801,8 +804,38 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
             weight_checks: None,
             closing: Default::default(),
             connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
+            execution_slots: Default::default(),
         };
         tokio::spawn(serve(services, listeners, std::future::pending()));
+        anyhow::Ok(rpc)
+    })?;
+    // A reader apart from the writers: one balance query every 5 ms on its own connection, for
+    // as long as the writes run. Its latency is what a reader sees while writes run at full
+    // rate; the writers' own reads also wait behind their clients' queue.
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe = {
+        let writing = writing.clone();
+        let rpc = rpc.clone();
+        let watched = keys[0].address();
+        std::thread::spawn(move || -> Result<Vec<f64>> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let client = ChainClient::new(Endpoints::parse(&rpc)?)?;
+                let mut latencies = Vec::new();
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let start = Instant::now();
+                    client.balance(&watched).await?;
+                    latencies.push(start.elapsed().as_secs_f64());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(latencies)
+            })
+        })
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (latencies, acknowledged, secs) = runtime.block_on(async {
         // A few connections, as a few client processes would open.
         let clients: Vec<ChainClient> = (0..8)
             .map(|_| ChainClient::new(Endpoints::parse(&rpc)?))
@@ -878,6 +911,11 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
             start.elapsed().as_secs_f64(),
         ))
     })?;
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let probe_reads = probe
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?
+        .context("the reader beside the writes")?;
     let (latencies, reads) = latencies;
     let total = args.accounts * args.transactions_per_account as usize;
     let lost = acknowledged
@@ -905,9 +943,13 @@ fn bench_localnet(args: LocalnetBenchArgs) -> Result<()> {
         "tx_per_s": acknowledged.len() as f64 / secs,
         "p50_ms": p(0.5),
         "p99_ms": p(0.99),
-        "reads": reads.len(),
-        "read_p50_ms": quantile(&reads, 0.5),
-        "read_p99_ms": quantile(&reads, 0.99),
+        "reads": probe_reads.len(),
+        "read_p50_ms": quantile(&probe_reads, 0.5),
+        "read_p99_ms": quantile(&probe_reads, 0.99),
+        "read_max_ms": quantile(&probe_reads, 1.0),
+        "writer_reads": reads.len(),
+        "writer_read_p50_ms": quantile(&reads, 0.5),
+        "writer_read_p99_ms": quantile(&reads, 0.99),
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");

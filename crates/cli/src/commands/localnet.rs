@@ -372,6 +372,7 @@ pub async fn start(
         weight_checks,
         closing: Default::default(),
         connection_limits: somatrain_node::limits::ConnectionLimits::for_this_process(),
+        execution_slots: Default::default(),
     };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
@@ -446,7 +447,7 @@ pub fn run_localnet(args: LocalnetArgs) -> Result<()> {
         admin: SocketAddr::new(loopback, args.admin_port),
     };
     let scorers = super::device_scorers(args.device)?;
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = somatrain_node::limits::runtime()?;
     runtime.block_on(async move {
         if !(args.blob_quota_gb.is_finite() && args.blob_quota_gb > 0.0) {
             bail!("--blob-quota-gb must be a positive number");
