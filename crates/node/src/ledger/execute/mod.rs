@@ -489,12 +489,13 @@ fn run_kind(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
         | K::DeactivateModel(_)
         | K::ReportModel(_)
         | K::UndoReportModel(_) => models::run(cx, kind),
-        K::SubmitData(_) | K::ClaimRewards(_) => submissions::run(cx, kind),
+        K::SubmitData(_)
+        | K::ClaimRewards(_)
+        | K::ReportSubmission(_)
+        | K::UndoReportSubmission(_) => submissions::run(cx, kind),
         TransactionKind::AddValidator(_)
         | TransactionKind::RemoveValidator(_)
-        | TransactionKind::UpdateValidatorMetadata(_)
-        | TransactionKind::ReportSubmission(_)
-        | TransactionKind::UndoReportSubmission(_) => {
+        | TransactionKind::UpdateValidatorMetadata(_) => {
             cx.validator_sender()?;
             fail(
                 Kind::InvalidTransactionType,

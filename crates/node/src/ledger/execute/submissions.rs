@@ -1,7 +1,9 @@
 //! Targets and submissions: submitting data that hits a target, and claiming its reward.
 
 use super::*;
-use somatrain_protocol::transaction::{ClaimRewards, SubmitData};
+use somatrain_protocol::transaction::{
+    ClaimRewards, ReportSubmission, SubmitData, UndoReportSubmission,
+};
 
 pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
     match kind {
@@ -24,6 +26,12 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             bond_coin.id,
         )?,
         TransactionKind::ClaimRewards(ClaimRewards { target_id }) => claim_rewards(cx, *target_id)?,
+        TransactionKind::ReportSubmission(ReportSubmission { target_id }) => {
+            report_submission(cx, *target_id, Report::Add)?
+        }
+        TransactionKind::UndoReportSubmission(UndoReportSubmission { target_id }) => {
+            report_submission(cx, *target_id, Report::Undo)?
+        }
         _ => unreachable!("{} is dispatched to another family", kind.name()),
     }
     Ok(())
@@ -180,15 +188,41 @@ fn claim_rewards(cx: &mut Context<'_>, target_id: ObjectId) -> Rule<()> {
                     ),
                 );
             }
-            let model_share = bps(reward, params.model_share_bps);
-            let submitter_share = reward - model_share - claimer_share;
-            let submitter = target.submitter.expect("filled targets have a submitter");
-            let owner = target
-                .winning_model_owner
-                .expect("filled targets have a model owner");
-            cx.new_coin(submitter, submitter_share + target.bond_amount);
-            cx.new_coin(owner, model_share);
-            cx.new_coin(sender, claimer_share);
+            let reporters: BTreeSet<Address> = target.submission_reports.iter().copied().collect();
+            let validators = &cx.o.system().validators;
+            if crate::ledger::validators::voting_power_of(validators, &reporters)
+                >= crate::ledger::validators::QUORUM_THRESHOLD
+            {
+                // Reported by a quorum: the bond goes to the reporters that are validators,
+                // evenly, the first by address taking the remainder; the reward goes back to
+                // the emission pool. The network mints the claimer's share on top of the
+                // returned reward; here it comes out of the reward, so supply is conserved.
+                let paid: Vec<Address> = reporters
+                    .iter()
+                    .filter(|a| validators.iter().any(|v| v.address == **a))
+                    .copied()
+                    .collect();
+                let each = target.bond_amount / paid.len() as u64;
+                let remainder = target.bond_amount % paid.len() as u64;
+                for (i, reporter) in paid.into_iter().enumerate() {
+                    let amount = if i == 0 { each + remainder } else { each };
+                    if amount > 0 {
+                        cx.new_coin(reporter, amount);
+                    }
+                }
+                cx.o.system_mut().emission_pool += reward - claimer_share;
+                cx.new_coin(sender, claimer_share);
+            } else {
+                let model_share = bps(reward, params.model_share_bps);
+                let submitter_share = reward - model_share - claimer_share;
+                let submitter = target.submitter.expect("filled targets have a submitter");
+                let owner = target
+                    .winning_model_owner
+                    .expect("filled targets have a model owner");
+                cx.new_coin(submitter, submitter_share + target.bond_amount);
+                cx.new_coin(owner, model_share);
+                cx.new_coin(sender, claimer_share);
+            }
         }
         TargetStatus::Open => {
             if epoch <= target.generation_epoch {
@@ -210,5 +244,62 @@ fn claim_rewards(cx: &mut Context<'_>, target_id: ObjectId) -> Rule<()> {
     }
     cx.o.delete(target_id);
     cx.value_fee += bps(reward, params.value_fee_bps / 2);
+    Ok(())
+}
+
+enum Report {
+    Add,
+    Undo,
+}
+
+/// A validator's report of a filled target's submission, or its withdrawal: only in the audit
+/// window, the epoch after the fill. The reports are the target's sorted set.
+fn report_submission(cx: &mut Context<'_>, target_id: ObjectId, report: Report) -> Rule<()> {
+    cx.validator_sender()?;
+    let epoch = cx.epoch();
+    let (object, mut target) = target_object(cx, target_id)?;
+    let fill_epoch = match target.status {
+        TargetStatus::Filled { fill_epoch } => fill_epoch,
+        TargetStatus::Open => {
+            return fail_on(Kind::TargetNotFilled, target_id, "the target is not filled");
+        }
+        TargetStatus::Claimed => {
+            return fail_on(Kind::TargetAlreadyClaimed, target_id, "already claimed");
+        }
+    };
+    if epoch != fill_epoch + 1 {
+        return fail_on(
+            Kind::ChallengeWindowClosed,
+            target_id,
+            format!(
+                "filled in epoch {fill_epoch}: reports are taken in epoch {} only",
+                fill_epoch + 1
+            ),
+        );
+    }
+    let sender = cx.sender;
+    let position = target.submission_reports.binary_search(&sender);
+    match (report, position) {
+        (Report::Add, Ok(_)) => {}
+        (Report::Add, Err(at)) => target.submission_reports.insert(at, sender),
+        (Report::Undo, Ok(at)) => {
+            target.submission_reports.remove(at);
+        }
+        (Report::Undo, Err(_)) => {
+            return fail_on(
+                Kind::ReportRecordNotFound,
+                target_id,
+                "this validator has not reported the submission",
+            );
+        }
+    }
+    cx.o.write(Object::new(
+        ObjectType::Target,
+        target_id,
+        object.version(),
+        &target,
+        object.owner,
+        object.previous_transaction,
+    ));
     Ok(())
 }
