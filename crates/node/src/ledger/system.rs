@@ -186,9 +186,15 @@ pub struct SystemState {
     pub burned: u64,
     pub target_state: TargetState,
     /// Stored apart, one entry per model, so that a checkpoint writes only the models that
-    /// changed; read from the system value only in data directories of earlier builds.
-    #[serde(default, skip_serializing)]
-    pub models: BTreeMap<ObjectId, Model>,
+    /// changed; read from the system value only in data directories of earlier builds. A
+    /// persistent map: every transaction copies the system state it changes, and a copy shares
+    /// the models instead of copying each embedding.
+    #[serde(
+        default,
+        skip_serializing,
+        deserialize_with = "models_of_earlier_builds"
+    )]
+    pub models: imbl::OrdMap<ObjectId, Model>,
     /// Checkpoints sealed so far.
     pub checkpoint_height: u64,
     /// The active validators (a chain created before validators existed has none).
@@ -229,7 +235,7 @@ impl SystemState {
             fees_collected: 0,
             burned: 0,
             target_state,
-            models: BTreeMap::new(),
+            models: imbl::OrdMap::new(),
             checkpoint_height: 0,
             validators,
             validator_reports: BTreeMap::new(),
@@ -264,5 +270,57 @@ impl SystemState {
 
     pub fn next_epoch_ms(&self) -> u64 {
         self.epoch_start_ms + self.params.epoch_duration_ms
+    }
+}
+
+fn models_of_earlier_builds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<imbl::OrdMap<ObjectId, Model>, D::Error> {
+    Ok(BTreeMap::<ObjectId, Model>::deserialize(d)?
+        .into_iter()
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data directories of earlier builds keep the models inside the system value; they still
+    /// load, and a system value written now leaves them out.
+    #[test]
+    fn models_inside_the_system_value_of_earlier_builds_are_read() {
+        let id = ObjectId([3; 32]);
+        let model = Model {
+            id,
+            owner: Address([4; 32]),
+            architecture_version: 1,
+            state: ModelState::Created,
+            create_epoch: 0,
+            pending: None,
+            manifest: None,
+            weights_commitment: None,
+            embedding_commitment: None,
+            decryption_key_commitment: None,
+            decryption_key: None,
+            embedding: Some(vec![0.5, -0.25]),
+            commission_rate: 100,
+            next_epoch_commission_rate: 100,
+            staking_pool: StakingPool {
+                id: ObjectId([5; 32]),
+                activation_epoch: Some(0),
+                deactivation_epoch: None,
+                soma_balance: 7,
+                pool_token_balance: 7,
+            },
+            commit_window_missed: false,
+        };
+        let mut system = SystemState::genesis(Params::default(), 0, vec![]);
+        system.models.insert(id, model.clone());
+        let mut stored = serde_json::to_value(&system).unwrap();
+        assert!(stored.get("models").is_none(), "written without its models");
+        stored["models"] = serde_json::to_value(BTreeMap::from([(id, model.clone())])).unwrap();
+        let read: SystemState = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.models.get(&id), Some(&model));
+        assert_eq!(read, system);
     }
 }
