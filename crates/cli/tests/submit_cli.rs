@@ -707,3 +707,79 @@ async fn a_verifying_node_rescores_submissions_and_refuses_false_claims() {
     ));
     assert!(report.contains("\"submitted\":\""), "{report}");
 }
+
+/// The localnet's validator checks submitted data as the network's proxy does: data the host
+/// lost during the audit window is reported, and the claim hands the bond to the validator
+/// (its whole voting power is a quorum); the submitter and the model owner get nothing but the
+/// claimer's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_gone_in_the_audit_window_costs_the_bond() {
+    let w = world(false).await;
+    let data = common::sources().join("optim.rs");
+    let embedding = embedding_of(&w.weights, &data);
+    let targets = w.client.target_views("open").await.unwrap();
+    let hit = targets
+        .iter()
+        .find(|t| cosine_distance(&embedding, &t.embedding) <= t.distance_threshold as f64 - 1e-4)
+        .expect("a reachable target");
+    let submitter = Keypair::generate();
+    w.client.faucet(&submitter.address()).await.unwrap();
+    let report = ok(w.submit(
+        &submitter,
+        "cache",
+        &[
+            "--target",
+            &hit.id.to_string(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["hit"], true, "{report}");
+    let filled = target_object(&w.client, &hit.id).await;
+    let bond = filled.bond_amount;
+    assert!(bond > 0);
+    // The fill epoch closes with the data in place: nothing to check yet.
+    assert_eq!(w.advance().await, 3);
+    assert!(
+        target_object(&w.client, &hit.id)
+            .await
+            .submission_reports
+            .is_empty()
+    );
+    // In the audit window the host loses the data; the window closes.
+    let url = filled.winning_data_manifest.unwrap().url;
+    let blob = w
+        .dir
+        .path()
+        .join("node/blobs")
+        .join(url.rsplit('/').next().unwrap());
+    std::fs::remove_file(&blob).unwrap();
+    assert_eq!(w.advance().await, 4);
+    let validator = w.client.epoch_view().await.unwrap().validators[0].address;
+    assert_eq!(
+        target_object(&w.client, &hit.id).await.submission_reports,
+        vec![validator],
+        "the validator reported the submission"
+    );
+
+    let validator_before = w.client.balance(&validator).await.unwrap();
+    let owner_before = balance(&w.client, &w.owner).await;
+    let submitter_before = balance(&w.client, &submitter).await;
+    let out = w.claim(&submitter, &[]);
+    assert!(out.contains("1 claimed"), "{out}");
+    assert_eq!(
+        w.client.balance(&validator).await.unwrap() - validator_before,
+        bond,
+        "the bond went to the reporting validator"
+    );
+    assert_eq!(balance(&w.client, &w.owner).await, owner_before);
+    let claimer_share = hit.reward_pool * 50 / 10_000;
+    let fees = sent_fees(&w.client, &submitter, "ClaimRewards").await;
+    assert_eq!(
+        balance(&w.client, &submitter).await,
+        submitter_before + claimer_share - fees,
+        "the submitter, as claimer, got only the claimer's share"
+    );
+}

@@ -82,8 +82,9 @@ pub struct Services {
 }
 
 impl Services {
-    /// Closes the epoch: the validators check this epoch's reveals (and report failures), then
-    /// the epoch changes. With `only_if_due`, nothing happens before the epoch's time is up.
+    /// Closes the epoch: the validators check this epoch's reveals and the data of the
+    /// submissions in their audit window (and report failures), then the epoch changes. With
+    /// `only_if_due`, nothing happens before the epoch's time is up.
     pub async fn close_epoch(&self, only_if_due: bool) -> Result<Option<u64>, Status> {
         let _closing = self.closing.lock().await;
         if only_if_due && now_ms() < self.node.read(|l| l.system.next_epoch_ms()) {
@@ -91,6 +92,7 @@ impl Services {
         }
         if let Some(checks) = &self.weight_checks {
             checks.check_revealed(&self.node).await;
+            checks.check_submissions(&self.node).await;
         }
         let epoch = self
             .blocking(|n| n.advance_epoch(now_ms()))

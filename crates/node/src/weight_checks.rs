@@ -7,8 +7,15 @@
 //! The check runs when the reveal's epoch closes, just before the change that counts the
 //! reports: a publisher must keep its weights fetchable at least until then. How weights are
 //! loaded is the binary's business ([`WeightChecker`]); the node never loads a model.
+//!
+//! The same validators check submitted data, as the network's proxy does: when a filled
+//! target's audit window (the epoch after the fill) closes, its data is fetched from the
+//! submitted URL and its size and checksum checked; data that fails is reported
+//! (`ReportSubmission`) by every validator, and a quorum's claim then hands the submitter's
+//! bond to them. A submitter must keep its data fetchable through the audit window.
 
-use somatrain_protocol::transaction::ReportModel;
+use somatrain_protocol::object::TargetStatus;
+use somatrain_protocol::transaction::{ReportModel, ReportSubmission};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +44,16 @@ pub trait WeightChecker: Send + Sync + 'static {
     /// `Ok` when the weights arrive within `deadline`, match the committed size and checksum,
     /// decrypt with the revealed key and load as V1 of `embedding_dim`; else why not.
     async fn check(&self, weights: &RevealedWeights, deadline: Duration) -> Result<(), String>;
+
+    /// `Ok` when the data submitted to `target_id` arrives within `deadline` and matches its
+    /// manifest's size and checksum; else why not. Checks of several targets run at once, and
+    /// the same data may have filled several.
+    async fn check_data(
+        &self,
+        target_id: ObjectId,
+        data: &Manifest,
+        deadline: Duration,
+    ) -> Result<(), String>;
 }
 
 /// The network's time limit for fetching `size` bytes of weights: 30 s plus 50 ns per byte.
@@ -95,7 +112,10 @@ impl WeightChecks {
                         weights.model_id
                     );
                     for key in &self.keys {
-                        if let Err(e) = report(node, key, weights.model_id).await {
+                        let kind = TransactionKind::ReportModel(ReportModel {
+                            model_id: weights.model_id,
+                        });
+                        if let Err(e) = report(node, key, kind).await {
                             tracing::error!(
                                 "validator {} could not report model {}: {e}",
                                 key.address(),
@@ -109,13 +129,71 @@ impl WeightChecks {
         }
         reported
     }
+
+    /// Checks the data of every target whose audit window is this epoch (filled in the one
+    /// before); each whose data fails is reported by every validator that holds a key here.
+    /// Returns the targets reported.
+    pub async fn check_submissions(&self, node: &Arc<Localnet>) -> Vec<ObjectId> {
+        let in_audit: Vec<(ObjectId, Manifest)> = node.read(|l| {
+            let epoch = l.system.epoch;
+            l.objects
+                .iter()
+                .filter(|(_, o)| o.object_type() == ObjectType::Target)
+                .filter_map(|(id, o)| {
+                    let target = o.target().ok()?;
+                    match target.status {
+                        TargetStatus::Filled { fill_epoch } if fill_epoch + 1 == epoch => {
+                            Some((*id, target.winning_data_manifest?))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect()
+        });
+        let checks = in_audit.iter().map(|(target_id, manifest)| async move {
+            let deadline = fetch_deadline(manifest.size);
+            let outcome = tokio::time::timeout(
+                deadline,
+                self.checker.check_data(*target_id, manifest, deadline),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("not fetched within {deadline:?}")));
+            (*target_id, outcome)
+        });
+        let mut reported = Vec::new();
+        for (target_id, outcome) in futures_util::future::join_all(checks).await {
+            match outcome {
+                Ok(()) => tracing::info!(
+                    "validators checked the data of target {target_id}: fetchable and as submitted"
+                ),
+                Err(reason) => {
+                    tracing::warn!(
+                        "validators report the submission to target {target_id}: its data failed \
+                         the check ({reason})"
+                    );
+                    for key in &self.keys {
+                        let kind =
+                            TransactionKind::ReportSubmission(ReportSubmission { target_id });
+                        if let Err(e) = report(node, key, kind).await {
+                            tracing::error!(
+                                "validator {} could not report target {target_id}: {e}",
+                                key.address()
+                            );
+                        }
+                    }
+                    reported.push(target_id);
+                }
+            }
+        }
+        reported
+    }
 }
 
-/// Sends `ReportModel` from validator `key`'s account, paying from its richest coin.
+/// Sends `kind` (a report) from validator `key`'s account, paying from its richest coin.
 async fn report(
     node: &Arc<Localnet>,
     key: &ValidatorKeys,
-    model_id: ObjectId,
+    kind: TransactionKind,
 ) -> Result<(), String> {
     let address = key.address();
     if node.read(|l| l.system.validator(&address).is_none()) {
@@ -128,11 +206,7 @@ async fn report(
         .ok_or("the validator has no coin to pay the fee")?
         .reference()
         .map_err(|e| e.to_string())?;
-    let data = TransactionData::new(
-        TransactionKind::ReportModel(ReportModel { model_id }),
-        address,
-        vec![gas],
-    );
+    let data = TransactionData::new(kind, address, vec![gas]);
     let record = node
         .submit_queued(SignedTransaction::sign(&key.account(), data))
         .await

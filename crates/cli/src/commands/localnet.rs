@@ -329,6 +329,23 @@ impl WeightChecker for WeightCheck {
         let _ = std::fs::remove_file(&path);
         result
     }
+
+    async fn check_data(
+        &self,
+        target_id: somatrain_protocol::ObjectId,
+        data: &somatrain_protocol::Manifest,
+        _deadline: std::time::Duration,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
+        // One file per target: the same data may have filled several, checked at once.
+        let path = self.scratch.join(format!("data-{target_id}.bin"));
+        let result = somatrain_storage::download_verified(&self.http, data, &path)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&path);
+        result
+    }
 }
 
 pub async fn start(
