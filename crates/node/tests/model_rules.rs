@@ -4,95 +4,26 @@
 //! slashed), a missed first reveal and a never-committed model (half the stake slashed each),
 //! commission changes at the next epoch, and deactivation. Supply is conserved throughout.
 
-use somatrain_node::ledger::execute::{execute, faucet};
-use somatrain_node::ledger::{Ledger, ModelState, Params, SystemState, epoch};
+use somatrain_node::ledger::{Ledger, ModelState, Params, SystemState};
 use somatrain_protocol::crypto::embedding_commitment;
-use somatrain_protocol::effects::{ExecutionErrorKind as Kind, ExecutionStatus};
+use somatrain_protocol::effects::ExecutionErrorKind as Kind;
 use somatrain_protocol::transaction::{
     CommitModel, CreateModel, DeactivateModel, RevealModel, SetModelCommissionRate,
 };
 use somatrain_protocol::{
-    Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, ObjectType, SignedTransaction,
-    SomaTensor, TransactionData, TransactionKind, TxDigest,
+    Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, SomaTensor, TransactionKind,
 };
 
 const SOMA: u64 = 1_000_000_000;
 
-struct Chain {
-    ledger: Ledger,
-    faucet_n: u8,
-    supply: u128,
-}
+mod common;
 
-impl Chain {
-    fn new() -> Self {
-        let params = Params {
-            embedding_dim: 4,
-            ..Params::default()
-        };
-        let ledger = Ledger::new(SystemState::genesis(params, 0, vec![]), []);
-        let supply = ledger.accounted_supply();
-        Chain {
-            ledger,
-            faucet_n: 0,
-            supply,
-        }
-    }
-
-    fn fund(&mut self, kp: &Keypair) {
-        self.faucet_n += 1;
-        let paid = faucet(&self.ledger, kp.address(), TxDigest([self.faucet_n; 32])).unwrap();
-        self.ledger.apply(paid.changes);
-    }
-
-    /// Executes `kind` from `kp` with its richest coin; the outcome's status.
-    fn run(&mut self, kp: &Keypair, kind: TransactionKind) -> (TxDigest, Result<(), Kind>) {
-        let gas = self
-            .ledger
-            .owned_objects(&kp.address(), Some(ObjectType::Coin))
-            .max_by_key(|o| o.coin_balance().unwrap())
-            .unwrap()
-            .reference()
-            .unwrap();
-        let tx = SignedTransaction::sign(kp, TransactionData::new(kind, kp.address(), vec![gas]));
-        let executed = execute(&self.ledger, &tx).expect("not refused before execution");
-        let status = match &executed.effects.status {
-            ExecutionStatus::Success => Ok(()),
-            ExecutionStatus::Failure(f) => Err(f.kind),
-        };
-        self.ledger.apply(executed.changes);
-        assert_eq!(
-            self.ledger.accounted_supply(),
-            self.supply,
-            "supply conserved"
-        );
-        (tx.digest(), status)
-    }
-
-    fn ok(&mut self, kp: &Keypair, kind: TransactionKind) -> TxDigest {
-        let (digest, status) = self.run(kp, kind);
-        assert_eq!(status, Ok(()));
-        digest
-    }
-
-    fn fails(&mut self, kp: &Keypair, kind: TransactionKind, expected: Kind) {
-        assert_eq!(self.run(kp, kind).1, Err(expected));
-    }
-
-    fn advance(&mut self) {
-        let now = self.ledger.system.epoch_start_ms + 1;
-        let changes = epoch::advance_epoch(&self.ledger, now);
-        self.ledger.apply(changes);
-        assert_eq!(
-            self.ledger.accounted_supply(),
-            self.supply,
-            "supply conserved"
-        );
-    }
-
-    fn model(&self, id: &ObjectId) -> somatrain_node::ledger::system::Model {
-        self.ledger.system.models[id].clone()
-    }
+fn chain() -> common::LedgerChain {
+    let params = Params {
+        embedding_dim: 4,
+        ..Params::default()
+    };
+    common::LedgerChain::new(Ledger::new(SystemState::genesis(params, 0, vec![]), []))
 }
 
 struct Commit {
@@ -141,10 +72,10 @@ fn create(stake: u64, commission: u64, version: u64) -> TransactionKind {
 
 #[test]
 fn the_model_lifecycle_with_an_update_and_both_slashing_paths() {
-    let mut c = Chain::new();
+    let mut c = chain();
     let (owner, stranger) = (Keypair::generate(), Keypair::generate());
     for kp in [&owner, &owner, &owner, &stranger] {
-        c.fund(kp);
+        c.fund(kp.address());
     }
 
     // Refusals at creation.

@@ -6,12 +6,11 @@
 //! share, and neither the submitter nor the model owner is paid. Below quorum the claim pays as
 //! usual. Supply is conserved throughout.
 
-use somatrain_node::ledger::execute::{execute, faucet};
 use somatrain_node::ledger::validators::GENESIS_VALIDATOR_STAKE;
-use somatrain_node::ledger::{Ledger, Params, SystemState, epoch};
+use somatrain_node::ledger::{Ledger, Params, SystemState};
 use somatrain_node::validator_keys::ValidatorKeys;
 use somatrain_protocol::crypto::embedding_commitment;
-use somatrain_protocol::effects::{ExecutionErrorKind as Kind, ExecutionStatus};
+use somatrain_protocol::effects::ExecutionErrorKind as Kind;
 use somatrain_protocol::object::TargetStatus;
 use somatrain_protocol::transaction::{
     ClaimRewards, CommitModel, CreateModel, ReportSubmission, RevealModel, SubmitData,
@@ -19,83 +18,34 @@ use somatrain_protocol::transaction::{
 };
 use somatrain_protocol::{
     Address, Commitment, Digest, EncryptionKey, Keypair, Manifest, ObjectId, ObjectType,
-    SignedTransaction, SomaTensor, TransactionData, TransactionKind, TxDigest,
+    SomaTensor, TransactionKind,
 };
 
 const SOMA: u64 = 1_000_000_000;
 const DIM: usize = 4;
 
-struct Chain {
-    ledger: Ledger,
-    faucet_n: u8,
-    supply: u128,
+mod common;
+
+fn target(chain: &common::LedgerChain, id: &ObjectId) -> somatrain_protocol::object::Target {
+    chain.ledger.object(id).unwrap().target().unwrap()
 }
 
-impl Chain {
-    fn fund(&mut self, address: Address) {
-        self.faucet_n += 1;
-        let paid = faucet(&self.ledger, address, TxDigest([self.faucet_n; 32])).unwrap();
-        self.ledger.apply(paid.changes);
-    }
-
-    fn run(&mut self, kp: &Keypair, kind: TransactionKind) -> Result<(), Kind> {
-        let gas = self
-            .ledger
-            .owned_objects(&kp.address(), Some(ObjectType::Coin))
-            .max_by_key(|o| o.coin_balance().unwrap())
-            .unwrap()
-            .reference()
-            .unwrap();
-        let tx = SignedTransaction::sign(kp, TransactionData::new(kind, kp.address(), vec![gas]));
-        let executed = execute(&self.ledger, &tx).expect("not refused before execution");
-        let status = match &executed.effects.status {
-            ExecutionStatus::Success => Ok(()),
-            ExecutionStatus::Failure(f) => Err(f.kind),
-        };
-        self.ledger.apply(executed.changes);
-        assert_eq!(
-            self.ledger.accounted_supply(),
-            self.supply,
-            "supply conserved"
-        );
-        status
-    }
-
-    fn advance(&mut self) {
-        let now = self.ledger.system.epoch_start_ms + 1;
-        let changes = epoch::advance_epoch(&self.ledger, now);
-        self.ledger.apply(changes);
-        assert_eq!(
-            self.ledger.accounted_supply(),
-            self.supply,
-            "supply conserved"
-        );
-    }
-
-    fn balance(&self, address: &Address) -> u64 {
-        self.ledger.balance(address)
-    }
-
-    fn target(&self, id: &ObjectId) -> somatrain_protocol::object::Target {
-        self.ledger.object(id).unwrap().target().unwrap()
-    }
-
-    /// Open targets of this epoch assigned to `model`.
-    fn open_targets(&self, model: &ObjectId) -> Vec<ObjectId> {
-        self.ledger
-            .objects
-            .values()
-            .filter(|o| o.object_type() == ObjectType::Target)
-            .filter(|o| {
-                o.target().is_ok_and(|t| {
-                    t.status == TargetStatus::Open
-                        && t.generation_epoch == self.ledger.system.epoch
-                        && t.model_ids.contains(model)
-                })
+/// Open targets of this epoch assigned to `model`.
+fn open_targets(chain: &common::LedgerChain, model: &ObjectId) -> Vec<ObjectId> {
+    chain
+        .ledger
+        .objects
+        .values()
+        .filter(|o| o.object_type() == ObjectType::Target)
+        .filter(|o| {
+            o.target().is_ok_and(|t| {
+                t.status == TargetStatus::Open
+                    && t.generation_epoch == chain.ledger.system.epoch
+                    && t.model_ids.contains(model)
             })
-            .map(|o| o.id().unwrap())
-            .collect()
-    }
+        })
+        .map(|o| o.id().unwrap())
+        .collect()
 }
 
 fn report(target_id: ObjectId) -> TransactionKind {
@@ -126,13 +76,8 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
         embedding_dim: DIM as u64,
         ..Params::default()
     };
-    let ledger = Ledger::new(SystemState::genesis(params, 0, validators), []);
-    let supply = ledger.accounted_supply();
-    let mut chain = Chain {
-        ledger,
-        faucet_n: 0,
-        supply,
-    };
+    let mut chain =
+        common::LedgerChain::new(Ledger::new(SystemState::genesis(params, 0, validators), []));
     assert!(
         chain
             .ledger
@@ -157,7 +102,7 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
 
     // A model, committed and revealed, so that the next epoch's targets are assigned to it.
     chain
-        .run(
+        .status(
             &owner,
             TransactionKind::CreateModel(CreateModel {
                 stake_amount: SOMA,
@@ -171,7 +116,7 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
     let embedding = vec![0.5, -0.5, 0.25, 0.0];
     let checksum = Commitment::of_bytes(b"weights");
     chain
-        .run(
+        .status(
             &owner,
             TransactionKind::CommitModel(CommitModel {
                 model_id,
@@ -188,7 +133,7 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
         .unwrap();
     chain.advance();
     chain
-        .run(
+        .status(
             &owner,
             TransactionKind::RevealModel(RevealModel {
                 model_id,
@@ -198,22 +143,22 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
         )
         .unwrap();
     chain.advance();
-    let targets = chain.open_targets(&model_id);
+    let targets = open_targets(&chain, &model_id);
     assert!(targets.len() >= 3, "{} targets", targets.len());
     let (reported, unreported, open) = (targets[0], targets[1], targets[2]);
 
     // An open target has no submission to report.
     assert_eq!(
-        chain.run(&accounts[0], report(open)),
+        chain.status(&accounts[0], report(open)),
         Err(Kind::TargetNotFilled)
     );
 
     // Two hits. A bond of 1,001 bytes' worth does not split evenly in three.
     let size = 1_001;
     for target_id in [reported, unreported] {
-        let target = chain.target(&target_id);
+        let target = target(&chain, &target_id);
         chain
-            .run(
+            .status(
                 &submitter,
                 TransactionKind::SubmitData(SubmitData {
                     target_id,
@@ -238,49 +183,52 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
             .unwrap();
     }
     let bond = size * chain.ledger.system.params.submission_bond_per_byte;
-    assert_eq!(chain.target(&reported).bond_amount, bond);
+    assert_eq!(target(&chain, &reported).bond_amount, bond);
     assert_ne!(bond % 3, 0, "the split must leave a remainder to check");
 
     // The fill epoch is not the audit window yet.
     assert_eq!(
-        chain.run(&accounts[0], report(reported)),
+        chain.status(&accounts[0], report(reported)),
         Err(Kind::ChallengeWindowClosed)
     );
     chain.advance();
 
     // The audit window: only validators report, and an undo needs a report.
     assert_eq!(
-        chain.run(&owner, report(reported)),
+        chain.status(&owner, report(reported)),
         Err(Kind::NotAValidator)
     );
-    assert_eq!(chain.run(&owner, undo(reported)), Err(Kind::NotAValidator));
     assert_eq!(
-        chain.run(&accounts[3], undo(reported)),
+        chain.status(&owner, undo(reported)),
+        Err(Kind::NotAValidator)
+    );
+    assert_eq!(
+        chain.status(&accounts[3], undo(reported)),
         Err(Kind::ReportRecordNotFound)
     );
     for reporter in &accounts[..3] {
-        chain.run(reporter, report(reported)).unwrap();
+        chain.status(reporter, report(reported)).unwrap();
     }
     // Reporting twice changes nothing; the fourth reports and takes it back.
-    chain.run(&accounts[0], report(reported)).unwrap();
-    chain.run(&accounts[3], report(reported)).unwrap();
-    chain.run(&accounts[3], undo(reported)).unwrap();
+    chain.status(&accounts[0], report(reported)).unwrap();
+    chain.status(&accounts[3], report(reported)).unwrap();
+    chain.status(&accounts[3], undo(reported)).unwrap();
     let mut expected: Vec<Address> = accounts[..3].iter().map(Keypair::address).collect();
     expected.sort();
-    assert_eq!(chain.target(&reported).submission_reports, expected);
+    assert_eq!(target(&chain, &reported).submission_reports, expected);
     // Two of four are no quorum.
     for reporter in &accounts[..2] {
-        chain.run(reporter, report(unreported)).unwrap();
+        chain.status(reporter, report(unreported)).unwrap();
     }
     // A claim waits for the window to close.
     assert_eq!(
-        chain.run(&claimer, claim(reported)),
+        chain.status(&claimer, claim(reported)),
         Err(Kind::ChallengeWindowOpen)
     );
     chain.advance();
     // The window is closed to reports.
     assert_eq!(
-        chain.run(&accounts[3], report(reported)),
+        chain.status(&accounts[3], report(reported)),
         Err(Kind::ChallengeWindowClosed)
     );
 
@@ -288,10 +236,10 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
     let share = |reward: u64, bps: u64| (reward as u128 * bps as u128 / 10_000) as u64;
 
     // The quorum's claim.
-    let reward = chain.target(&reported).reward_pool;
+    let reward = target(&chain, &reported).reward_pool;
     assert!(reward > 0);
     let claimer_share = share(reward, params.claimer_share_bps);
-    let balances = |chain: &Chain| {
+    let balances = |chain: &common::LedgerChain| {
         [
             &accounts[0],
             &accounts[1],
@@ -300,12 +248,12 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
             &owner,
             &submitter,
         ]
-        .map(|k| chain.balance(&k.address()))
+        .map(|k| chain.ledger.balance(&k.address()))
     };
     let before = balances(&chain);
     let pool_before = chain.ledger.system.emission_pool;
-    let claimer_before = chain.balance(&claimer.address());
-    chain.run(&claimer, claim(reported)).unwrap();
+    let claimer_before = chain.ledger.balance(&claimer.address());
+    chain.status(&claimer, claim(reported)).unwrap();
     let after = balances(&chain);
     let gained: Vec<i128> = before
         .iter()
@@ -323,18 +271,18 @@ fn reported_submissions_lose_their_bond_to_a_quorum_of_validators() {
         pool_before + reward - claimer_share,
         "the reward returns to the emission pool less the claimer's share"
     );
-    let fee = claimer_before + claimer_share - chain.balance(&claimer.address());
+    let fee = claimer_before + claimer_share - chain.ledger.balance(&claimer.address());
     assert!(
         fee > 0 && fee < SOMA / 1_000,
         "the claimer paid only its gas: {fee}"
     );
 
     // Below quorum: the usual payout, the bond back to the submitter.
-    let reward = chain.target(&unreported).reward_pool;
+    let reward = target(&chain, &unreported).reward_pool;
     let model_share = share(reward, params.model_share_bps);
     let claimer_share = share(reward, params.claimer_share_bps);
     let before = balances(&chain);
-    chain.run(&claimer, claim(unreported)).unwrap();
+    chain.status(&claimer, claim(unreported)).unwrap();
     let after = balances(&chain);
     assert_eq!(after[..4], before[..4], "no validator is paid");
     assert_eq!(after[4] - before[4], model_share);

@@ -1,5 +1,6 @@
 //! What several node tests share: a redb storage backend with a hook before every write, resize
-//! and sync (to fail like a full disk, or to be slow like a busy one), and a signed transfer.
+//! and sync (to fail like a full disk, or to be slow like a busy one), a signed transfer, and a
+//! ledger driven straight through execution with supply checked after every step.
 
 #![allow(dead_code)]
 
@@ -126,5 +127,104 @@ pub fn small_chain(dir: &std::path::Path) -> LocalnetConfig {
             embedding_dim: 4,
             ..Params::default()
         },
+    }
+}
+
+/// A ledger driven straight through execution: every transaction and epoch change applied, and
+/// supply checked after each.
+pub struct LedgerChain {
+    pub ledger: somatrain_node::ledger::Ledger,
+    faucet_n: u8,
+    supply: u128,
+}
+
+impl LedgerChain {
+    pub fn new(ledger: somatrain_node::ledger::Ledger) -> Self {
+        let supply = ledger.accounted_supply();
+        LedgerChain {
+            ledger,
+            faucet_n: 0,
+            supply,
+        }
+    }
+
+    pub fn fund(&mut self, address: Address) {
+        self.faucet_n += 1;
+        let digest = somatrain_protocol::TxDigest([self.faucet_n; 32]);
+        let paid = somatrain_node::ledger::execute::faucet(&self.ledger, address, digest).unwrap();
+        self.ledger.apply(paid.changes);
+    }
+
+    /// Executes `kind` from `kp` with its richest coin; the outcome's status.
+    pub fn run(
+        &mut self,
+        kp: &Keypair,
+        kind: TransactionKind,
+    ) -> (
+        somatrain_protocol::TxDigest,
+        Result<(), somatrain_protocol::effects::ExecutionErrorKind>,
+    ) {
+        let gas = self
+            .ledger
+            .owned_objects(&kp.address(), Some(ObjectType::Coin))
+            .max_by_key(|o| o.coin_balance().unwrap())
+            .unwrap()
+            .reference()
+            .unwrap();
+        let tx = SignedTransaction::sign(kp, TransactionData::new(kind, kp.address(), vec![gas]));
+        let executed = somatrain_node::ledger::execute::execute(&self.ledger, &tx)
+            .expect("not refused before execution");
+        let status = match &executed.effects.status {
+            somatrain_protocol::effects::ExecutionStatus::Success => Ok(()),
+            somatrain_protocol::effects::ExecutionStatus::Failure(f) => Err(f.kind),
+        };
+        self.ledger.apply(executed.changes);
+        assert_eq!(
+            self.ledger.accounted_supply(),
+            self.supply,
+            "supply conserved"
+        );
+        (tx.digest(), status)
+    }
+
+    /// The outcome's status alone.
+    pub fn status(
+        &mut self,
+        kp: &Keypair,
+        kind: TransactionKind,
+    ) -> Result<(), somatrain_protocol::effects::ExecutionErrorKind> {
+        self.run(kp, kind).1
+    }
+
+    /// Executes `kind`, which must succeed; its digest.
+    pub fn ok(&mut self, kp: &Keypair, kind: TransactionKind) -> somatrain_protocol::TxDigest {
+        let (digest, status) = self.run(kp, kind);
+        assert_eq!(status, Ok(()));
+        digest
+    }
+
+    /// Executes `kind`, which must fail with `expected`.
+    pub fn fails(
+        &mut self,
+        kp: &Keypair,
+        kind: TransactionKind,
+        expected: somatrain_protocol::effects::ExecutionErrorKind,
+    ) {
+        assert_eq!(self.run(kp, kind).1, Err(expected));
+    }
+
+    pub fn model(&self, id: &somatrain_protocol::ObjectId) -> somatrain_node::ledger::Model {
+        self.ledger.system.models[id].clone()
+    }
+
+    pub fn advance(&mut self) {
+        let now = self.ledger.system.epoch_start_ms + 1;
+        let changes = somatrain_node::ledger::epoch::advance_epoch(&self.ledger, now);
+        self.ledger.apply(changes);
+        assert_eq!(
+            self.ledger.accounted_supply(),
+            self.supply,
+            "supply conserved"
+        );
     }
 }

@@ -57,6 +57,24 @@ fn target_object(
     Ok((object, target))
 }
 
+/// Writes `target` back as `object`'s new contents (execution ends by giving every written
+/// object the lamport version).
+fn write_target(
+    cx: &mut Context<'_>,
+    object: &Object,
+    target: &somatrain_protocol::object::Target,
+) {
+    let id = object.id().expect("a stored target has an id");
+    cx.o.write(Object::new(
+        ObjectType::Target,
+        id,
+        object.version(),
+        target,
+        object.owner,
+        object.previous_transaction,
+    ));
+}
+
 #[allow(clippy::too_many_arguments)]
 fn submit_data(
     cx: &mut Context<'_>,
@@ -153,14 +171,7 @@ fn submit_data(
     target.winning_embedding = Some(embedding.clone());
     target.winning_distance_score = Some(distance.clone());
     target.winning_loss_score = Some(loss.clone());
-    cx.o.write(Object::new(
-        ObjectType::Target,
-        target_id,
-        object.version(),
-        &target,
-        object.owner,
-        object.previous_transaction,
-    ));
+    write_target(cx, &object, &target);
     cx.o.system_mut().target_state.hits_this_epoch += 1;
     let n = cx.next_id;
     cx.next_id += 1;
@@ -293,13 +304,6 @@ fn report_submission(cx: &mut Context<'_>, target_id: ObjectId, report: Report) 
             );
         }
     }
-    cx.o.write(Object::new(
-        ObjectType::Target,
-        target_id,
-        object.version(),
-        &target,
-        object.owner,
-        object.previous_transaction,
-    ));
+    write_target(cx, &object, &target);
     Ok(())
 }
