@@ -546,10 +546,8 @@ impl StateService for Services {
             let mut bytes = 0usize;
             let mut more = false;
             let candidates = l
-                .objects
-                .range(after.map_or(ObjectId([0; 32]), |a| a)..)
-                .filter(|(id, _)| after.is_none_or(|a| **id > a))
-                .filter(|(_, o)| o.object_type() == ObjectType::Target);
+                .targets_from(after.map_or(ObjectId([0; 32]), |a| a))
+                .filter(|(id, _)| after.is_none_or(|a| **id > a));
             for (id, object) in candidates {
                 let Ok(target) = object.target() else {
                     continue;

@@ -136,9 +136,7 @@ impl WeightChecks {
     pub async fn check_submissions(&self, node: &Arc<Localnet>) -> Vec<ObjectId> {
         let in_audit: Vec<(ObjectId, Manifest)> = node.read(|l| {
             let epoch = l.system.epoch;
-            l.objects
-                .iter()
-                .filter(|(_, o)| o.object_type() == ObjectType::Target)
+            l.targets_from(ObjectId([0; 32]))
                 .filter_map(|(id, o)| {
                     let target = o.target().ok()?;
                     match target.status {

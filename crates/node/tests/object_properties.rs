@@ -419,6 +419,23 @@ fn random_object_transactions_keep_every_invariant() {
                     assert!(world.ledger.owned[&owner].contains(&object.id().unwrap()));
                 }
             }
+            let targets: std::collections::BTreeSet<ObjectId> = world
+                .ledger
+                .objects
+                .iter()
+                .filter(|(_, o)| o.object_type() == ObjectType::Target)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(
+                world
+                    .ledger
+                    .targets
+                    .iter()
+                    .copied()
+                    .collect::<std::collections::BTreeSet<_>>(),
+                targets,
+                "the target index at step {step} (seed {seed})"
+            );
         }
         // Every path was exercised, or the test shows nothing.
         assert!(

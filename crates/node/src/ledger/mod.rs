@@ -36,6 +36,8 @@ pub struct Ledger {
     pub objects: imbl::OrdMap<ObjectId, Object>,
     /// Address-owned objects by owner.
     pub owned: imbl::OrdMap<Address, imbl::OrdSet<ObjectId>>,
+    /// The ids of the target objects, so that listing targets never walks every coin.
+    pub targets: imbl::OrdSet<ObjectId>,
 }
 
 impl Ledger {
@@ -44,6 +46,7 @@ impl Ledger {
             system,
             objects: imbl::OrdMap::new(),
             owned: imbl::OrdMap::new(),
+            targets: imbl::OrdSet::new(),
         };
         for object in objects {
             ledger.put(object);
@@ -58,6 +61,11 @@ impl Ledger {
         }
         if let Owner::AddressOwner(owner) = object.owner {
             self.owned.entry(owner).or_default().insert(id);
+        }
+        if object.object_type() == ObjectType::Target {
+            self.targets.insert(id);
+        } else {
+            self.targets.remove(&id);
         }
         self.objects.insert(id, object);
     }
@@ -76,7 +84,15 @@ impl Ledger {
     fn remove(&mut self, id: &ObjectId) {
         if let Some(old) = self.objects.remove(id) {
             self.unindex(*id, old.owner);
+            self.targets.remove(id);
         }
+    }
+
+    /// The target objects, by id, from `from` on.
+    pub fn targets_from(&self, from: ObjectId) -> impl Iterator<Item = (&ObjectId, &Object)> {
+        self.targets
+            .range(from..)
+            .filter_map(|id| self.objects.get_key_value(id))
     }
 
     pub fn apply(&mut self, changes: Changes) {
