@@ -2,16 +2,15 @@
 //! execution and its checkpoint, idempotent resubmission, paging, and every kind of bad input
 //! refused without changing state.
 
-use somatrain_protocol::transaction::TransferCoin;
+mod common;
+use common::transfer_with;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
 use somatrain_node::grpc::{Services, serve};
 use somatrain_node::ledger::Params;
 use somatrain_node::localnet::{Localnet, LocalnetConfig};
-use somatrain_protocol::{
-    Address, Keypair, ObjectRef, SignedTransaction, TransactionData, TransactionKind,
-};
+use somatrain_protocol::{Address, Keypair, ObjectRef, SignedTransaction};
 use somatrain_rpc::convert;
 use somatrain_rpc::faucet::faucet_client::FaucetClient;
 use somatrain_rpc::proto::{
@@ -134,21 +133,6 @@ fn request(tx: &SignedTransaction) -> proto::ExecuteTransactionRequest {
     }
 }
 
-fn transfer(from: &Keypair, gas: ObjectRef, to: Address, amount: u64) -> SignedTransaction {
-    SignedTransaction::sign(
-        from,
-        TransactionData::new(
-            TransactionKind::TransferCoin(TransferCoin {
-                coin: gas,
-                amount: Some(amount),
-                recipient: to,
-            }),
-            from.address(),
-            vec![gas],
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_executes_once_is_checkpointed_and_found_by_digest() {
     let net = start().await;
@@ -156,7 +140,7 @@ async fn a_transfer_executes_once_is_checkpointed_and_found_by_digest() {
     let bob = Keypair::from_secret([2; 32]);
     fund(&net, &alice).await;
     let gas = coins(&net, alice.address()).await[0];
-    let tx = transfer(&alice, gas, bob.address(), 1_000_000);
+    let tx = transfer_with(&alice, gas, bob.address(), 1_000_000);
 
     let mut stream = SubscriptionServiceClient::new(net.rpc.clone())
         .subscribe_checkpoints(proto::SubscribeCheckpointsRequest { read_mask: None })
@@ -258,7 +242,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         };
 
     // A field changed after signing: the rebuilt bytes no longer match the signature.
-    let tx = transfer(&alice, gas, mallory.address(), 1000);
+    let tx = transfer_with(&alice, gas, mallory.address(), 1000);
     let mut changed = request(&tx);
     if let Some(proto::transaction_kind::Kind::TransferCoin(t)) = changed
         .transaction
@@ -276,7 +260,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
     // Signed by someone else on the owner's behalf.
     let mut forged = tx.clone();
-    forged.signatures = transfer(&mallory, gas, mallory.address(), 1000).signatures;
+    forged.signatures = transfer_with(&mallory, gas, mallory.address(), 1000).signatures;
     refused(
         exec.execute_transaction(request(&forged)).await,
         Code::InvalidArgument,
@@ -304,7 +288,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         version: gas.version + 1,
         ..gas
     };
-    let tx_stale = transfer(&alice, stale, mallory.address(), 1000);
+    let tx_stale = transfer_with(&alice, stale, mallory.address(), 1000);
     refused(
         exec.execute_transaction(request(&tx_stale)).await,
         Code::FailedPrecondition,
@@ -312,7 +296,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     );
 
     // Someone else's coin as gas.
-    let theirs = transfer(&mallory, gas, mallory.address(), 1000);
+    let theirs = transfer_with(&mallory, gas, mallory.address(), 1000);
     refused(
         exec.execute_transaction(request(&theirs)).await,
         Code::InvalidArgument,

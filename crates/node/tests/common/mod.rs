@@ -104,6 +104,16 @@ pub fn transfer(node: &Localnet, from: &Keypair, to: Address, amount: u64) -> Si
             .reference()
             .unwrap()
     });
+    transfer_with(from, gas, to, amount)
+}
+
+/// A transfer of `amount` from coin `gas` (which pays the fee too) to `to`.
+pub fn transfer_with(
+    from: &Keypair,
+    gas: somatrain_protocol::ObjectRef,
+    to: Address,
+    amount: u64,
+) -> SignedTransaction {
     SignedTransaction::sign(
         from,
         TransactionData::new(
