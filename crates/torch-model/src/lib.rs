@@ -10,6 +10,7 @@
 //! `somatrain-model` and `somatrain-noise`, so this path is held to the same conformance cases as
 //! the CPU kernels, which stay the default on a CPU and this path's test oracle.
 
+pub mod memory;
 pub mod train;
 
 /// libtorch's device handle, for callers that do not depend on tch themselves.
@@ -100,6 +101,17 @@ fn load_cuda_library() -> Result<(), String> {
             }
         })
         .clone()
+}
+
+/// What `device` has free and in all, where it is a CUDA device (`None` on libtorch's CPU,
+/// whose memory is the host's: peak RSS).
+pub fn memory_reading(device: tch::Device) -> Option<Result<memory::Reading, String>> {
+    match device {
+        tch::Device::Cuda(index) => Some(
+            memory::cuda_free_and_total(index).map(|(free, total)| memory::Reading { free, total }),
+        ),
+        _ => None,
+    }
 }
 
 /// Whether `device` runs bf16 matrix products.

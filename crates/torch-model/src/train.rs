@@ -15,10 +15,11 @@ use somatrain_model::cpu::train::TrainOptions;
 use somatrain_model::loss::SigRegGrid;
 use somatrain_model::score::{BatchOutput, BatchScorer, ScoreError};
 use somatrain_train::optim::{AdamState, OptimConfig, StepStats};
-use somatrain_train::trainer::{TransferStats, first_nonfinite};
+use somatrain_train::trainer::{DeviceMemory, OutOfMemory, TransferStats, first_nonfinite};
 use somatrain_train::{GradientEngine, TrainError};
 use tch::{Kind, Tensor};
 
+use crate::memory::MemoryMeter;
 use crate::{DeviceBatch, Dropout, TorchModel, download, panic_message, upload};
 
 /// Held while a micro-batch draws its dropout masks from libtorch's global generator.
@@ -41,6 +42,8 @@ pub struct TorchEngine {
     finite_sum: Option<Tensor>,
     /// What crossed between host and device, and the time it took.
     traffic: TransferStats,
+    /// The device's memory since the model was first loaded (CUDA only).
+    memory: Option<MemoryMeter>,
 }
 
 impl TorchEngine {
@@ -54,7 +57,86 @@ impl TorchEngine {
             noise: None,
             finite_sum: None,
             traffic: TransferStats::default(),
+            memory: None,
         }
+    }
+
+    /// Reads the device's memory into the meter (started at the first reading).
+    fn sample_memory(&mut self) {
+        let Some(reading) = crate::memory_reading(self.device) else {
+            return;
+        };
+        match (reading, &mut self.memory) {
+            (Ok(reading), Some(meter)) => meter.sample(reading),
+            (Ok(reading), None) => self.memory = Some(MemoryMeter::start(reading)),
+            (Err(why), _) => {
+                static TOLD: std::sync::Once = std::sync::Once::new();
+                TOLD.call_once(|| tracing::warn!("device memory is not reported: {why}"));
+            }
+        }
+    }
+
+    /// After a micro-batch of `batch` ran out of memory: the largest micro-batch of its first
+    /// rows whose forward and backward passes run, with room held for Adam's moments where
+    /// they are not on the device yet (`Some(0)`: not even one sequence fits). Found by
+    /// bisection, each try on the same device; the gradients are dropped afterwards (the step
+    /// fails either way).
+    fn largest_fitting_micro_batch(
+        &mut self,
+        batch: &Batch,
+        projections: &Tensor,
+        options: &TrainOptions,
+    ) -> Option<usize> {
+        let (_, model) = self.loaded.as_ref()?;
+        let device = self.device;
+        let fits = quietly(|| {
+            let moments_room = match &self.moments {
+                Some(_) => None,
+                None => {
+                    let elements = 2 * model.config().parameter_count() as i64;
+                    match std::panic::catch_unwind(|| {
+                        Tensor::empty([elements], (Kind::Float, device))
+                    }) {
+                        Ok(room) => Some(room),
+                        Err(_) => return 0,
+                    }
+                }
+            };
+            let runs = |rows: usize| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let part = first_rows(batch, rows);
+                    let uploaded = model.upload_batch(&part);
+                    let (loss, _, _) = {
+                        let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+                        tch::manual_seed(options.dropout_key as i64);
+                        device_loss(model, &uploaded, projections, options)
+                    };
+                    loss.backward();
+                }))
+                .is_ok()
+            };
+            let (mut fits, mut fails) = (0, batch.batch);
+            while fails - fits > 1 {
+                let rows = fits + (fails - fits) / 2;
+                if runs(rows) {
+                    fits = rows;
+                } else {
+                    fails = rows;
+                }
+            }
+            drop(moments_room);
+            fits
+        });
+        tch::no_grad(|| {
+            for p in model.parameters() {
+                let grad = p.grad();
+                if grad.defined() {
+                    let _ = grad.shallow_clone().zero_();
+                }
+            }
+        });
+        self.pending_gradients = false;
+        Some(fits)
     }
 
     /// Times an upload of `bytes` bytes.
@@ -86,6 +168,9 @@ impl TorchEngine {
     }
 
     fn load(&mut self, weights: &Weights, version: u64) {
+        if self.memory.is_none() {
+            self.sample_memory();
+        }
         let (device, bf16) = (self.device, self.bf16);
         let bytes = 4 * weights.config.parameter_count();
         let mut model = self.uploaded(bytes, || TorchModel::new(weights, device).with_bf16(bf16));
@@ -158,23 +243,96 @@ fn device_loss(
     (loss, ce, sigreg)
 }
 
-/// The error for a libtorch failure during a micro-batch: out of memory names the micro-batch
-/// and what to lower; anything else is passed on as libtorch said it.
-pub fn device_failure(message: &str, batch: &Batch) -> ScoreError {
+/// Whether libtorch's words say an allocator ran out: CUDA's caching allocator ("CUDA out of
+/// memory") or the CPU's ("DefaultCPUAllocator: can't allocate memory", or "not enough
+/// memory" in older releases).
+pub fn is_out_of_memory(message: &str) -> bool {
     let lower = message.to_lowercase();
-    if lower.contains("out of memory") {
-        return ScoreError::Backend(format!(
-            "the device ran out of memory in a micro-batch of {} x {} ({}): try a smaller \
-             --micro-batch (and a larger --accumulation to keep the tokens per step)",
-            batch.batch,
-            batch.seq_len,
-            message.lines().next().unwrap_or(message)
-        ));
+    [
+        "out of memory",
+        "not enough memory",
+        "can't allocate memory",
+    ]
+    .iter()
+    .any(|words| lower.contains(words))
+}
+
+/// libtorch's own first sentence out of a tch panic (`called Result::unwrap() on an Err
+/// value: Torch("…\nframe #0 …")`), without the unwrap's wording or the C++ frames.
+pub fn libtorch_words(message: &str) -> &str {
+    let inner = message
+        .split_once("Torch(\"")
+        .map_or(message, |(_, rest)| rest);
+    let first = inner.split("\\n").next().unwrap_or(inner);
+    first
+        .lines()
+        .next()
+        .unwrap_or(first)
+        .trim_end_matches("\")")
+}
+
+/// The first `rows` sequences of `batch`.
+fn first_rows(batch: &Batch, rows: usize) -> Batch {
+    let cells = rows * batch.seq_len;
+    Batch {
+        batch: rows,
+        seq_len: batch.seq_len,
+        tokens: batch.tokens[..cells].to_vec(),
+        targets: batch.targets[..cells].to_vec(),
+        positions: batch.positions[..cells].to_vec(),
     }
-    ScoreError::Backend(format!("libtorch failed during a micro-batch: {message}"))
+}
+
+thread_local! {
+    /// Set while this thread tries work expected to fail (the micro-batch probes).
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` with this thread's panic messages unprinted, for work whose panics (tch's way
+/// of failing) are caught and returned as errors: the message would only say it twice.
+fn quietly<T>(work: impl FnOnce() -> T) -> T {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    struct Loud;
+    impl Drop for Loud {
+        fn drop(&mut self) {
+            QUIET_PANICS.with(|q| q.set(false));
+        }
+    }
+    QUIET_PANICS.with(|q| q.set(true));
+    let _loud = Loud;
+    work()
 }
 
 impl GradientEngine for TorchEngine {
+    /// Refuses a model whose weights, gradients and Adam's moments (16 bytes a parameter) alone
+    /// exceed what the CUDA device has free; what the micro-batch needs on top is found out by
+    /// running it (an out-of-memory error then names a micro-batch that fits).
+    fn check_fits(&self, settings: &somatrain_train::TrainSettings) -> Result<(), String> {
+        let Some(Ok(reading)) = crate::memory_reading(self.device) else {
+            return Ok(());
+        };
+        let state = 16 * settings.model.parameter_count();
+        if state <= reading.free {
+            return Ok(());
+        }
+        Err(format!(
+            "the model's weights, gradients and Adam's moments alone take {:.1} GB, and {:?} has \
+             {:.1} GB free of {:.1} GB: free the device, or train on one with more memory",
+            state as f64 / 1e9,
+            self.device,
+            reading.free as f64 / 1e9,
+            reading.total as f64 / 1e9
+        ))
+    }
+
     fn scorer(&self, weights: &Weights) -> Option<Box<dyn BatchScorer>> {
         Some(Box::new(
             TorchModel::new(weights, self.device).with_bf16(false),
@@ -219,34 +377,49 @@ impl GradientEngine for TorchEngine {
         let (_, model) = self.loaded.as_ref().expect("just loaded");
         let device = self.device;
         let mut read_seconds = 0.0;
-        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // libtorch's generator is global: seeded for this micro-batch and held until its
-            // masks are drawn (the backward pass reuses them), so that another engine in the
-            // process cannot draw in between.
-            let (loss, ce, sigreg) = {
-                let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(options.dropout_key as i64);
-                if let tch::Device::Cuda(_) = device {
-                    tch::Cuda::manual_seed_all(options.dropout_key);
-                }
-                device_loss(model, &uploaded, &projections, &options)
-            };
-            (loss * options.grad_scale as f64).backward();
-            // The loss terms come back in one read, which waits for the micro-batch.
-            let start = std::time::Instant::now();
-            let values = download(&Tensor::stack(&[ce.detach(), sigreg.detach()], 0));
-            read_seconds = start.elapsed().as_secs_f64();
-            values
-        }));
+        // A failure is returned as an error with libtorch's words, so tch's panic is not
+        // printed as well.
+        let attempt = quietly(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // libtorch's generator is global: seeded for this micro-batch and held until its
+                // masks are drawn (the backward pass reuses them), so that another engine in the
+                // process cannot draw in between.
+                let (loss, ce, sigreg) = {
+                    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+                    tch::manual_seed(options.dropout_key as i64);
+                    if let tch::Device::Cuda(_) = device {
+                        tch::Cuda::manual_seed_all(options.dropout_key);
+                    }
+                    device_loss(model, &uploaded, &projections, &options)
+                };
+                (loss * options.grad_scale as f64).backward();
+                // The loss terms come back in one read, which waits for the micro-batch.
+                let start = std::time::Instant::now();
+                let values = download(&Tensor::stack(&[ce.detach(), sigreg.detach()], 0));
+                read_seconds = start.elapsed().as_secs_f64();
+                values
+            }))
+        });
         self.traffic.device_to_host_bytes += 8;
         self.traffic.read_seconds += read_seconds;
         let values = match attempt {
             Ok(values) => values?,
             Err(panic) => {
-                return Err(TrainError::Score(device_failure(
-                    &panic_message(panic.as_ref()),
-                    batch,
-                )));
+                let message = panic_message(panic.as_ref());
+                if !is_out_of_memory(&message) {
+                    return Err(TrainError::Score(ScoreError::Backend(format!(
+                        "libtorch failed during a micro-batch: {message}"
+                    ))));
+                }
+                let largest_fitting =
+                    self.largest_fitting_micro_batch(batch, &projections, &options);
+                return Err(TrainError::OutOfMemory(OutOfMemory {
+                    micro_batch: batch.batch,
+                    seq_len: batch.seq_len,
+                    largest_fitting,
+                    accumulation: None,
+                    detail: libtorch_words(&message).to_string(),
+                }));
             }
         };
         self.pending_gradients = true;
@@ -320,45 +493,69 @@ impl GradientEngine for TorchEngine {
         // The scalars as the host optimizer computes them, in f32.
         let (bias1, bias2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
-        let (norm, total) = tch::no_grad(|| {
-            let grads: Vec<Tensor> = model.parameters().iter().map(|p| p.grad()).collect();
-            let squares = grads
-                .iter()
-                .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
-                .fold(Tensor::zeros([], (Kind::Double, device)), |a, b| a + b);
-            let norm = squares.sqrt().to_kind(Kind::Float);
-            let factor = config
-                .grad_clip
-                .map(|max| (norm.reciprocal() * max as f64).clamp_max(1.0));
-            let mut total = Tensor::zeros([], (Kind::Float, device));
-            for ((param, grad), (m, v)) in model.parameters().iter().zip(&grads).zip(&moments) {
-                let g = match &factor {
-                    Some(f) => grad * f,
-                    None => grad.shallow_clone(),
-                };
-                let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
-                let _ = m
-                    .g_mul_scalar_(b1 as f64)
-                    .g_add_(&(&g * one_minus_b1 as f64));
-                let _ = v
-                    .g_mul_scalar_(b2 as f64)
-                    .g_add_(&(&g * &g * one_minus_b2 as f64));
-                let (m, v) = (&m, &v);
-                let update = (m / bias1 as f64) / ((v / bias2 as f64).sqrt() + eps as f64);
-                let step = (update + param * wd as f64) * lr as f64;
-                let mut param = param.shallow_clone();
-                let _ = param.g_sub_(&step);
-                total += param.sum(Kind::Float);
-                let _ = grad.shallow_clone().zero_();
+        let updated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tch::no_grad(|| {
+                let grads: Vec<Tensor> = model.parameters().iter().map(|p| p.grad()).collect();
+                let squares = grads
+                    .iter()
+                    .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
+                    .fold(Tensor::zeros([], (Kind::Double, device)), |a, b| a + b);
+                let norm = squares.sqrt().to_kind(Kind::Float);
+                let factor = config
+                    .grad_clip
+                    .map(|max| (norm.reciprocal() * max as f64).clamp_max(1.0));
+                let mut total = Tensor::zeros([], (Kind::Float, device));
+                for ((param, grad), (m, v)) in model.parameters().iter().zip(&grads).zip(&moments) {
+                    let g = match &factor {
+                        Some(f) => grad * f,
+                        None => grad.shallow_clone(),
+                    };
+                    let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
+                    let _ = m
+                        .g_mul_scalar_(b1 as f64)
+                        .g_add_(&(&g * one_minus_b1 as f64));
+                    let _ = v
+                        .g_mul_scalar_(b2 as f64)
+                        .g_add_(&(&g * &g * one_minus_b2 as f64));
+                    let (m, v) = (&m, &v);
+                    let update = (m / bias1 as f64) / ((v / bias2 as f64).sqrt() + eps as f64);
+                    let step = (update + param * wd as f64) * lr as f64;
+                    let mut param = param.shallow_clone();
+                    let _ = param.g_sub_(&step);
+                    total += param.sum(Kind::Float);
+                    let _ = grad.shallow_clone().zero_();
+                }
+                (norm, total)
+            })
+        }));
+        let (norm, total) = match updated {
+            Ok(values) => values,
+            Err(panic) => {
+                self.moments = Some(moments);
+                let message = panic_message(panic.as_ref());
+                let parameters = model.config().parameter_count();
+                return Err(TrainError::Score(ScoreError::Backend(
+                    if is_out_of_memory(&message) {
+                        format!(
+                            "the device ran out of memory in the optimizer step: the weights, \
+                             their gradients and Adam's two moments alone take {:.1} GB ({}); \
+                             this model needs a device with more memory",
+                            16.0 * parameters as f64 / 1e9,
+                            libtorch_words(&message)
+                        )
+                    } else {
+                        format!("libtorch failed in the optimizer step: {message}")
+                    },
+                )));
             }
-            (norm, total)
-        });
+        };
         // The host's weights are stale from here; this version is never uploaded again.
         *version = u64::MAX;
         self.moments = Some(moments);
         self.finite_sum = Some(total);
         self.pending_gradients = false;
         let grad_norm = self.read(4, || norm.double_value(&[]) as f32);
+        self.sample_memory();
         let _ = weights;
         Ok(StepStats { lr, grad_norm })
     }
@@ -401,5 +598,38 @@ impl GradientEngine for TorchEngine {
 
     fn transfers(&self) -> Option<TransferStats> {
         Some(self.traffic)
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        self.memory.map(|meter| meter.report())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorchs_first_sentence_is_kept_and_the_frames_are_not() {
+        // As tch panics on a failed allocation (the CPU one, as this machine's libtorch words it).
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at \
+                   alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you \
+                   tried to allocate 33554432 bytes. Error code 12 (Cannot allocate memory)\\nframe \
+                   #0: c10::ThrowEnforceNotMet(char const*, int)\\nframe #1: c10::alloc_cpu\")";
+        let words = libtorch_words(cpu);
+        assert!(words.starts_with("[enforce fail"), "{words}");
+        assert!(words.ends_with("(Cannot allocate memory)"), "{words}");
+        assert!(is_out_of_memory(cpu));
+        let cuda = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried \
+                    to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB\")";
+        assert_eq!(
+            libtorch_words(cuda),
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+        );
+        assert!(is_out_of_memory(cuda));
+        assert!(!is_out_of_memory(
+            "shape '[2, 3]' is invalid for input of size 5"
+        ));
+        assert_eq!(libtorch_words("plain words"), "plain words");
     }
 }

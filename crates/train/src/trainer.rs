@@ -41,6 +41,88 @@ pub enum TrainError {
         "training diverged at step {step}: {what}; nothing of this step was saved (lower --lr, or resume from the last checkpoint)"
     )]
     Diverged { step: u64, what: String },
+    /// The device ran out of memory in a micro-batch; nothing of the step was saved.
+    #[error("{}", out_of_memory_advice(self))]
+    OutOfMemory(OutOfMemory),
+}
+
+/// What is known when a micro-batch did not fit on its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfMemory {
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    /// The largest micro-batch whose forward and backward passes ran on the same device right
+    /// after (with the optimizer's moments in place): `Some(0)` when not even one sequence fits,
+    /// `None` when the engine could not try.
+    pub largest_fitting: Option<usize>,
+    /// The run's micro-batches per step, where the caller knows them.
+    pub accumulation: Option<usize>,
+    /// The device's own words.
+    pub detail: String,
+}
+
+impl TrainError {
+    /// The error with the run's accumulation filled in, so that its advice keeps the
+    /// sequences per step.
+    pub fn with_accumulation(self, accumulation: usize) -> Self {
+        match self {
+            TrainError::OutOfMemory(mut oom) => {
+                oom.accumulation = Some(accumulation);
+                TrainError::OutOfMemory(oom)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The micro-batch and accumulation to suggest after `micro_batch x accumulation` ran out of
+/// memory and micro-batches up to `fits` were seen to fit: the largest micro-batch no larger
+/// than `fits` that divides the step's sequences, so the step keeps its size.
+pub fn fitting_split(
+    micro_batch: usize,
+    accumulation: usize,
+    fits: usize,
+) -> Option<(usize, usize)> {
+    let sequences = micro_batch * accumulation;
+    (1..=fits.min(sequences))
+        .rev()
+        .find(|m| sequences.is_multiple_of(*m))
+        .map(|m| (m, sequences / m))
+}
+
+fn out_of_memory_advice(error: &TrainError) -> String {
+    let TrainError::OutOfMemory(oom) = error else {
+        return String::new();
+    };
+    let detail = oom.detail.lines().next().unwrap_or_default();
+    let head = format!(
+        "the device ran out of memory in a micro-batch of {} x {} ({detail}); nothing of this \
+         step was saved",
+        oom.micro_batch, oom.seq_len
+    );
+    match (oom.largest_fitting, oom.accumulation) {
+        (Some(0), _) => format!(
+            "{head}. Not even one sequence fits beside the model and its optimizer state: \
+             shorter sequences, or a device with more memory, are needed"
+        ),
+        (Some(fits), Some(accumulation)) => {
+            let (micro, accumulation) = fitting_split(oom.micro_batch, accumulation, fits)
+                .expect("a micro-batch of 1 divides every step");
+            format!(
+                "{head}. A micro-batch of {fits} was tried and fits: resume with \
+                 --micro-batch {micro} --accumulation {accumulation} to keep {} sequences per step",
+                micro * accumulation
+            )
+        }
+        (Some(fits), None) => format!(
+            "{head}. A micro-batch of {fits} was tried and fits: lower --micro-batch to it \
+             (and raise --accumulation to keep the sequences per step)"
+        ),
+        (None, _) => format!(
+            "{head}. Try a smaller --micro-batch (and a larger --accumulation to keep the \
+             sequences per step)"
+        ),
+    }
 }
 
 /// The largest learning rate accepted; V1 trains around 1e-4.
@@ -186,14 +268,26 @@ impl TrainSettings {
         a.init_weights = b.init_weights.clone();
         a.restart_from_scratch = b.restart_from_scratch;
         a.corpus.skip_dir = b.corpus.skip_dir.clone();
+        // The step's sequences are fixed; how they are split into micro-batches may change
+        // (after running out of device memory, or on another device).
+        if a.micro_batch * a.accumulation == b.micro_batch * b.accumulation {
+            a.micro_batch = b.micro_batch;
+            a.accumulation = b.accumulation;
+        }
         if &a != b {
             return Err(
-                "the run directory was started with different settings (model, corpus, batch, \
-                 accumulation, dropout, SIGReg or seed); use a new --run-dir"
+                "the run directory was started with different settings (model, corpus, \
+                 sequences per step (micro-batch x accumulation), dropout, SIGReg or seed); use \
+                 a new --run-dir"
                     .into(),
             );
         }
         Ok(())
+    }
+
+    /// Whether `self` splits each step into micro-batches other than `stored` does.
+    fn splits_steps_unlike(&self, stored: &TrainSettings) -> bool {
+        (self.micro_batch, self.accumulation) != (stored.micro_batch, stored.accumulation)
     }
 }
 
@@ -216,12 +310,15 @@ pub struct StepLog {
     pub device_memory: Option<DeviceMemory>,
 }
 
-/// What a training device's allocator holds.
+/// A training device's memory, as its driver counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceMemory {
-    /// Bytes of live allocations now.
+    /// Bytes in use on the device now, by every process on it.
     pub bytes_in_use: u64,
-    /// The most bytes the allocator has reserved from the device so far.
+    /// The device's size.
+    pub total_bytes: u64,
+    /// The most bytes this run has added on the device since its engine loaded the model
+    /// (libtorch's caching allocator keeps what it reserves: its peak reservation).
     pub peak_bytes_reserved: u64,
 }
 
@@ -552,6 +649,17 @@ pub fn run_with(
         settings
             .compatible_with(&stored)
             .map_err(TrainError::Settings)?;
+        if settings.splits_steps_unlike(&stored) {
+            tracing::warn!(
+                "each step's {} sequences now run as {} micro-batches of {} (they ran as {} of {})",
+                settings.micro_batch * settings.accumulation,
+                settings.accumulation,
+                settings.micro_batch,
+                stored.accumulation,
+                stored.micro_batch
+            );
+            write_json_atomic(&settings_path, settings)?;
+        }
     } else {
         write_json_atomic(&settings_path, settings)?;
     }
@@ -653,7 +761,9 @@ pub fn run_with(
                 sigreg_coefficient: settings.sigreg_coefficient,
                 grad_scale: 1.0 / settings.accumulation as f32,
             };
-            let out = engine.loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)?;
+            let out = engine
+                .loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)
+                .map_err(|e| e.with_accumulation(settings.accumulation))?;
             loss_sum += out.loss as f64;
             ce_sum += out.cross_entropy as f64;
             let non_pad = batch.real_target_count() as u64;
@@ -717,8 +827,9 @@ pub fn run_with(
             };
             let device = log.device_memory.map_or(String::new(), |m| {
                 format!(
-                    ", device {:.0} MB in use, peak {:.0} MB reserved",
+                    ", device {:.0} of {:.0} MB in use, this run's peak {:.0} MB",
                     m.bytes_in_use as f64 / 1e6,
+                    m.total_bytes as f64 / 1e6,
                     m.peak_bytes_reserved as f64 / 1e6
                 )
             });
@@ -918,4 +1029,47 @@ fn evaluation(nll: f64, count: u64, bytes: usize) -> Result<Evaluation, TrainErr
         bits_per_byte: (ce / std::f64::consts::LN_2) as f32,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_suggested_split_keeps_the_step_and_fits() {
+        // 8 x 4 = 32 sequences; 5 fit, and the largest divisor of 32 below that is 4.
+        assert_eq!(fitting_split(8, 4, 5), Some((4, 8)));
+        assert_eq!(fitting_split(8, 4, 7), Some((4, 8)));
+        assert_eq!(fitting_split(6, 1, 5), Some((3, 2)));
+        assert_eq!(fitting_split(2, 64, 1), Some((1, 128)));
+        assert_eq!(fitting_split(8, 4, 0), None);
+    }
+
+    #[test]
+    fn out_of_memory_names_what_fits_and_keeps_the_step() {
+        let oom = |largest_fitting| {
+            TrainError::OutOfMemory(OutOfMemory {
+                micro_batch: 8,
+                seq_len: 1024,
+                largest_fitting,
+                accumulation: None,
+                detail: "CUDA out of memory. Tried to allocate 2.00 GiB\nmore".into(),
+            })
+        };
+        let told = oom(Some(5)).with_accumulation(4).to_string();
+        assert!(told.contains("micro-batch of 8 x 1024"), "{told}");
+        assert!(told.contains("Tried to allocate 2.00 GiB"), "{told}");
+        assert!(
+            !told.contains("more"),
+            "only the first line of the device's words: {told}"
+        );
+        assert!(
+            told.contains("--micro-batch 4 --accumulation 8 to keep 32 sequences"),
+            "{told}"
+        );
+        let told = oom(Some(0)).with_accumulation(4).to_string();
+        assert!(told.contains("Not even one sequence fits"), "{told}");
+        let told = oom(None).to_string();
+        assert!(told.contains("Try a smaller --micro-batch"), "{told}");
+    }
 }

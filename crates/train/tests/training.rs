@@ -153,6 +153,49 @@ fn changed_settings_are_refused() {
     assert!(err.to_string().contains("different settings"), "{err}");
 }
 
+#[test]
+fn a_resumed_run_may_split_its_steps_differently_but_not_resize_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let four_by_two = settings();
+    run(dir.path(), &four_by_two, Until::Step(1), &mut |_| {}).unwrap();
+    // 8 sequences per step either way: the run goes on, and the new split is stored.
+    let two_by_four = TrainSettings {
+        micro_batch: 2,
+        accumulation: 4,
+        ..four_by_two.clone()
+    };
+    let summary = run(dir.path(), &two_by_four, Until::Step(2), &mut |_| {}).unwrap();
+    assert_eq!((summary.start_step, summary.end_step), (1, 2));
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            stored["micro_batch"].as_u64(),
+            stored["accumulation"].as_u64()
+        ),
+        (Some(2), Some(4))
+    );
+    // The data goes on where a run split one way throughout stands.
+    let straight = tempfile::tempdir().unwrap();
+    run(straight.path(), &four_by_two, Until::Step(2), &mut |_| {}).unwrap();
+    let position = |root: &Path| {
+        let (loaded, _) = checkpoint::load_latest(&root.join("checkpoints"));
+        let loaded = loaded.expect("a checkpoint");
+        assert_eq!(loaded.state.step, 2);
+        loaded.corpus
+    };
+    assert_eq!(position(dir.path()), position(straight.path()));
+    // Another number of sequences per step is another run.
+    let smaller = TrainSettings {
+        micro_batch: 2,
+        accumulation: 2,
+        ..four_by_two
+    };
+    let err = run(dir.path(), &smaller, Until::Step(3), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("sequences per step"), "{err}");
+}
+
 /// Base58 Blake2b-256, as checkpoints write their checksums.
 fn digest_b58(bytes: &[u8]) -> String {
     use blake2::Digest;

@@ -416,6 +416,7 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     let peak = super::matmul_peak_for(args.device, false)?;
+    let memory_before = super::device_memory_reading(args.device);
     let weights = Weights::init(config, 0);
     let mut scorer = scorer_for(args.device, weights)?;
     // Source-like bytes: the data's content does not change the work done.
@@ -443,9 +444,45 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
     }
     let tokens = args.sequences * args.seq_len;
     let flops = config.forward_flops(tokens as u64, args.seq_len as u64);
-    let report = model_report("score", args.preset, tokens, flops, &mut times, peak);
+    let mut report = model_report("score", args.preset, tokens, flops, &mut times, peak);
+    let memory = scoring_memory(memory_before, super::device_memory_reading(args.device));
+    report["device_memory"] = serde_json::json!(memory);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The device memory a scoring bench added, from readings (`(free, total)`) before its model
+/// was loaded and after its runs: libtorch's caching allocator keeps what it reserved, so the
+/// difference is its peak. `None` on the CPU devices (see `peak_rss_bytes`), or where the
+/// driver could not be read (said on stderr).
+fn scoring_memory(
+    before: Option<Result<(u64, u64), String>>,
+    after: Option<Result<(u64, u64), String>>,
+) -> Option<somatrain_train::trainer::DeviceMemory> {
+    match (before?, after?) {
+        (Ok((free_before, total)), Ok((free_after, _))) => {
+            let memory = somatrain_train::trainer::DeviceMemory {
+                bytes_in_use: total.saturating_sub(free_after),
+                total_bytes: total,
+                peak_bytes_reserved: free_before.saturating_sub(free_after),
+            };
+            eprintln!("{}", describe_memory(&memory));
+            Some(memory)
+        }
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("device memory is not reported: {why}");
+            None
+        }
+    }
+}
+
+fn describe_memory(memory: &somatrain_train::trainer::DeviceMemory) -> String {
+    format!(
+        "device memory: {:.2} of {:.2} GB in use, this bench's peak {:.2} GB",
+        memory.bytes_in_use as f64 / 1e9,
+        memory.total_bytes as f64 / 1e9,
+        memory.peak_bytes_reserved as f64 / 1e9
+    )
 }
 
 /// The JSON report of a model bench from the runs' durations (median taken).
@@ -539,7 +576,9 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
                     grad_scale: 1.0 / args.accumulation as f32,
                     ..TrainOptions::default()
                 };
-                let out = engine.loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)?;
+                let out = engine
+                    .loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)
+                    .map_err(|e| e.with_accumulation(args.accumulation))?;
                 loss += out.loss / args.accumulation as f32;
             }
             let micro_secs = start.elapsed().as_secs_f64();
@@ -567,12 +606,8 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         times.push(secs);
     }
     let memory = engine.device_memory();
-    if let Some(memory) = memory {
-        eprintln!(
-            "device memory: {:.2} GB in use, peak {:.2} GB reserved",
-            memory.bytes_in_use as f64 / 1e9,
-            memory.peak_bytes_reserved as f64 / 1e9
-        );
+    if let Some(memory) = &memory {
+        eprintln!("{}", describe_memory(memory));
     }
     let tokens = batch.token_count() * args.accumulation;
     // Backward costs about twice the forward: 3x the forward FLOPs per step.
@@ -603,7 +638,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     report["mfu_f32"] = serde_json::json!(peak_f32.map(|p| gflops / p));
     report["mfu_bf16"] = serde_json::json!(peak_bf16.map(|p| gflops / p));
     report["time_split"] = serde_json::json!(split);
-    report["device_peak_bytes_reserved"] = serde_json::json!(memory.map(|m| m.peak_bytes_reserved));
+    report["device_memory"] = serde_json::json!(memory);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

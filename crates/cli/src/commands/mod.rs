@@ -100,6 +100,15 @@ pub fn device_supports_bf16(device: Device) -> Result<bool> {
     }
 }
 
+/// `(free, total)` bytes of `device` as its driver counts them, where it is a CUDA device
+/// (`None` for the CPU devices, whose memory is the host's: peak RSS).
+pub fn device_memory_reading(device: Device) -> Option<Result<(u64, u64), String>> {
+    match device {
+        Device::Cpu | Device::TorchCpu => None,
+        cuda => torch_path::memory_reading(cuda),
+    }
+}
+
 /// Training gradients through libtorch's autograd on `device` (not `cpu`, which has its own
 /// hand-written backward).
 pub fn device_gradient_engine(
@@ -180,6 +189,14 @@ mod torch_path {
         Ok(somatrain_torch::supports_bf16(open(device)?))
     }
 
+    pub fn memory_reading(device: Device) -> Option<Result<(u64, u64), String>> {
+        let opened = match open(device) {
+            Ok(opened) => opened,
+            Err(e) => return Some(Err(format!("{e:#}"))),
+        };
+        somatrain_torch::memory_reading(opened).map(|reading| reading.map(|r| (r.free, r.total)))
+    }
+
     pub fn engine(device: Device, bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
         let engine = somatrain_torch::train::TorchEngine::new(open(device)?);
         tracing::info!("training with libtorch autograd (bf16 products: {bf16})");
@@ -209,6 +226,10 @@ mod torch_path {
 
     pub fn matmul_peak(device: Device, _bf16: bool) -> Result<f64> {
         Err(missing(device))
+    }
+
+    pub fn memory_reading(device: Device) -> Option<Result<(u64, u64), String>> {
+        Some(Err(missing(device).to_string()))
     }
 
     pub fn supports_bf16(device: Device) -> Result<bool> {
