@@ -38,8 +38,11 @@ pub struct TorchEngine {
     pending_gradients: bool,
     /// The last SIGReg projection matrix uploaded (the trainer uses one per step).
     noise: Option<(Vec<f32>, Tensor)>,
-    /// The sum of every weight after the last step: read back as the finiteness check.
-    finite_sum: Option<Tensor>,
+    /// A reduction over every weight after the last step, finite exactly when every weight
+    /// is: read back as the divergence check.
+    finite_check: Option<Tensor>,
+    /// AdamW through libtorch's fused multi-tensor kernel (else tensor by tensor).
+    fused_optimizer: bool,
     /// What crossed between host and device, and the time it took.
     traffic: TransferStats,
     /// The device's memory since the model was first loaded (CUDA only).
@@ -55,7 +58,8 @@ impl TorchEngine {
             moments: None,
             pending_gradients: false,
             noise: None,
-            finite_sum: None,
+            finite_check: None,
+            fused_optimizer: true,
             traffic: TransferStats::default(),
             memory: None,
         }
@@ -157,6 +161,19 @@ impl TorchEngine {
         value
     }
 
+    /// AdamW through libtorch's fused multi-tensor kernel (the default), or tensor by tensor
+    /// (the first version, kept as the fallback and for comparison in `bench train`).
+    pub fn with_fused_optimizer(mut self, on: bool) -> Self {
+        self.fused_optimizer = on;
+        self
+    }
+
+    /// Whether the optimizer runs fused: false where it was asked not to, or where libtorch
+    /// refused the fused kernel and the engine fell back.
+    pub fn uses_fused_optimizer(&self) -> bool {
+        self.fused_optimizer
+    }
+
     /// Mixed precision: bf16 matrix products and attention, f32 master weights, gradients,
     /// moments and loss. Refused where the device has no bf16 products.
     pub fn with_bf16(mut self, on: bool) -> Result<Self, crate::DeviceError> {
@@ -194,6 +211,95 @@ impl TorchEngine {
         self.noise = Some((noise.to_vec(), device.shallow_clone()));
         device
     }
+}
+
+/// One AdamW step through libtorch's fused kernels: the gradients' global norm in one
+/// reduction, clipping as the kernel's gradient scale (`max(1, norm / max_norm)`, never read
+/// back), the update in one multi-tensor kernel, and the gradients zeroed in one.
+/// `(gradient norm, the weights' global norm)`; the latter is finite exactly when every weight is.
+fn fused_adamw(
+    params: &[Tensor],
+    moments: &[(Tensor, Tensor)],
+    config: &OptimConfig,
+    lr: f32,
+    step: u64,
+    device: tch::Device,
+) -> Result<(Tensor, Tensor), FusedFailure> {
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    let norm = crate::fused::global_norm(&grads)
+        .map_err(FusedFailure::BeforeUpdate)?
+        .to_kind(Kind::Float);
+    let scale = config
+        .grad_clip
+        .map(|max| (&norm / max as f64).clamp_min(1.0));
+    let step = Tensor::full([0i64; 0], step as f64, (Kind::Float, device));
+    let settings = crate::fused::AdamW {
+        lr: lr as f64,
+        beta1: config.beta1 as f64,
+        beta2: config.beta2 as f64,
+        weight_decay: config.weight_decay as f64,
+        eps: config.eps as f64,
+    };
+    // libtorch checks the lists (devices, dtypes, lengths) before it launches the update.
+    crate::fused::adamw(params, &grads, moments, &step, settings, scale.as_ref())
+        .map_err(FusedFailure::BeforeUpdate)?;
+    crate::fused::zero_all(&grads).map_err(FusedFailure::AfterUpdate)?;
+    let weights_norm = crate::fused::global_norm(params).map_err(FusedFailure::AfterUpdate)?;
+    Ok((norm, weights_norm))
+}
+
+/// Why the fused AdamW did not finish, and whether the weights had been updated by then (a
+/// step that failed before may run tensor by tensor instead; one that failed after may not).
+enum FusedFailure {
+    BeforeUpdate(String),
+    AfterUpdate(String),
+}
+
+/// One AdamW step tensor by tensor, with the scalars as the host optimizer computes them (in
+/// f32): a dozen kernels per tensor. `(gradient norm, the sum of every weight)`.
+fn per_tensor_adamw(
+    params: &[Tensor],
+    moments: &[(Tensor, Tensor)],
+    config: &OptimConfig,
+    lr: f32,
+    step: u64,
+    device: tch::Device,
+) -> (Tensor, Tensor) {
+    let t = step as i32;
+    let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
+    let (bias1, bias2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+    let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    let squares = grads
+        .iter()
+        .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
+        .fold(Tensor::zeros([], (Kind::Double, device)), |a, b| a + b);
+    let norm = squares.sqrt().to_kind(Kind::Float);
+    let factor = config
+        .grad_clip
+        .map(|max| (norm.reciprocal() * max as f64).clamp_max(1.0));
+    let mut total = Tensor::zeros([], (Kind::Float, device));
+    for ((param, grad), (m, v)) in params.iter().zip(&grads).zip(moments) {
+        let g = match &factor {
+            Some(f) => grad * f,
+            None => grad.shallow_clone(),
+        };
+        let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
+        let _ = m
+            .g_mul_scalar_(b1 as f64)
+            .g_add_(&(&g * one_minus_b1 as f64));
+        let _ = v
+            .g_mul_scalar_(b2 as f64)
+            .g_add_(&(&g * &g * one_minus_b2 as f64));
+        let (m, v) = (&m, &v);
+        let update = (m / bias1 as f64) / ((v / bias2 as f64).sqrt() + eps as f64);
+        let step = (update + param * wd as f64) * lr as f64;
+        let mut param = param.shallow_clone();
+        let _ = param.g_sub_(&step);
+        total += param.sum(Kind::Float);
+        let _ = grad.shallow_clone().zero_();
+    }
+    (norm, total)
 }
 
 /// The network's training loss of one micro-batch on the device: `(loss, ce, sigreg)`.
@@ -343,7 +449,7 @@ impl GradientEngine for TorchEngine {
         self.loaded = None;
         self.moments = None;
         self.pending_gradients = false;
-        self.finite_sum = None;
+        self.finite_check = None;
     }
 
     fn loss_and_grad(
@@ -488,48 +594,35 @@ impl GradientEngine for TorchEngine {
         let (version, model) = self.loaded.as_mut().expect("gradients imply a model");
         let lr = config.lr_at(adam.step);
         adam.step += 1;
-        let t = adam.step as i32;
-        let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
-        // The scalars as the host optimizer computes them, in f32.
-        let (bias1, bias2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
+        let step = adam.step;
+        let fused = self.fused_optimizer;
         let updated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tch::no_grad(|| {
-                let grads: Vec<Tensor> = model.parameters().iter().map(|p| p.grad()).collect();
-                let squares = grads
-                    .iter()
-                    .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
-                    .fold(Tensor::zeros([], (Kind::Double, device)), |a, b| a + b);
-                let norm = squares.sqrt().to_kind(Kind::Float);
-                let factor = config
-                    .grad_clip
-                    .map(|max| (norm.reciprocal() * max as f64).clamp_max(1.0));
-                let mut total = Tensor::zeros([], (Kind::Float, device));
-                for ((param, grad), (m, v)) in model.parameters().iter().zip(&grads).zip(&moments) {
-                    let g = match &factor {
-                        Some(f) => grad * f,
-                        None => grad.shallow_clone(),
-                    };
-                    let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
-                    let _ = m
-                        .g_mul_scalar_(b1 as f64)
-                        .g_add_(&(&g * one_minus_b1 as f64));
-                    let _ = v
-                        .g_mul_scalar_(b2 as f64)
-                        .g_add_(&(&g * &g * one_minus_b2 as f64));
-                    let (m, v) = (&m, &v);
-                    let update = (m / bias1 as f64) / ((v / bias2 as f64).sqrt() + eps as f64);
-                    let step = (update + param * wd as f64) * lr as f64;
-                    let mut param = param.shallow_clone();
-                    let _ = param.g_sub_(&step);
-                    total += param.sum(Kind::Float);
-                    let _ = grad.shallow_clone().zero_();
+                let params = model.parameters();
+                if fused {
+                    match fused_adamw(params, &moments, config, lr, step, device) {
+                        Ok(values) => return Ok((values, true)),
+                        Err(FusedFailure::BeforeUpdate(why)) => tracing::warn!(
+                            "the fused AdamW cannot run here ({why}); this run updates tensor by \
+                             tensor"
+                        ),
+                        Err(FusedFailure::AfterUpdate(why)) => {
+                            return Err(format!("libtorch failed after the AdamW update: {why}"));
+                        }
+                    }
                 }
-                (norm, total)
+                Ok((
+                    per_tensor_adamw(params, &moments, config, lr, step, device),
+                    false,
+                ))
             })
         }));
-        let (norm, total) = match updated {
-            Ok(values) => values,
+        let ((norm, total), fused) = match updated {
+            Ok(Ok(values)) => values,
+            Ok(Err(why)) => {
+                self.moments = Some(moments);
+                return Err(TrainError::Score(ScoreError::Backend(why)));
+            }
             Err(panic) => {
                 self.moments = Some(moments);
                 let message = panic_message(panic.as_ref());
@@ -552,7 +645,8 @@ impl GradientEngine for TorchEngine {
         // The host's weights are stale from here; this version is never uploaded again.
         *version = u64::MAX;
         self.moments = Some(moments);
-        self.finite_sum = Some(total);
+        self.finite_check = Some(total);
+        self.fused_optimizer = fused;
         self.pending_gradients = false;
         let grad_norm = self.read(4, || norm.double_value(&[]) as f32);
         self.sample_memory();
@@ -564,15 +658,15 @@ impl GradientEngine for TorchEngine {
         &mut self,
         weights: &Weights,
     ) -> Result<Option<String>, TrainError> {
-        if let Some(sum) = self.finite_sum.take()
-            && self.read(4, || sum.double_value(&[])).is_finite()
+        if let Some(check) = self.finite_check.take()
+            && self.read(4, || check.double_value(&[])).is_finite()
         {
             return Ok(None);
         }
         let mut host = weights.clone();
         let mut adam = AdamState::new(weights);
         self.sync_to_host(&mut host, &mut adam)?;
-        Ok(first_nonfinite(&host).or_else(|| Some("(the sum of all weights)".into())))
+        Ok(first_nonfinite(&host).or_else(|| Some("(a reduction over all weights)".into())))
     }
 
     fn sync_to_host(
@@ -598,6 +692,14 @@ impl GradientEngine for TorchEngine {
 
     fn transfers(&self) -> Option<TransferStats> {
         Some(self.traffic)
+    }
+
+    fn optimizer_kind(&self) -> &'static str {
+        if self.fused_optimizer {
+            "fused"
+        } else {
+            "per-tensor"
+        }
     }
 
     fn device_memory(&self) -> Option<DeviceMemory> {

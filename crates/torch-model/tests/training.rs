@@ -260,6 +260,78 @@ fn weights_and_moments_come_back_on_sync() {
     assert!(max_difference(&adam.v, &cpu_adam.v) < 1e-9);
 }
 
+/// The fused AdamW (one multi-tensor kernel, clipping as its gradient scale) follows the host's
+/// AdamW and the tensor-by-tensor one over three steps with clipping and weight decay at work.
+#[test]
+fn the_fused_adamw_follows_the_host_and_the_tensor_by_tensor_update() {
+    let config = common::small_model(2);
+    let weights = Weights::init(config, 11);
+    let data: Vec<u8> = (0..96u32).map(|i| (i * 37 + 5) as u8).collect();
+    let batch = batches(&data, 24, 2).next().unwrap();
+    let optim = somatrain_train::optim::OptimConfig {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        // Far below the gradients' norm: every step clips.
+        grad_clip: Some(0.05),
+        ..somatrain_train::optim::OptimConfig::default()
+    };
+    let options = TrainOptions::default();
+    let (mut cpu_weights, mut cpu_adam) = (weights.clone(), AdamState::new(&weights));
+    let mut engines = [
+        TorchEngine::new(common::device()),
+        TorchEngine::new(common::device()).with_fused_optimizer(false),
+    ];
+    let mut states: Vec<(Weights, AdamState)> = engines
+        .iter()
+        .map(|_| (weights.clone(), AdamState::new(&weights)))
+        .collect();
+    for step in 0..3u64 {
+        let noise = somatrain_noise::unit_column_noise(step, 16, SIGREG_SLICES);
+        // The host, from the host's own weights.
+        let mut grads = Weights::zeros(config);
+        TrainPass::new().loss_and_grad(&cpu_weights, &batch, &noise, options, &mut grads);
+        let host = cpu_adam.update(&optim, &mut cpu_weights, &mut grads);
+        assert!(
+            host.grad_norm > 0.05,
+            "the step clips: |g| = {}",
+            host.grad_norm
+        );
+        for (engine, (w, adam)) in engines.iter_mut().zip(&mut states) {
+            let mut unused = Weights::zeros(config);
+            engine
+                .loss_and_grad(w, step, &batch, &noise, options, &mut unused)
+                .unwrap();
+            let stats = engine.optimizer_step(&optim, w, adam, &mut unused).unwrap();
+            assert!(
+                (stats.grad_norm - host.grad_norm).abs() <= 1e-4 * host.grad_norm,
+                "|g| {} against the host's {}",
+                stats.grad_norm,
+                host.grad_norm
+            );
+            assert_eq!(engine.first_nonfinite_parameter(w).unwrap(), None);
+        }
+    }
+    assert!(engines[0].uses_fused_optimizer(), "the fused kernel ran");
+    assert!(!engines[1].uses_fused_optimizer());
+    for (engine, (w, adam)) in engines.iter_mut().zip(&mut states) {
+        engine.sync_to_host(w, adam).unwrap();
+        assert_eq!(adam.step, 3);
+        assert!(
+            max_difference(w, &cpu_weights) < 1e-5,
+            "{}",
+            max_difference(w, &cpu_weights)
+        );
+        assert!(max_difference(&adam.m, &cpu_adam.m) < 1e-6);
+        assert!(max_difference(&adam.v, &cpu_adam.v) < 1e-8);
+    }
+    let ((fused, _), (per_tensor, _)) = (&states[0], &states[1]);
+    let apart = max_difference(fused, per_tensor);
+    assert!(
+        apart < 1e-5,
+        "fused and tensor-by-tensor weights differ by {apart}"
+    );
+}
+
 /// Per micro-batch only the batch goes up (three i64 arrays) and one read of two f32 loss terms
 /// comes back; per optimizer step only the gradient norm and the finiteness sum do. The weights
 /// go up once, and the step's projections once per step.

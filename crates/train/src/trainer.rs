@@ -497,6 +497,11 @@ pub trait GradientEngine {
         None
     }
 
+    /// How the optimizer step runs, for reports: the host's AdamW by default.
+    fn optimizer_kind(&self) -> &'static str {
+        "host"
+    }
+
     /// Bytes and time moved between host and device so far, for engines on a device.
     fn transfers(&self) -> Option<TransferStats> {
         None

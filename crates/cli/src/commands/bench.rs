@@ -139,6 +139,9 @@ pub struct TrainBenchArgs {
     /// Mixed precision (bf16 products, f32 masters) on a device with bf16 products.
     #[arg(long)]
     bf16: bool,
+    /// On a libtorch device, AdamW tensor by tensor instead of the fused kernel (to compare).
+    #[arg(long)]
+    per_tensor_optimizer: bool,
 }
 
 #[derive(Args)]
@@ -556,6 +559,9 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
         .expect("one batch");
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu => Box::new(TrainPass::new()),
+        other if args.per_tensor_optimizer => {
+            super::device_gradient_engine_per_tensor(other, args.bf16)?
+        }
         other => super::device_gradient_engine(other, args.bf16)?,
     };
     engine.start_run();
@@ -631,6 +637,8 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     let mut report = model_report("train", args.preset, tokens, flops, &mut times, peak);
     let gflops = report["gflops_per_s"].as_f64().unwrap_or(0.0);
     report["precision"] = serde_json::json!(if args.bf16 { "bf16" } else { "f32" });
+    // After the steps: a fused optimizer that libtorch refused reads "per-tensor".
+    report["optimizer"] = serde_json::json!(engine.optimizer_kind());
     report["micro_batch"] = serde_json::json!(args.micro_batch);
     report["accumulation"] = serde_json::json!(args.accumulation);
     report["matmul_peak_f32_gflops_per_s"] = serde_json::json!(peak_f32);

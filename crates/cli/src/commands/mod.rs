@@ -115,7 +115,16 @@ pub fn device_gradient_engine(
     device: Device,
     bf16: bool,
 ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    torch_path::engine(device, bf16)
+    torch_path::engine(device, bf16, true)
+}
+
+/// [`device_gradient_engine`] with AdamW tensor by tensor instead of libtorch's fused kernel
+/// (`bench train --per-tensor-optimizer`, to compare the two).
+pub fn device_gradient_engine_per_tensor(
+    device: Device,
+    bf16: bool,
+) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+    torch_path::engine(device, bf16, false)
 }
 
 /// What makes scorers on `device` for the submitter's weights cache and the localnet's scoring
@@ -197,9 +206,16 @@ mod torch_path {
         somatrain_torch::memory_reading(opened).map(|reading| reading.map(|r| (r.free, r.total)))
     }
 
-    pub fn engine(device: Device, bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-        let engine = somatrain_torch::train::TorchEngine::new(open(device)?);
-        tracing::info!("training with libtorch autograd (bf16 products: {bf16})");
+    pub fn engine(
+        device: Device,
+        bf16: bool,
+        fused: bool,
+    ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+        let engine =
+            somatrain_torch::train::TorchEngine::new(open(device)?).with_fused_optimizer(fused);
+        tracing::info!(
+            "training with libtorch autograd (bf16 products: {bf16}, fused AdamW: {fused})"
+        );
         Ok(Box::new(engine.with_bf16(bf16)?))
     }
 }
@@ -236,7 +252,11 @@ mod torch_path {
         Err(missing(device))
     }
 
-    pub fn engine(device: Device, _bf16: bool) -> Result<Box<dyn somatrain_train::GradientEngine>> {
+    pub fn engine(
+        device: Device,
+        _bf16: bool,
+        _fused: bool,
+    ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
         Err(missing(device))
     }
 }

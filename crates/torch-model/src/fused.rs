@@ -1,0 +1,132 @@
+//! Multi-tensor libtorch operators that tch does not bind, through `cpp/optimizer.cpp`: AdamW
+//! as one fused kernel (`_fused_adamw_`), the global norm as one reduction (`_foreach_norm`)
+//! and zeroing every gradient at once (`_foreach_zero_`). The per-tensor loop these replace
+//! launches a dozen kernels for each of V1's parameter tensors, and reads and writes each
+//! tensor once per kernel; the fused AdamW reads every parameter, gradient and moment once.
+//!
+//! Tensors cross as the `at::Tensor` pointers tch holds; nothing here owns one except the norm
+//! it returns, which tch frees as any other tensor.
+
+use std::ffi::{CStr, c_char};
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn somatrain_free_message(message: *mut c_char);
+    fn somatrain_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        count: usize,
+        step: *const C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        grad_scale: *const C_tensor,
+    ) -> *mut c_char;
+    fn somatrain_global_norm(
+        tensors: *const *mut C_tensor,
+        count: usize,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn somatrain_zero_all(tensors: *const *mut C_tensor, count: usize) -> *mut c_char;
+}
+
+/// The shim's answer: `NULL`, or a message it allocated.
+fn answer(message: *mut c_char) -> Result<(), String> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null answer is a NUL-terminated string the shim malloc'd, freed here once.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { somatrain_free_message(message) };
+    Err(crate::train::libtorch_words(&text).to_string())
+}
+
+fn pointers(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
+    tensors
+        .iter()
+        .map(|t| t.as_ptr() as *mut C_tensor)
+        .collect()
+}
+
+/// AdamW's settings for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW step over every parameter in place. `step` is a 0-dim f32 tensor on the device
+/// holding the step number (1 for the first); each gradient is divided by `grad_scale` first
+/// where one is given.
+pub fn adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    moments: &[(Tensor, Tensor)],
+    step: &Tensor,
+    settings: AdamW,
+    grad_scale: Option<&Tensor>,
+) -> Result<(), String> {
+    let count = params.len();
+    assert!(
+        grads.len() == count && moments.len() == count,
+        "one gradient and two moments per parameter"
+    );
+    let (m, v): (Vec<Tensor>, Vec<Tensor>) = moments
+        .iter()
+        .map(|(m, v)| (m.shallow_clone(), v.shallow_clone()))
+        .unzip();
+    let (params, grads, m, v) = (
+        pointers(params),
+        pointers(grads),
+        pointers(&m),
+        pointers(&v),
+    );
+    let scale = grad_scale.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is a live tensor tch holds for the duration of the call, and each
+    // array holds `count` of them.
+    answer(unsafe {
+        somatrain_fused_adamw(
+            params.as_ptr(),
+            grads.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            count,
+            step.as_ptr(),
+            settings.lr,
+            settings.beta1,
+            settings.beta2,
+            settings.weight_decay,
+            settings.eps,
+            scale,
+        )
+    })
+}
+
+/// The 2-norm of all `tensors` together, accumulated in f64: a 0-dim f64 tensor on their
+/// device.
+pub fn global_norm(tensors: &[Tensor]) -> Result<Tensor, String> {
+    let list = pointers(tensors);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors; on success `out` is a new at::Tensor that tch takes ownership of.
+    answer(unsafe { somatrain_global_norm(list.as_ptr(), list.len(), &mut out) })?;
+    assert!(!out.is_null(), "the shim answered a norm");
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Sets every tensor to zero.
+pub fn zero_all(tensors: &[Tensor]) -> Result<(), String> {
+    let list = pointers(tensors);
+    // SAFETY: live tensors, `list.len()` of them.
+    answer(unsafe { somatrain_zero_all(list.as_ptr(), list.len()) })
+}
