@@ -190,7 +190,8 @@ const ROPE_MIN_ROWS: usize = 1024;
 pub struct TorchModel {
     config: ModelConfig,
     device: tch::Device,
-    /// Matrix products (the linears and attention) in bf16; everything else in f32.
+    /// Mixed precision: the linears, attention and the branch activations between them (GELU,
+    /// dropout) in bf16; the residual stream, LayerNorm, RoPE, the loss and the weights in f32.
     bf16: bool,
     params: Vec<Tensor>,
     timescales: Vec<f32>,
@@ -285,12 +286,19 @@ impl TorchModel {
         Ok(())
     }
 
+    /// `x · weight + bias`. Under bf16 the product and the bias add are one bf16 GEMM (the
+    /// bias in its epilogue) and the result stays bf16, as autocast leaves it, so the branch
+    /// activations after it (attention inputs, GELU, dropout) move half the bytes; adding a
+    /// branch into the f32 residual stream promotes it back.
     fn linear(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
         if self.bf16 {
-            x.to_kind(Kind::BFloat16)
-                .matmul(&weight.to_kind(Kind::BFloat16))
-                .to_kind(Kind::Float)
-                + bias
+            let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+            let mut shape = x.size();
+            let inputs = *shape.last().expect("a linear's input has a last dimension");
+            let rows = x.reshape([-1, inputs]);
+            let out = bf16(bias).addmm(&bf16(&rows), &bf16(weight));
+            *shape.last_mut().expect("as above") = weight.size()[1];
+            out.reshape(shape)
         } else {
             x.matmul(weight) + bias
         }
@@ -389,6 +397,7 @@ impl TorchModel {
             } else {
                 Kind::Float
             };
+            // Under bf16 the context stays bf16 into the output projection.
             let ctx = Tensor::scaled_dot_product_attention::<Tensor>(
                 &q.to_kind(attention_kind),
                 &k.to_kind(attention_kind),
@@ -399,7 +408,6 @@ impl TorchModel {
                 None,
                 false,
             )
-            .to_kind(Kind::Float)
             .transpose(1, 2)
             .reshape([b, t, heads * hd]);
             // Not `+=`: that adds in place into a tensor autograd saved for LayerNorm.
@@ -410,7 +418,9 @@ impl TorchModel {
         }
         let n = p.len();
         let reps = self.layer_norm(&x, &p[n - 4], &p[n - 3]);
-        let logits = self.linear(&reps, &p[n - 2], &p[n - 1]);
+        // The output head stays f32 even under bf16: its product is a small part of the step
+        // (264 columns), and bf16 logits would round the loss itself.
+        let logits = reps.matmul(&p[n - 2]) + &p[n - 1];
         (reps, logits)
     }
 }

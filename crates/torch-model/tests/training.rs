@@ -333,7 +333,7 @@ fn the_fused_adamw_follows_the_host_and_the_tensor_by_tensor_update() {
 }
 
 /// Per micro-batch only the batch goes up (three i64 arrays) and one read of two f32 loss terms
-/// comes back; per optimizer step only the gradient norm and the finiteness sum do. The weights
+/// comes back; per optimizer step only the gradient norm and the divergence check do. The weights
 /// go up once, and the step's projections once per step.
 #[test]
 fn only_the_batch_and_a_few_scalars_cross_per_micro_batch() {
