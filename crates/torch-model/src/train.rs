@@ -2,9 +2,11 @@
 //! cross-entropy plus SIGReg over the step's random unit projections), gradients by autograd,
 //! summed on the device across the step's micro-batches, and AdamW there ([`TorchEngine`]).
 //!
-//! Per micro-batch only the batch goes up (tokens, targets, positions) and one tensor of three
-//! loss scalars comes back; the weights and moments come back only for a checkpoint or a
-//! round's artifacts ([`GradientEngine::sync_to_host`]). Dropout is libtorch's, its generator
+//! Per micro-batch only the batch goes up (tokens, targets, positions) and nothing comes back:
+//! the step's loss terms are read once, after its last micro-batch
+//! ([`GradientEngine::step_losses`]), and the optimizer step reads its gradient norm and a
+//! divergence check; the weights and moments come back only for a checkpoint or a round's
+//! artifacts ([`GradientEngine::sync_to_host`]). Dropout is libtorch's, its generator
 //! seeded from the micro-batch's key (seed, step, micro-batch): a resumed run draws the same
 //! masks on the same device without any generator state in the checkpoint.
 
@@ -43,6 +45,9 @@ pub struct TorchEngine {
     finite_check: Option<Tensor>,
     /// AdamW through libtorch's fused multi-tensor kernel (else tensor by tensor).
     fused_optimizer: bool,
+    /// The loss terms `[cross-entropy, SIGReg]` of the step's micro-batches so far, with their
+    /// SIGReg coefficient: read together at the step's end.
+    pending_losses: Vec<(Tensor, f32)>,
     /// What crossed between host and device, and the time it took.
     traffic: TransferStats,
     /// The device's memory since the model was first loaded (CUDA only).
@@ -60,6 +65,7 @@ impl TorchEngine {
             noise: None,
             finite_check: None,
             fused_optimizer: true,
+            pending_losses: Vec::new(),
             traffic: TransferStats::default(),
             memory: None,
         }
@@ -449,6 +455,7 @@ impl GradientEngine for TorchEngine {
         self.loaded = None;
         self.moments = None;
         self.pending_gradients = false;
+        self.pending_losses.clear();
         self.finite_check = None;
     }
 
@@ -482,7 +489,6 @@ impl GradientEngine for TorchEngine {
         self.traffic.upload_seconds += start.elapsed().as_secs_f64();
         let (_, model) = self.loaded.as_ref().expect("just loaded");
         let device = self.device;
-        let mut read_seconds = 0.0;
         // A failure is returned as an error with libtorch's words, so tch's panic is not
         // printed as well.
         let attempt = quietly(|| {
@@ -499,18 +505,14 @@ impl GradientEngine for TorchEngine {
                     device_loss(model, &uploaded, &projections, &options)
                 };
                 (loss * options.grad_scale as f64).backward();
-                // The loss terms come back in one read, which waits for the micro-batch.
-                let start = std::time::Instant::now();
-                let values = download(&Tensor::stack(&[ce.detach(), sigreg.detach()], 0));
-                read_seconds = start.elapsed().as_secs_f64();
-                values
+                // The loss terms stay on the device until the step ends (`step_losses`).
+                Tensor::stack(&[ce.detach(), sigreg.detach()], 0)
             }))
         });
-        self.traffic.device_to_host_bytes += 8;
-        self.traffic.read_seconds += read_seconds;
-        let values = match attempt {
-            Ok(values) => values?,
+        let terms = match attempt {
+            Ok(terms) => terms,
             Err(panic) => {
+                self.pending_losses.clear();
                 let message = panic_message(panic.as_ref());
                 if !is_out_of_memory(&message) {
                     return Err(TrainError::Score(ScoreError::Backend(format!(
@@ -529,13 +531,44 @@ impl GradientEngine for TorchEngine {
             }
         };
         self.pending_gradients = true;
-        let (ce, sigreg) = (values[0], values[1]);
+        self.pending_losses
+            .push((terms, options.sigreg_coefficient));
         Ok(BatchOutput {
-            loss: ce + options.sigreg_coefficient * sigreg,
-            cross_entropy: ce,
-            sigreg,
+            loss: f32::NAN,
+            cross_entropy: f32::NAN,
+            sigreg: f32::NAN,
             embedding: Vec::new(),
         })
+    }
+
+    fn step_losses(&mut self, outputs: &mut [BatchOutput]) -> Result<(), TrainError> {
+        let pending = std::mem::take(&mut self.pending_losses);
+        if pending.len() != outputs.len() {
+            return Err(TrainError::Settings(format!(
+                "{} micro-batches' losses asked for, {} held on the device",
+                outputs.len(),
+                pending.len()
+            )));
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let terms: Vec<&Tensor> = pending.iter().map(|(terms, _)| terms).collect();
+        let all = Tensor::stack(&terms, 0);
+        // One read for the whole step, which waits for its last micro-batch.
+        let values = self.read(8 * pending.len() as u64, || download(&all))?;
+        for ((out, (_, coefficient)), pair) in
+            outputs.iter_mut().zip(&pending).zip(values.chunks_exact(2))
+        {
+            let (ce, sigreg) = (pair[0], pair[1]);
+            *out = BatchOutput {
+                loss: ce + coefficient * sigreg,
+                cross_entropy: ce,
+                sigreg,
+                embedding: Vec::new(),
+            };
+        }
+        Ok(())
     }
 
     fn flush_gradients(&mut self, grads: &mut Weights) -> Result<(), TrainError> {
@@ -569,6 +602,8 @@ impl GradientEngine for TorchEngine {
                 "an optimizer step without gradients".into(),
             ));
         }
+        // The step is over: loss terms its caller did not ask for are not kept.
+        self.pending_losses.clear();
         let device = self.device;
         let moments = match self.moments.take() {
             Some(m) => m,
@@ -659,7 +694,11 @@ impl GradientEngine for TorchEngine {
         weights: &Weights,
     ) -> Result<Option<String>, TrainError> {
         if let Some(check) = self.finite_check.take()
-            && self.read(4, || check.double_value(&[])).is_finite()
+            && self
+                .read(check.kind().elt_size_in_bytes() as u64, || {
+                    check.double_value(&[])
+                })
+                .is_finite()
         {
             return Ok(None);
         }

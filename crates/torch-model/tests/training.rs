@@ -33,9 +33,14 @@ fn autograd_gradients_match_the_cpu_backward() {
 
     let mut engine = TorchEngine::new(common::device());
     let mut torch_grads = Weights::zeros(config);
-    let out = engine
-        .loss_and_grad(&weights, 1, &batch, &noise, options, &mut torch_grads)
-        .unwrap();
+    let mut outputs = vec![
+        engine
+            .loss_and_grad(&weights, 1, &batch, &noise, options, &mut torch_grads)
+            .unwrap(),
+    ];
+    assert!(outputs[0].loss.is_nan(), "the loss stays on the device");
+    engine.step_losses(&mut outputs).unwrap();
+    let out = &outputs[0];
     assert!(
         (out.loss - cpu.loss).abs() <= 1e-5 * cpu.loss.abs(),
         "loss {} vs {}",
@@ -206,11 +211,14 @@ fn bf16_keeps_loss_and_gradients_close_to_f32() {
             grad_scale: 1.0,
             ..TrainOptions::default()
         };
-        let out = engine
-            .loss_and_grad(&weights, 1, &batch, &noise, options, &mut grads)
-            .unwrap();
+        let mut outputs = vec![
+            engine
+                .loss_and_grad(&weights, 1, &batch, &noise, options, &mut grads)
+                .unwrap(),
+        ];
+        engine.step_losses(&mut outputs).unwrap();
         engine.flush_gradients(&mut grads).unwrap();
-        (out.loss, grads)
+        (outputs[0].loss, grads)
     };
     let (full, full_grads) = run(false);
     let (mixed, mixed_grads) = run(true);
@@ -332,11 +340,12 @@ fn the_fused_adamw_follows_the_host_and_the_tensor_by_tensor_update() {
     );
 }
 
-/// Per micro-batch only the batch goes up (three i64 arrays) and one read of two f32 loss terms
-/// comes back; per optimizer step only the gradient norm and the divergence check do. The weights
-/// go up once, and the step's projections once per step.
+/// Per micro-batch only the batch goes up (three i64 arrays) and nothing comes back; the step's
+/// loss terms come back in one read after its last micro-batch, and the optimizer step reads
+/// the gradient norm and the divergence check. The weights go up once, and the step's
+/// projections once per step.
 #[test]
-fn only_the_batch_and_a_few_scalars_cross_per_micro_batch() {
+fn only_the_batch_crosses_per_micro_batch_and_the_losses_once_per_step() {
     let config = common::small_model(1);
     let weights = Weights::init(config, 3);
     let data: Vec<u8> = (0..400u32).map(|i| (i * 31 + 7) as u8).collect();
@@ -353,34 +362,46 @@ fn only_the_batch_and_a_few_scalars_cross_per_micro_batch() {
         let t = e.transfers().unwrap();
         (t.host_to_device_bytes, t.device_to_host_bytes)
     };
-    engine
-        .loss_and_grad(
-            &host,
-            1,
-            &micro[0],
-            &noise,
-            TrainOptions::default(),
-            &mut unused,
-        )
-        .unwrap();
+    let options = TrainOptions::default();
+    let mut outputs = Vec::new();
+    outputs.push(
+        engine
+            .loss_and_grad(&host, 1, &micro[0], &noise, options, &mut unused)
+            .unwrap(),
+    );
     let params = 4 * config.parameter_count();
     let noise_bytes = 4 * noise.len() as u64;
     let batch_bytes = 3 * 8 * 48;
-    assert_eq!(traffic(&engine), (params + noise_bytes + batch_bytes, 8));
+    assert_eq!(traffic(&engine), (params + noise_bytes + batch_bytes, 0));
     for batch in &micro[1..] {
         let before = traffic(&engine);
-        engine
-            .loss_and_grad(
-                &host,
-                1,
-                batch,
-                &noise,
-                TrainOptions::default(),
-                &mut unused,
-            )
-            .unwrap();
+        outputs.push(
+            engine
+                .loss_and_grad(&host, 1, batch, &noise, options, &mut unused)
+                .unwrap(),
+        );
         let after = traffic(&engine);
-        assert_eq!((after.0 - before.0, after.1 - before.1), (batch_bytes, 8));
+        assert_eq!((after.0 - before.0, after.1 - before.1), (batch_bytes, 0));
+    }
+    let before = traffic(&engine);
+    engine.step_losses(&mut outputs).unwrap();
+    let after = traffic(&engine);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (0, 3 * 8));
+    // Each micro-batch's own loss, as the CPU computes it for that micro-batch alone.
+    for (out, batch) in outputs.iter().zip(&micro) {
+        let alone = TrainPass::new().loss_and_grad(
+            &weights,
+            batch,
+            &noise,
+            options,
+            &mut Weights::zeros(config),
+        );
+        assert!(
+            (out.loss - alone.loss).abs() <= 1e-5 * alone.loss.abs(),
+            "{} against {}",
+            out.loss,
+            alone.loss
+        );
     }
     let before = traffic(&engine);
     engine
@@ -390,20 +411,15 @@ fn only_the_batch_and_a_few_scalars_cross_per_micro_batch() {
     // The moments go up once, the first time; the gradient norm comes back.
     assert_eq!((after.0 - before.0, after.1 - before.1), (2 * params, 4));
     assert_eq!(engine.first_nonfinite_parameter(&host).unwrap(), None);
-    assert_eq!(traffic(&engine).1 - after.1, 4);
+    assert_eq!(traffic(&engine).1 - after.1, 8);
     // After the first step the weights stay on the device: the next micro-batch takes only its
     // batch up.
     let before = traffic(&engine);
     engine
-        .loss_and_grad(
-            &host,
-            1,
-            &micro[0],
-            &noise,
-            TrainOptions::default(),
-            &mut unused,
-        )
+        .loss_and_grad(&host, 1, &micro[0], &noise, options, &mut unused)
         .unwrap();
     let after = traffic(&engine);
-    assert_eq!((after.0 - before.0, after.1 - before.1), (batch_bytes, 8));
+    assert_eq!((after.0 - before.0, after.1 - before.1), (batch_bytes, 0));
+    // Asking for the losses of another number of micro-batches than ran is refused.
+    assert!(engine.step_losses(&mut outputs[..2]).is_err());
 }

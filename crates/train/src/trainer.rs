@@ -480,6 +480,19 @@ pub trait GradientEngine {
         grads: &mut Weights,
     ) -> Result<somatrain_model::score::BatchOutput, TrainError>;
 
+    /// Fills in the loss terms of the step's micro-batches (`outputs`, one per
+    /// [`GradientEngine::loss_and_grad`] since the last call, in order) for an engine that
+    /// leaves them on its device until the step ends, so that a step reads its losses once
+    /// instead of waiting for the device after every micro-batch; such an engine returns NaN
+    /// from `loss_and_grad`. Callers call it after the last micro-batch of every step. The
+    /// default has nothing to fill.
+    fn step_losses(
+        &mut self,
+        _outputs: &mut [somatrain_model::score::BatchOutput],
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+
     /// A scorer on the same device for the round's held-out score and embedding; None scores
     /// them on the CPU.
     fn scorer(&self, _weights: &Weights) -> Option<Box<dyn BatchScorer>> {
@@ -757,7 +770,9 @@ pub fn run_with(
         }
         let noise =
             somatrain_noise::unit_column_noise(settings.seed.wrapping_add(step), d, SIGREG_SLICES);
-        let (mut loss_sum, mut ce_sum, mut nll_bits, mut targets) = (0f64, 0f64, 0f64, 0u64);
+        let mut outputs = Vec::with_capacity(settings.accumulation);
+        let mut token_counts = Vec::with_capacity(settings.accumulation);
+        let mut targets = 0u64;
         for micro in 0..settings.accumulation {
             let batch = stream.next_batch(settings.micro_batch)?;
             let options = TrainOptions {
@@ -769,14 +784,18 @@ pub fn run_with(
             let out = engine
                 .loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)
                 .map_err(|e| e.with_accumulation(settings.accumulation))?;
-            loss_sum += out.loss as f64;
-            ce_sum += out.cross_entropy as f64;
-            let non_pad = batch.real_target_count() as u64;
-            nll_bits +=
-                out.cross_entropy as f64 * batch.token_count() as f64 / std::f64::consts::LN_2;
-            targets += non_pad;
+            outputs.push(out);
+            token_counts.push(batch.token_count());
+            targets += batch.real_target_count() as u64;
             window_tokens += batch.token_count() as u64;
             step_tokens += batch.token_count() as u64;
+        }
+        engine.step_losses(&mut outputs)?;
+        let (mut loss_sum, mut ce_sum, mut nll_bits) = (0f64, 0f64, 0f64);
+        for (out, tokens) in outputs.iter().zip(&token_counts) {
+            loss_sum += out.loss as f64;
+            ce_sum += out.cross_entropy as f64;
+            nll_bits += out.cross_entropy as f64 * *tokens as f64 / std::f64::consts::LN_2;
         }
         let step_loss = (loss_sum / settings.accumulation as f64) as f32;
         if !step_loss.is_finite() {

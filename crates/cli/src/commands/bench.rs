@@ -574,7 +574,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
             }
             let noise = somatrain_noise::unit_column_noise(i, config.embedding_dim, SIGREG_SLICES);
             let start = Instant::now();
-            let mut loss = 0f32;
+            let mut outputs = Vec::with_capacity(args.accumulation);
             for micro in 0..args.accumulation {
                 let options = TrainOptions {
                     dropout: args.dropout,
@@ -585,8 +585,14 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
                 let out = engine
                     .loss_and_grad(&weights, i, &batch, &noise, options, &mut grads)
                     .map_err(|e| e.with_accumulation(args.accumulation))?;
-                loss += out.loss / args.accumulation as f32;
+                outputs.push(out);
             }
+            // The step's losses, read once as the trainer reads them.
+            engine.step_losses(&mut outputs)?;
+            let loss = outputs
+                .iter()
+                .map(|out| out.loss / args.accumulation as f32)
+                .sum::<f32>();
             let micro_secs = start.elapsed().as_secs_f64();
             let start = Instant::now();
             let stats = engine.optimizer_step(&optim, &mut weights, &mut adam, &mut grads)?;
