@@ -77,9 +77,14 @@ pub fn open(device: TorchDevice) -> Result<tch::Device, DeviceError> {
             load_cuda_library().map_err(|reason| DeviceError::NoCuda { index, reason })?;
             let count = tch::Cuda::device_count();
             if count <= index as i64 {
+                // The CUDA runtime says why (no driver, too old a driver, no such ordinal).
+                let runtime = match memory::cuda_free_and_total(index) {
+                    Err(why) => format!(" ({why})"),
+                    Ok(_) => String::new(),
+                };
                 return Err(DeviceError::NoCuda {
                     index,
-                    reason: format!("libtorch sees {count} CUDA devices"),
+                    reason: format!("libtorch sees {count} CUDA devices{runtime}"),
                 });
             }
             Ok(tch::Device::Cuda(index))

@@ -180,8 +180,9 @@ impl TorchEngine {
         self.fused_optimizer
     }
 
-    /// Mixed precision: bf16 matrix products and attention, f32 master weights, gradients,
-    /// moments and loss. Refused where the device has no bf16 products.
+    /// Mixed precision: bf16 matrix products, attention and the branch activations between
+    /// them; f32 residual stream, master weights, gradients, moments and loss. Refused where
+    /// the device has no bf16 products.
     pub fn with_bf16(mut self, on: bool) -> Result<Self, crate::DeviceError> {
         if on && !crate::supports_bf16(self.device) {
             return Err(crate::DeviceError::NoBf16);
