@@ -220,18 +220,24 @@ impl TorchEngine {
     }
 }
 
+/// What one AdamW step updates, and with what: the parameters (their gradients in `.grad`),
+/// Adam's moments in the same order, the settings, this step's learning rate and its number
+/// (1 for the first).
+struct AdamWStep<'a> {
+    params: &'a [Tensor],
+    moments: &'a [(Tensor, Tensor)],
+    config: &'a OptimConfig,
+    lr: f32,
+    step: u64,
+    device: tch::Device,
+}
+
 /// One AdamW step through libtorch's fused kernels: the gradients' global norm in one
 /// reduction, clipping as the kernel's gradient scale (`max(1, norm / max_norm)`, never read
 /// back), the update in one multi-tensor kernel, and the gradients zeroed in one.
 /// `(gradient norm, the weights' global norm)`; the latter is finite exactly when every weight is.
-fn fused_adamw(
-    params: &[Tensor],
-    moments: &[(Tensor, Tensor)],
-    config: &OptimConfig,
-    lr: f32,
-    step: u64,
-    device: tch::Device,
-) -> Result<(Tensor, Tensor), FusedFailure> {
+fn fused_adamw(update: &AdamWStep) -> Result<(Tensor, Tensor), FusedFailure> {
+    let (params, config, device) = (update.params, update.config, update.device);
     let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
     let norm = crate::fused::global_norm(&grads)
         .map_err(FusedFailure::BeforeUpdate)?
@@ -239,17 +245,24 @@ fn fused_adamw(
     let scale = config
         .grad_clip
         .map(|max| (&norm / max as f64).clamp_min(1.0));
-    let step = Tensor::full([0i64; 0], step as f64, (Kind::Float, device));
+    let step = Tensor::full([0i64; 0], update.step as f64, (Kind::Float, device));
     let settings = crate::fused::AdamW {
-        lr: lr as f64,
+        lr: update.lr as f64,
         beta1: config.beta1 as f64,
         beta2: config.beta2 as f64,
         weight_decay: config.weight_decay as f64,
         eps: config.eps as f64,
     };
     // libtorch checks the lists (devices, dtypes, lengths) before it launches the update.
-    crate::fused::adamw(params, &grads, moments, &step, settings, scale.as_ref())
-        .map_err(FusedFailure::BeforeUpdate)?;
+    crate::fused::adamw(
+        params,
+        &grads,
+        update.moments,
+        &step,
+        settings,
+        scale.as_ref(),
+    )
+    .map_err(FusedFailure::BeforeUpdate)?;
     crate::fused::zero_all(&grads).map_err(FusedFailure::AfterUpdate)?;
     let weights_norm = crate::fused::global_norm(params).map_err(FusedFailure::AfterUpdate)?;
     Ok((norm, weights_norm))
@@ -264,15 +277,9 @@ enum FusedFailure {
 
 /// One AdamW step tensor by tensor, with the scalars as the host optimizer computes them (in
 /// f32): a dozen kernels per tensor. `(gradient norm, the sum of every weight)`.
-fn per_tensor_adamw(
-    params: &[Tensor],
-    moments: &[(Tensor, Tensor)],
-    config: &OptimConfig,
-    lr: f32,
-    step: u64,
-    device: tch::Device,
-) -> (Tensor, Tensor) {
-    let t = step as i32;
+fn per_tensor_adamw(update: &AdamWStep) -> (Tensor, Tensor) {
+    let (params, moments, config) = (update.params, update.moments, update.config);
+    let (lr, device, t) = (update.lr, update.device, update.step as i32);
     let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
     let (bias1, bias2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
     let (one_minus_b1, one_minus_b2) = (1.0 - b1, 1.0 - b2);
@@ -634,9 +641,16 @@ impl GradientEngine for TorchEngine {
         let fused = self.fused_optimizer;
         let updated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tch::no_grad(|| {
-                let params = model.parameters();
+                let update = AdamWStep {
+                    params: model.parameters(),
+                    moments: &moments,
+                    config,
+                    lr,
+                    step,
+                    device,
+                };
                 if fused {
-                    match fused_adamw(params, &moments, config, lr, step, device) {
+                    match fused_adamw(&update) {
                         Ok(values) => return Ok((values, true)),
                         Err(FusedFailure::BeforeUpdate(why)) => tracing::warn!(
                             "the fused AdamW cannot run here ({why}); this run updates tensor by \
@@ -647,10 +661,7 @@ impl GradientEngine for TorchEngine {
                         }
                     }
                 }
-                Ok((
-                    per_tensor_adamw(params, &moments, config, lr, step, device),
-                    false,
-                ))
+                Ok((per_tensor_adamw(&update), false))
             })
         }));
         let ((norm, total), fused) = match updated {
