@@ -40,6 +40,8 @@ pub struct TorchEngine {
     pending_gradients: bool,
     /// The last SIGReg projection matrix uploaded (the trainer uses one per step).
     noise: Option<(Vec<f32>, Tensor)>,
+    /// SIGReg's grid on the device, once uploaded.
+    grid: Option<DeviceGrid>,
     /// A reduction over every weight after the last step, finite exactly when every weight
     /// is: read back as the divergence check.
     finite_check: Option<Tensor>,
@@ -63,6 +65,7 @@ impl TorchEngine {
             moments: None,
             pending_gradients: false,
             noise: None,
+            grid: None,
             finite_check: None,
             fused_optimizer: true,
             pending_losses: Vec::new(),
@@ -97,8 +100,9 @@ impl TorchEngine {
         projections: &Tensor,
         options: &TrainOptions,
     ) -> Option<usize> {
-        let (_, model) = self.loaded.as_ref()?;
         let device = self.device;
+        let grid = &*self.grid.get_or_insert_with(|| DeviceGrid::upload(device));
+        let (_, model) = self.loaded.as_ref()?;
         let fits = quietly(|| {
             let moments_room = match &self.moments {
                 Some(_) => None,
@@ -119,7 +123,7 @@ impl TorchEngine {
                     let (loss, _, _) = {
                         let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
                         tch::manual_seed(options.dropout_key as i64);
-                        device_loss(model, &uploaded, projections, options)
+                        device_loss(model, &uploaded, projections, grid, options)
                     };
                     loss.backward();
                 }))
@@ -316,11 +320,32 @@ fn per_tensor_adamw(update: &AdamWStep) -> (Tensor, Tensor) {
     (norm, total)
 }
 
+/// SIGReg's trapezoid grid on the device, without `t = 0` (it adds nothing: cos 0 = phi(0),
+/// sin 0 = 0): the same constants for every micro-batch, so uploaded once per engine.
+struct DeviceGrid {
+    t: Tensor,
+    phi: Tensor,
+    weight: Tensor,
+}
+
+impl DeviceGrid {
+    fn upload(device: tch::Device) -> Self {
+        let grid = SigRegGrid::new();
+        let points = grid.t.len() as i64 - 1;
+        DeviceGrid {
+            t: upload(&grid.t[1..], &[1, 1, points], device),
+            phi: upload(&grid.phi[1..], &[1, points], device),
+            weight: upload(&grid.weight[1..], &[1, points], device),
+        }
+    }
+}
+
 /// The network's training loss of one micro-batch on the device: `(loss, ce, sigreg)`.
 fn device_loss(
     model: &TorchModel,
     batch: &DeviceBatch,
     projections: &Tensor,
+    grid: &DeviceGrid,
     options: &TrainOptions,
 ) -> (Tensor, Tensor, Tensor) {
     let c = model.config();
@@ -329,7 +354,6 @@ fn device_loss(
         c.embedding_dim as i64,
         c.vocab_size as i64,
     );
-    let device = model.device();
     let (reps, logits) = model.forward_uploaded(
         batch,
         Some(Dropout {
@@ -346,18 +370,13 @@ fn device_loss(
         .gather(1, &targets.unsqueeze(1), false)
         .squeeze_dim(1);
     let ce = -(log_probs * keep).sum(Kind::Float) / rows as f64;
-    // SIGReg on the trapezoid grid (t = 0 adds nothing: cos 0 = phi(0), sin 0 = 0).
-    let grid = SigRegGrid::new();
-    let points = grid.t.len() as i64 - 1;
-    let t = upload(&grid.t[1..], &[1, 1, points], device);
-    let phi = upload(&grid.phi[1..], &[1, points], device);
-    let weight = upload(&grid.weight[1..], &[1, points], device);
+    // SIGReg on the trapezoid grid.
     let proj = reps.reshape([rows, d]).matmul(projections);
-    let angles = proj.reshape([rows, SIGREG_SLICES as i64, 1]) * t;
+    let angles = proj.reshape([rows, SIGREG_SLICES as i64, 1]) * &grid.t;
     let mean_c = angles.cos().mean_dim(1, false, Kind::Float);
     let mean_s = angles.sin().mean_dim(1, false, Kind::Float);
-    let gap = mean_c - phi;
-    let stat = (&gap * &gap + &mean_s * &mean_s) * weight;
+    let gap = mean_c - &grid.phi;
+    let stat = (&gap * &gap + &mean_s * &mean_s) * &grid.weight;
     let sigreg = stat.sum(Kind::Float) * (SIGREG_SLICES as f64 / rows as f64);
     let loss = &ce + &sigreg * options.sigreg_coefficient as f64;
     (loss, ce, sigreg)
@@ -495,8 +514,9 @@ impl GradientEngine for TorchEngine {
         let uploaded = model.upload_batch(batch);
         self.traffic.host_to_device_bytes += uploaded.bytes();
         self.traffic.upload_seconds += start.elapsed().as_secs_f64();
-        let (_, model) = self.loaded.as_ref().expect("just loaded");
         let device = self.device;
+        let grid = &*self.grid.get_or_insert_with(|| DeviceGrid::upload(device));
+        let (_, model) = self.loaded.as_ref().expect("just loaded");
         // A failure is returned as an error with libtorch's words, so tch's panic is not
         // printed as well.
         let attempt = quietly(|| {
@@ -510,7 +530,7 @@ impl GradientEngine for TorchEngine {
                     if let tch::Device::Cuda(_) = device {
                         tch::Cuda::manual_seed_all(options.dropout_key);
                     }
-                    device_loss(model, &uploaded, &projections, &options)
+                    device_loss(model, &uploaded, &projections, grid, &options)
                 };
                 (loss * options.grad_scale as f64).backward();
                 // The loss terms stay on the device until the step ends (`step_losses`).

@@ -169,6 +169,47 @@ pub struct Model {
     pub commit_window_missed: bool,
 }
 
+/// A model as `CreateModel` makes it.
+pub struct NewModel {
+    pub id: ObjectId,
+    pub owner: Address,
+    pub architecture_version: u64,
+    pub epoch: u64,
+    pub commission_rate: u64,
+    pub pool_id: ObjectId,
+    pub stake: u64,
+}
+
+impl Model {
+    /// A created model: no commit yet, its stake active in its pool from `epoch`.
+    pub fn created(new: NewModel) -> Model {
+        Model {
+            id: new.id,
+            owner: new.owner,
+            architecture_version: new.architecture_version,
+            state: ModelState::Created,
+            create_epoch: new.epoch,
+            pending: None,
+            manifest: None,
+            weights_commitment: None,
+            embedding_commitment: None,
+            decryption_key_commitment: None,
+            decryption_key: None,
+            embedding: None,
+            commission_rate: new.commission_rate,
+            next_epoch_commission_rate: new.commission_rate,
+            staking_pool: StakingPool {
+                id: new.pool_id,
+                activation_epoch: Some(new.epoch),
+                deactivation_epoch: None,
+                soma_balance: new.stake,
+                pool_token_balance: new.stake,
+            },
+            commit_window_missed: false,
+        }
+    }
+}
+
 /// Chain-wide state. Every shannon of the fixed supply is in exactly one place: a coin, a staking
 /// pool, a target's reward pool or bond, the faucet reserve, the emission pool, collected fees,
 /// or the burned (slashed) total.
@@ -291,28 +332,16 @@ mod tests {
     fn models_inside_the_system_value_of_earlier_builds_are_read() {
         let id = ObjectId([3; 32]);
         let model = Model {
-            id,
-            owner: Address([4; 32]),
-            architecture_version: 1,
-            state: ModelState::Created,
-            create_epoch: 0,
-            pending: None,
-            manifest: None,
-            weights_commitment: None,
-            embedding_commitment: None,
-            decryption_key_commitment: None,
-            decryption_key: None,
             embedding: Some(vec![0.5, -0.25]),
-            commission_rate: 100,
-            next_epoch_commission_rate: 100,
-            staking_pool: StakingPool {
-                id: ObjectId([5; 32]),
-                activation_epoch: Some(0),
-                deactivation_epoch: None,
-                soma_balance: 7,
-                pool_token_balance: 7,
-            },
-            commit_window_missed: false,
+            ..Model::created(NewModel {
+                id,
+                owner: Address([4; 32]),
+                architecture_version: 1,
+                epoch: 0,
+                commission_rate: 100,
+                pool_id: ObjectId([5; 32]),
+                stake: 7,
+            })
         };
         let mut system = SystemState::genesis(Params::default(), 0, vec![]);
         system.models.insert(id, model.clone());

@@ -136,33 +136,22 @@ pub fn advance_epoch(params: &Params, state: &mut TargetState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::system::StakingPool;
+    use crate::ledger::system::NewModel;
     use somatrain_protocol::Address;
 
     fn model(id: u8, embedding: Vec<f32>, stake: u64) -> Model {
         Model {
-            id: ObjectId([id; 32]),
-            owner: Address([id; 32]),
-            architecture_version: 1,
             state: ModelState::Active,
-            create_epoch: 0,
-            pending: None,
-            manifest: None,
-            weights_commitment: None,
-            embedding_commitment: None,
-            decryption_key_commitment: None,
-            decryption_key: None,
             embedding: Some(embedding),
-            commission_rate: 0,
-            next_epoch_commission_rate: 0,
-            staking_pool: StakingPool {
-                id: ObjectId([id + 100; 32]),
-                activation_epoch: Some(0),
-                deactivation_epoch: None,
-                soma_balance: stake,
-                pool_token_balance: stake,
-            },
-            commit_window_missed: false,
+            ..Model::created(NewModel {
+                id: ObjectId([id; 32]),
+                owner: Address([id; 32]),
+                architecture_version: 1,
+                epoch: 0,
+                commission_rate: 0,
+                pool_id: ObjectId([id + 100; 32]),
+                stake,
+            })
         }
     }
 

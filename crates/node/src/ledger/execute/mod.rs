@@ -31,7 +31,7 @@ use somatrain_protocol::{
     TransactionKind, TxDigest,
 };
 
-use super::system::{BPS_DENOMINATOR, ModelState, PendingCommit, StakingPool, bps};
+use super::system::{BPS_DENOMINATOR, ModelState, NewModel, PendingCommit, bps};
 
 mod coins;
 mod models;

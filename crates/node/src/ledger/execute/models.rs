@@ -54,30 +54,15 @@ pub(super) fn run(cx: &mut Context<'_>, kind: &TransactionKind) -> Rule<()> {
             cx.set_coin(gas, balance - stake_amount);
             let model_id = cx.fresh_id();
             let pool_id = cx.fresh_id();
-            cx.o.put_model(Model {
+            cx.o.put_model(Model::created(NewModel {
                 id: model_id,
                 owner: cx.sender,
                 architecture_version: *architecture_version,
-                state: ModelState::Created,
-                create_epoch: epoch,
-                pending: None,
-                manifest: None,
-                weights_commitment: None,
-                embedding_commitment: None,
-                decryption_key_commitment: None,
-                decryption_key: None,
-                embedding: None,
+                epoch,
                 commission_rate: *commission_rate,
-                next_epoch_commission_rate: *commission_rate,
-                staking_pool: StakingPool {
-                    id: pool_id,
-                    activation_epoch: Some(epoch),
-                    deactivation_epoch: None,
-                    soma_balance: *stake_amount,
-                    pool_token_balance: *stake_amount,
-                },
-                commit_window_missed: false,
-            });
+                pool_id,
+                stake: *stake_amount,
+            }));
             cx.staked_soma(pool_id, epoch + 1, *stake_amount);
             cx.value_fee += value_fee;
         }
