@@ -217,3 +217,111 @@ fn a_killed_libtorch_run_resumes_bit_identical() {
         );
     }
 }
+
+/// A `torch` build carried to a machine where libtorch is not where it was built: the launcher
+/// names the library and the variable to set, where the binary linked with libtorch would be
+/// stopped by the dynamic loader; with `LIBTORCH` (or `LD_LIBRARY_PATH`) it starts, and a
+/// libtorch of another PyTorch release is refused. The copies' recorded libtorch folders are
+/// rewritten to paths of the same length that do not exist, as on another machine.
+#[cfg(feature = "torch")]
+#[test]
+fn a_carried_torch_build_without_libtorch_names_the_library_and_the_variable_to_set() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    // Recorded only when LIBTORCH is set at build time, as scripts/setup-torch sets it.
+    let recorded = env!("SOMATRAIN_LIBTORCH_RUN_PATH");
+    let built_against: Vec<PathBuf> = std::env::split_paths(recorded).collect();
+    let libtorch = built_against[0].parent().unwrap().to_path_buf();
+    assert!(
+        libtorch.join("lib/libtorch_cpu.so").is_file(),
+        "{libtorch:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (from, name) in [
+        (env!("CARGO_BIN_EXE_somatrain"), "somatrain"),
+        (
+            env!("CARGO_BIN_EXE_somatrain-libtorch"),
+            "somatrain-libtorch",
+        ),
+    ] {
+        let mut bytes = std::fs::read(from).unwrap();
+        for folder in &built_against {
+            let folder = folder.to_str().unwrap().as_bytes();
+            let mut gone = vec![b'x'; folder.len()];
+            gone[0] = b'/';
+            let mut rewritten = 0;
+            let mut at = 0;
+            while let Some(found) = bytes[at..].windows(folder.len()).position(|w| w == folder) {
+                let start = at + found;
+                bytes[start..start + folder.len()].copy_from_slice(&gone);
+                rewritten += 1;
+                at = start + folder.len();
+            }
+            assert!(rewritten > 0, "{name} does not record {folder:?}");
+        }
+        let to = dir.path().join(name);
+        std::fs::write(&to, bytes).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let run = |binary: &str, env: &[(&str, &std::ffi::OsStr)]| {
+        let out = Command::new(dir.path().join(binary))
+            .arg("--version")
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("LIBTORCH")
+            .envs(env.iter().copied())
+            .output_within(COMMAND_DEADLINE)
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), stderr)
+    };
+
+    // The binary linked with libtorch cannot say it: the loader stops it first.
+    let (started, stderr) = run("somatrain-libtorch", &[]);
+    assert!(
+        !started && stderr.contains("error while loading shared libraries"),
+        "{stderr}"
+    );
+    let (started, stderr) = run("somatrain", &[]);
+    assert!(!started, "{stderr}");
+    assert!(
+        stderr.contains("libtorch_cpu.so is not found") && stderr.contains("export LIBTORCH="),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error while loading"), "{stderr}");
+
+    let (started, stderr) = run("somatrain", &[("LIBTORCH", libtorch.as_os_str())]);
+    assert!(started, "{stderr}");
+    let library_path = std::env::join_paths(&built_against).unwrap();
+    let (started, stderr) = run(
+        "somatrain",
+        &[("LD_LIBRARY_PATH", library_path.as_os_str())],
+    );
+    assert!(started, "{stderr}");
+
+    // Another release's libtorch (as its version.py says) is refused before it is loaded.
+    let other = dir.path().join("torch");
+    std::fs::create_dir_all(other.join("lib")).unwrap();
+    for library in ["libtorch_cpu.so", "libc10.so"] {
+        std::os::unix::fs::symlink(
+            libtorch.join("lib").join(library),
+            other.join("lib").join(library),
+        )
+        .unwrap();
+    }
+    std::fs::write(other.join("version.py"), "__version__ = '2.10.0+cu130'\n").unwrap();
+    let (started, stderr) = run("somatrain", &[("LIBTORCH", other.as_os_str())]);
+    assert!(!started, "{stderr}");
+    assert!(
+        stderr.contains("PyTorch 2.10.0+cu130's libtorch")
+            && stderr.contains("built for PyTorch 2.11"),
+        "{stderr}"
+    );
+
+    // Without the binary it starts, the launcher says which file to copy.
+    std::fs::remove_file(dir.path().join("somatrain-libtorch")).unwrap();
+    let (started, stderr) = run("somatrain", &[("LIBTORCH", libtorch.as_os_str())]);
+    assert!(
+        !started && stderr.contains("somatrain-libtorch is missing"),
+        "{stderr}"
+    );
+}
