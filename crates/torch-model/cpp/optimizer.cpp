@@ -1,6 +1,6 @@
 // The few libtorch operators the engine needs that tch does not bind: AdamW as one fused
-// multi-tensor kernel, the global gradient norm as one multi-tensor reduction, and zeroing every
-// gradient at once. Each entry point catches every C++ exception and returns its message
+// multi-tensor kernel, the global gradient norm as one multi-tensor reduction, zeroing every
+// gradient at once, and a host-to-CUDA copy that does not wait for the device. Each entry point catches every C++ exception and returns its message
 // (malloc'd, freed by somatrain_free_message), or NULL on success.
 //
 // A tch tensor is a pointer to an at::Tensor (torch-sys's C_tensor), so tensors cross as
@@ -89,6 +89,19 @@ char *somatrain_global_norm(at::Tensor *const *tensors, size_t count, at::Tensor
 // Sets every tensor to zero in one multi-tensor kernel.
 char *somatrain_zero_all(at::Tensor *const *tensors, size_t count) {
     return guarded([&] { at::_foreach_zero_(gather(tensors, count)); });
+}
+
+// A copy of a host tensor on CUDA device `device_index` in *out, queued on the device's current
+// stream from page-locked memory. A copy from pageable memory (what tch's to_device does) makes
+// the host wait until the stream has run everything queued before it; this one returns at once.
+// libtorch's pinned-memory cache holds the page-locked block until the copy has run.
+char *somatrain_queued_upload(const at::Tensor *host, int device_index, at::Tensor **out) {
+    return guarded([&] {
+        at::Tensor pinned = host->pin_memory();
+        *out = new at::Tensor(
+            pinned.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)),
+                      /*non_blocking=*/true));
+    });
 }
 
 } // extern "C"

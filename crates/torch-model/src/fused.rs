@@ -1,6 +1,7 @@
 //! Multi-tensor libtorch operators that tch does not bind, through `cpp/optimizer.cpp`: AdamW
 //! as one fused kernel (`_fused_adamw_`), the global norm as one reduction (`_foreach_norm`)
-//! and zeroing every gradient at once (`_foreach_zero_`). The per-tensor loop these replace
+//! and zeroing every gradient at once (`_foreach_zero_`); and a host-to-CUDA copy from
+//! page-locked memory that does not wait for the device ([`queued_upload`]). The per-tensor loop these replace
 //! launches a dozen kernels for each of V1's parameter tensors, and reads and writes each
 //! tensor once per kernel; the fused AdamW reads every parameter, gradient and moment once.
 //!
@@ -34,6 +35,11 @@ unsafe extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn somatrain_zero_all(tensors: *const *mut C_tensor, count: usize) -> *mut c_char;
+    fn somatrain_queued_upload(
+        host: *const C_tensor,
+        device_index: i32,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// The shim's answer: `NULL`, or a message it allocated.
@@ -129,4 +135,44 @@ pub fn zero_all(tensors: &[Tensor]) -> Result<(), String> {
     let list = pointers(tensors);
     // SAFETY: live tensors, `list.len()` of them.
     answer(unsafe { somatrain_zero_all(list.as_ptr(), list.len()) })
+}
+
+/// `host` copied to CUDA device `index`, queued behind the device's earlier work without the host
+/// waiting for it: staged through page-locked memory (libtorch's pinned-memory cache), copied
+/// with `non_blocking`. tch's `to_device` copies from pageable memory, which makes the host wait
+/// until the device has run everything queued before the copy; per micro-batch, that is the
+/// whole previous micro-batch. Fails where libtorch has no CUDA (pinned memory needs it).
+pub fn queued_upload(host: &Tensor, index: usize) -> Result<Tensor, String> {
+    let index = i32::try_from(index).map_err(|_| format!("no CUDA device {index}"))?;
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: a live tensor; on success `out` is a new at::Tensor that tch takes ownership of.
+    answer(unsafe { somatrain_queued_upload(host.as_ptr(), index, &mut out) })?;
+    assert!(!out.is_null(), "the shim answered a tensor");
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where libtorch has a CUDA device the copy arrives there intact; where it has none (CI),
+    /// the shim answers libtorch's reason instead of aborting, which is what lets the engine
+    /// fall back to waiting copies.
+    #[test]
+    fn a_queued_upload_arrives_on_the_device_or_says_why_not() {
+        let host = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6]);
+        match crate::open(crate::TorchDevice::Cuda(0)) {
+            Ok(device) => {
+                let on_device = queued_upload(&host, 0).expect("a queued copy to CUDA");
+                assert_eq!(on_device.device(), device);
+                let back = Vec::<i64>::try_from(on_device.to_device(tch::Device::Cpu)).unwrap();
+                assert_eq!(back, [3, 1, 4, 1, 5, 9, 2, 6]);
+            }
+            Err(_) => {
+                let why = queued_upload(&host, 0).expect_err("no CUDA, no page-locked memory");
+                assert!(!why.trim().is_empty());
+                eprintln!("without CUDA, libtorch answers: {why}");
+            }
+        }
+    }
 }

@@ -172,6 +172,36 @@ pub fn matmul_peak_gflops(device: tch::Device, bf16: bool) -> f64 {
     }
 }
 
+/// Set once libtorch has refused a queued copy; later batches are then copied as tch does.
+static QUEUED_UPLOADS_REFUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A micro-batch's host tensor on `device`. On CUDA the copy is queued behind the device's
+/// earlier work without the host waiting for it ([`fused::queued_upload`]), so the host
+/// records the next micro-batch while the device still runs the last one. Where libtorch
+/// refuses that, it is said once and copies wait, as tch's `to_device` does. Only for small
+/// per-micro-batch tensors: the page-locked blocks stay in libtorch's cache, so weights go
+/// through [`upload`].
+fn send_batch_tensor(host: Tensor, device: tch::Device) -> Tensor {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let tch::Device::Cuda(index) = device
+        && !QUEUED_UPLOADS_REFUSED.load(Relaxed)
+    {
+        match fused::queued_upload(&host, index) {
+            Ok(on_device) => return on_device,
+            Err(why) => {
+                if !QUEUED_UPLOADS_REFUSED.swap(true, Relaxed) {
+                    tracing::warn!(
+                        "libtorch refused a queued copy to the device ({why}); each \
+                         micro-batch's upload now waits for the device"
+                    );
+                }
+            }
+        }
+    }
+    host.to_device(device)
+}
+
 /// A libtorch tensor from host floats with `shape`, on `device`.
 pub(crate) fn upload(values: &[f32], shape: &[i64], device: tch::Device) -> Tensor {
     Tensor::from_slice(values).reshape(shape).to_device(device)
@@ -353,11 +383,10 @@ impl TorchModel {
         DeviceBatch {
             batch: b,
             seq: t,
-            tokens: Tensor::from_slice(&widen(&batch.tokens))
-                .to_device(self.device)
+            tokens: send_batch_tensor(Tensor::from_slice(&widen(&batch.tokens)), self.device)
                 .reshape([b, t]),
-            positions: Tensor::from_slice(&widen(&batch.positions)).to_device(self.device),
-            targets: Tensor::from_slice(&widen(&batch.targets)).to_device(self.device),
+            positions: send_batch_tensor(Tensor::from_slice(&widen(&batch.positions)), self.device),
+            targets: send_batch_tensor(Tensor::from_slice(&widen(&batch.targets)), self.device),
             max_position: batch.positions.iter().copied().max().unwrap_or(0) as usize,
         }
     }
