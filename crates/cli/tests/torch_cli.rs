@@ -325,3 +325,56 @@ fn a_carried_torch_build_without_libtorch_names_the_library_and_the_variable_to_
         "{stderr}"
     );
 }
+
+/// `bench train|score` on libtorch's CPU print their JSON line with what the GPU run reads: the
+/// optimizer that ran, how batches went up, and the bytes each way per step: 8 per micro-batch
+/// for its two loss terms, then the gradient norm (4) and the divergence check over all
+/// weights (8 from the fused optimizer's f64 reduction, 4 from the per-tensor one's f32).
+/// Without the feature they name the build.
+#[test]
+fn libtorch_benches_report_the_optimizer_the_uploads_and_the_traffic() {
+    let bench = |args: &[&str]| {
+        common::bin()
+            .args(["bench"])
+            .args(args)
+            .args(["--preset", "tiny", "--device", "torch-cpu", "--runs", "1"])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap()
+    };
+    if !cfg!(feature = "torch") {
+        let out = bench(&["score"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features torch"));
+        return;
+    }
+    let json = |out: std::process::Output| -> serde_json::Value {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+    };
+    for (optimizer, extra, check_bytes) in [
+        ("fused", None, 8.0),
+        ("per-tensor", Some("--per-tensor-optimizer"), 4.0),
+    ] {
+        let mut args = vec!["train", "--accumulation", "3", "--seq-len", "64"];
+        args.extend(extra);
+        let train = json(bench(&args));
+        assert_eq!(train["bench"], "train");
+        assert_eq!(train["optimizer"], optimizer, "{train}");
+        assert_eq!(train["batch_uploads"], "host", "{train}");
+        assert!(train["tokens_per_s"].as_f64().unwrap() > 0.0, "{train}");
+        assert!(train["mfu_f32"].as_f64().unwrap() > 0.0, "{train}");
+        let split = &train["time_split"];
+        let down = 3.0 * 8.0 + 4.0 + check_bytes;
+        assert_eq!(split["device_to_host_bytes"], down, "{train}");
+        assert!(
+            split["host_to_device_bytes"].as_f64().unwrap() > 0.0,
+            "{train}"
+        );
+    }
+    let score = json(bench(&["score"]));
+    assert_eq!(score["bench"], "score");
+    assert_eq!(score["batch_uploads"], "host", "{score}");
+    assert!(score["tokens_per_s"].as_f64().unwrap() > 0.0, "{score}");
+}

@@ -202,6 +202,21 @@ fn send_batch_tensor(host: Tensor, device: tch::Device) -> Tensor {
     host.to_device(device)
 }
 
+/// How micro-batches reach `device` in this process so far: `"queued"` (CUDA, from page-locked
+/// memory without waiting), `"waiting"` (CUDA, after libtorch refused a queued copy) or
+/// `"host"` (libtorch's CPU device: the batch stays in host memory).
+pub fn batch_uploads(device: TorchDevice) -> &'static str {
+    match device {
+        TorchDevice::Cpu => "host",
+        TorchDevice::Cuda(_)
+            if QUEUED_UPLOADS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            "waiting"
+        }
+        TorchDevice::Cuda(_) => "queued",
+    }
+}
+
 /// A libtorch tensor from host floats with `shape`, on `device`.
 pub(crate) fn upload(values: &[f32], shape: &[i64], device: tch::Device) -> Tensor {
     Tensor::from_slice(values).reshape(shape).to_device(device)

@@ -450,6 +450,7 @@ fn bench_score(args: ScoreBenchArgs) -> Result<()> {
     let mut report = model_report("score", args.preset, tokens, flops, &mut times, peak);
     let memory = scoring_memory(memory_before, super::device_memory_reading(args.device));
     report["device_memory"] = serde_json::json!(memory);
+    report["batch_uploads"] = serde_json::json!(super::batch_uploads(args.device));
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -645,6 +646,8 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     report["precision"] = serde_json::json!(if args.bf16 { "bf16" } else { "f32" });
     // After the steps: a fused optimizer that libtorch refused reads "per-tensor".
     report["optimizer"] = serde_json::json!(engine.optimizer_kind());
+    // After the steps too: "waiting" where libtorch refused to queue a batch's copy.
+    report["batch_uploads"] = serde_json::json!(super::batch_uploads(args.device));
     report["micro_batch"] = serde_json::json!(args.micro_batch);
     report["accumulation"] = serde_json::json!(args.accumulation);
     report["matmul_peak_f32_gflops_per_s"] = serde_json::json!(peak_f32);

@@ -109,6 +109,15 @@ pub fn device_memory_reading(device: Device) -> Option<Result<(u64, u64), String
     }
 }
 
+/// How micro-batches have reached `device` in this process (`somatrain_torch::batch_uploads`);
+/// `None` for the hand-written CPU path and in a build without libtorch.
+pub fn batch_uploads(device: Device) -> Option<&'static str> {
+    match device {
+        Device::Cpu => None,
+        libtorch => torch_path::batch_uploads(libtorch),
+    }
+}
+
 /// Training gradients through libtorch's autograd on `device` (not `cpu`, which has its own
 /// hand-written backward).
 pub fn device_gradient_engine(
@@ -198,6 +207,14 @@ mod torch_path {
         Ok(somatrain_torch::supports_bf16(open(device)?))
     }
 
+    pub fn batch_uploads(device: Device) -> Option<&'static str> {
+        match device {
+            Device::TorchCpu => Some(somatrain_torch::batch_uploads(TorchDevice::Cpu)),
+            Device::Cuda(index) => Some(somatrain_torch::batch_uploads(TorchDevice::Cuda(index))),
+            Device::Cpu => None,
+        }
+    }
+
     pub fn memory_reading(device: Device) -> Option<Result<(u64, u64), String>> {
         let opened = match open(device) {
             Ok(opened) => opened,
@@ -250,6 +267,10 @@ mod torch_path {
 
     pub fn supports_bf16(device: Device) -> Result<bool> {
         Err(missing(device))
+    }
+
+    pub fn batch_uploads(_device: Device) -> Option<&'static str> {
+        None
     }
 
     pub fn engine(
