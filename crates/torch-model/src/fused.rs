@@ -1,9 +1,10 @@
 //! Multi-tensor libtorch operators that tch does not bind, through `cpp/optimizer.cpp`: AdamW
 //! as one fused kernel (`_fused_adamw_`), the global norm as one reduction (`_foreach_norm`)
 //! and zeroing every gradient at once (`_foreach_zero_`); and a host-to-CUDA copy from
-//! page-locked memory that does not wait for the device ([`queued_upload`]). The per-tensor loop these replace
-//! launches a dozen kernels for each of V1's parameter tensors, and reads and writes each
-//! tensor once per kernel; the fused AdamW reads every parameter, gradient and moment once.
+//! page-locked memory that does not wait for the device ([`queued_upload`]). The per-tensor
+//! loop these replace launches a dozen kernels for each of V1's parameter tensors, and reads
+//! and writes each tensor once per kernel; the fused AdamW reads every parameter, gradient and
+//! moment once.
 //!
 //! Tensors cross as the `at::Tensor` pointers tch holds; nothing here owns one except the norm
 //! it returns, which tch frees as any other tensor.
