@@ -145,6 +145,10 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Save a checkpoint every this many optimizer steps (and always at the end of a run).
     pub checkpoint_every: u64,
+    /// And no sooner than this many minutes after the last one (0: at every such step). A GPU
+    /// writes V1's 14.5 GB of state slower than it takes a step.
+    #[serde(default)]
+    pub checkpoint_minutes: f64,
     pub keep_checkpoints: usize,
     pub log_every: u64,
     /// Start from these weights instead of a fresh initialisation.
@@ -172,6 +176,7 @@ impl TrainSettings {
             sigreg_coefficient: SIGREG_COEFFICIENT,
             seed: 0,
             checkpoint_every: 1,
+            checkpoint_minutes: 0.0,
             keep_checkpoints: 3,
             log_every: 1,
             init_weights: None,
@@ -261,6 +266,7 @@ impl TrainSettings {
         let b = stored;
         a.optim = b.optim;
         a.checkpoint_every = b.checkpoint_every;
+        a.checkpoint_minutes = b.checkpoint_minutes;
         a.keep_checkpoints = b.keep_checkpoints;
         a.log_every = b.log_every;
         a.heldout_bytes = b.heldout_bytes;
@@ -756,6 +762,7 @@ pub fn run_with(
     let d = settings.model.embedding_dim;
     let seq = settings.corpus.max_seq_len;
     let mut window_start = Instant::now();
+    let mut last_checkpoint = Instant::now();
     let mut window_tokens = 0u64;
     let history_path = run_dir.join(crate::history::HISTORY_FILE);
     let mut history =
@@ -872,10 +879,13 @@ pub fn run_with(
             window_start = Instant::now();
             window_tokens = 0;
         }
-        if adam.step % settings.checkpoint_every.max(1) == 0 || adam.step == until_step {
+        let due = adam.step % settings.checkpoint_every.max(1) == 0
+            && last_checkpoint.elapsed().as_secs_f64() >= settings.checkpoint_minutes * 60.0;
+        if due || adam.step == until_step {
             engine.sync_to_host(&mut weights, &mut adam)?;
             let dir = checkpoint::save(&ckpt_root, &weights, &adam, &stream.position(), last_loss)?;
             checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
+            last_checkpoint = Instant::now();
         }
     }
     engine.sync_to_host(&mut weights, &mut adam)?;

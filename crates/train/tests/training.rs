@@ -391,3 +391,30 @@ fn out_of_range_settings_are_refused_before_anything_is_written() {
         assert!(!run_dir.exists(), "{name}: the run directory was created");
     }
 }
+
+/// `checkpoint_minutes` spaces checkpoints by time as well as by steps, and the last step of a
+/// run is saved however soon it comes; a run resumed from there goes on from it.
+#[test]
+fn checkpoints_wait_their_minutes_but_a_run_always_saves_its_last_step() {
+    let steps = |dir: &Path| -> Vec<u64> {
+        let mut steps: Vec<u64> = checkpoint::list(&dir.join("checkpoints"))
+            .into_iter()
+            .map(|(step, _)| step)
+            .collect();
+        steps.sort();
+        steps
+    };
+    let every_step = tempfile::tempdir().unwrap();
+    let mut s = settings();
+    s.keep_checkpoints = 10;
+    run(every_step.path(), &s, Until::Step(3), &mut |_| {}).unwrap();
+    assert_eq!(steps(every_step.path()), [1, 2, 3]);
+
+    let spaced = tempfile::tempdir().unwrap();
+    s.checkpoint_minutes = 60.0;
+    run(spaced.path(), &s, Until::Step(3), &mut |_| {}).unwrap();
+    assert_eq!(steps(spaced.path()), [3]);
+    let resumed = run(spaced.path(), &s, Until::Step(5), &mut |_| {}).unwrap();
+    assert_eq!(resumed.start_step, 3);
+    assert_eq!(steps(spaced.path()), [3, 5]);
+}

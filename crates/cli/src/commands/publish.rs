@@ -394,7 +394,7 @@ pub struct RunArgs {
 }
 
 pub fn run_loop(args: RunArgs) -> Result<()> {
-    let settings = args.training.settings()?;
+    let settings = args.training.settings(args.device)?;
     let engine = super::device_engines(args.device, args.bf16)?;
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
@@ -558,7 +558,7 @@ async fn bind_cycle_port(node_dir: &Path, port: u16) -> Result<tokio::net::TcpLi
 /// The quickstart's localnet experience: an embedded localnet, a funded wallet, a few training
 /// steps, commit, epoch change, reveal, and the model active.
 pub fn run_cycle(args: CycleArgs) -> Result<()> {
-    let settings = args.training()?.settings()?;
+    let settings = args.training()?.settings(args.device)?;
     let node_dir = args.dir.join("node");
     let run_dir = args.dir.join("run");
     std::fs::create_dir_all(&node_dir)

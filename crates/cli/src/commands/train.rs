@@ -173,6 +173,11 @@ pub struct TrainingOptions {
     seed: u64,
     #[arg(long, default_value_t = 1)]
     checkpoint_every: u64,
+    /// And at least this many minutes apart (the last step of a run is always saved). Default:
+    /// 0 on the CPU devices, where a step takes longer than a checkpoint, and 10 on CUDA, where
+    /// writing V1's 14.5 GB of weights and moments takes longer than a step.
+    #[arg(long)]
+    checkpoint_minutes: Option<f64>,
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
     /// When checkpoints exist and none verifies: keep them aside (checkpoints.set-aside-TIME)
@@ -275,8 +280,17 @@ impl TrainingOptions {
         Ok(<Flags as clap::Parser>::try_parse_from(argv)?.options)
     }
 
-    pub fn settings(&self) -> Result<TrainSettings> {
+    /// The run's settings; `device` picks the default `--checkpoint-minutes`.
+    pub fn settings(&self, device: super::Device) -> Result<TrainSettings> {
         let args = self;
+        let checkpoint_minutes = match (args.checkpoint_minutes, device) {
+            (Some(minutes), _) if !(minutes >= 0.0 && minutes.is_finite()) => {
+                bail!("--checkpoint-minutes must be 0 or more, not {minutes}")
+            }
+            (Some(minutes), _) => minutes,
+            (None, super::Device::Cuda(_)) => CUDA_CHECKPOINT_MINUTES,
+            (None, super::Device::Cpu | super::Device::TorchCpu) => 0.0,
+        };
         let corpus = args.corpus.config(
             args.heldout_per_mille,
             args.shuffle_buffer,
@@ -307,6 +321,7 @@ impl TrainingOptions {
             sigreg_coefficient: args.sigreg_coefficient,
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
+            checkpoint_minutes,
             keep_checkpoints: args.keep_checkpoints,
             log_every: args.log_every,
             init_weights: args.init_weights.clone(),
@@ -318,8 +333,12 @@ impl TrainingOptions {
     }
 }
 
+/// The default `--checkpoint-minutes` on CUDA: a V1 checkpoint (14.5 GB read back and written)
+/// takes longer than a step there, so saving every step would spend most of the run on disk.
+const CUDA_CHECKPOINT_MINUTES: f64 = 10.0;
+
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    let settings = args.training.settings()?;
+    let settings = args.training.settings(args.device)?;
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu if args.bf16 => {
             bail!(
@@ -497,4 +516,33 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
         None => println!("{text}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::Device;
+
+    fn minutes(flags: &[&str], device: Device) -> Result<f64> {
+        let mut all: Vec<String> = vec!["--corpus-dir".into(), ".".into()];
+        all.extend(flags.iter().map(|f| f.to_string()));
+        Ok(TrainingOptions::from_flags(&all)?
+            .settings(device)?
+            .checkpoint_minutes)
+    }
+
+    #[test]
+    fn checkpoints_are_spaced_by_minutes_on_cuda_and_every_step_elsewhere() {
+        assert_eq!(
+            minutes(&[], Device::Cuda(0)).unwrap(),
+            CUDA_CHECKPOINT_MINUTES
+        );
+        assert_eq!(minutes(&[], Device::Cpu).unwrap(), 0.0);
+        assert_eq!(minutes(&[], Device::TorchCpu).unwrap(), 0.0);
+        let asked = ["--checkpoint-minutes", "2.5"];
+        assert_eq!(minutes(&asked, Device::Cuda(1)).unwrap(), 2.5);
+        assert_eq!(minutes(&asked, Device::Cpu).unwrap(), 2.5);
+        let error = minutes(&["--checkpoint-minutes=-1"], Device::Cpu).unwrap_err();
+        assert!(error.to_string().contains("must be 0 or more"), "{error}");
+    }
 }
