@@ -233,3 +233,83 @@ fn when_no_checkpoint_verifies_training_stops_and_deletes_nothing() {
     assert_eq!(snapshot(&aside[0]), before);
     assert!(checkpoints.join("step-0000000002").is_dir());
 }
+
+/// SIGINT (or SIGTERM) asks a run to stop after its current step: that step is saved even
+/// though `--checkpoint-minutes` would not have saved it yet, the process exits 0 saying so,
+/// and the same command resumes from it.
+#[test]
+fn an_interrupted_run_saves_its_step_before_it_ends_and_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let command = |until: &str| {
+        let mut cmd = common::bin();
+        cmd.args(["train", "--run-dir", run.to_str().unwrap()])
+            .args(["--corpus-dir", corpus().to_str().unwrap()])
+            .args(common::TINY_SHAPE)
+            .args(["--heldout-bytes", "1024", "--checkpoint-minutes", "60"])
+            .args(["--until-step", until]);
+        cmd
+    };
+    let mut child = common::KillOnDrop(
+        command("100000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let history = run.join("history.jsonl");
+    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
+        std::fs::read_to_string(&history)
+            .ok()
+            .filter(|text| text.lines().count() >= 2)
+    });
+    assert!(
+        checkpoint_steps(&run).is_empty(),
+        "no checkpoint is due yet"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = common::wait_until(COMMAND_DEADLINE, "the interrupted run to end", || {
+        child.try_wait().unwrap()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("as asked, with its checkpoint saved"),
+        "{stderr}"
+    );
+    let steps = checkpoint_steps(&run);
+    let logged = std::fs::read_to_string(&history).unwrap().lines().count() as u64;
+    assert_eq!(steps, [logged], "the last logged step is the one saved");
+
+    let out = command(&(logged + 1).to_string())
+        .arg("--json")
+        .output_within(COMMAND_DEADLINE)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["start_step"], logged);
+    assert_eq!(summary["end_step"], logged + 1);
+}
+
+fn checkpoint_steps(run: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    steps
+}

@@ -18,4 +18,6 @@ pub mod host_memory;
 pub mod optim;
 pub mod trainer;
 
-pub use trainer::{GradientEngine, RunSummary, TrainError, TrainSettings, Until, run, run_with};
+pub use trainer::{
+    GradientEngine, RunSummary, StopRequest, TrainError, TrainSettings, Until, run, run_with,
+};

@@ -41,6 +41,11 @@ pub enum TrainError {
         "training diverged at step {step}: {what}; nothing of this step was saved (lower --lr, or resume from the last checkpoint)"
     )]
     Diverged { step: u64, what: String },
+    /// A stop was asked for ([`StopRequest`]): the step in progress was finished and saved.
+    #[error(
+        "stopped after step {step} as asked, with its checkpoint saved; the same command resumes from there"
+    )]
+    Stopped { step: u64 },
     /// The device ran out of memory in a micro-batch; nothing of the step was saved.
     #[error("{}", out_of_memory_advice(self))]
     OutOfMemory(OutOfMemory),
@@ -161,6 +166,38 @@ pub struct TrainSettings {
     /// it, training stops and says what it found). Never stored.
     #[serde(skip)]
     pub restart_from_scratch: bool,
+    /// Where a signal handler asks the run to stop after its current step. Never stored.
+    #[serde(skip)]
+    pub stop: StopRequest,
+}
+
+/// A request, from another thread (a signal handler), that a run stop after the step in
+/// progress, once that step's checkpoint is saved; the run then ends with
+/// [`TrainError::Stopped`]. Clones share the request. Equal to every other, so that it never
+/// makes two settings differ.
+#[derive(Clone, Default)]
+pub struct StopRequest(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StopRequest {
+    pub fn request(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for StopRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StopRequest({})", self.requested())
+    }
+}
+
+impl PartialEq for StopRequest {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl TrainSettings {
@@ -183,6 +220,7 @@ impl TrainSettings {
             heldout_bytes: 1 << 20,
             embedding_data: Vec::new(),
             restart_from_scratch: false,
+            stop: StopRequest::default(),
         }
     }
 
@@ -881,11 +919,15 @@ pub fn run_with(
         }
         let due = adam.step % settings.checkpoint_every.max(1) == 0
             && last_checkpoint.elapsed().as_secs_f64() >= settings.checkpoint_minutes * 60.0;
-        if due || adam.step == until_step {
+        let stopping = settings.stop.requested() && adam.step < until_step;
+        if due || adam.step == until_step || stopping {
             engine.sync_to_host(&mut weights, &mut adam)?;
             let dir = checkpoint::save(&ckpt_root, &weights, &adam, &stream.position(), last_loss)?;
             checkpoint::prune(&ckpt_root, settings.keep_checkpoints, &dir);
             last_checkpoint = Instant::now();
+        }
+        if stopping {
+            return Err(TrainError::Stopped { step: adam.step });
         }
     }
     engine.sync_to_host(&mut weights, &mut adam)?;

@@ -328,9 +328,48 @@ impl TrainingOptions {
             heldout_bytes: args.heldout_bytes,
             embedding_data: args.embedding_data.clone(),
             restart_from_scratch: args.restart_from_scratch,
+            stop: somatrain_train::StopRequest::default(),
         };
         Ok(settings)
     }
+}
+
+/// On the first SIGINT or SIGTERM, asks `stop`: the run finishes the step in progress, saves
+/// its checkpoint and ends (what a crash would lose, with checkpoints minutes apart on CUDA). A
+/// second signal ends the process at once, as the first would have. The handlers are in place
+/// when this returns.
+fn stop_on_signals(stop: somatrain_train::StopRequest) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal watcher")?;
+    let (mut interrupt, mut terminate) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("watching for SIGINT and SIGTERM")?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::warn!(
+                "stopping after the step in progress, once its checkpoint is saved (again to stop at once)"
+            );
+            stop.request();
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            std::process::exit(130);
+        })
+    });
+    Ok(())
 }
 
 /// The default `--checkpoint-minutes` on CUDA: a V1 checkpoint (14.5 GB read back and written)
@@ -353,6 +392,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         (Some(n), None) => Until::MoreSteps(n),
         (None, None) => bail!("say how long to train: --steps N or --until-step N"),
     };
+    stop_on_signals(settings.stop.clone())?;
     let mut progress = crate::progress::TrainProgress::new();
     let summary = somatrain_train::run_with(
         &args.run_dir,
@@ -363,6 +403,12 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     )
     .with_context(|| format!("training in {}", args.run_dir.display()));
     progress.finish();
+    if let Err(e) = &summary
+        && let Some(stopped @ somatrain_train::TrainError::Stopped { .. }) = e.downcast_ref()
+    {
+        eprintln!("{stopped}");
+        return Ok(());
+    }
     let summary = summary?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
