@@ -301,14 +301,9 @@ fn an_interrupted_run_saves_its_step_before_it_ends_and_resumes_from_it() {
 }
 
 fn checkpoint_steps(run: &Path) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+    let mut steps: Vec<u64> = somatrain_train::checkpoint::list(&run.join("checkpoints"))
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().to_string();
-            name.strip_prefix("step-")?.parse().ok()
-        })
+        .map(|(step, _)| step)
         .collect();
     steps.sort();
     steps
