@@ -30,6 +30,17 @@ fn localnet(dir: &Path, epoch_ms: u64) -> GrpcLocalnet {
 
 /// `somatrain run` for the tiny preset with short rounds.
 fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command {
+    daemon_with_rounds_of(run_dir, net, secret, rounds, 2)
+}
+
+/// `somatrain run` for the tiny preset with `steps` optimizer steps per round.
+fn daemon_with_rounds_of(
+    run_dir: &Path,
+    net: &[String],
+    secret: &str,
+    rounds: u64,
+    steps: u64,
+) -> Command {
     let mut cmd = bin();
     cmd.args(["run", "--run-dir", run_dir.to_str().unwrap()])
         .args(net)
@@ -44,7 +55,8 @@ fn daemon(run_dir: &Path, net: &[String], secret: &str, rounds: u64) -> Command 
             "--seed",
             "3",
         ])
-        .args(["--steps-per-round", "2", "--rounds", &rounds.to_string()])
+        .args(["--steps-per-round", &steps.to_string()])
+        .args(["--rounds", &rounds.to_string()])
         .args(["--faucet", "--poll-ms", "100"])
         .env("SOMA_SECRET_KEY", secret)
         .env_remove("S3_BUCKET")
@@ -663,4 +675,163 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
         journal(&run_dir)["pending"].is_object(),
         "the round stays pending"
     );
+}
+
+/// A child's stderr, line by line, as it comes, kept whole for the failure messages.
+struct Logs {
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Logs {
+    fn of(child: &mut Child) -> Logs {
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logs {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`, failing after `limit` or at the end of the output.
+    fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if line.contains(needle) {
+                        return;
+                    }
+                }
+                Err(e) => panic!(
+                    "no line with {needle:?} ({e:?}); the output so far:\n{}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Everything the child wrote, once it has ended.
+    fn all(mut self) -> String {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        self.seen
+    }
+}
+
+fn interrupt(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// SIGINT to `run` costs nothing: in training, the round stops at its step with the checkpoint
+/// saved and nothing is sent to the chain; with a round committed, the loop stays up until the
+/// window opens, reveals, and only then ends, without committing the round it was training;
+/// the same command then goes on to a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_loop_commits_nothing_new_and_reveals_what_it_committed_before_ending() {
+    let dir = tempfile::tempdir().unwrap();
+    // A day-long epoch: only the admin call moves it, so a committed round waits for the test.
+    let net = localnet(&dir.path().join("node"), 86_400_000);
+    let client = net.client();
+
+    // In the first round's training: nothing staked, the last logged step saved.
+    let kp = Keypair::generate();
+    let run_dir = dir.path().join("training");
+    let mut child = common::KillOnDrop(
+        daemon_with_rounds_of(&run_dir, &net.args(), &kp.secret_hex(), 1, 100_000)
+            .args(["--checkpoint-minutes", "60"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut logs = Logs::of(&mut child.0);
+    let history = run_dir.join("history.jsonl");
+    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
+        std::fs::read_to_string(&history)
+            .ok()
+            .filter(|text| text.lines().count() >= 2)
+    });
+    interrupt(&child.0);
+    logs.wait_for("stopped as asked", COMMAND_DEADLINE);
+    let status = wait_for(&mut child.0, Duration::from_secs(60));
+    let text = logs.all();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(text.contains("training stopped after step"), "{text}");
+    let logged = std::fs::read_to_string(&history).unwrap().lines().count() as u64;
+    let saved: Vec<u64> = somatrain_train::checkpoint::list(&run_dir.join("checkpoints"))
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(
+        saved,
+        [logged],
+        "the last logged step is saved, and only it"
+    );
+    assert!(journal(&run_dir)["model_id"].is_null(), "no model created");
+    assert!(sent_by(&client, &kp.address()).await.is_empty());
+
+    // With a round committed: the loop stays up for its reveal, then ends.
+    let kp = Keypair::generate();
+    let run_dir = dir.path().join("committed");
+    let mut child = common::KillOnDrop(
+        daemon(&run_dir, &net.args(), &kp.secret_hex(), 3)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut logs = Logs::of(&mut child.0);
+    wait_for_commit(&run_dir);
+    interrupt(&child.0);
+    logs.wait_for("staying up to reveal it", Duration::from_secs(60));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the loop ended before its reveal:\n{}",
+        logs.seen
+    );
+    assert_eq!(advance(&client).await, 1);
+    let status = wait_for(&mut child.0, Duration::from_secs(60));
+    let text = logs.all();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(text.contains("stopped as asked"), "{text}");
+    let j = journal(&run_dir);
+    assert_eq!(j["rounds_revealed"], 1, "{j}");
+    assert!(j["pending"].is_null(), "{j}");
+    assert_eq!(j["phase"], "stopped", "{j}");
+    let sent: Vec<String> = sent_by(&client, &kp.address())
+        .await
+        .into_iter()
+        .map(|(kind, ok)| {
+            assert!(ok, "{kind} failed");
+            kind
+        })
+        .collect();
+    assert_eq!(sent, ["CreateModel", "CommitModel", "RevealModel"]);
+
+    // The same command goes on from there to a clean end.
+    let mut again = daemon(&run_dir, &net.args(), &kp.secret_hex(), 2)
+        .arg("--advance-epochs")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = Logs::of(&mut again);
+    let status = wait_for(&mut again, Duration::from_secs(150));
+    assert!(status.success(), "{}", logs.all());
+    assert_clean_end(&client, &run_dir, &kp, 2).await;
 }

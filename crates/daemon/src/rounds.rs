@@ -20,6 +20,11 @@
 //! round trains on a background thread while a commit waits for its window, so no training
 //! step ever delays a reveal either. The model is created only once the first round has
 //! trained and passed every check, so a run that diverges never stakes anything.
+//!
+//! A stop asked for while the loop runs (the train settings' [`somatrain_train::StopRequest`],
+//! set by `run`'s signal handler) ends it without costing the stake: the round in training
+//! stops after its step in progress with its checkpoint saved, nothing new is committed, and a
+//! round already committed is still revealed in its window before the loop ends.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,6 +158,7 @@ pub async fn run(
         gave_up: None,
         advanced_for: None,
         earnings_seen: None,
+        said_stop_waits: false,
     };
     rounds.start().await?;
     let result = rounds.drive().await;
@@ -183,6 +189,8 @@ struct Rounds<'a> {
     advanced_for: Option<u64>,
     /// When the filled targets were last listed for `earnings.json`.
     earnings_seen: Option<std::time::Instant>,
+    /// Whether the stop's wait for a reveal was announced.
+    said_stop_waits: bool,
 }
 
 impl Rounds<'_> {
@@ -219,7 +227,11 @@ impl Rounds<'_> {
                 // First, whatever else is going on.
                 RoundState::RevealWindowOpen { deadline_ms } => self.reveal(deadline_ms).await?,
                 RoundState::Committed { opens_ms } => {
-                    self.train_next_in_background();
+                    if self.stop_asked() {
+                        self.say_stop_waits_for_reveal(opens_ms);
+                    } else {
+                        self.train_next_in_background();
+                    }
                     self.observe_balance().await;
                     self.wait_for_window(opens_ms).await?;
                 }
@@ -235,13 +247,21 @@ impl Rounds<'_> {
                         self.publisher.check_model_committable().await?;
                     }
                 }
+                RoundState::Uploaded if self.stop_asked() => {
+                    tracing::info!(
+                        "round {} is uploaded but not committed; it is left for the next `run` \
+                         to commit, since a commit now would oblige a reveal next epoch",
+                        self.round()
+                    );
+                    return self.stop().await;
+                }
                 RoundState::Uploaded => {
                     self.publisher.commit_pending().await?;
                     self.metrics.count_commit();
                 }
                 RoundState::Idle => {
                     self.observe_balance().await;
-                    if !self.wanted(self.round()) {
+                    if self.stop_asked() || !self.wanted(self.round()) {
                         return self.stop().await;
                     }
                     let Some(trained) = self.train().await? else {
@@ -281,6 +301,27 @@ impl Rounds<'_> {
             Ok(summary) => self.metrics.observe_earnings(summary),
             Err(e) => tracing::warn!("recording the model's earnings: {e}"),
         }
+    }
+
+    fn stop_asked(&self) -> bool {
+        self.config.train.stop.requested()
+    }
+
+    /// Says once, when a stop is asked for with a round committed, that the loop stays up for
+    /// its reveal, and what a second signal would cost.
+    fn say_stop_waits_for_reveal(&mut self, opens_ms: u64) {
+        if self.said_stop_waits {
+            return;
+        }
+        self.said_stop_waits = true;
+        tracing::warn!(
+            "asked to stop: round {} is committed, and its reveal window opens in {:.0} s; \
+             staying up to reveal it, then stopping. Stopping now instead (a second signal) \
+             leaves the reveal to the next `somatrain run` or `somatrain reveal`, which must \
+             run before that window closes: a missed first reveal costs half the stake",
+            self.round(),
+            opens_ms.saturating_sub(now_ms()) as f64 / 1000.0
+        );
     }
 
     /// The round trained next: one past the last revealed.
@@ -324,7 +365,7 @@ impl Rounds<'_> {
     }
 
     /// Trains the round (or takes the one training already) and checks it is worth committing;
-    /// None when it is not, and more steps were asked for.
+    /// None when it is not, and more steps were asked for, or when a stop was asked for.
     async fn train(&mut self) -> Result<Option<RunSummary>, DaemonError> {
         let round = self.round();
         self.publisher.set_phase(Phase::Training)?;
@@ -342,9 +383,18 @@ impl Rounds<'_> {
                 }
             }
         };
-        let summary = summary
+        let summary = match summary
             .map_err(|e| DaemonError::Io(format!("the training thread failed: {e}")))?
-            .map_err(DaemonError::Train)?;
+        {
+            Err(TrainError::Stopped { step }) => {
+                tracing::info!(
+                    "round {round}: training stopped after step {step} as asked, its checkpoint \
+                     saved; the next `run` trains on from there"
+                );
+                return Ok(None);
+            }
+            other => other.map_err(DaemonError::Train)?,
+        };
         pause_point("trained");
         if let Some(h) = &summary.round.heldout {
             tracing::info!(
@@ -583,7 +633,8 @@ impl Rounds<'_> {
         Ok(())
     }
 
-    /// The rounds asked for are revealed: stop once their weights are served.
+    /// The rounds asked for are revealed, or a stop was asked for with no reveal due: stop once
+    /// the revealed weights are served.
     async fn stop(&mut self) -> Result<(), DaemonError> {
         if let Some(reupload) = &self.reupload {
             tracing::info!(
@@ -596,10 +647,15 @@ impl Rounds<'_> {
             self.settle_reupload().await?;
         }
         self.publisher.set_phase(Phase::Stopped)?;
-        tracing::info!(
-            "{} rounds revealed; stopping",
-            self.publisher.journal().rounds_revealed
-        );
+        let revealed = self.publisher.journal().rounds_revealed;
+        if self.stop_asked() {
+            tracing::info!(
+                "stopped as asked, with {revealed} rounds revealed and no reveal due; the same \
+                 command goes on from here"
+            );
+        } else {
+            tracing::info!("{revealed} rounds revealed; stopping");
+        }
         Ok(())
     }
 }

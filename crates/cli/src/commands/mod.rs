@@ -151,6 +151,43 @@ pub fn device_scorers(device: Device) -> Result<somatrain_submit::ScorerFactory>
     }))
 }
 
+/// On the first SIGINT or SIGTERM, logs `first` and asks `stop`: a training run finishes the
+/// step in progress, saves its checkpoint and ends (what a crash would lose, with checkpoints
+/// minutes apart on CUDA); `run`'s loop also reveals a committed round first. A second signal
+/// ends the process at once, as the first would have. The handlers are in place when this
+/// returns.
+pub fn stop_on_signals(stop: somatrain_train::StopRequest, first: &'static str) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal watcher")?;
+    let (mut interrupt, mut terminate) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("watching for SIGINT and SIGTERM")?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::warn!("{first}");
+            stop.request();
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            std::process::exit(130);
+        })
+    });
+    Ok(())
+}
+
 /// What makes the training engine of each round on `device` (`run`, `localnet-cycle`).
 pub fn device_engines(device: Device, bf16: bool) -> Result<somatrain_daemon::EngineFactory> {
     match device {

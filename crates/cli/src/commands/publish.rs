@@ -396,6 +396,12 @@ pub struct RunArgs {
 pub fn run_loop(args: RunArgs) -> Result<()> {
     let settings = args.training.settings(args.device)?;
     let engine = super::device_engines(args.device, args.bf16)?;
+    super::stop_on_signals(
+        settings.stop.clone(),
+        "asked to stop: the round in training stops after its step in progress with its \
+         checkpoint saved, nothing new is committed, and a committed round is revealed in its \
+         window first (again to stop at once)",
+    )?;
     runtime()?.block_on(async {
         let mut publisher = args.network.publisher(&args.run_dir)?;
         let new_model = args.model.new_model()?;

@@ -334,44 +334,6 @@ impl TrainingOptions {
     }
 }
 
-/// On the first SIGINT or SIGTERM, asks `stop`: the run finishes the step in progress, saves
-/// its checkpoint and ends (what a crash would lose, with checkpoints minutes apart on CUDA). A
-/// second signal ends the process at once, as the first would have. The handlers are in place
-/// when this returns.
-fn stop_on_signals(stop: somatrain_train::StopRequest) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal watcher")?;
-    let (mut interrupt, mut terminate) = runtime
-        .block_on(async {
-            Ok::<_, std::io::Error>((
-                signal(SignalKind::interrupt())?,
-                signal(SignalKind::terminate())?,
-            ))
-        })
-        .context("watching for SIGINT and SIGTERM")?;
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            tracing::warn!(
-                "stopping after the step in progress, once its checkpoint is saved (again to stop at once)"
-            );
-            stop.request();
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            std::process::exit(130);
-        })
-    });
-    Ok(())
-}
-
 /// The default `--checkpoint-minutes` on CUDA: a V1 checkpoint (14.5 GB read back and written)
 /// takes longer than a step there, so saving every step would spend most of the run on disk.
 const CUDA_CHECKPOINT_MINUTES: f64 = 10.0;
@@ -392,7 +354,10 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         (Some(n), None) => Until::MoreSteps(n),
         (None, None) => bail!("say how long to train: --steps N or --until-step N"),
     };
-    stop_on_signals(settings.stop.clone())?;
+    super::stop_on_signals(
+        settings.stop.clone(),
+        "stopping after the step in progress, once its checkpoint is saved (again to stop at once)",
+    )?;
     let mut progress = crate::progress::TrainProgress::new();
     let summary = somatrain_train::run_with(
         &args.run_dir,
