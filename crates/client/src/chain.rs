@@ -40,6 +40,12 @@ pub const CHECKPOINT_WAIT: Duration = Duration::from_secs(30);
 /// The deadline of every unary call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The deadline of a localnet admin service's calls. An epoch change answers only once the
+/// localnet's validators have fetched, checked and loaded every model revealed in the closing
+/// epoch, each within the network's fetch limit (30 s + 50 ns per byte: 272 s for V1's 4.84 GB),
+/// so with V1 weights it takes the better part of a minute or more, where [`CALL_TIMEOUT`] would
+/// give up on a close that is still working (and the close goes on without the caller).
+pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The largest reply accepted from any call but a system-state read. The network's largest
 /// legitimate replies of this kind: a page of 100 targets (each with its embedding, its models and
 /// a submitter's data URL, which the chain bounds only by the 256 KiB transaction size: about
@@ -296,7 +302,11 @@ impl ChainClient {
         let rpc = channel(&endpoints.rpc, timeout)?;
         let side = |url: &Option<String>| url.as_deref().map(|u| channel(u, timeout)).transpose();
         let faucet = side(&endpoints.faucet)?;
-        let admin = side(&endpoints.admin)?;
+        let admin = endpoints
+            .admin
+            .as_deref()
+            .map(|u| channel(u, timeout.max(ADMIN_CALL_TIMEOUT)))
+            .transpose()?;
         Ok(ChainClient {
             ledger: limits!(LedgerServiceClient::new(rpc.clone())),
             ledger_state: limits!(LedgerServiceClient::new(rpc.clone()), MAX_STATE_REPLY_BYTES),
