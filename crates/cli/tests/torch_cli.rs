@@ -362,6 +362,7 @@ fn libtorch_benches_report_the_optimizer_the_uploads_and_the_traffic() {
         let train = json(bench(&args));
         assert_eq!(train["bench"], "train");
         assert_eq!(train["optimizer"], optimizer, "{train}");
+        assert_eq!(train["bf16_weights"], "f32", "{train}");
         assert_eq!(train["batch_uploads"], "host", "{train}");
         assert!(train["tokens_per_s"].as_f64().unwrap() > 0.0, "{train}");
         assert!(train["mfu_f32"].as_f64().unwrap() > 0.0, "{train}");
@@ -373,6 +374,22 @@ fn libtorch_benches_report_the_optimizer_the_uploads_and_the_traffic() {
             "{train}"
         );
     }
+    // Mixed precision: bf16 copies of the weights by default, casts in every micro-batch to
+    // compare; the latter alone names what it needs.
+    for (made, extra) in [("copies", None), ("casts", Some("--bf16-casts"))] {
+        let mut args = vec!["train", "--seq-len", "64", "--bf16"];
+        args.extend(extra);
+        let train = json(bench(&args));
+        assert_eq!(train["precision"], "bf16", "{train}");
+        assert_eq!(train["bf16_weights"], made, "{train}");
+    }
+    let alone = bench(&["train", "--seq-len", "64", "--bf16-casts"]);
+    assert!(!alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("give --bf16 too"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
     let score = json(bench(&["score"]));
     assert_eq!(score["bench"], "score");
     assert_eq!(score["batch_uploads"], "host", "{score}");

@@ -1,6 +1,7 @@
 // The few libtorch operators the engine needs that tch does not bind: AdamW as one fused
 // multi-tensor kernel, the global gradient norm as one multi-tensor reduction, zeroing every
-// gradient at once, and a host-to-CUDA copy that does not wait for the device. Each entry point catches every C++ exception and returns its message
+// gradient at once, adding the gradients of bf16 weight copies into their f32 masters', and a
+// host-to-CUDA copy that does not wait for the device. Each entry point catches every C++ exception and returns its message
 // (malloc'd, freed by somatrain_free_message), or NULL on success.
 //
 // A tch tensor is a pointer to an at::Tensor (torch-sys's C_tensor), so tensors cross as
@@ -89,6 +90,29 @@ char *somatrain_global_norm(at::Tensor *const *tensors, size_t count, at::Tensor
 // Sets every tensor to zero in one multi-tensor kernel.
 char *somatrain_zero_all(at::Tensor *const *tensors, size_t count) {
     return guarded([&] { at::_foreach_zero_(gather(tensors, count)); });
+}
+
+// Adds the gradient each bf16 copy received into its f32 master's (set to it where the master
+// has none yet, as autograd would) and drops the copy's, which the next backward pass then
+// allocates afresh. The f32 sum of the bf16 values is what autograd computes when the master
+// is cast inside the graph, without the cast's f32 gradient in between.
+char *somatrain_accumulate_copy_grads(at::Tensor *const *masters, at::Tensor *const *copies,
+                                      size_t count) {
+    return guarded([&] {
+        for (size_t i = 0; i < count; ++i) {
+            at::Tensor &copy_grad = copies[i]->mutable_grad();
+            if (!copy_grad.defined()) {
+                continue;
+            }
+            at::Tensor &master_grad = masters[i]->mutable_grad();
+            if (master_grad.defined()) {
+                master_grad.add_(copy_grad);
+            } else {
+                master_grad = copy_grad.to(masters[i]->scalar_type());
+            }
+            copy_grad.reset();
+        }
+    });
 }
 
 // A copy of a host tensor on CUDA device `device_index` in *out, queued on the device's current

@@ -1,6 +1,7 @@
 //! Multi-tensor libtorch operators that tch does not bind, through `cpp/optimizer.cpp`: AdamW
 //! as one fused kernel (`_fused_adamw_`), the global norm as one reduction (`_foreach_norm`)
-//! and zeroing every gradient at once (`_foreach_zero_`); and a host-to-CUDA copy from
+//! and zeroing every gradient at once (`_foreach_zero_`); adding the gradients of bf16 weight
+//! copies into their f32 masters' ([`accumulate_copy_grads`]); and a host-to-CUDA copy from
 //! page-locked memory that does not wait for the device ([`queued_upload`]). The per-tensor
 //! loop these replace launches a dozen kernels for each of V1's parameter tensors, and reads
 //! and writes each tensor once per kernel; the fused AdamW reads every parameter, gradient and
@@ -36,6 +37,11 @@ unsafe extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn somatrain_zero_all(tensors: *const *mut C_tensor, count: usize) -> *mut c_char;
+    fn somatrain_accumulate_copy_grads(
+        masters: *const *mut C_tensor,
+        copies: *const *mut C_tensor,
+        count: usize,
+    ) -> *mut c_char;
     fn somatrain_queued_upload(
         host: *const C_tensor,
         device_index: i32,
@@ -136,6 +142,17 @@ pub fn zero_all(tensors: &[Tensor]) -> Result<(), String> {
     let list = pointers(tensors);
     // SAFETY: live tensors, `list.len()` of them.
     answer(unsafe { somatrain_zero_all(list.as_ptr(), list.len()) })
+}
+
+/// Adds each copy's gradient into its master's `.grad` (in the master's precision, setting it
+/// where it has none) and drops the copy's. Copies without a gradient are skipped.
+pub fn accumulate_copy_grads(masters: &[Tensor], copies: &[Tensor]) -> Result<(), String> {
+    assert_eq!(masters.len(), copies.len(), "one copy per master");
+    let (masters, copies) = (pointers(masters), pointers(copies));
+    // SAFETY: live tensors, `masters.len()` of each.
+    answer(unsafe {
+        somatrain_accumulate_copy_grads(masters.as_ptr(), copies.as_ptr(), masters.len())
+    })
 }
 
 /// `host` copied to CUDA device `index`, queued behind the device's earlier work without the host

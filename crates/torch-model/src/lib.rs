@@ -244,6 +244,12 @@ pub struct TorchModel {
     /// dropout) in bf16; the residual stream, LayerNorm, RoPE, the loss and the weights in f32.
     bf16: bool,
     params: Vec<Tensor>,
+    /// In bf16 training, bf16 copies of the linears' weights and biases, by parameter index,
+    /// cast once per optimizer step ([`TorchModel::cast_bf16_copies`]) where autocast casts
+    /// them in every micro-batch's forward pass. Autograd gives the copies their gradients;
+    /// [`TorchModel::accumulate_copy_gradients`] adds those into the f32 masters'. Empty: each
+    /// linear casts its f32 parameters where it uses them.
+    bf16_copies: Vec<Option<Tensor>>,
     timescales: Vec<f32>,
     /// cos and sin of every position below its row count, `[rows, head_dim / 2]`.
     rope: Mutex<Option<(usize, Tensor, Tensor)>>,
@@ -268,6 +274,9 @@ impl DeviceBatch {
 
 /// Indices of one layer's parameters in the canonical order.
 const PER_LAYER: usize = 16;
+/// Where a layer's linear weights and biases sit among its parameters: q, k, v, the attention
+/// output, and the MLP's two.
+const LINEAR_OFFSETS: [usize; 12] = [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15];
 
 /// Dropout of a training pass: the rate on every site, and libtorch's generator seeded for
 /// this micro-batch.
@@ -293,6 +302,7 @@ impl TorchModel {
             device,
             bf16: false,
             params,
+            bf16_copies: Vec::new(),
             timescales: rope_timescales(weights.config.head_dim()),
             rope: Mutex::new(None),
         }
@@ -336,22 +346,78 @@ impl TorchModel {
         Ok(())
     }
 
-    /// `x · weight + bias`. Under bf16 the product and the bias add are one bf16 GEMM (the
-    /// bias in its epilogue) and the result stays bf16, as autocast leaves it, so the branch
-    /// activations after it (attention inputs, GELU, dropout) move half the bytes; adding a
-    /// branch into the f32 residual stream promotes it back.
-    fn linear(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+    /// `x · params[weight] + params[bias]`. Under bf16 the product and the bias add are one
+    /// bf16 GEMM (the bias in its epilogue) and the result stays bf16, as autocast leaves it, so
+    /// the branch activations after it (attention inputs, GELU, dropout) move half the bytes;
+    /// adding a branch into the f32 residual stream promotes it back.
+    fn linear(&self, x: &Tensor, weight: usize, bias: usize) -> Tensor {
+        let p = &self.params;
         if self.bf16 {
-            let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+            let bf16 = |i: usize| match self.bf16_copies.get(i) {
+                Some(Some(copy)) => copy.shallow_clone(),
+                _ => p[i].to_kind(Kind::BFloat16),
+            };
             let mut shape = x.size();
             let inputs = *shape.last().expect("a linear's input has a last dimension");
-            let rows = x.reshape([-1, inputs]);
-            let out = bf16(bias).addmm(&bf16(&rows), &bf16(weight));
-            *shape.last_mut().expect("as above") = weight.size()[1];
+            let rows = x.reshape([-1, inputs]).to_kind(Kind::BFloat16);
+            let out = bf16(bias).addmm(&rows, &bf16(weight));
+            *shape.last_mut().expect("as above") = p[weight].size()[1];
             out.reshape(shape)
         } else {
-            x.matmul(weight) + bias
+            x.matmul(&p[weight]) + &p[bias]
         }
+    }
+
+    /// The indices of the linears' weights and biases (the parameters bf16 copies stand for).
+    fn linear_parameters(&self) -> Vec<usize> {
+        (0..self.config.num_layers)
+            .flat_map(|layer| {
+                let first = 1 + layer * PER_LAYER;
+                LINEAR_OFFSETS.map(|offset| first + offset)
+            })
+            .collect()
+    }
+
+    /// Casts the bf16 copies of the linears' parameters afresh from the f32 masters (after an
+    /// optimizer step changed them), as leaves autograd gives gradients to; a model without
+    /// bf16 gets none. The old copies are dropped first, so the device never holds two sets.
+    pub(crate) fn cast_bf16_copies(&mut self) {
+        self.bf16_copies.clear();
+        if !self.bf16 {
+            return;
+        }
+        let mut copies: Vec<Option<Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        tch::no_grad(|| {
+            for i in self.linear_parameters() {
+                let copy = self.params[i].detach().to_kind(Kind::BFloat16);
+                copies[i] = Some(copy.set_requires_grad(true));
+            }
+        });
+        self.bf16_copies = copies;
+    }
+
+    /// Whether the linears use bf16 copies cast once per optimizer step.
+    pub fn has_bf16_copies(&self) -> bool {
+        !self.bf16_copies.is_empty()
+    }
+
+    /// Adds the gradients the bf16 copies received in the last backward pass into their f32
+    /// masters' `.grad` (f32 sums of the bf16 values, what autograd computes through a cast in
+    /// the graph) and drops the copies'. Nothing to do without copies.
+    pub(crate) fn accumulate_copy_gradients(&self) -> Result<(), String> {
+        let (masters, copies): (Vec<Tensor>, Vec<Tensor>) = self
+            .bf16_copies
+            .iter()
+            .zip(&self.params)
+            .filter_map(|(copy, master)| {
+                copy.as_ref()
+                    .map(|copy| (master.shallow_clone(), copy.shallow_clone()))
+            })
+            .unzip();
+        if masters.is_empty() {
+            return Ok(());
+        }
+        crate::fused::accumulate_copy_grads(&masters, &copies)
     }
 
     fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
@@ -435,12 +501,13 @@ impl TorchModel {
         let p = &self.params;
         let mut x = Tensor::embedding(&p[0], tokens, -1, false, false);
         for layer in 0..c.num_layers {
-            let w = &p[1 + layer * PER_LAYER..1 + (layer + 1) * PER_LAYER];
+            let first = 1 + layer * PER_LAYER;
+            let w = &p[first..first + PER_LAYER];
             let h = self.layer_norm(&x, &w[0], &w[1]);
             let split = |y: Tensor| y.reshape([b, t, heads, hd]).transpose(1, 2);
-            let q = rope(split(self.linear(&h, &w[2], &w[3])));
-            let k = rope(split(self.linear(&h, &w[4], &w[5])));
-            let v = split(self.linear(&h, &w[6], &w[7]));
+            let q = rope(split(self.linear(&h, first + 2, first + 3)));
+            let k = rope(split(self.linear(&h, first + 4, first + 5)));
+            let v = split(self.linear(&h, first + 6, first + 7));
             let attention_kind = if self.bf16 {
                 Kind::BFloat16
             } else {
@@ -460,10 +527,10 @@ impl TorchModel {
             .transpose(1, 2)
             .reshape([b, t, heads * hd]);
             // Not `+=`: that adds in place into a tensor autograd saved for LayerNorm.
-            x = &x + drop(self.linear(&ctx, &w[8], &w[9]));
+            x = &x + drop(self.linear(&ctx, first + 8, first + 9));
             let h = self.layer_norm(&x, &w[10], &w[11]);
-            let act = drop(self.linear(&h, &w[12], &w[13]).gelu("none"));
-            x = &x + drop(self.linear(&act, &w[14], &w[15]));
+            let act = drop(self.linear(&h, first + 12, first + 13).gelu("none"));
+            x = &x + drop(self.linear(&act, first + 14, first + 15));
         }
         let n = p.len();
         let reps = self.layer_norm(&x, &p[n - 4], &p[n - 3]);

@@ -232,6 +232,48 @@ fn bf16_keeps_loss_and_gradients_close_to_f32() {
     }
 }
 
+/// bf16 copies of the linears' weights, cast once per optimizer step with their gradients
+/// added into the f32 masters', compute what casts inside every micro-batch's graph compute:
+/// three steps of two micro-batches with dropout end with the same losses and the same
+/// weights, bit for bit; and both are bf16 runs, not the f32 one.
+#[test]
+fn bf16_copies_train_exactly_as_casts_in_every_micro_batch() {
+    let settings = settings(0.1);
+    let device = common::device();
+    let run = |bf16: Option<bool>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = TorchEngine::new(device);
+        if let Some(copies) = bf16 {
+            engine = engine.with_bf16(true).unwrap().with_bf16_copies(copies);
+        }
+        let expected = match bf16 {
+            None => "f32",
+            Some(true) => "copies",
+            Some(false) => "casts",
+        };
+        assert_eq!(engine.bf16_weights(), expected);
+        let (losses, weights, _) = train(dir.path(), &settings, 3, &mut engine);
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        (losses, weights)
+    };
+    let (cast_losses, cast_weights) = run(Some(false));
+    let (copy_losses, copy_weights) = run(Some(true));
+    assert_eq!(copy_losses.len(), 3);
+    assert_eq!(copy_losses, cast_losses);
+    for ((name, a), (_, b)) in copy_weights
+        .tensors()
+        .into_iter()
+        .zip(cast_weights.tensors())
+    {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs"
+        );
+    }
+    let (f32_losses, _) = run(None);
+    assert_ne!(f32_losses, copy_losses, "bf16 products change the rounding");
+}
+
 /// The optimizer state stays on the device between steps and comes back whole on sync.
 #[test]
 fn weights_and_moments_come_back_on_sync() {

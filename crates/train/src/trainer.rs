@@ -559,6 +559,13 @@ pub trait GradientEngine {
         "host"
     }
 
+    /// How a mixed-precision engine makes its bf16 weights, for reports: `copies` cast once
+    /// per optimizer step, or `casts` inside every micro-batch; `f32` where the products run
+    /// in f32 (the default).
+    fn bf16_weights(&self) -> &'static str {
+        "f32"
+    }
+
     /// Bytes and time moved between host and device so far, for engines on a device.
     fn transfers(&self) -> Option<TransferStats> {
         None

@@ -142,6 +142,10 @@ pub struct TrainBenchArgs {
     /// On a libtorch device, AdamW tensor by tensor instead of the fused kernel (to compare).
     #[arg(long)]
     per_tensor_optimizer: bool,
+    /// With --bf16, cast the f32 weights to bf16 inside every micro-batch, as autocast does,
+    /// instead of bf16 copies made once per optimizer step (to compare).
+    #[arg(long)]
+    bf16_casts: bool,
 }
 
 #[derive(Args)]
@@ -558,12 +562,19 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     let batch = somatrain_data::batches(&data, args.seq_len, args.micro_batch)
         .next()
         .expect("one batch");
+    if args.bf16_casts && !args.bf16 {
+        bail!("--bf16-casts compares two ways of making bf16 weights: give --bf16 too");
+    }
     let mut engine: Box<dyn somatrain_train::GradientEngine> = match args.device {
         Device::Cpu => Box::new(TrainPass::new()),
-        other if args.per_tensor_optimizer => {
-            super::device_gradient_engine_per_tensor(other, args.bf16)?
-        }
-        other => super::device_gradient_engine(other, args.bf16)?,
+        other => super::device_gradient_engine_variant(
+            other,
+            args.bf16,
+            super::EngineVariant {
+                fused_optimizer: !args.per_tensor_optimizer,
+                bf16_copies: !args.bf16_casts,
+            },
+        )?,
     };
     engine.start_run();
     // One optimizer step: its loss, and the seconds spent in the micro-batches and in the
@@ -646,6 +657,7 @@ fn bench_train(args: TrainBenchArgs) -> Result<()> {
     report["precision"] = serde_json::json!(if args.bf16 { "bf16" } else { "f32" });
     // After the steps: a fused optimizer that libtorch refused reads "per-tensor".
     report["optimizer"] = serde_json::json!(engine.optimizer_kind());
+    report["bf16_weights"] = serde_json::json!(engine.bf16_weights());
     // After the steps too: "waiting" where libtorch refused to queue a batch's copy.
     report["batch_uploads"] = serde_json::json!(super::batch_uploads(args.device));
     report["micro_batch"] = serde_json::json!(args.micro_batch);

@@ -124,16 +124,38 @@ pub fn device_gradient_engine(
     device: Device,
     bf16: bool,
 ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    torch_path::engine(device, bf16, true)
+    torch_path::engine(device, bf16, EngineVariant::default())
 }
 
-/// [`device_gradient_engine`] with AdamW tensor by tensor instead of libtorch's fused kernel
-/// (`bench train --per-tensor-optimizer`, to compare the two).
-pub fn device_gradient_engine_per_tensor(
+/// The ways of running a libtorch training step that `bench train` compares; the default is
+/// what every other command runs.
+#[derive(Debug, Clone, Copy)]
+// Read only by the libtorch engine, which a build without the feature does not have.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+pub struct EngineVariant {
+    /// AdamW through libtorch's fused kernel, else tensor by tensor.
+    pub fused_optimizer: bool,
+    /// Under bf16, bf16 copies of the weights made once per optimizer step, else casts inside
+    /// every micro-batch (as autocast does).
+    pub bf16_copies: bool,
+}
+
+impl Default for EngineVariant {
+    fn default() -> Self {
+        EngineVariant {
+            fused_optimizer: true,
+            bf16_copies: true,
+        }
+    }
+}
+
+/// [`device_gradient_engine`] in another [`EngineVariant`] (`bench train`, to compare).
+pub fn device_gradient_engine_variant(
     device: Device,
     bf16: bool,
+    variant: EngineVariant,
 ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    torch_path::engine(device, bf16, false)
+    torch_path::engine(device, bf16, variant)
 }
 
 /// What makes scorers on `device` for the submitter's weights cache and the localnet's scoring
@@ -263,12 +285,22 @@ mod torch_path {
     pub fn engine(
         device: Device,
         bf16: bool,
-        fused: bool,
+        variant: super::EngineVariant,
     ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-        let engine =
-            somatrain_torch::train::TorchEngine::new(open(device)?).with_fused_optimizer(fused);
+        let (fused, copies) = (variant.fused_optimizer, variant.bf16_copies);
+        let engine = somatrain_torch::train::TorchEngine::new(open(device)?)
+            .with_fused_optimizer(fused)
+            .with_bf16_copies(copies);
         tracing::info!(
-            "training with libtorch autograd (bf16 products: {bf16}, fused AdamW: {fused})"
+            "training with libtorch autograd (bf16 products: {bf16}, fused AdamW: {fused}{})",
+            if bf16 {
+                format!(
+                    ", bf16 weights: {}",
+                    if copies { "copies" } else { "casts" }
+                )
+            } else {
+                String::new()
+            }
         );
         Ok(Box::new(engine.with_bf16(bf16)?))
     }
@@ -313,7 +345,7 @@ mod torch_path {
     pub fn engine(
         device: Device,
         _bf16: bool,
-        _fused: bool,
+        _variant: super::EngineVariant,
     ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
         Err(missing(device))
     }
