@@ -677,6 +677,73 @@ async fn a_reveal_refused_for_good_stops_the_loop_instead_of_retrying() {
     );
 }
 
+/// SIGINT to `localnet-cycle` in its first round's training: that step's checkpoint saved, the
+/// cycle ended there (exit 0), and the same command then goes on to an active model.
+#[test]
+fn an_interrupted_localnet_cycle_saves_its_step_and_goes_on_when_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cycle = |steps: &str| {
+        let mut cmd = bin();
+        cmd.args(["localnet-cycle", "--dir", dir.path().to_str().unwrap()])
+            .args(["--preset", "tiny", "--seq-len", "64"])
+            .args(["--corpus-dir", common::sources().to_str().unwrap()])
+            .args(["--steps-per-round", steps, "--rounds", "1"]);
+        cmd
+    };
+    let mut child = common::KillOnDrop(
+        cycle("100000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let logs = Logs::of(&mut child.0);
+    let run_dir = dir.path().join("run");
+    let history = run_dir.join("history.jsonl");
+    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
+        if let Some(ended) = child.0.try_wait().unwrap() {
+            panic!("the cycle ended before training: {ended:?}");
+        }
+        std::fs::read_to_string(&history)
+            .ok()
+            .filter(|text| text.lines().count() >= 2)
+    });
+    interrupt(&child.0);
+    let status = wait_for(&mut child.0, Duration::from_secs(120));
+    let mut stdout = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let stderr = logs.all();
+    assert!(status.success(), "{status:?}\n{stdout}\n{stderr}");
+    assert!(stdout.contains("stopped as asked"), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("model active"), "{stdout}");
+    let logged = std::fs::read_to_string(&history).unwrap().lines().count() as u64;
+    let newest = somatrain_train::checkpoint::list(&run_dir.join("checkpoints"))
+        .into_iter()
+        .map(|(step, _)| step)
+        .max();
+    assert_eq!(newest, Some(logged), "the last logged step is saved");
+
+    // Round 1 is already past 2 steps: the next invocation commits what was trained.
+    let again = cycle("2").output_within(COMMAND_DEADLINE).unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(
+        again.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(stdout.contains("model active"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("last round 1: step {logged}")),
+        "{stdout}"
+    );
+}
+
 /// A child's stderr, line by line, as it comes, kept whole for the failure messages.
 struct Logs {
     lines: std::sync::mpsc::Receiver<String>,

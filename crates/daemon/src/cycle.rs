@@ -95,7 +95,9 @@ pub struct Cycle {
 }
 
 /// Runs the cycle: fund, the rounds, the model checked active, the submitter's side, the
-/// balances. A model that does not end active is an error.
+/// balances. A model that does not end active is an error. A stop asked for through the train
+/// settings ends the rounds as `run` ends them (a committed round revealed first), and the
+/// cycle there, or between the submitter's chunks before anything is submitted.
 pub async fn run(cycle: Cycle, report: &mut dyn FnMut(String)) -> Result<(), DaemonError> {
     let Cycle { chain, keypair, .. } = &cycle;
     let stake = SHANNONS_PER_SOMA;
@@ -131,6 +133,10 @@ pub async fn run(cycle: Cycle, report: &mut dyn FnMut(String)) -> Result<(), Dae
     crate::rounds::run(&mut publisher, &config, Arc::new(Metrics::default())).await?;
     for line in loop_summary(chain, publisher.journal()).await? {
         report(line);
+    }
+    if cycle.train.stop.requested() {
+        report("stopped as asked, with no reveal due; the same command goes on from here".into());
+        return Ok(());
     }
     let model_id = publisher
         .journal()
@@ -239,6 +245,13 @@ async fn economy(
         somatrain_submit::ModelCache::with_scorers(&cycle.cache_dir, cycle.scorers.clone());
     let mut candidates = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
+        if cycle.train.stop.requested() {
+            report(format!(
+                "stopped as asked after scoring {i} of {} chunks; nothing submitted",
+                chunks.len()
+            ));
+            return Ok(());
+        }
         let scores =
             somatrain_submit::score_with_models(chain, &mut cache, &[model_id], chunk).await?;
         for target in &targets {

@@ -581,6 +581,12 @@ pub fn run_cycle(args: CycleArgs) -> Result<()> {
     };
     let engine = super::device_engines(args.device, args.bf16)?;
     let scorers = super::device_scorers(args.device)?;
+    super::stop_on_signals(
+        settings.stop.clone(),
+        "asked to stop: the round in training stops after its step in progress with its \
+         checkpoint saved, a committed round is revealed first, and the cycle ends there \
+         (again to stop at once)",
+    )?;
     runtime()?.block_on(async move {
         let blob_listener = bind_cycle_port(&node_dir, args.port).await?;
         let ports = super::localnet::loopback_ports();
