@@ -700,15 +700,8 @@ fn an_interrupted_localnet_cycle_saves_its_step_and_goes_on_when_run_again() {
     let logs = Logs::of(&mut child.0);
     let run_dir = dir.path().join("run");
     let history = run_dir.join("history.jsonl");
-    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
-        if let Some(ended) = child.0.try_wait().unwrap() {
-            panic!("the cycle ended before training: {ended:?}");
-        }
-        std::fs::read_to_string(&history)
-            .ok()
-            .filter(|text| text.lines().count() >= 2)
-    });
-    interrupt(&child.0);
+    common::wait_for_logged_steps(&mut child.0, &run_dir, 2);
+    common::interrupt(&child.0);
     let status = wait_for(&mut child.0, Duration::from_secs(120));
     let mut stdout = String::new();
     child
@@ -799,14 +792,6 @@ impl Logs {
     }
 }
 
-fn interrupt(child: &Child) {
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-}
-
 /// SIGINT to `run` costs nothing: in training, the round stops at its step with the checkpoint
 /// saved and nothing is sent to the chain; with a round committed, the loop stays up until the
 /// window opens, reveals, and only then ends, without committing the round it was training;
@@ -830,12 +815,8 @@ async fn an_interrupted_loop_commits_nothing_new_and_reveals_what_it_committed_b
     );
     let mut logs = Logs::of(&mut child.0);
     let history = run_dir.join("history.jsonl");
-    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
-        std::fs::read_to_string(&history)
-            .ok()
-            .filter(|text| text.lines().count() >= 2)
-    });
-    interrupt(&child.0);
+    common::wait_for_logged_steps(&mut child.0, &run_dir, 2);
+    common::interrupt(&child.0);
     logs.wait_for("stopped as asked", COMMAND_DEADLINE);
     let status = wait_for(&mut child.0, Duration::from_secs(60));
     let text = logs.all();
@@ -865,7 +846,7 @@ async fn an_interrupted_loop_commits_nothing_new_and_reveals_what_it_committed_b
     );
     let mut logs = Logs::of(&mut child.0);
     wait_for_commit(&run_dir);
-    interrupt(&child.0);
+    common::interrupt(&child.0);
     logs.wait_for("staying up to reveal it", Duration::from_secs(60));
     assert!(
         child.0.try_wait().unwrap().is_none(),

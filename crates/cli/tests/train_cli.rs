@@ -257,26 +257,24 @@ fn an_interrupted_run_saves_its_step_before_it_ends_and_resumes_from_it() {
             .spawn()
             .unwrap(),
     );
-    let history = run.join("history.jsonl");
-    common::wait_until(COMMAND_DEADLINE, "a first step in history.jsonl", || {
-        std::fs::read_to_string(&history)
-            .ok()
-            .filter(|text| text.lines().count() >= 2)
+    // Drained as it comes: a full pipe would block the run's logging.
+    let mut pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut text).unwrap();
+        text
     });
+    let history = run.join("history.jsonl");
+    common::wait_for_logged_steps(&mut child, &run, 2);
     assert!(
         checkpoint_steps(&run).is_empty(),
         "no checkpoint is due yet"
     );
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    common::interrupt(&child);
     let status = common::wait_until(COMMAND_DEADLINE, "the interrupted run to end", || {
         child.try_wait().unwrap()
     });
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr.join().unwrap();
     assert!(status.success(), "{status:?}\n{stderr}");
     assert!(
         stderr.contains("as asked, with its checkpoint saved"),

@@ -387,6 +387,29 @@ pub fn wait_until<T>(
     }
 }
 
+/// Sends SIGINT to `child`, as Ctrl-C does.
+pub fn interrupt(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -INT {}", child.id());
+}
+
+/// Waits until `run_dir`'s `history.jsonl` holds at least `steps` steps, failing if `child`
+/// ends first or [`COMMAND_DEADLINE`] passes.
+pub fn wait_for_logged_steps(child: &mut Child, run_dir: &Path, steps: usize) {
+    let history = run_dir.join("history.jsonl");
+    wait_until(COMMAND_DEADLINE, "steps in history.jsonl", || {
+        if let Some(ended) = child.try_wait().unwrap() {
+            panic!("the process ended before logging {steps} steps: {ended:?}");
+        }
+        std::fs::read_to_string(&history)
+            .ok()
+            .filter(|text| text.lines().count() >= steps)
+    });
+}
+
 /// The fees `sender` paid for its executed transactions of `kind`, from their effects.
 pub async fn sent_fees(
     chain: &somatrain_client::chain::ChainClient,
