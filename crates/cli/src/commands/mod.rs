@@ -124,7 +124,20 @@ pub fn device_gradient_engine(
     device: Device,
     bf16: bool,
 ) -> Result<Box<dyn somatrain_train::GradientEngine>> {
-    torch_path::engine(device, bf16, EngineVariant::default())
+    let engine = torch_path::engine(device, bf16, EngineVariant::default())?;
+    if let Device::Cuda(_) = device
+        && !bf16
+    {
+        static TOLD: std::sync::Once = std::sync::Once::new();
+        TOLD.call_once(|| {
+            tracing::warn!(
+                "training in f32 on CUDA: a GPU's tensor cores multiply in bf16 many times \
+                 faster (an H100: 989 against 67 TFLOP/s); --bf16 trains with f32 master \
+                 weights, gradients and moments"
+            )
+        });
+    }
+    Ok(engine)
 }
 
 /// The ways of running a libtorch training step that `bench train` compares; the default is
