@@ -249,7 +249,7 @@ impl Rounds<'_> {
                 }
                 RoundState::Uploaded if self.stop_asked() => {
                     tracing::info!(
-                        "round {} is uploaded but not committed; it is left for the next `run` \
+                        "round {} is uploaded but not committed; it is left for the same command \
                          to commit, since a commit now would oblige a reveal next epoch",
                         self.round()
                     );
@@ -389,7 +389,7 @@ impl Rounds<'_> {
             Err(TrainError::Stopped { step }) => {
                 tracing::info!(
                     "round {round}: training stopped after step {step} as asked, its checkpoint \
-                     saved; the next `run` trains on from there"
+                     saved; the same command trains on from there"
                 );
                 return Ok(None);
             }
