@@ -148,6 +148,10 @@ impl TorchEngine {
             drop(moments_room);
             fits
         });
+        // What a failed try left in the bf16 copies goes to the masters, zeroed with theirs.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.accumulate_copy_gradients()
+        }));
         tch::no_grad(|| {
             for p in model.parameters() {
                 let grad = p.grad();
