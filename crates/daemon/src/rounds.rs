@@ -22,9 +22,10 @@
 //! trained and passed every check, so a run that diverges never stakes anything.
 //!
 //! A stop asked for while the loop runs (the train settings' [`somatrain_train::StopRequest`],
-//! set by `run`'s signal handler) ends it without costing the stake: the round in training
-//! stops after its step in progress with its checkpoint saved, nothing new is committed, and a
-//! round already committed is still revealed in its window before the loop ends.
+//! set by the signal handler of `run` and `localnet-cycle`) ends it without costing the stake:
+//! the round in training stops after its step in progress with its checkpoint saved, nothing
+//! new is committed, and a round already committed is still revealed in its window before the
+//! loop ends.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,7 +6,8 @@
 //! (`scaled_dot_product_attention` for attention, so CUDA runs its flash kernel in bf16), the
 //! scorer ([`TorchModel`] as a [`BatchScorer`]) and the trainer's engine ([`train::TorchEngine`]:
 //! autograd, AdamW on the device through libtorch's fused kernel, which tch does not bind:
-//! [`fused`] calls it through `cpp/optimizer.cpp`), and reading a CUDA device's memory
+//! [`fused`] calls it through `cpp/optimizer.cpp`; under bf16 the linears' bf16 weight copies,
+//! made once per optimizer step), and reading a CUDA device's memory
 //! ([`memory`]). The scoring procedure's host parts (cross-entropy, SIGReg
 //! and the embedding of the scorer's read-back outputs, the RoPE tables, the noise) come from
 //! `somatrain-model` and `somatrain-noise`, so this path is held to the same conformance cases as
