@@ -390,6 +390,25 @@ fn libtorch_benches_report_the_optimizer_the_uploads_and_the_traffic() {
         "{}",
         String::from_utf8_lossy(&alone.stderr)
     );
+    // The host's part of a libtorch step, measured on libtorch's CPU.
+    let host = json(
+        common::bin()
+            .args(["bench", "host", "--preset", "tiny", "--runs", "1"])
+            .output_within(COMMAND_DEADLINE)
+            .unwrap(),
+    );
+    let dispatch = &host["libtorch_dispatch"];
+    assert_eq!(dispatch["layers"], 2, "{host}");
+    for dropout in ["dropout_0.1", "dropout_0"] {
+        for variant in ["f32", "bf16", "bf16_casts"] {
+            let measured = &dispatch[dropout][variant];
+            assert!(
+                measured["micro_batch_s"].as_f64().unwrap() > 0.0
+                    && measured["optimizer_step_s"].as_f64().unwrap() > 0.0,
+                "{dropout} {variant}: {host}"
+            );
+        }
+    }
     let score = json(bench(&["score"]));
     assert_eq!(score["bench"], "score");
     assert_eq!(score["batch_uploads"], "host", "{score}");

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use somatrain_model::score::{ScoreOptions, score_data};
-use somatrain_model::{Preset, Weights};
+use somatrain_model::{ModelConfig, Preset, Weights};
 
 use somatrain_train::trainer::peak_rss_bytes;
 
@@ -746,6 +746,13 @@ fn bench_host(args: HostBenchArgs) -> Result<()> {
             std::hint::black_box(drop.dropped(per_layer));
         }
     });
+    let dispatch = match libtorch_graph_dispatch(config, args.runs) {
+        Ok(measured) => measured,
+        Err(e) => {
+            eprintln!("libtorch's dispatch is not measured: {e:#}");
+            serde_json::Value::Null
+        }
+    };
     let report = serde_json::json!({
         "bench": "host",
         "preset": args.preset.to_string(),
@@ -758,6 +765,7 @@ fn bench_host(args: HostBenchArgs) -> Result<()> {
         },
         "per_step_s": { "sigreg_projections": noise },
         "per_run_s": { "rope_rows_for_1024_positions": rope },
+        "libtorch_dispatch": dispatch,
         "replaced": {
             "host_dropout_masks_per_micro_batch_s": host_masks,
             "mask_elements_per_micro_batch": mask_elements,
@@ -766,6 +774,93 @@ fn bench_host(args: HostBenchArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The host's own work per micro-batch and per optimizer step of `config`'s op graph on a
+/// libtorch device, measured on libtorch's CPU with the same layers and heads at a width and
+/// length so small (8 per head, 8 tokens) that the arithmetic is negligible: what remains is
+/// dispatching each op, autograd's bookkeeping and allocation, which a GPU's host pays as well
+/// (before the driver's launch of each kernel). f32, bf16 (with the weights' bf16 copies) and
+/// bf16 with casts in every micro-batch; each with dropout 0.1, where libtorch's CPU attention
+/// falls back to its unfused kernel (more ops than CUDA's flash kernel, which takes dropout
+/// inside), and with dropout 0 (fused attention, as on CUDA, but without the three other
+/// dropout ops a layer has there). Medians of `runs` steps of 4 micro-batches.
+fn libtorch_graph_dispatch(config: ModelConfig, runs: usize) -> Result<serde_json::Value> {
+    use somatrain_model::config::SIGREG_SLICES;
+    use somatrain_model::cpu::train::TrainOptions;
+    let shape = ModelConfig {
+        embedding_dim: 8 * config.num_heads,
+        pwff_hidden_dim: 32 * config.num_heads,
+        ..config
+    };
+    let (seq_len, micro_batch, accumulation) = (8, 1, 4);
+    let data: Vec<u8> = (0..(seq_len * micro_batch) as u32)
+        .map(|i| (i * 37 + 11) as u8)
+        .collect();
+    let batch = somatrain_data::batches(&data, seq_len, micro_batch)
+        .next()
+        .expect("one batch");
+    let noise = somatrain_noise::unit_column_noise(1, shape.embedding_dim, SIGREG_SLICES);
+    let optim = somatrain_train::optim::OptimConfig::default();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut report = serde_json::json!({
+        "layers": shape.num_layers,
+        "heads": shape.num_heads,
+        "measured_on": "libtorch's CPU, 8 tokens of width 8 per head",
+    });
+    for (dropout, label) in [(0.1f32, "dropout_0.1"), (0.0, "dropout_0")] {
+        for (name, bf16, bf16_copies) in [
+            ("f32", false, true),
+            ("bf16", true, true),
+            ("bf16_casts", true, false),
+        ] {
+            let variant = super::EngineVariant {
+                bf16_copies,
+                ..Default::default()
+            };
+            let mut engine =
+                super::device_gradient_engine_variant(Device::TorchCpu, bf16, variant)?;
+            engine.start_run();
+            let mut weights = Weights::init(shape, 7);
+            let mut adam = somatrain_train::optim::AdamState::new(&weights);
+            let mut grads = Weights::zeros(shape);
+            let (mut micro, mut optimizer) = (Vec::new(), Vec::new());
+            // One warm-up step, then `runs` timed ones.
+            for step in 0..=runs as u64 {
+                let mut outputs = Vec::new();
+                for m in 0..accumulation as u64 {
+                    let options = TrainOptions {
+                        dropout,
+                        dropout_key: step * accumulation as u64 + m,
+                        grad_scale: 1.0 / accumulation as f32,
+                        ..TrainOptions::default()
+                    };
+                    let start = Instant::now();
+                    outputs.push(
+                        engine
+                            .loss_and_grad(&weights, step, &batch, &noise, options, &mut grads)?,
+                    );
+                    if step > 0 {
+                        micro.push(start.elapsed().as_secs_f64());
+                    }
+                }
+                engine.step_losses(&mut outputs)?;
+                let start = Instant::now();
+                engine.optimizer_step(&optim, &mut weights, &mut adam, &mut grads)?;
+                if step > 0 {
+                    optimizer.push(start.elapsed().as_secs_f64());
+                }
+            }
+            report[label][name] = serde_json::json!({
+                "micro_batch_s": median(micro),
+                "optimizer_step_s": median(optimizer),
+            });
+        }
+    }
+    Ok(report)
 }
 
 fn bench_crypto(args: CryptoBenchArgs) -> Result<()> {
