@@ -431,8 +431,9 @@ impl TorchModel {
         )
     }
 
-    /// cos and sin `[B, 1, T, h/2]` for `positions` (`[B * T]`), gathered from a table on the
-    /// device that grows as later positions appear: only the positions cross per batch.
+    /// `[cos, cos]` and `[-sin, sin]` `[B, 1, T, h]` for `positions` (`[B * T]`), gathered from
+    /// a table on the device that grows as later positions appear: only the positions cross per
+    /// batch.
     fn rope_rows(
         &self,
         positions: &Tensor,
@@ -447,14 +448,26 @@ impl TorchModel {
             let rows = (max_position + 1).next_power_of_two().max(ROPE_MIN_ROWS);
             let all: Vec<u32> = (0..rows as u32).collect();
             let (cos, sin) = rope_tables(&all, &self.timescales);
+            let half = half as usize;
+            let (mut cos_twice, mut sin_signed) = (Vec::new(), Vec::new());
+            for (c, s) in cos.chunks_exact(half).zip(sin.chunks_exact(half)) {
+                cos_twice.extend_from_slice(c);
+                cos_twice.extend_from_slice(c);
+                sin_signed.extend(s.iter().map(|v| -v));
+                sin_signed.extend_from_slice(s);
+            }
+            let shape = [rows as i64, 2 * half as i64];
             *table = Some((
                 rows,
-                upload(&cos, &[rows as i64, half], self.device),
-                upload(&sin, &[rows as i64, half], self.device),
+                upload(&cos_twice, &shape, self.device),
+                upload(&sin_signed, &shape, self.device),
             ));
         }
         let (_, cos, sin) = table.as_ref().expect("filled above");
-        let gather = |t: &Tensor| t.index_select(0, positions).reshape([batch, 1, seq, half]);
+        let gather = |t: &Tensor| {
+            t.index_select(0, positions)
+                .reshape([batch, 1, seq, 2 * half])
+        };
         (gather(cos), gather(sin))
     }
 
@@ -494,11 +507,10 @@ impl TorchModel {
         let rate = dropout.map_or(0.0, |d| d.rate);
         let train = dropout.is_some() && rate > 0.0;
         let drop = |x: Tensor| if train { x.dropout(rate, true) } else { x };
-        let rope = |x: Tensor| {
-            let a = x.narrow(-1, 0, half);
-            let bh = x.narrow(-1, half, half);
-            Tensor::cat(&[&a * &cos - &bh * &sin, &bh * &cos + &a * &sin], -1)
-        };
+        // Half-split RoPE, `a' = a cos - b sin`, `b' = b cos + a sin`, as `x [cos, cos] +
+        // [b, a] [-sin, sin]`: four ops where the halves taken apart take nine, and the same
+        // numbers bit for bit (negating is exact, and each output adds the same two products).
+        let rope = |x: Tensor| &x * &cos + x.roll([half], [-1]) * &sin;
         let p = &self.params;
         let mut x = Tensor::embedding(&p[0], tokens, -1, false, false);
         for layer in 0..c.num_layers {
