@@ -252,7 +252,7 @@ pub struct TorchModel {
     /// linear casts its f32 parameters where it uses them.
     bf16_copies: Vec<Option<Tensor>>,
     timescales: Vec<f32>,
-    /// cos and sin of every position below its row count, `[rows, head_dim / 2]`.
+    /// `[cos, cos]` and `[-sin, sin]` of every position below its row count, `[rows, head_dim]`.
     rope: Mutex<Option<(usize, Tensor, Tensor)>>,
 }
 
