@@ -92,25 +92,26 @@ char *somatrain_zero_all(at::Tensor *const *tensors, size_t count) {
     return guarded([&] { at::_foreach_zero_(gather(tensors, count)); });
 }
 
-// Adds the gradient each bf16 copy received into its f32 master's (set to it where the master
-// has none yet, as autograd would) and drops the copy's, which the next backward pass then
-// allocates afresh. The f32 sum of the bf16 values is what autograd computes when the master
-// is cast inside the graph, without the cast's f32 gradient in between.
-char *somatrain_accumulate_copy_grads(at::Tensor *const *masters, at::Tensor *const *copies,
-                                      size_t count) {
+// Adds grads[i] (a bf16 copy's gradient, or a slice of a fused copy's) into masters[i]'s
+// gradient, set to it in the master's precision where the master has none yet, as autograd
+// would; then drops the gradients of the copies, which the next backward pass allocates
+// afresh. The f32 sum of the bf16 values is what autograd computes when the master is cast
+// inside the graph, without the cast's f32 gradient in between.
+char *somatrain_accumulate_copy_grads(at::Tensor *const *masters, at::Tensor *const *grads,
+                                      size_t count, at::Tensor *const *copies,
+                                      size_t copy_count) {
     return guarded([&] {
         for (size_t i = 0; i < count; ++i) {
-            at::Tensor &copy_grad = copies[i]->mutable_grad();
-            if (!copy_grad.defined()) {
-                continue;
-            }
             at::Tensor &master_grad = masters[i]->mutable_grad();
             if (master_grad.defined()) {
-                master_grad.add_(copy_grad);
+                master_grad.add_(*grads[i]);
             } else {
-                master_grad = copy_grad.to(masters[i]->scalar_type());
+                master_grad = grads[i]->to(masters[i]->scalar_type(), /*non_blocking=*/false,
+                                           /*copy=*/true);
             }
-            copy_grad.reset();
+        }
+        for (size_t i = 0; i < copy_count; ++i) {
+            copies[i]->mutable_grad().reset();
         }
     });
 }

@@ -39,8 +39,10 @@ unsafe extern "C" {
     fn somatrain_zero_all(tensors: *const *mut C_tensor, count: usize) -> *mut c_char;
     fn somatrain_accumulate_copy_grads(
         masters: *const *mut C_tensor,
-        copies: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
         count: usize,
+        copies: *const *mut C_tensor,
+        copy_count: usize,
     ) -> *mut c_char;
     fn somatrain_queued_upload(
         host: *const C_tensor,
@@ -144,14 +146,25 @@ pub fn zero_all(tensors: &[Tensor]) -> Result<(), String> {
     answer(unsafe { somatrain_zero_all(list.as_ptr(), list.len()) })
 }
 
-/// Adds each copy's gradient into its master's `.grad` (in the master's precision, setting it
-/// where it has none) and drops the copy's. Copies without a gradient are skipped.
-pub fn accumulate_copy_grads(masters: &[Tensor], copies: &[Tensor]) -> Result<(), String> {
-    assert_eq!(masters.len(), copies.len(), "one copy per master");
-    let (masters, copies) = (pointers(masters), pointers(copies));
-    // SAFETY: live tensors, `masters.len()` of each.
+/// Adds each of `grads` (the bf16 copies' gradients, or slices of them) into its master's
+/// `.grad` (in the master's precision, setting it where it has none), then drops the gradients
+/// of `copies`.
+pub fn accumulate_copy_grads(
+    masters: &[Tensor],
+    grads: &[Tensor],
+    copies: &[Tensor],
+) -> Result<(), String> {
+    assert_eq!(masters.len(), grads.len(), "one gradient per master");
+    let (masters, grads, copies) = (pointers(masters), pointers(grads), pointers(copies));
+    // SAFETY: live tensors, `masters.len()` masters and gradients and `copies.len()` copies.
     answer(unsafe {
-        somatrain_accumulate_copy_grads(masters.as_ptr(), copies.as_ptr(), masters.len())
+        somatrain_accumulate_copy_grads(
+            masters.as_ptr(),
+            grads.as_ptr(),
+            masters.len(),
+            copies.as_ptr(),
+            copies.len(),
+        )
     })
 }
 

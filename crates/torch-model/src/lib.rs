@@ -247,9 +247,10 @@ pub struct TorchModel {
     params: Vec<Tensor>,
     /// In bf16 training, bf16 copies of the linears' weights and biases, by parameter index,
     /// cast once per optimizer step ([`TorchModel::cast_bf16_copies`]) where autocast casts
-    /// them in every micro-batch's forward pass. Autograd gives the copies their gradients;
-    /// [`TorchModel::accumulate_copy_gradients`] adds those into the f32 masters'. Empty: each
-    /// linear casts its f32 parameters where it uses them.
+    /// them in every micro-batch's forward pass; a layer's q, k and v projections are one
+    /// fused copy, `[D, 3D]` at q's weight's index and `[3D]` at q's bias's. Autograd gives the
+    /// copies their gradients; [`TorchModel::accumulate_copy_gradients`] adds those into the f32
+    /// masters'. Empty: each linear casts its f32 parameters where it uses them.
     bf16_copies: Vec<Option<Tensor>>,
     timescales: Vec<f32>,
     /// `[cos, cos]` and `[-sin, sin]` of every position below its row count, `[rows, head_dim]`.
@@ -275,9 +276,11 @@ impl DeviceBatch {
 
 /// Indices of one layer's parameters in the canonical order.
 const PER_LAYER: usize = 16;
-/// Where a layer's linear weights and biases sit among its parameters: q, k, v, the attention
-/// output, and the MLP's two.
-const LINEAR_OFFSETS: [usize; 12] = [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15];
+/// Where a layer's q, k and v weights sit among its parameters (each bias just after its
+/// weight): fused into one product under bf16.
+const QKV_OFFSETS: [usize; 3] = [2, 4, 6];
+/// Where a layer's other linear weights and biases sit: the attention output and the MLP's two.
+const OTHER_LINEAR_OFFSETS: [usize; 6] = [8, 9, 12, 13, 14, 15];
 
 /// Dropout of a training pass: the rate on every site, and libtorch's generator seeded for
 /// this micro-batch.
@@ -347,10 +350,7 @@ impl TorchModel {
         Ok(())
     }
 
-    /// `x · params[weight] + params[bias]`. Under bf16 the product and the bias add are one
-    /// bf16 GEMM (the bias in its epilogue) and the result stays bf16, as autocast leaves it, so
-    /// the branch activations after it (attention inputs, GELU, dropout) move half the bytes;
-    /// adding a branch into the f32 residual stream promotes it back.
+    /// `x · params[weight] + params[bias]`, through [`TorchModel::bf16_product`] under bf16.
     fn linear(&self, x: &Tensor, weight: usize, bias: usize) -> Tensor {
         let p = &self.params;
         if self.bf16 {
@@ -358,25 +358,38 @@ impl TorchModel {
                 Some(Some(copy)) => copy.shallow_clone(),
                 _ => p[i].to_kind(Kind::BFloat16),
             };
-            let mut shape = x.size();
-            let inputs = *shape.last().expect("a linear's input has a last dimension");
-            let rows = x.reshape([-1, inputs]).to_kind(Kind::BFloat16);
-            let out = bf16(bias).addmm(&rows, &bf16(weight));
-            *shape.last_mut().expect("as above") = p[weight].size()[1];
-            out.reshape(shape)
+            self.bf16_product(x, &bf16(weight), &bf16(bias))
         } else {
             x.matmul(&p[weight]) + &p[bias]
         }
     }
 
-    /// The indices of the linears' weights and biases (the parameters bf16 copies stand for).
-    fn linear_parameters(&self) -> Vec<usize> {
-        (0..self.config.num_layers)
-            .flat_map(|layer| {
-                let first = 1 + layer * PER_LAYER;
-                LINEAR_OFFSETS.map(|offset| first + offset)
-            })
-            .collect()
+    /// A layer's q, k and v projections of `x` under bf16 as one product, `[.., 3D]`: the fused
+    /// copy where there is one, else the f32 weights joined and cast (the same numbers).
+    fn fused_qkv(&self, x: &Tensor, first: usize) -> Tensor {
+        let p = &self.params;
+        let joined = |offset: usize, dim: i64| {
+            let parts: Vec<&Tensor> = QKV_OFFSETS.iter().map(|o| &p[first + o + offset]).collect();
+            Tensor::cat(&parts, dim).to_kind(Kind::BFloat16)
+        };
+        let copy = |i: usize| self.bf16_copies.get(i).and_then(Option::as_ref);
+        match (copy(first + 2), copy(first + 3)) {
+            (Some(weight), Some(bias)) => self.bf16_product(x, weight, bias),
+            _ => self.bf16_product(x, &joined(0, 1), &joined(1, 0)),
+        }
+    }
+
+    /// `x · weight + bias` with bf16 `weight` and `bias`: one bf16 GEMM (the bias in its
+    /// epilogue) whose result stays bf16, as autocast leaves it, so the branch activations
+    /// after it (attention inputs, GELU, dropout) move half the bytes; adding a branch into the
+    /// f32 residual stream promotes it back.
+    fn bf16_product(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+        let mut shape = x.size();
+        let inputs = *shape.last().expect("a linear's input has a last dimension");
+        let rows = x.reshape([-1, inputs]).to_kind(Kind::BFloat16);
+        let out = bias.addmm(&rows, weight);
+        *shape.last_mut().expect("as above") = weight.size()[1];
+        out.reshape(shape)
     }
 
     /// Casts the bf16 copies of the linears' parameters afresh from the f32 masters (after an
@@ -387,11 +400,22 @@ impl TorchModel {
         if !self.bf16 {
             return;
         }
-        let mut copies: Vec<Option<Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        let p = &self.params;
+        let mut copies: Vec<Option<Tensor>> = (0..p.len()).map(|_| None).collect();
+        let leaf = |t: Tensor| Some(t.to_kind(Kind::BFloat16).set_requires_grad(true));
         tch::no_grad(|| {
-            for i in self.linear_parameters() {
-                let copy = self.params[i].detach().to_kind(Kind::BFloat16);
-                copies[i] = Some(copy.set_requires_grad(true));
+            for layer in 0..self.config.num_layers {
+                let first = 1 + layer * PER_LAYER;
+                for offset in [0, 1] {
+                    let parts: Vec<Tensor> = QKV_OFFSETS
+                        .iter()
+                        .map(|o| p[first + o + offset].detach())
+                        .collect();
+                    copies[first + 2 + offset] = leaf(Tensor::cat(&parts, 1 - offset as i64));
+                }
+                for offset in OTHER_LINEAR_OFFSETS {
+                    copies[first + offset] = leaf(p[first + offset].detach());
+                }
             }
         });
         self.bf16_copies = copies;
@@ -404,21 +428,35 @@ impl TorchModel {
 
     /// Adds the gradients the bf16 copies received in the last backward pass into their f32
     /// masters' `.grad` (f32 sums of the bf16 values, what autograd computes through a cast in
-    /// the graph) and drops the copies'. Nothing to do without copies.
+    /// the graph; a fused q, k, v copy's in three slices) and drops the copies'. Nothing to do
+    /// without copies.
     pub(crate) fn accumulate_copy_gradients(&self) -> Result<(), String> {
-        let (masters, copies): (Vec<Tensor>, Vec<Tensor>) = self
-            .bf16_copies
-            .iter()
-            .zip(&self.params)
-            .filter_map(|(copy, master)| {
-                copy.as_ref()
-                    .map(|copy| (master.shallow_clone(), copy.shallow_clone()))
-            })
-            .unzip();
-        if masters.is_empty() {
+        let (mut masters, mut grads, mut copies) = (Vec::new(), Vec::new(), Vec::new());
+        let width = self.config.embedding_dim as i64;
+        for (i, copy) in self.bf16_copies.iter().enumerate() {
+            let Some(copy) = copy else { continue };
+            copies.push(copy.shallow_clone());
+            let grad = copy.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let offset = (i - 1) % PER_LAYER;
+            if offset == 2 || offset == 3 {
+                // The fused q, k, v weight (slices along its columns) or bias.
+                let dim = if offset == 2 { 1 } else { 0 };
+                for (part, o) in QKV_OFFSETS.iter().enumerate() {
+                    masters.push(self.params[i - 2 + o].shallow_clone());
+                    grads.push(grad.narrow(dim, part as i64 * width, width));
+                }
+            } else {
+                masters.push(self.params[i].shallow_clone());
+                grads.push(grad);
+            }
+        }
+        if copies.is_empty() {
             return Ok(());
         }
-        crate::fused::accumulate_copy_grads(&masters, &copies)
+        crate::fused::accumulate_copy_grads(&masters, &grads, &copies)
     }
 
     fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
@@ -518,9 +556,14 @@ impl TorchModel {
             let w = &p[first..first + PER_LAYER];
             let h = self.layer_norm(&x, &w[0], &w[1]);
             let split = |y: Tensor| y.reshape([b, t, heads, hd]).transpose(1, 2);
-            let q = rope(split(self.linear(&h, first + 2, first + 3)));
-            let k = rope(split(self.linear(&h, first + 4, first + 5)));
-            let v = split(self.linear(&h, first + 6, first + 7));
+            let [q, k, v] = if self.bf16 {
+                let qkv = self.fused_qkv(&h, first);
+                let mut parts = qkv.split(heads * hd, -1).into_iter();
+                [(); 3].map(|_| parts.next().expect("three projections"))
+            } else {
+                [2, 4, 6].map(|o| self.linear(&h, first + o, first + o + 1))
+            };
+            let [q, k, v] = [rope(split(q)), rope(split(k)), split(v)];
             let attention_kind = if self.bf16 {
                 Kind::BFloat16
             } else {
