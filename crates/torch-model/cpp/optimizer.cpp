@@ -1,8 +1,9 @@
 // The few libtorch operators the engine needs that tch does not bind: AdamW as one fused
 // multi-tensor kernel, the global gradient norm as one multi-tensor reduction, zeroing every
 // gradient at once, adding the gradients of bf16 weight copies into their f32 masters', and a
-// host-to-CUDA copy that does not wait for the device. Each entry point catches every C++ exception and returns its message
-// (malloc'd, freed by somatrain_free_message), or NULL on success.
+// host-to-CUDA copy that does not wait for the device. Each entry point catches every C++
+// exception and returns its message (malloc'd, freed by somatrain_free_message), or NULL on
+// success.
 //
 // A tch tensor is a pointer to an at::Tensor (torch-sys's C_tensor), so tensors cross as
 // at::Tensor pointers and come back as new at::Tensor objects that tch then owns.

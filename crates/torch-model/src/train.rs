@@ -209,8 +209,8 @@ impl TorchEngine {
     /// Under bf16: bf16 copies of the linears' weights cast once per optimizer step, their
     /// gradients added into the f32 masters' after each micro-batch (the default), or the f32
     /// weights cast inside every micro-batch's graph, as autocast does. The same numbers either
-    /// way; the copies spare each micro-batch the casts and their f32 gradients (about 12 GB of
-    /// memory traffic per V1 micro-batch), for 2 bytes a parameter of memory.
+    /// way; the copies spare each micro-batch the casts and their f32 gradients (about 17 GB of
+    /// memory traffic per V1 micro-batch, `docs/gpu.md`), for 2 bytes a parameter of memory.
     pub fn with_bf16_copies(mut self, on: bool) -> Self {
         self.bf16_copies = on;
         self
