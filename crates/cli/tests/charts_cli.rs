@@ -31,11 +31,7 @@ async fn a_real_run_plots_as_svg_and_png_with_axes_and_every_series() {
         .env_remove("S3_BUCKET")
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     let plot = |name: &str| {
         let path = dir.path().join(name);
         let out = bin()

@@ -82,11 +82,7 @@ async fn kill_dash_nine_loses_no_acknowledged_transaction() {
         .env_remove("SOMA_SECRET_KEY")
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["account"]["balance"].as_u64().unwrap(), received);
     assert_eq!(

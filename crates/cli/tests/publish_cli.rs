@@ -473,11 +473,7 @@ async fn publish_round(net: &GrpcLocalnet, kp: &Keypair, run_dir: &Path) -> Obje
             .env_remove("S3_BUCKET")
             .output_within(COMMAND_DEADLINE)
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::succeeded(&out);
         if verb == "commit" {
             advance(&client).await;
         }

@@ -19,7 +19,8 @@ use somatrain_protocol::{
 
 mod common;
 use common::{
-    COMMAND_DEADLINE, GrpcLocalnet, KillOnDrop, OutputWithin, bin, sent_by, sources, train_tiny,
+    COMMAND_DEADLINE, GrpcLocalnet, KillOnDrop, OutputWithin, bin, sent_by, sources, succeeded,
+    train_tiny,
 };
 
 /// A day-long epoch: only the admin call moves it.
@@ -34,16 +35,6 @@ fn chain_node(dir: &Path) -> GrpcLocalnet {
 
 fn journal(run_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(run_dir.join("journal.json")).unwrap()).unwrap()
-}
-
-fn succeeded(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "{}\n{stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
 }
 
 fn failed(out: &Output) -> String {

@@ -126,11 +126,7 @@ async fn nothing_reaches_the_chain_until_every_check_passes() {
 
     // A good commit: unpublished weights and the journal are private.
     let out = as_wallet(&net, &kp, &["commit", "--run-dir", run.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     for private_dir in ["round", "checkpoints", "publish"] {
         assert_eq!(mode(&run.join(private_dir)), 0o700, "{private_dir}");
     }
@@ -260,11 +256,7 @@ async fn a_round_is_published_with_its_own_weights_wherever_its_run_directory_mo
         .env_remove("S3_BUCKET")
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     // What went up is b's own weights: decrypted, they are its file byte for byte.
     let journal: serde_json::Value =
         serde_json::from_slice(&std::fs::read(b.join("journal.json")).unwrap()).unwrap();
@@ -280,11 +272,7 @@ async fn a_round_is_published_with_its_own_weights_wherever_its_run_directory_mo
         .arg(&decrypted)
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     assert_eq!(std::fs::read(&decrypted).unwrap(), b_weights);
 
     // Weights another run put in a round's place are refused before anything is signed.

@@ -94,11 +94,7 @@ fn strategy(net: &GrpcLocalnet, args: &[&str]) -> serde_json::Value {
         .arg("--json")
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "strategy failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

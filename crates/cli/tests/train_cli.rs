@@ -214,11 +214,7 @@ fn when_no_checkpoint_verifies_training_stops_and_deletes_nothing() {
 
     // Starting over keeps the old checkpoints aside, byte for byte.
     let out = train(&["--restart-from-scratch"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     let aside: Vec<std::path::PathBuf> = std::fs::read_dir(&run)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -288,11 +284,7 @@ fn an_interrupted_run_saves_its_step_before_it_ends_and_resumes_from_it() {
         .arg("--json")
         .output_within(COMMAND_DEADLINE)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(&out);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["start_step"], logged);
     assert_eq!(summary["end_step"], logged + 1);

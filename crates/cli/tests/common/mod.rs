@@ -387,6 +387,18 @@ pub fn wait_until<T>(
     }
 }
 
+/// Asserts that a command succeeded, failing with everything it printed; its stdout then
+/// stderr, for the assertions that follow.
+pub fn succeeded(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
+}
+
 /// Sends SIGINT to `child`, as Ctrl-C does.
 pub fn interrupt(child: &Child) {
     let sent = Command::new("kill")
