@@ -185,33 +185,32 @@ async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
     let net = localnet(&dir.path().join("node"), 2500);
     let kp = Keypair::generate();
     let run_dir = dir.path().join("run");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut cmd = daemon(&run_dir, &net.chain_args(), &kp.secret_hex(), 3);
-    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
+    // Port 0: the daemon binds a free port and logs it, so no other process can take it first.
+    cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     cmd.envs(moto.env()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        let mut text = String::new();
-        stderr.read_to_string(&mut text).unwrap();
-        text
-    });
+    let mut logs = Logs::of(&mut child);
+    // The status page's address is logged first, then the metrics address.
+    logs.wait_for("status page on http://", COMMAND_DEADLINE);
+    let line = logs.wait_for("status page on http://", COMMAND_DEADLINE);
+    let metrics_addr = line
+        .split_once("status page on http://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string();
     // The metrics endpoint answers while the loop runs.
     let http = somatrain_client::http_client();
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = loop {
         if let Ok(r) = http
-            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .get(format!("http://{metrics_addr}/metrics"))
             .send()
             .await
         {
             break r.text().await.unwrap();
         }
-        assert!(Instant::now() < deadline, "no /metrics");
+        assert!(Instant::now() < deadline, "no /metrics at {metrics_addr}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
@@ -220,7 +219,7 @@ async fn the_loop_runs_several_epochs_through_an_s3_bucket() {
     );
     assert!(metrics.contains("somatrain_rounds_revealed "), "{metrics}");
     let status = wait_for(&mut child, Duration::from_secs(150));
-    let logs = logs.join().unwrap();
+    let logs = logs.all();
     assert!(status.success(), "daemon failed:\n{logs}");
     assert!(
         !logs.contains(&kp.secret_hex()) && !logs.contains("test-secret"),
@@ -757,8 +756,9 @@ impl Logs {
         }
     }
 
-    /// Waits for a line containing `needle`, failing after `limit` or at the end of the output.
-    fn wait_for(&mut self, needle: &str, limit: Duration) {
+    /// Waits for a line containing `needle` and returns it, failing after `limit` or at the end
+    /// of the output.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -767,7 +767,7 @@ impl Logs {
                     self.seen.push_str(&line);
                     self.seen.push('\n');
                     if line.contains(needle) {
-                        return;
+                        return line;
                     }
                 }
                 Err(e) => panic!(
